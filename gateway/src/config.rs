@@ -1,0 +1,480 @@
+//! Layered settings: built-in defaults → TOML file → `PUBGATE__SECTION__KEY` env → command-line flags.
+//!
+//! Every key is lowercase snake_case (the config crate lowercases env keys) and every section rejects
+//! unknown keys, so a typo fails start-up with the key's name instead of being ignored.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command-line flags. Each one overrides the config key named in its help; flags that are not given
+/// leave the lower layers alone.
+#[derive(Debug, Default, Parser)]
+#[command(
+    name = "pubgate",
+    version,
+    about = "A horizontally scaled WebSocket pub/sub gateway."
+)]
+#[command(
+    after_help = "Every config key can also be set by env: PUBGATE__SECTION__KEY (e.g. PUBGATE__SERVER__LISTEN=0.0.0.0:8080).\nSee docs/configuration.md for every key."
+)]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address for WebSocket and the HTTP API [server.listen, default 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Separate plain listener for /metrics, /healthz, /readyz [server.metrics_listen].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Broker: memory, redis or redis-cluster [broker.kind, default memory].
+    #[arg(long, value_name = "KIND")]
+    pub broker: Option<String>,
+    /// Redis URL, or comma-separated seed nodes for a cluster [broker.url].
+    #[arg(long, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// PEM certificate chain; TLS is on when both cert and key are set [tls.cert].
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key [tls.key].
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Diagnostic route that echoes WebSocket frames, off by default [server.echo_path].
+    #[arg(long, value_name = "PATH")]
+    pub echo_path: Option<String>,
+    /// Log format: plain or json [log.format].
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+}
+
+/// All settings of one node.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Listeners and connection handling.
+    pub server: Server,
+    /// Per-connection and per-message limits.
+    pub limits: Limits,
+    /// Which broker carries messages between nodes.
+    pub broker: BrokerSettings,
+    /// TLS on the main listener.
+    pub tls: Tls,
+    /// Who may connect, subscribe and publish.
+    pub auth: Auth,
+    /// Graceful shutdown.
+    pub drain: Drain,
+    /// Message history for recovery.
+    pub history: History,
+    /// Logging.
+    pub log: Log,
+}
+
+/// `[server]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Server {
+    /// WebSocket + HTTP API address.
+    pub listen: SocketAddr,
+    /// Optional plain listener for `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Diagnostic echo route (e.g. `/echo`); off when unset.
+    pub echo_path: Option<String>,
+    /// WebSocket connections this node holds at most; upgrades past it get 503.
+    pub max_connections: usize,
+    /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// How often the server pings an idle client.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A client that sends nothing (not even a pong) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Origins allowed to open WebSockets (`Origin` header); empty allows any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// What to do with a subscriber whose send queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection (1008, "slow consumer"); the client reconnects and resumes.
+    Disconnect,
+    /// Drop the oldest queued messages; the client sees the gap in the offsets.
+    DropOldest,
+}
+
+/// `[limits]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest client message (WebSocket, after reassembly) and largest publish body, in bytes.
+    pub max_message_size: usize,
+    /// Topics one connection may subscribe to at once.
+    pub max_subscriptions: usize,
+    /// Frames queued for one connection at most.
+    pub send_queue_frames: usize,
+    /// Bytes queued for one connection at most.
+    pub send_queue_bytes: usize,
+    /// What happens when a connection's send queue is full.
+    pub slow_consumer: SlowConsumerPolicy,
+    /// Messages in one batch publish at most.
+    pub max_batch_messages: usize,
+    /// Bytes of one batch publish body at most.
+    pub max_batch_bytes: usize,
+}
+
+/// Broker implementations a node can use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BrokerKind {
+    /// Embedded, single node.
+    Memory,
+    /// Redis pub/sub (standalone or Sentinel).
+    Redis,
+    /// Redis Cluster sharded pub/sub.
+    RedisCluster,
+}
+
+/// `[broker]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// Which broker.
+    pub kind: BrokerKind,
+    /// Redis URL(s).
+    pub url: Option<String>,
+    /// Channel and key prefix in Redis.
+    pub prefix: String,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// `[auth]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    /// Allow connections without a token. Default: true while no key or secret is configured.
+    pub anonymous: Option<bool>,
+    /// Topic patterns anonymous clients may subscribe to. Default: `[">"]` while no key is configured.
+    pub anonymous_subscribe: Option<Vec<String>>,
+    /// Topic patterns anonymous clients may publish to over WebSocket. Default: `[">"]` while no key
+    /// is configured, else none.
+    pub anonymous_publish: Option<Vec<String>>,
+    /// HS256 secret for JWTs.
+    pub jwt_secret: Option<String>,
+    /// PEM public key file for RS256/ES256 JWTs.
+    pub jwt_public_key: Option<PathBuf>,
+    /// Keys accepted by the HTTP publish API (`Authorization: Bearer <key>`); empty: no key needed.
+    pub api_keys: Vec<String>,
+}
+
+/// `[drain]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drain {
+    /// Total time from SIGTERM to exit.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+/// `[history]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct History {
+    /// Messages kept per topic (0: none).
+    pub size: usize,
+    /// How long a message stays in history.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    /// plain or json.
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `pubgate=debug,warn`); `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+/// Why the settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A layer could not be read or a value did not fit its key.
+    #[error("config: {0}")]
+    Load(#[from] config::ConfigError),
+    /// The values parsed but do not make sense together.
+    #[error("config: {key}: {message}")]
+    Invalid {
+        /// The offending key.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// Built-in defaults, the lowest layer. Kept as TOML so it reads like the example file.
+const DEFAULTS: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+max_connections = 10000
+handshake_timeout = "10s"
+ping_interval = "25s"
+idle_timeout = "60s"
+allowed_origins = []
+
+[limits]
+max_message_size = 65536
+max_subscriptions = 100
+send_queue_frames = 1024
+send_queue_bytes = 4194304
+slow_consumer = "disconnect"
+max_batch_messages = 1000
+max_batch_bytes = 1048576
+
+[broker]
+kind = "memory"
+prefix = "pubgate:"
+
+[tls]
+
+[auth]
+api_keys = []
+
+[drain]
+grace = "30s"
+
+[history]
+size = 0
+ttl = "5m"
+
+[log]
+format = "plain"
+level = "info"
+"#;
+
+impl Settings {
+    /// Loads the layers in order and validates the result.
+    pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
+        use config::{Config, Environment, File, FileFormat};
+
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = &cli.config {
+            builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("PUBGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("auth.api_keys")
+                .with_list_parse_key("auth.anonymous_subscribe")
+                .with_list_parse_key("auth.anonymous_publish")
+                .with_list_parse_key("server.allowed_origins"),
+        );
+        let flags = [
+            ("server.listen", cli.listen.clone()),
+            ("server.metrics_listen", cli.metrics_listen.clone()),
+            ("broker.kind", cli.broker.clone()),
+            ("broker.url", cli.redis_url.clone()),
+            ("server.echo_path", cli.echo_path.clone()),
+            ("log.format", cli.log_format.clone()),
+            ("tls.cert", path_string(&cli.tls_cert)),
+            ("tls.key", path_string(&cli.tls_key)),
+        ];
+        for (key, value) in flags {
+            builder = builder.set_override_option(key, value)?;
+        }
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
+        if let Some(path) = &self.server.echo_path
+            && (!path.starts_with('/') || path == "/ws" || path.starts_with("/v1/"))
+        {
+            return invalid(
+                "server.echo_path",
+                "must start with '/' and not collide with /ws or /v1/",
+            );
+        }
+        if self.server.ping_interval.is_zero() {
+            return invalid("server.ping_interval", "must be greater than zero");
+        }
+        if self.server.idle_timeout <= self.server.ping_interval {
+            return invalid(
+                "server.idle_timeout",
+                "must be longer than server.ping_interval",
+            );
+        }
+        if self.limits.max_message_size < 64 {
+            return invalid("limits.max_message_size", "must be at least 64 bytes");
+        }
+        if self.limits.max_subscriptions == 0 {
+            return invalid("limits.max_subscriptions", "must be at least 1");
+        }
+        if self.limits.send_queue_frames < 2 {
+            return invalid("limits.send_queue_frames", "must be at least 2");
+        }
+        if self.limits.send_queue_bytes < self.limits.max_message_size + 64 {
+            return invalid(
+                "limits.send_queue_bytes",
+                "must hold at least one message of limits.max_message_size",
+            );
+        }
+        if self.limits.max_batch_messages == 0 {
+            return invalid("limits.max_batch_messages", "must be at least 1");
+        }
+        if self.limits.max_batch_bytes < self.limits.max_message_size {
+            return invalid(
+                "limits.max_batch_bytes",
+                "must be at least limits.max_message_size",
+            );
+        }
+        if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return invalid("auth.api_keys", "keys must not be empty");
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return invalid("tls.cert", "tls.cert and tls.key must be set together");
+        }
+        match self.broker.kind {
+            BrokerKind::Memory => {}
+            BrokerKind::Redis | BrokerKind::RedisCluster => {
+                return invalid(
+                    "broker.kind",
+                    "the Redis brokers are not built yet in this version; use \"memory\"",
+                );
+            }
+        }
+        if self.tls.cert.is_some() {
+            return invalid("tls.cert", "TLS is not built yet in this version");
+        }
+        if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
+            return invalid(
+                "auth.jwt_secret",
+                "JWT auth is not built yet in this version",
+            );
+        }
+        if self.history.size > 1_000_000 {
+            return invalid("history.size", "must be at most 1000000");
+        }
+        Ok(())
+    }
+
+    /// Whether any credential is configured (which turns anonymous defaults off).
+    pub fn has_credentials(&self) -> bool {
+        !self.auth.api_keys.is_empty()
+            || self.auth.jwt_secret.is_some()
+            || self.auth.jwt_public_key.is_some()
+    }
+}
+
+fn path_string(p: &Option<PathBuf>) -> Option<String> {
+    p.as_ref().map(|p| p.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("pubgate-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, toml).unwrap();
+        let cli = Cli {
+            config: Some(path),
+            ..Cli::default()
+        };
+        let r = Settings::load(&cli);
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    #[test]
+    fn defaults_load() {
+        let s = load_toml("").unwrap();
+        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.broker.kind, BrokerKind::Memory);
+        assert_eq!(s.drain.grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load_toml("[server]\nlisten = \"nope\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.listen"), "{e}");
+        let e = load_toml("[limits]\nmax_subscriptions = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.max_subscriptions"), "{e}");
+        let e = load_toml("[drain]\ngrace = \"soon\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("drain.grace"), "{e}");
+        let e = load_toml("[server]\nlisten_typo = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen_typo"), "{e}");
+        let e = load_toml("[limits]\nslow_consumer = \"ignore\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.slow_consumer"), "{e}");
+        let e = load_toml("[server]\nmax_connections = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server.max_connections"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = std::env::temp_dir().join(format!("pubgate-cfg-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1000\"\n").unwrap();
+        let cli = Cli {
+            config: Some(path),
+            listen: Some("127.0.0.1:2000".into()),
+            ..Cli::default()
+        };
+        let s = Settings::load(&cli).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(s.server.listen.port(), 2000);
+    }
+}

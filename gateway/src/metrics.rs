@@ -1,0 +1,152 @@
+//! Every metric of a node, in one place. Names are documented in docs/metrics.md and are stable.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder, exponential_buckets,
+};
+
+/// The node's metrics. Cheap to clone handles live inside; share it behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// WebSocket connections accepted since start.
+    pub connections_total: IntCounter,
+    /// Upgrades refused because `server.max_connections` was reached.
+    pub connections_refused: IntCounter,
+    /// Active (connection, topic) subscriptions.
+    pub subscriptions: IntGauge,
+    /// Topics with at least one local subscriber.
+    pub topics: IntGauge,
+    /// Messages accepted for publishing, by transport (`http`, `ws`).
+    pub published: IntCounterVec,
+    /// Message frames queued to subscribers.
+    pub delivered: IntCounter,
+    /// Message frames not delivered, by reason.
+    pub dropped: IntCounterVec,
+    /// Connections closed because they did not keep up.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Failed WebSocket handshakes / HTTP connections, by reason.
+    pub handshake_failures: IntCounterVec,
+    /// Client frames refused with an error reply, by code.
+    pub client_errors: IntCounterVec,
+    /// Time to fan one message out to all local subscribers' queues.
+    pub fanout_seconds: Histogram,
+    /// 1 while the broker path works, else 0.
+    pub broker_up: IntGauge,
+    /// 1 while the node accepts traffic, 0 while draining.
+    pub ready: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric under the `pubgate_` prefix, plus process metrics.
+    pub fn new() -> Metrics {
+        let registry =
+            Registry::new_custom(Some("pubgate".into()), None).expect("a constant prefix is valid");
+        let r = &registry;
+        let m = Metrics {
+            connections: gauge(r, "connections", "Open WebSocket connections."),
+            connections_total: counter(r, "connections_total", "WebSocket connections accepted."),
+            connections_refused: counter(
+                r,
+                "connections_refused_total",
+                "WebSocket upgrades refused at server.max_connections.",
+            ),
+            subscriptions: gauge(
+                r,
+                "subscriptions",
+                "Active (connection, topic) subscriptions.",
+            ),
+            topics: gauge(r, "topics", "Topics with at least one local subscriber."),
+            published: counter_vec(
+                r,
+                "messages_published_total",
+                "Messages accepted for publishing.",
+                "transport",
+            ),
+            delivered: counter(
+                r,
+                "messages_delivered_total",
+                "Message frames queued to local subscribers.",
+            ),
+            dropped: counter_vec(
+                r,
+                "messages_dropped_total",
+                "Message frames not delivered to a subscriber.",
+                "reason",
+            ),
+            slow_consumer_disconnects: counter(
+                r,
+                "slow_consumer_disconnects_total",
+                "Connections closed because their send queue overflowed.",
+            ),
+            handshake_failures: counter_vec(
+                r,
+                "handshake_failures_total",
+                "Connections that failed before a WebSocket session started.",
+                "reason",
+            ),
+            client_errors: counter_vec(
+                r,
+                "client_errors_total",
+                "Client requests answered with an error.",
+                "code",
+            ),
+            fanout_seconds: {
+                let opts = HistogramOpts::new(
+                    "fanout_seconds",
+                    "Time to queue one message to every local subscriber.",
+                )
+                .buckets(exponential_buckets(1e-6, 2.0, 22).expect("valid buckets"));
+                let h = Histogram::with_opts(opts).expect("valid histogram");
+                r.register(Box::new(h.clone())).expect("unique name");
+                h
+            },
+            broker_up: gauge(r, "broker_up", "1 while the broker path works."),
+            ready: gauge(
+                r,
+                "ready",
+                "1 while the node accepts traffic, 0 while draining.",
+            ),
+            registry,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only on a malformed metric family, which registration prevents.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique name");
+    g
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique name");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique name");
+    c
+}

@@ -1,0 +1,252 @@
+//! The node: what sessions and the HTTP API call to subscribe and publish.
+//!
+//! It joins the registry (local subscribers) to the broker (other nodes), keeping exactly one broker
+//! subscription per topic that has local subscribers, and owns node-wide state: settings, metrics,
+//! the connection count and the drain signal.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use broker_bridge::{Broker, BrokerError, MemoryBroker, MemoryConfig, MessageSink, Position};
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Access;
+use crate::config::{BrokerKind, Settings};
+use crate::metrics::Metrics;
+use crate::protocol::{self, ErrorCode, ProtocolError, Since};
+use crate::registry::{ConnId, Registry};
+use crate::send_queue::SendQueue;
+
+/// Messages a resume may replay at most.
+const MAX_REPLAY: usize = 10_000;
+
+/// Shared state of one gateway node.
+pub struct Node {
+    /// The validated settings.
+    pub settings: Settings,
+    /// Every metric.
+    pub metrics: Arc<Metrics>,
+    /// Local subscribers.
+    pub registry: Arc<Registry>,
+    /// The broker.
+    pub broker: Arc<dyn Broker>,
+    /// Who may do what.
+    pub access: Access,
+    /// Cancelled when the node starts draining.
+    pub drain: CancellationToken,
+    connections: AtomicUsize,
+    next_conn: AtomicU64,
+    draining: AtomicBool,
+}
+
+/// Turns a broker failure into the protocol error clients see.
+fn broker_error(e: BrokerError) -> ProtocolError {
+    tracing::warn!(error = %e, "broker operation failed");
+    ProtocolError::new(ErrorCode::BrokerUnavailable, e.to_string())
+}
+
+impl Node {
+    /// Builds a node and its broker from settings.
+    pub fn new(settings: Settings) -> anyhow::Result<Arc<Node>> {
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::new(
+            metrics.clone(),
+            settings.limits.send_queue_frames,
+        ));
+        let sink: Arc<dyn MessageSink> = registry.clone();
+        let broker: Arc<dyn Broker> = match settings.broker.kind {
+            BrokerKind::Memory => Arc::new(MemoryBroker::new(
+                MemoryConfig {
+                    history_size: settings.history.size,
+                    history_ttl: settings.history.ttl,
+                },
+                sink,
+            )),
+            other => anyhow::bail!("broker.kind {other:?} is not available in this build"),
+        };
+        let access = Access::from_settings(&settings)?;
+        metrics.ready.set(1);
+        metrics.broker_up.set(1);
+        Ok(Arc::new(Node {
+            settings,
+            metrics,
+            registry,
+            broker,
+            access,
+            drain: CancellationToken::new(),
+            connections: AtomicUsize::new(0),
+            next_conn: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
+        }))
+    }
+
+    /// Whether the node should receive traffic: not draining and the broker path works.
+    pub fn is_ready(&self) -> bool {
+        let broker_up = self.broker.is_ready();
+        self.metrics.broker_up.set(broker_up as i64);
+        !self.draining.load(Ordering::Relaxed) && broker_up
+    }
+
+    /// Starts draining: readiness turns false and every session is told to close with 1001.
+    pub fn start_drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.metrics.ready.set(0);
+        self.drain.cancel();
+    }
+
+    /// Whether draining started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Claims a connection slot; `None` when `server.max_connections` is reached.
+    pub fn try_admit(self: &Arc<Self>) -> Option<Admission> {
+        let max = self.settings.server.max_connections;
+        let mut n = self.connections.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                self.metrics.connections_refused.inc();
+                return None;
+            }
+            match self.connections.compare_exchange_weak(
+                n,
+                n + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(actual) => n = actual,
+            }
+        }
+        self.metrics.connections.inc();
+        self.metrics.connections_total.inc();
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        Some(Admission {
+            node: self.clone(),
+            id,
+        })
+    }
+
+    /// Open WebSocket connections.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// A fresh send queue sized by the settings.
+    pub fn new_queue(&self) -> Arc<SendQueue> {
+        let l = &self.settings.limits;
+        Arc::new(SendQueue::new(
+            l.send_queue_frames,
+            l.send_queue_bytes,
+            l.slow_consumer,
+        ))
+    }
+
+    /// Subscribes a connection: joins the registry, makes sure the broker delivers the topic, and
+    /// queues the ack (plus any replay) on the connection's queue.
+    pub async fn subscribe(
+        &self,
+        conn: ConnId,
+        queue: &Arc<SendQueue>,
+        topic: &str,
+        id: Option<&RawValue>,
+        since: Option<Since>,
+    ) -> Result<Arc<str>, ProtocolError> {
+        let (name, gate) = self.registry.join(topic, conn, queue.clone());
+        let result = async {
+            {
+                let mut subscribed = gate.lock().await;
+                if !*subscribed {
+                    self.broker.subscribe(topic).await.map_err(broker_error)?;
+                    *subscribed = true;
+                }
+            }
+            match since {
+                None => {
+                    let pos = self.broker.position(topic).await.map_err(broker_error)?;
+                    let ack = protocol::ack(id, topic, &pos, None);
+                    self.registry.activate(topic, conn, ack, &[], pos.offset);
+                }
+                Some(since) => {
+                    let replay = self
+                        .broker
+                        .replay(topic, &since.epoch, since.offset, MAX_REPLAY)
+                        .await
+                        .map_err(broker_error)?;
+                    if replay.complete {
+                        let resumed = Position {
+                            epoch: replay.position.epoch.clone(),
+                            offset: since.offset,
+                        };
+                        let ack = protocol::ack(id, topic, &resumed, Some(true));
+                        self.registry
+                            .activate(topic, conn, ack, &replay.messages, since.offset);
+                    } else {
+                        let ack = protocol::ack(id, topic, &replay.position, Some(false));
+                        self.registry
+                            .activate(topic, conn, ack, &[], replay.position.offset);
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok(name),
+            Err(e) => {
+                self.unsubscribe(topic, conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a connection from a topic, and drops the broker subscription when it was the last.
+    pub async fn unsubscribe(&self, topic: &str, conn: ConnId) {
+        let Some(gate) = self.registry.leave(topic, conn) else {
+            return;
+        };
+        let mut subscribed = gate.lock().await;
+        if !self.registry.is_idle(topic) {
+            return;
+        }
+        if *subscribed {
+            if let Err(e) = self.broker.unsubscribe(topic).await {
+                tracing::warn!(topic, error = %e, "broker unsubscribe failed");
+            }
+            *subscribed = false;
+        }
+        self.registry.remove_if_idle(topic, &gate);
+    }
+
+    /// Publishes validated `data` (raw JSON) to a validated topic.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        data: Bytes,
+        transport: &str,
+    ) -> Result<Position, ProtocolError> {
+        let pos = self
+            .broker
+            .publish(topic, data)
+            .await
+            .map_err(broker_error)?;
+        self.metrics.published.with_label_values(&[transport]).inc();
+        Ok(pos)
+    }
+}
+
+/// A claimed connection slot; dropping it frees the slot.
+pub struct Admission {
+    node: Arc<Node>,
+    /// The connection's id.
+    pub id: ConnId,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.metrics.connections.dec();
+    }
+}

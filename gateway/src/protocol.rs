@@ -1,0 +1,378 @@
+//! The client protocol: JSON text frames in, JSON text frames out.
+//!
+//! Parsing borrows from the received frame; `id` and `data` are kept as raw JSON and echoed or
+//! forwarded byte for byte, never re-serialized.
+
+use std::borrow::Cow;
+
+use broker_bridge::{Message, Offset, Position};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::frame::{FrameBuilder, OpCode};
+
+/// The stable error codes of the protocol (extend, never rename).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The frame is not valid JSON or misses a required field.
+    BadRequest,
+    /// `op` names no known operation.
+    UnknownOp,
+    /// The topic name breaks the naming rules.
+    InvalidTopic,
+    /// Unsubscribe from a topic the connection is not subscribed to.
+    NotSubscribed,
+    /// The connection holds `limits.max_subscriptions` topics already.
+    TooManySubscriptions,
+    /// A publish larger than `limits.max_message_size`.
+    MessageTooLarge,
+    /// The connection's credentials do not allow this.
+    Forbidden,
+    /// Too many requests.
+    RateLimited,
+    /// The broker cannot be reached; nothing was published or subscribed.
+    BrokerUnavailable,
+    /// A server-side fault.
+    Internal,
+    /// Subscribe to a topic the connection is already subscribed to.
+    AlreadySubscribed,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::MessageTooLarge => "message_too_large",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BrokerUnavailable => "broker_unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::AlreadySubscribed => "already_subscribed",
+        }
+    }
+
+    /// The HTTP status the same condition gets on the HTTP API.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest | ErrorCode::InvalidTopic | ErrorCode::UnknownOp => 400,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::MessageTooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::BrokerUnavailable => 503,
+            ErrorCode::NotSubscribed
+            | ErrorCode::TooManySubscriptions
+            | ErrorCode::AlreadySubscribed => 409,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// A protocol-level failure to report to the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    /// The stable code.
+    pub code: ErrorCode,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+impl ProtocolError {
+    /// Makes an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where a resuming subscriber left off.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    /// The epoch of the last message the client has.
+    pub epoch: String,
+    /// The offset of the last message the client has.
+    pub offset: Offset,
+}
+
+/// A parsed client request.
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// Start receiving a topic.
+    Subscribe {
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// Resume point, if any.
+        since: Option<Since>,
+    },
+    /// Stop receiving a topic.
+    Unsubscribe {
+        /// The topic.
+        topic: Cow<'a, str>,
+    },
+    /// Publish `data` to a topic.
+    Publish {
+        /// The topic.
+        topic: Cow<'a, str>,
+        /// The raw JSON value.
+        data: &'a RawValue,
+    },
+    /// Liveness check.
+    Ping,
+}
+
+/// A parsed frame: the echoed `id` (raw JSON) and the request, or the error to answer with.
+pub struct Parsed<'a> {
+    /// The request's `id`, echoed in the reply.
+    pub id: Option<&'a RawValue>,
+    /// The request, or why it is not one.
+    pub request: Result<Request<'a>, ProtocolError>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    data: Option<&'a RawValue>,
+    since: Option<Since>,
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Parsed<'_> {
+    let env: Envelope<'_> = match serde_json::from_str(text) {
+        Ok(env) => env,
+        Err(e) => {
+            return Parsed {
+                id: None,
+                request: Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    format!("frame is not a valid request object: {e}"),
+                )),
+            };
+        }
+    };
+    let id = env.id.filter(|id| id.get().len() <= 256);
+    let request = build_request(env);
+    Parsed { id, request }
+}
+
+fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
+    let bad = |m: &str| ProtocolError::new(ErrorCode::BadRequest, m);
+    if env.id.is_some_and(|id| id.get().len() > 256) {
+        return Err(bad("id must be at most 256 bytes of JSON"));
+    }
+    let op = env.op.ok_or_else(|| bad("missing \"op\""))?;
+    let topic = || {
+        let topic = env.topic.clone().ok_or_else(|| bad("missing \"topic\""))?;
+        crate::topic::validate(&topic)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidTopic, e.to_string()))?;
+        Ok::<_, ProtocolError>(topic)
+    };
+    match &*op {
+        "subscribe" => Ok(Request::Subscribe {
+            topic: topic()?,
+            since: env.since.clone(),
+        }),
+        "unsubscribe" => Ok(Request::Unsubscribe { topic: topic()? }),
+        "publish" => {
+            let topic = topic()?;
+            let data = env.data.ok_or_else(|| bad("missing \"data\""))?;
+            Ok(Request::Publish { topic, data })
+        }
+        "ping" => Ok(Request::Ping),
+        other => Err(ProtocolError::new(
+            ErrorCode::UnknownOp,
+            format!("unknown op {:?}", truncate(other, 64)),
+        )),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn start(op: &str, id: Option<&RawValue>, hint: usize) -> FrameBuilder {
+    let mut b = FrameBuilder::with_capacity(hint + 48);
+    b.put(b"{\"op\":\"");
+    b.put(op.as_bytes());
+    b.put(b"\"");
+    if let Some(id) = id {
+        b.put(b",\"id\":");
+        b.put(id.get().as_bytes());
+    }
+    b
+}
+
+/// `{"op":"ack","id":…,"topic":…,"epoch":…,"offset":…[,"recovered":…]}`
+pub fn ack(
+    id: Option<&RawValue>,
+    topic: &str,
+    position: &Position,
+    recovered: Option<bool>,
+) -> Bytes {
+    let mut b = start("ack", id, topic.len() + 64);
+    b.put(b",\"topic\":");
+    b.put_json_str(topic);
+    b.put(b",\"epoch\":");
+    b.put_json_str(position.epoch.as_str());
+    b.put(b",\"offset\":");
+    b.put_u64(position.offset);
+    if let Some(r) = recovered {
+        b.put(if r {
+            b",\"recovered\":true"
+        } else {
+            b",\"recovered\":false"
+        });
+    }
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe.
+pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
+    let mut b = start("ack", id, topic.len());
+    b.put(b",\"topic\":");
+    b.put_json_str(topic);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"pong","id":…}`
+pub fn pong(id: Option<&RawValue>) -> Bytes {
+    let mut b = start("pong", id, 0);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"error","id":…,"code":…,"message":…}`
+pub fn error(id: Option<&RawValue>, err: &ProtocolError) -> Bytes {
+    let mut b = start("error", id, err.message.len() + 32);
+    b.put(b",\"code\":\"");
+    b.put(err.code.as_str().as_bytes());
+    b.put(b"\",\"message\":");
+    b.put_json_str(&err.message);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"message","topic":…,"offset":…,"data":…}`: the frame every subscriber of a topic shares.
+pub fn message(msg: &Message) -> Bytes {
+    let mut b = FrameBuilder::with_capacity(msg.topic.len() + msg.data.len() + 64);
+    b.put(b"{\"op\":\"message\",\"topic\":");
+    b.put_json_str(&msg.topic);
+    if let Some(p) = &msg.position {
+        b.put(b",\"offset\":");
+        b.put_u64(p.offset);
+    }
+    b.put(b",\"data\":");
+    b.put(&msg.data);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// JSON body `{"code":…,"message":…}` for HTTP error responses.
+pub fn http_error_body(err: &ProtocolError) -> String {
+    serde_json::json!({"code": err.code.as_str(), "message": err.message}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use broker_bridge::Epoch;
+
+    fn payload(f: &Bytes) -> serde_json::Value {
+        let start = match f[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        serde_json::from_slice(&f[start..]).unwrap()
+    }
+
+    #[test]
+    fn parses_each_op_and_keeps_raw_id_and_data() {
+        let p = parse(r#"{"op":"publish","topic":"chat.r1","data":{"b":1, "a":[2]},"id":"x-1"}"#);
+        assert_eq!(p.id.unwrap().get(), "\"x-1\"");
+        match p.request.unwrap() {
+            Request::Publish { topic, data } => {
+                assert_eq!(topic, "chat.r1");
+                assert_eq!(data.get(), r#"{"b":1, "a":[2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        let p = parse(r#"{"op":"subscribe","topic":"a","since":{"epoch":"e","offset":41}}"#);
+        match p.request.unwrap() {
+            Request::Subscribe { since, .. } => assert_eq!(since.unwrap().offset, 41),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"op":"ping","id":5}"#).request,
+            Ok(Request::Ping)
+        ));
+    }
+
+    #[test]
+    fn errors_carry_codes() {
+        let code = |s: &str| parse(s).request.unwrap_err().code;
+        assert_eq!(code("nope"), ErrorCode::BadRequest);
+        assert_eq!(code("[1]"), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"id":1}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"fly","id":1}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a b"}"#),
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            code(r#"{"op":"publish","topic":"a"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","topic":"a","since":{"epoch":"e"}}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(parse(r#"{"op":"fly","id":7}"#).id.unwrap().get(), "7");
+    }
+
+    #[test]
+    fn replies_are_valid_json() {
+        let pos = Position {
+            epoch: Epoch::new("ab"),
+            offset: 41,
+        };
+        let id = RawValue::from_string("1".into()).unwrap();
+        let v = payload(&ack(Some(&id), "t.a", &pos, Some(false)));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"ack","id":1,"topic":"t.a","epoch":"ab","offset":41,"recovered":false})
+        );
+        let err = ProtocolError::new(ErrorCode::Forbidden, "no \"way\"");
+        let v = payload(&error(None, &err));
+        assert_eq!(v["code"], "forbidden");
+        assert_eq!(v["message"], "no \"way\"");
+        let msg = Message {
+            topic: "t".into(),
+            position: Some(pos),
+            data: Bytes::from_static(b"{\"x\": 1}"),
+        };
+        let f = message(&msg);
+        assert!(f.ends_with(b"\"data\":{\"x\": 1}}"));
+        assert_eq!(payload(&f)["offset"], 42 - 1);
+    }
+}

@@ -1,0 +1,234 @@
+//! A connection's bounded queue of encoded frames, between everyone who produces frames for it
+//! (fan-out, the session's replies) and its single writer task.
+//!
+//! Producers never wait: a push either queues the frame, or applies the slow-consumer policy right
+//! away, so one client that stops reading cannot delay anyone else. The writer takes everything queued
+//! in one batch, so a burst costs one lock and one vectored write.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::config::SlowConsumerPolicy;
+
+/// Why a connection is being closed, and the close frame it gets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseReason {
+    /// RFC 6455 status code.
+    pub code: u16,
+    /// Short reason text.
+    pub reason: &'static str,
+    /// Whether frames already queued are dropped instead of sent first.
+    pub discard_queued: bool,
+}
+
+impl CloseReason {
+    /// The send queue overflowed under the disconnect policy.
+    pub const SLOW_CONSUMER: CloseReason = CloseReason {
+        code: 1008,
+        reason: "slow consumer: send queue full",
+        discard_queued: true,
+    };
+    /// The node is shutting down; reconnect elsewhere.
+    pub const GOING_AWAY: CloseReason = CloseReason {
+        code: 1001,
+        reason: "server shutting down",
+        discard_queued: false,
+    };
+    /// Nothing heard from the client for `server.idle_timeout`.
+    pub const IDLE: CloseReason = CloseReason {
+        code: 1001,
+        reason: "idle timeout",
+        discard_queued: false,
+    };
+}
+
+/// What a push did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pushed {
+    /// The frame is queued.
+    Queued,
+    /// The frame is queued and this many older frames were dropped to make room.
+    DroppedOldest(usize),
+    /// The queue overflowed and the connection is now closing; the frame was not queued.
+    Overflow,
+    /// The connection is already closing; the frame was not queued.
+    Closed,
+}
+
+/// The bounded per-connection frame queue.
+pub struct SendQueue {
+    state: Mutex<State>,
+    /// Wakes the writer when frames arrive or a close is requested.
+    ready: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+}
+
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    close: Option<CloseReason>,
+}
+
+/// What the writer takes out of the queue in one go.
+pub struct Batch {
+    /// Frames to write, in order.
+    pub frames: VecDeque<Bytes>,
+    /// Set when the connection must be closed after writing `frames`.
+    pub close: Option<CloseReason>,
+}
+
+impl SendQueue {
+    /// Makes an empty queue. An empty queue holds no heap memory.
+    pub fn new(max_frames: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Self {
+        SendQueue {
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                close: None,
+            }),
+            ready: Notify::new(),
+            max_frames,
+            max_bytes,
+            policy,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame without waiting, applying the slow-consumer policy when full.
+    pub fn push(&self, frame: Bytes) -> Pushed {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Pushed::Closed;
+        }
+        let fits = |st: &State| {
+            st.frames.len() < self.max_frames && st.bytes + frame.len() <= self.max_bytes
+        };
+        let mut dropped = 0;
+        if !fits(&st) {
+            match self.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    st.close = Some(CloseReason::SLOW_CONSUMER);
+                    drop(st);
+                    self.ready.notify_one();
+                    return Pushed::Overflow;
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    while !fits(&st) {
+                        match st.frames.pop_front() {
+                            Some(old) => {
+                                st.bytes -= old.len();
+                                dropped += 1;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+        }
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        let was_empty = st.frames.len() == 1;
+        drop(st);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        if dropped > 0 {
+            Pushed::DroppedOldest(dropped)
+        } else {
+            Pushed::Queued
+        }
+    }
+
+    /// Asks the writer to close the connection. The first reason wins.
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.close = Some(reason);
+        }
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Waits until there is something for the writer. Cancel-safe.
+    pub async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// Takes everything queued, and the close request if any.
+    pub fn take(&self) -> Batch {
+        let mut st = self.lock();
+        let close = st.close.clone();
+        st.bytes = 0;
+        let mut frames = std::mem::take(&mut st.frames);
+        if close.as_ref().is_some_and(|c| c.discard_queued) {
+            frames.clear();
+        }
+        Batch { frames, close }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[test]
+    fn disconnect_policy_closes_on_overflow() {
+        let q = SendQueue::new(2, 1000, SlowConsumerPolicy::Disconnect);
+        assert_eq!(q.push(f(1)), Pushed::Queued);
+        assert_eq!(q.push(f(1)), Pushed::Queued);
+        assert_eq!(q.push(f(1)), Pushed::Overflow);
+        assert_eq!(q.push(f(1)), Pushed::Closed);
+        let b = q.take();
+        assert!(b.frames.is_empty());
+        assert_eq!(b.close, Some(CloseReason::SLOW_CONSUMER));
+    }
+
+    #[test]
+    fn byte_bound_counts() {
+        let q = SendQueue::new(100, 10, SlowConsumerPolicy::Disconnect);
+        assert_eq!(q.push(f(6)), Pushed::Queued);
+        assert_eq!(q.push(f(5)), Pushed::Overflow);
+    }
+
+    #[test]
+    fn drop_oldest_keeps_newest() {
+        let q = SendQueue::new(2, 1000, SlowConsumerPolicy::DropOldest);
+        q.push(Bytes::from_static(b"1"));
+        q.push(Bytes::from_static(b"2"));
+        assert_eq!(q.push(Bytes::from_static(b"3")), Pushed::DroppedOldest(1));
+        let b = q.take();
+        assert_eq!(
+            b.frames,
+            vec![Bytes::from_static(b"2"), Bytes::from_static(b"3")]
+        );
+        assert!(b.close.is_none());
+    }
+
+    #[test]
+    fn graceful_close_keeps_queued_frames() {
+        let q = SendQueue::new(4, 1000, SlowConsumerPolicy::Disconnect);
+        q.push(f(1));
+        q.close(CloseReason::GOING_AWAY);
+        q.close(CloseReason::IDLE);
+        let b = q.take();
+        assert_eq!(b.frames.len(), 1);
+        assert_eq!(b.close, Some(CloseReason::GOING_AWAY));
+    }
+}

@@ -1,0 +1,319 @@
+//! Listeners, HTTP serving and routing, WebSocket upgrades, and the drain on shutdown.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Settings;
+use crate::http_api::{self, Body};
+use crate::node::Node;
+use crate::protocol::ErrorCode;
+use crate::session::{self, Route};
+
+/// A byte stream a connection can be served on, and how to split it for the session's reader and
+/// writer tasks.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Read half.
+    type Read: AsyncRead + Unpin + Send + 'static;
+    /// Write half.
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    /// Splits the stream.
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl Transport for TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Which listener a request came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    /// WebSocket + HTTP API.
+    Main,
+    /// The optional private listener for metrics and probes.
+    Metrics,
+}
+
+/// Runs a node until SIGTERM/SIGINT, then drains it.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let main_addr = settings.server.listen;
+    let metrics_addr = settings.server.metrics_listen;
+    let grace = settings.drain.grace;
+    let node = Node::new(settings)?;
+
+    let main = TcpListener::bind(main_addr)
+        .await
+        .with_context(|| format!("server.listen: cannot listen on {main_addr}"))?;
+    let main_local = main.local_addr()?;
+    let metrics_listener = match metrics_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    // A plain line on stdout that scripts and tests can wait for, whatever the log format.
+    println!("pubgate listening on {main_local}");
+    if let Some(l) = &metrics_listener {
+        println!("pubgate metrics listening on {}", l.local_addr()?);
+    }
+    tracing::info!(addr = %main_local, broker = ?node.settings.broker.kind, "listening");
+
+    tokio::spawn(accept_loop(node.clone(), main, Listener::Main));
+    if let Some(l) = metrics_listener {
+        tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics));
+    }
+
+    shutdown_signal().await;
+    tracing::info!(grace = ?grace, connections = node.connection_count(), "draining");
+    node.start_drain();
+    let deadline = tokio::time::Instant::now() + grace;
+    while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(left = node.connection_count(), "drained, exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            tracing::error!("cannot install signal handlers; waiting for ctrl-c");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Accepts until the node drains (the metrics listener keeps going so probes see the drain).
+async fn accept_loop(node: Arc<Node>, listener: TcpListener, which: Listener) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = node.drain.cancelled(), if which == Listener::Main => return,
+        };
+        match accepted {
+            Ok((stream, _peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(node.clone(), stream, which));
+            }
+            Err(e) => {
+                // Out of file descriptors (or similar): back off instead of spinning on accept.
+                node.metrics
+                    .handshake_failures
+                    .with_label_values(&[accept_error_reason(&e)])
+                    .inc();
+                tracing::warn!(error = %e, "accept failed; pausing accepts for 100ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn accept_error_reason(e: &io::Error) -> &'static str {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    match e.raw_os_error() {
+        Some(ENFILE | EMFILE) => "accept_fd_limit",
+        _ => "accept_error",
+    }
+}
+
+/// Serves HTTP/1.1 on one connection, handing upgraded WebSockets to sessions.
+async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
+    let svc_node = node.clone();
+    let service = service_fn(move |req| {
+        let node = svc_node.clone();
+        async move { Ok::<_, Infallible>(route::<T>(node, req, which).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(node.settings.server.handshake_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = node.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        let reason = if e.is_timeout() {
+            "handshake_timeout"
+        } else {
+            "http_error"
+        };
+        node.metrics
+            .handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+async fn route<T: Transport>(
+    node: Arc<Node>,
+    req: Request<Incoming>,
+    which: Listener,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let exposes_metrics =
+        which == Listener::Metrics || node.settings.server.metrics_listen.is_none();
+    match path.as_str() {
+        "/healthz" => http_api::healthz(),
+        "/readyz" => http_api::readyz(&node),
+        "/metrics" if exposes_metrics => http_api::metrics(&node),
+        _ if which == Listener::Metrics => http_api::not_found(),
+        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub),
+        p if node.settings.server.echo_path.as_deref() == Some(p) => {
+            upgrade::<T>(node, req, WsRoute::Echo)
+        }
+        "/v1/publish" => http_api::publish_batch(&node, req).await,
+        p if p.starts_with("/v1/publish/") => {
+            let topic = &p["/v1/publish/".len()..];
+            http_api::publish_one(&node, topic, req).await
+        }
+        _ => http_api::not_found(),
+    }
+}
+
+enum WsRoute {
+    PubSub,
+    Echo,
+}
+
+fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) -> Response<Body> {
+    node.metrics
+        .handshake_failures
+        .with_label_values(&[reason])
+        .inc();
+    let code = match status {
+        StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ErrorCode::Forbidden,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    http_api::error(status, code, message)
+}
+
+/// Checks an upgrade request and, if it passes, answers 101 and starts the session.
+fn upgrade<T: Transport>(
+    node: Arc<Node>,
+    mut req: Request<Incoming>,
+    route: WsRoute,
+) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        let mut r = refuse(
+            &node,
+            StatusCode::UPGRADE_REQUIRED,
+            "not_websocket",
+            "this route takes WebSocket upgrades only",
+        );
+        r.headers_mut()
+            .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+        return r;
+    }
+    if node.is_draining() {
+        return refuse(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is shutting down",
+        );
+    }
+    let allowed = &node.settings.server.allowed_origins;
+    if !allowed.is_empty() {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| allowed.iter().any(|a| a == o)) {
+            return refuse(&node, StatusCode::FORBIDDEN, "origin", "origin not allowed");
+        }
+    }
+    let route = match route {
+        WsRoute::Echo => Route::Echo,
+        WsRoute::PubSub => {
+            let (parts, body) = req.into_parts();
+            let who = node.access.identify(&parts);
+            req = Request::from_parts(parts, body);
+            match who {
+                Ok(who) => Route::PubSub(who),
+                Err(denied) => {
+                    return refuse(&node, StatusCode::UNAUTHORIZED, "unauthorized", denied.0);
+                }
+            }
+        }
+    };
+    let Some(admission) = node.try_admit() else {
+        return refuse(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            "connection limit reached",
+        );
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return refuse(
+                &node,
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                &format!("invalid WebSocket handshake: {e}"),
+            );
+        }
+    };
+    tokio::spawn(async move {
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                node.metrics
+                    .handshake_failures
+                    .with_label_values(&["upgrade_failed"])
+                    .inc();
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        // Unwrap hyper's boxed IO back to the transport we served, so reads and writes go straight
+        // to the socket. Bytes the client sent right behind its request are read first.
+        match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
+            Ok(parts) => {
+                let (r, w) = parts.io.into_inner().split();
+                let r = std::io::Cursor::new(parts.read_buf).chain(r);
+                session::run(node, admission, r, w, route).await;
+            }
+            Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),
+        }
+    });
+    response.map(|_| Full::new(Bytes::new()))
+}

@@ -1,0 +1,190 @@
+//! The server-to-client half of a connection: one task that owns the socket's write side.
+//!
+//! It drains the connection's [`SendQueue`] in batches with vectored writes, sends heartbeat pings,
+//! enforces the idle timeout, reacts to drain, and writes the final close frame. It is the only
+//! writer of the socket, so frames never interleave.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::frame::{self, OpCode};
+use crate::send_queue::{CloseReason, SendQueue};
+
+/// Close code used internally for "the peer is gone, send nothing" (1006 never goes on the wire).
+pub const PEER_GONE: u16 = 1006;
+
+/// Timing of heartbeats and timeouts.
+#[derive(Clone, Copy, Debug)]
+pub struct Heartbeat {
+    /// Server ping period.
+    pub ping_interval: Duration,
+    /// Close after this long without hearing from the client; also the longest a single write may
+    /// make no progress.
+    pub idle_timeout: Duration,
+}
+
+/// When the connection last heard from its client, in milliseconds since `epoch`.
+pub struct LastHeard {
+    epoch: Instant,
+    millis: AtomicU64,
+}
+
+impl LastHeard {
+    /// Starts the clock now.
+    pub fn new() -> Self {
+        LastHeard {
+            epoch: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a sign of life.
+    pub fn touch(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.millis.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for LastHeard {
+    fn default() -> Self {
+        LastHeard::new()
+    }
+}
+
+/// How the writer ended.
+#[derive(Debug)]
+pub enum WriterEnd {
+    /// A close frame was sent (or the peer was already gone) for this reason.
+    Closed(CloseReason),
+    /// Writing failed or stalled; the socket is unusable.
+    Failed(io::Error),
+}
+
+/// Runs the writer until the connection closes.
+pub async fn run<W: AsyncWrite + Unpin>(
+    mut w: W,
+    queue: Arc<SendQueue>,
+    heard: Arc<LastHeard>,
+    heartbeat: Heartbeat,
+    drain: CancellationToken,
+) -> WriterEnd {
+    let mut next_ping = Instant::now() + heartbeat.ping_interval;
+    let mut draining = false;
+    loop {
+        // Checked on every pass, not only when idle, so a busy connection still drains and pings.
+        if !draining && drain.is_cancelled() {
+            draining = true;
+            queue.close(CloseReason::GOING_AWAY);
+        }
+        if Instant::now() >= next_ping {
+            next_ping = Instant::now() + heartbeat.ping_interval;
+            if heard.silent_for() > heartbeat.idle_timeout {
+                queue.close(CloseReason::IDLE);
+            } else {
+                queue.push(frame::frame(OpCode::Ping, b""));
+            }
+        }
+        let batch = queue.take();
+        if batch.frames.is_empty() && batch.close.is_none() {
+            tokio::select! {
+                _ = queue.ready() => {}
+                _ = tokio::time::sleep_until(next_ping) => {}
+                _ = drain.cancelled(), if !draining => {}
+            }
+            continue;
+        }
+        let mut frames = batch.frames;
+        if !frames.is_empty()
+            && let Err(e) = write_watched(&mut w, &mut frames, &queue, heartbeat.idle_timeout).await
+        {
+            return WriterEnd::Failed(e);
+        }
+        if let Some(reason) = batch.close {
+            if reason.code != PEER_GONE {
+                let mut close = VecDeque::from([frame::close(reason.code, reason.reason)]);
+                let deadline = Duration::from_secs(1);
+                // Best effort: a peer that does not take the close frame within a second is dropped.
+                let _ = tokio::time::timeout(deadline, write_frames(&mut w, &mut close)).await;
+                let _ = tokio::time::timeout(deadline, w.shutdown()).await;
+            }
+            return WriterEnd::Closed(reason);
+        }
+    }
+}
+
+/// Writes a batch, giving up when the connection is told to drop its queue (slow consumer) or no
+/// byte moves for `stall_limit`.
+async fn write_watched<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut VecDeque<Bytes>,
+    queue: &SendQueue,
+    stall_limit: Duration,
+) -> io::Result<()> {
+    let write = write_frames(w, frames);
+    tokio::pin!(write);
+    let stall = tokio::time::sleep(stall_limit);
+    tokio::pin!(stall);
+    loop {
+        tokio::select! {
+            r = &mut write => return r,
+            _ = queue.ready() => {
+                if queue.is_closing() {
+                    // Give the frames in flight a moment, so a close frame can follow cleanly.
+                    return match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
+                        Ok(r) => r,
+                        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer not reading")),
+                    };
+                }
+            }
+            _ = &mut stall => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
+            }
+        }
+    }
+}
+
+/// Writes every frame, several per system call.
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    frames: &mut VecDeque<Bytes>,
+) -> io::Result<()> {
+    const MAX_SLICES: usize = 64;
+    while !frames.is_empty() {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut count = 0;
+        for (slot, f) in slices.iter_mut().zip(frames.iter()) {
+            *slot = IoSlice::new(f);
+            count += 1;
+        }
+        let mut written = w.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 {
+            let front = frames
+                .front_mut()
+                .expect("written bytes came from queued frames");
+            if written >= front.len() {
+                written -= front.len();
+                frames.pop_front();
+            } else {
+                front.advance(written);
+                written = 0;
+            }
+        }
+    }
+    w.flush().await
+}
