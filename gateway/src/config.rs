@@ -463,6 +463,14 @@ mod tests {
     }
 
     #[test]
+    fn example_file_loads_and_matches_defaults() {
+        let example = include_str!("../../deploy/pubgate.example.toml");
+        let from_example = load_toml(example).unwrap();
+        let defaults = load_toml("").unwrap();
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn flags_override_file() {
         let dir = std::env::temp_dir().join(format!("pubgate-cfg-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
