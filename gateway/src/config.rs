@@ -188,6 +188,9 @@ pub struct Drain {
     /// Total time from SIGTERM to exit.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// How long the node stays up, not ready but still serving, before it closes clients.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
 }
 
 /// `[history]`
@@ -267,6 +270,7 @@ api_keys = []
 
 [drain]
 grace = "30s"
+delay = "0s"
 
 [history]
 size = 0
@@ -389,6 +393,9 @@ impl Settings {
                 "auth.jwt_secret",
                 "JWT auth is not built yet in this version",
             );
+        }
+        if self.drain.delay >= self.drain.grace {
+            return invalid("drain.delay", "must be shorter than drain.grace");
         }
         if self.history.size > 1_000_000 {
             return invalid("history.size", "must be at most 1000000");

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod drain;
 pub mod frame;
 pub mod http_api;
 pub mod metrics;

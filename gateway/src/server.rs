@@ -54,7 +54,7 @@ enum Listener {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let main_addr = settings.server.listen;
     let metrics_addr = settings.server.metrics_listen;
-    let grace = settings.drain.grace;
+    let drain = settings.drain.clone();
     let node = Node::new(settings)?;
 
     let main = TcpListener::bind(main_addr)
@@ -82,9 +82,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 
     shutdown_signal().await;
-    tracing::info!(grace = ?grace, connections = node.connection_count(), "draining");
-    node.start_drain();
-    let deadline = tokio::time::Instant::now() + grace;
+    let deadline = tokio::time::Instant::now() + drain.grace;
+    tracing::info!(grace = ?drain.grace, delay = ?drain.delay, connections = node.connection_count(), "draining: not ready");
+    node.drain.begin();
+    node.metrics.ready.set(0);
+    tokio::time::sleep(drain.delay).await;
+    // Close clients over most of what is left, keeping a margin for their close handshakes.
+    let window = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .mul_f64(0.8);
+    tracing::info!(connections = node.connection_count(), window = ?window, "draining: closing clients");
+    node.drain.close_clients(node.connection_count(), window);
     while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -116,7 +124,7 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, which: Listener) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = node.drain.cancelled(), if which == Listener::Main => return,
+            _ = node.drain.closing(), if which == Listener::Main => return,
         };
         match accepted {
             Ok((stream, _peer)) => {
@@ -161,7 +169,7 @@ async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = node.drain.cancelled() => {
+        _ = node.drain.closing() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -241,7 +249,7 @@ fn upgrade<T: Transport>(
             .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
         return r;
     }
-    if node.is_draining() {
+    if node.drain.is_closing() {
         return refuse(
             &node,
             StatusCode::SERVICE_UNAVAILABLE,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::drain::Drain;
 use crate::frame::{self, OpCode};
 use crate::send_queue::{CloseReason, SendQueue};
 
@@ -79,14 +79,16 @@ pub async fn run<W: AsyncWrite + Unpin>(
     queue: Arc<SendQueue>,
     heard: Arc<LastHeard>,
     heartbeat: Heartbeat,
-    drain: CancellationToken,
+    drain: Arc<Drain>,
 ) -> WriterEnd {
     let mut next_ping = Instant::now() + heartbeat.ping_interval;
-    let mut draining = false;
+    let mut close_at: Option<Instant> = None;
     loop {
         // Checked on every pass, not only when idle, so a busy connection still drains and pings.
-        if !draining && drain.is_cancelled() {
-            draining = true;
+        if close_at.is_none() && drain.is_closing() {
+            close_at = Some(drain.close_time());
+        }
+        if close_at.is_some_and(|at| Instant::now() >= at) {
             queue.close(CloseReason::GOING_AWAY);
         }
         if Instant::now() >= next_ping {
@@ -102,7 +104,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
             tokio::select! {
                 _ = queue.ready() => {}
                 _ = tokio::time::sleep_until(next_ping) => {}
-                _ = drain.cancelled(), if !draining => {}
+                _ = drain.closing(), if close_at.is_none() => {}
+                _ = sleep_until_some(close_at) => {}
             }
             continue;
         }
@@ -122,6 +125,14 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
             return WriterEnd::Closed(reason);
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
