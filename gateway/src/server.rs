@@ -317,7 +317,13 @@ fn upgrade<T: Transport>(
         match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
             Ok(parts) => {
                 let (r, w) = parts.io.into_inner().split();
-                let r = std::io::Cursor::new(parts.read_buf).chain(r);
+                // An empty read_buf may still point into hyper's read buffer; never keep that alive.
+                let early = if parts.read_buf.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&parts.read_buf)
+                };
+                let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, route).await;
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),
