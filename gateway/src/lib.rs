@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod drain;
 pub mod frame;
+pub mod frame_read;
 pub mod http_api;
 pub mod metrics;
 pub mod node;
