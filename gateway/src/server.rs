@@ -169,7 +169,10 @@ async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = node.drain.closing() => {
+        // Only the main listener winds down. The metrics listener keeps serving until exit, so that
+        // probes and scrapes see the drain: a graceful shutdown would close a probe's connection
+        // before its request was read, failing /healthz (and /readyz, /metrics) for the whole drain.
+        _ = node.drain.closing(), if which == Listener::Main => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -281,14 +284,9 @@ fn upgrade<T: Transport>(
             }
         }
     };
-    let Some(admission) = node.try_admit() else {
-        return refuse(
-            &node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "max_connections",
-            "connection limit reached",
-        );
-    };
+    // Validate the handshake before claiming a slot: an invalid request gets its 400 even when the
+    // node is full, and never counts as an accepted connection. Refusing after this point just drops
+    // the upgrade future; without a 101 the connection is never upgraded.
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -299,6 +297,14 @@ fn upgrade<T: Transport>(
                 &format!("invalid WebSocket handshake: {e}"),
             );
         }
+    };
+    let Some(admission) = node.try_admit() else {
+        return refuse(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            "connection limit reached",
+        );
     };
     tokio::spawn(async move {
         let ws = match upgrade.await {
