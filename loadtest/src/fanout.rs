@@ -43,7 +43,7 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 256, value_name = "BYTES")]
     pub payload: usize,
     /// Keep-alive HTTP connections publishing.
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    #[arg(long, default_value_t = 8, value_name = "N")]
     pub publishers: usize,
     /// Seconds to wait after the last publish for stragglers.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
@@ -505,6 +505,13 @@ pub async fn run_step(args: StepArgs) -> anyhow::Result<Report> {
         }
         if p.latency.p99_us > args.p99_limit_ms * 1000.0 {
             why.push(format!("p99 {}µs", p.latency.p99_us));
+        }
+        let published = p.publish.achieved_rate / p.offered_publish_rate.max(1e-9) * 100.0;
+        if published < args.min_achieved_pct {
+            why.push(format!(
+                "publishers reached only {:.0} of {:.0} publishes/s (the tool, not the server, is the limit: add --publishers)",
+                p.publish.achieved_rate, p.offered_publish_rate
+            ));
         }
         let achieved = p.deliveries_per_s / p.offered_delivery_rate.max(1e-9) * 100.0;
         if achieved < args.min_achieved_pct {
