@@ -131,7 +131,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
 async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, reason: &CloseReason) {
     let mut close = VecDeque::from([frame::close(reason.code, reason.reason)]);
     let deadline = Duration::from_secs(1);
-    let _ = tokio::time::timeout(deadline, write_frames(w, &mut close)).await;
+    let _ = tokio::time::timeout(deadline, write_frames(w, &mut close, None)).await;
     let _ = tokio::time::timeout(deadline, w.shutdown()).await;
 }
 
@@ -151,7 +151,11 @@ async fn write_watched<W: AsyncWrite + Unpin>(
     queue: &SendQueue,
     stall_limit: Duration,
 ) -> io::Result<()> {
-    let write = write_frames(w, frames);
+    // When a byte last moved. The stall timer measures silence, not the whole batch: a big batch to
+    // a client that reads steadily but slowly takes longer than `stall_limit` and must not be cut
+    // off for it.
+    let progress = LastHeard::new();
+    let write = write_frames(w, frames, Some(&progress));
     tokio::pin!(write);
     let stall = tokio::time::sleep(stall_limit);
     tokio::pin!(stall);
@@ -168,16 +172,22 @@ async fn write_watched<W: AsyncWrite + Unpin>(
                 }
             }
             _ = &mut stall => {
+                let quiet = progress.silent_for();
+                if quiet < stall_limit {
+                    stall.as_mut().reset(Instant::now() + (stall_limit - quiet));
+                    continue;
+                }
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
             }
         }
     }
 }
 
-/// Writes every frame, several per system call.
+/// Writes every frame, several per system call, touching `progress` whenever bytes were written.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
     frames: &mut VecDeque<Bytes>,
+    progress: Option<&LastHeard>,
 ) -> io::Result<()> {
     // Slices live in the writer's future across the await; 16 keeps that small while still sending
     // a burst in few system calls.
@@ -192,6 +202,9 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         let mut written = w.write_vectored(&slices[..count]).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
+        }
+        if let Some(p) = progress {
+            p.touch();
         }
         while written > 0 {
             let front = frames

@@ -315,3 +315,35 @@ async fn allowed_origins_are_enforced_on_upgrade() {
         );
     }
 }
+
+#[tokio::test]
+async fn echo_route_echoes_frames_only_when_configured() {
+    let server = Server::builder()
+        .args(["--echo-path", "/echo"])
+        .start()
+        .await;
+    let url = format!("ws://{}/echo", server.addr);
+    let mut c = WsClient::try_connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("echo route: {e}"));
+    c.send_text("not even json").await;
+    assert_eq!(c.recv_text(RECV_TIMEOUT).await, "not even json");
+    c.send_binary(&[0, 1, 2, 255]).await;
+    match c.next_event(RECV_TIMEOUT).await {
+        Event::Binary(b) => assert_eq!(b, vec![0, 1, 2, 255]),
+        other => panic!("binary echo: {other:?}"),
+    }
+    // Larger than limits.max_message_size: the echo route has its own, larger limit.
+    let big = "e".repeat(1 << 20);
+    c.send_text(&big).await;
+    assert_eq!(
+        c.recv_text(RECV_TIMEOUT).await.len(),
+        big.len(),
+        "1 MiB echo"
+    );
+
+    // Without the flag there is no such route.
+    let plain = Server::start().await;
+    let r = common::http_get(plain.addr, "/echo").await;
+    assert_eq!(r.status, 404, "/echo without --echo-path: {}", r.body);
+}

@@ -276,3 +276,65 @@ async fn unsubscribe_acks_and_stops_delivery() {
     expect_message(&mut leaver, "leaver", topic, base + 24, "true").await;
     expect_message(&mut control, "control", topic, base + 24, "true").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_joining_mid_stream_get_contiguous_offsets_from_their_ack() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    const PER_PUBLISHER: u64 = 300;
+    const CLIENTS: u64 = 10;
+    let server = Server::start().await;
+    let topic = "race.topic";
+    let published = Arc::new(AtomicU64::new(0));
+    // Two publishers on their own connections, so offsets are assigned concurrently.
+    let publishers: Vec<_> = (0..2)
+        .map(|p| {
+            let (addr, published) = (server.addr, published.clone());
+            tokio::spawn(async move {
+                let mut http = HttpClient::connect(addr).await;
+                let mut last = 0;
+                for i in 0..PER_PUBLISHER {
+                    last = http.publish(topic, format!("[{p},{i}]")).await.1;
+                    published.fetch_add(1, Ordering::Relaxed);
+                }
+                last
+            })
+        })
+        .collect();
+
+    // Clients join one by one while the publishers run: client k once k/CLIENTS of the run is done.
+    let mut clients = Vec::new();
+    for k in 0..CLIENTS {
+        let target = k * 2 * PER_PUBLISHER / CLIENTS;
+        common::wait_until("publishing progress", Duration::from_secs(60), || {
+            let n = published.load(Ordering::Relaxed);
+            async move { n >= target }
+        })
+        .await;
+        let mut c = server.ws().await;
+        let ack = c.subscribe(topic, k).await;
+        clients.push((c, ack["offset"].as_u64().expect("offset")));
+    }
+    let mut last = 0;
+    for p in publishers {
+        last = last.max(p.await.expect("publisher task"));
+    }
+    assert!(
+        clients.iter().any(|(_, ack)| *ack > 0 && *ack < last),
+        "no client joined mid-stream; the test proves nothing (acks {:?}, last {last})",
+        clients.iter().map(|(_, a)| *a).collect::<Vec<_>>()
+    );
+
+    for (k, (c, ack)) in clients.iter_mut().enumerate() {
+        for expected in *ack + 1..=last {
+            let m = c.recv().await;
+            assert_eq!(m["op"], "message", "client {k}: {m}");
+            assert_eq!(
+                m["offset"], expected,
+                "client {k} (ack at {ack}) must see every offset after its ack exactly once"
+            );
+        }
+        c.ping_pong(1000 + k as u64).await;
+    }
+}

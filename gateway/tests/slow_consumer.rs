@@ -143,3 +143,226 @@ async fn slow_consumer_is_disconnected_and_does_not_hold_back_others() {
          gap {max_gap:?}, stuck client got {received} B, RSS {rss_before} KiB -> peak {peak} KiB"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_policy_keeps_a_stuck_client_connected_with_a_gap_in_offsets() {
+    const COUNT: u64 = 1000;
+    let server = Server::builder()
+        .env("PUBGATE__LIMITS__SLOW_CONSUMER", "drop_oldest")
+        .env(
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (1u32 << 20).to_string(),
+        )
+        .start()
+        .await;
+    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
+    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
+        Ok(ws) => ws,
+        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
+    };
+    stuck
+        .send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
+        .await;
+    let ack = stuck.recv_json(common::RECV_TIMEOUT).await;
+    assert_eq!(ack["op"], "ack", "stuck client's subscribe: {ack}");
+    let base = ack["offset"].as_u64().expect("offset");
+
+    let mut reader = server.ws().await;
+    reader.subscribe(TOPIC, 1).await;
+    let reading = tokio::spawn(async move {
+        let mut offsets = Vec::new();
+        while (offsets.len() as u64) < COUNT {
+            let m = reader.recv_json(Duration::from_secs(60)).await;
+            offsets.push(m["offset"].as_u64().expect("offset"));
+        }
+        offsets
+    });
+    let mut http = HttpClient::connect(server.addr).await;
+    for i in 0..COUNT {
+        http.publish(TOPIC, payload(i)).await;
+    }
+    let last = base + COUNT;
+    let offsets = tokio::time::timeout(Duration::from_secs(120), reading)
+        .await
+        .expect("the reading client did not get every message")
+        .expect("reader task");
+    assert_eq!(
+        offsets,
+        (base + 1..=last).collect::<Vec<_>>(),
+        "the reading client must get every message in order"
+    );
+    let m = server.metrics().await;
+    assert!(
+        m.value_or_zero("pubgate_messages_dropped_total{reason=\"queue_full\"}") > 0.0,
+        "drop_oldest must have dropped frames for the stuck client"
+    );
+    assert_eq!(
+        m.value("pubgate_slow_consumer_disconnects_total"),
+        0.0,
+        "drop_oldest must not disconnect"
+    );
+
+    // The stuck client catches up: increasing offsets, at least one gap, and it ends at the newest
+    // message, still connected.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&last) {
+        let frame = stuck
+            .read_frame(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("stuck client after {} messages: {e:?}", seen.len()));
+        match frame.opcode {
+            common::op::PING => continue,
+            common::op::TEXT => {}
+            _ => panic!("stuck client got {frame:?}"),
+        }
+        let v: serde_json::Value = serde_json::from_slice(&frame.payload).expect("JSON");
+        assert_eq!(
+            v["op"],
+            "message",
+            "stuck client: {}",
+            &v.to_string()[..100]
+        );
+        seen.push(v["offset"].as_u64().expect("offset"));
+        assert!(
+            seen.len() as u64 <= COUNT,
+            "more messages than were published"
+        );
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0] < w[1]),
+        "offsets must increase"
+    );
+    assert!(
+        seen.windows(2).any(|w| w[1] > w[0] + 1) || seen[0] > base + 1,
+        "a stuck client under drop_oldest must see a gap"
+    );
+    stuck
+        .send_text(&json!({"op":"ping","id":2}).to_string())
+        .await;
+    assert_eq!(
+        stuck.recv_json(common::RECV_TIMEOUT).await,
+        json!({"op":"pong","id":2}),
+        "the stuck client is still connected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_not_cut_off_as_stalled() {
+    // The write stall limit (server.idle_timeout) is about a connection where no byte moves. A client
+    // that keeps reading, just slower than a burst arrives, must get the whole burst.
+    const COUNT: u64 = 400; // 12.8 MB: far more than kernel buffers take.
+    const STALL: Duration = Duration::from_millis(1500);
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__IDLE_TIMEOUT", "1500ms")
+        .env("PUBGATE__SERVER__PING_INTERVAL", "300ms")
+        .env(
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (64u32 << 20).to_string(),
+        )
+        .start()
+        .await;
+    let stream = tcp_connect_small_rcvbuf(server.addr, 16 * 1024).await;
+    let mut slow = match RawWs::handshake(stream, server.addr, "/ws").await {
+        Ok(ws) => ws,
+        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
+    };
+    slow.send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
+        .await;
+    let ack = slow.recv_json(common::RECV_TIMEOUT).await;
+    let base = ack["offset"].as_u64().expect("offset");
+
+    let mut http = HttpClient::connect(server.addr).await;
+    for i in 0..COUNT {
+        http.publish(TOPIC, payload(i)).await;
+    }
+
+    // Read about 2 MB/s (one 32 KiB message every 16 ms), and say something every 300 ms so the
+    // idle timeout never applies; the longest pause between two reads stays far below STALL.
+    let started = Instant::now();
+    let mut next_offset = base + 1;
+    let mut last_said = Instant::now();
+    let mut id = 100;
+    while next_offset <= base + COUNT {
+        if last_said.elapsed() >= Duration::from_millis(300) {
+            slow.send_text(&json!({"op":"ping","id":id}).to_string())
+                .await;
+            id += 1;
+            last_said = Instant::now();
+        }
+        let frame = slow.read_frame(Duration::from_secs(30)).await.unwrap_or_else(|e| {
+            panic!(
+                "steady reader cut off after {} of {COUNT} messages, {:?} in ({e:?}); stall limit {STALL:?}",
+                next_offset - base - 1,
+                started.elapsed()
+            )
+        });
+        if frame.opcode != common::op::TEXT {
+            assert_ne!(frame.opcode, common::op::CLOSE, "closed: {frame:?}");
+            continue;
+        }
+        if frame.payload.len() < 1024 {
+            continue; // a pong
+        }
+        let head = String::from_utf8_lossy(&frame.payload[..100]).into_owned();
+        assert!(
+            head.contains(&format!("\"offset\":{next_offset},")),
+            "expected offset {next_offset}: {head}"
+        );
+        next_offset += 1;
+        tokio::time::sleep(Duration::from_millis(16)).await;
+    }
+    assert_eq!(
+        server
+            .metrics()
+            .await
+            .value("pubgate_slow_consumer_disconnects_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_stall_limit() {
+    // With a send queue big enough never to overflow, only the write stall limit
+    // (server.idle_timeout) can free a connection whose client stopped reading mid-burst.
+    const COUNT: u64 = 400;
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__IDLE_TIMEOUT", "1500ms")
+        .env("PUBGATE__SERVER__PING_INTERVAL", "300ms")
+        .env(
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (64u32 << 20).to_string(),
+        )
+        .start()
+        .await;
+    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
+    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
+        Ok(ws) => ws,
+        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
+    };
+    stuck
+        .send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
+        .await;
+    assert_eq!(stuck.recv_json(common::RECV_TIMEOUT).await["op"], "ack");
+    let mut http = HttpClient::connect(server.addr).await;
+    for i in 0..COUNT {
+        http.publish(TOPIC, payload(i)).await;
+    }
+    server
+        .wait_metric("pubgate_connections", Duration::from_secs(15), |v| v == 0.0)
+        .await;
+    let got = stuck
+        .expect_eof(Duration::from_secs(10), (COUNT as usize) * PAYLOAD)
+        .await;
+    assert!(
+        got < (COUNT as usize) * PAYLOAD,
+        "the stuck client got everything ({got} bytes); it never stalled"
+    );
+    assert_eq!(
+        server
+            .metrics()
+            .await
+            .value("pubgate_slow_consumer_disconnects_total"),
+        0.0,
+        "the queue never overflowed; the stall limit closed the connection"
+    );
+}
