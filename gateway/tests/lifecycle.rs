@@ -382,3 +382,68 @@ async fn config_layers_override_in_order_file_env_flag() {
         "env max_connections = 1 must override the file's 5"
     );
 }
+
+#[tokio::test]
+async fn sigint_drains_like_sigterm() {
+    let mut server = Server::start().await;
+    let mut c = server.ws().await;
+    c.ping_pong(1).await;
+    server.signal(libc::SIGINT);
+    c.expect_close(1001, RECV_TIMEOUT).await;
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("still running 10 s after SIGINT");
+    assert!(status.success(), "exit status after SIGINT: {status}");
+}
+
+#[tokio::test]
+async fn a_taken_port_fails_start_up_naming_the_key() {
+    let first = Server::start().await;
+    let taken = first.addr.to_string();
+    expect_config_error(
+        "main port in use",
+        Server::builder()
+            .without_listen_flag()
+            .args(["--listen", taken.as_str()]),
+        &["server.listen", taken.as_str()],
+    )
+    .await;
+    expect_config_error(
+        "metrics port in use",
+        Server::builder().args(["--metrics-listen", taken.as_str()]),
+        &["server.metrics_listen", taken.as_str()],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn help_documents_every_flag() {
+    let out = Server::builder()
+        .without_listen_flag()
+        .arg("--help")
+        .run_to_exit(Duration::from_secs(30))
+        .await;
+    assert!(out.status.success(), "--help failed: {}", out.stderr);
+    for flag in [
+        "--config",
+        "--listen",
+        "--metrics-listen",
+        "--broker",
+        "--redis-url",
+        "--tls-cert",
+        "--tls-key",
+        "--echo-path",
+    ] {
+        assert!(
+            out.stdout.contains(flag),
+            "--help does not document {flag}:\n{}",
+            out.stdout
+        );
+    }
+    assert!(
+        out.stdout.contains("PUBGATE__"),
+        "--help should explain the env layer:\n{}",
+        out.stdout
+    );
+}

@@ -114,6 +114,9 @@ async fn malformed_frames_get_error_replies_and_the_connection_survives() {
         ping += 1;
     }
     expect_error(&mut c, &long_topic, "invalid_topic", Some(json!(18)), ping).await;
+    // An id longer than 256 bytes of JSON is refused and not echoed back.
+    let long_id = format!(r#"{{"op":"ping","id":"{}"}}"#, "i".repeat(300));
+    expect_error(&mut c, &long_id, "bad_request", None, ping + 1).await;
 
     // A binary frame is not a protocol message.
     c.send_binary(br#"{"op":"ping","id":1}"#).await;

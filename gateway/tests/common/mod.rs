@@ -18,6 +18,29 @@
 //! Each test should start its own server: ports are picked by the kernel (port 0) and tests run in
 //! parallel. Timeouts are generous because CI machines are small and shared; a deadline only decides
 //! how long a *failing* test takes, a passing test returns as soon as its condition holds.
+//!
+//! `PUBGATE_TEST_BIN=/path/to/pubgate` runs the suite against another binary (a release build, an
+//! older commit). `PUBGATE__*` and `RUST_LOG` from the caller's environment never reach the server;
+//! set them per test with [`ServerBuilder::env`] (e.g. `PUBGATE__LOG__LEVEL=gateway=debug` while
+//! debugging; the log is printed when the test fails).
+//!
+//! ```ignore
+//! mod common;
+//! use common::{HttpClient, Server};
+//!
+//! #[tokio::test]
+//! async fn example() {
+//!     let server = Server::builder()
+//!         .env("PUBGATE__LIMITS__MAX_SUBSCRIPTIONS", "2")
+//!         .start()
+//!         .await;
+//!     let mut client = server.ws().await;
+//!     let ack = client.subscribe("scores.nba", 1).await;
+//!     HttpClient::connect(server.addr).await.publish("scores.nba", r#"{"home":3}"#).await;
+//!     let msg = client.recv().await;
+//!     assert_eq!(msg["offset"], ack["offset"].as_u64().unwrap() + 1);
+//! }
+//! ```
 
 // Each test binary compiles this module and uses a different subset of it.
 #![allow(dead_code)]
@@ -55,9 +78,13 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// still attached does not take the default 30 s.
 pub const HARNESS_DRAIN_GRACE: &str = "3s";
 
-/// Path of the binary under test.
-pub fn pubgate_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pubgate")
+/// Path of the binary under test: `$PUBGATE_TEST_BIN` when set (e.g. to run the suite against a
+/// release build), else the `pubgate` cargo built for this test run.
+pub fn pubgate_bin() -> String {
+    std::env::var("PUBGATE_TEST_BIN")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_pubgate").to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
