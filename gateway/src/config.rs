@@ -85,7 +85,8 @@ pub struct Server {
     pub echo_path: Option<String>,
     /// WebSocket connections this node holds at most; upgrades past it get 503.
     pub max_connections: usize,
-    /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake).
+    /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake), and
+    /// again to send a request body.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// How often the server pings an idle client.

@@ -229,7 +229,7 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
         .inc();
     let code = match status {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ErrorCode::Forbidden,
-        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Internal,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
         _ => ErrorCode::BadRequest,
     };
     http_api::error(status, code, message)

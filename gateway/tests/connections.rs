@@ -347,3 +347,28 @@ async fn echo_route_echoes_frames_only_when_configured() {
     let r = common::http_get(plain.addr, "/echo").await;
     assert_eq!(r.status, 404, "/echo without --echo-path: {}", r.body);
 }
+
+#[tokio::test]
+async fn unfinished_request_body_is_answered_408_after_the_handshake_timeout() {
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__HANDSHAKE_TIMEOUT", "1s")
+        .start()
+        .await;
+    let started = Instant::now();
+    let mut conn = tcp_connect(server.addr).await;
+    conn.write_all(
+        b"POST /v1/publish/t HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"partial\":",
+    )
+    .await
+    .expect("write");
+    let (got, after) = wait_for_close(&mut conn, started, Duration::from_secs(15)).await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 408"),
+        "a stalled body got {:?}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        after >= Duration::from_millis(950) && after < Duration::from_secs(10),
+        "answered after {after:?}"
+    );
+}
