@@ -303,6 +303,11 @@ impl TlsTerminator {
             .with_cert_resolver(resolver.clone());
         // WebSocket needs HTTP/1.1 (no RFC 8441 support), and the API is served on HTTP/1.1 only.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Stateless session tickets: a reconnecting client (a dashboard after a network blip, or
+        // after its node drained) resumes without a certificate signature, and the node keeps no
+        // per-client state for it, unlike the default 256-entry session cache that thousands of
+        // clients would only churn. Tickets from another node fail to decrypt: a full handshake.
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
         let tls_metrics = metrics.register_tls();
         tls_metrics.cert_expiry.set(loaded.not_after);
         tracing::info!(

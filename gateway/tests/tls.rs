@@ -71,7 +71,7 @@ async fn wss_subscriber_gets_https_published_messages() {
 }
 
 #[tokio::test]
-async fn tls12_tls13_and_alpn() {
+async fn tls12_tls13_alpn_and_resumption() {
     let ca = Ca::new();
     let tmp = TempDir::new("versions");
     let issued = ca.issue("versions", KeyKind::EcdsaP256);
@@ -91,6 +91,23 @@ async fn tls12_tls13_and_alpn() {
         // The WebSocket upgrade works on both versions too.
         let (mut ws, _) = wss_connect(gw.addr, &client).await;
         subscribe(&mut ws, "v.check").await;
+
+        // A returning client resumes its session from a ticket.
+        let resuming = ca.client_config_with(&[version], true);
+        let first = tls_connect(gw.addr, &resuming).await.expect("handshake");
+        assert_eq!(
+            first.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+        // Reading the response also takes in the tickets sent after a TLS 1.3 handshake.
+        assert_eq!(http_request(first, "GET", "/healthz", "").await.0, 200);
+        let second = tls_connect(gw.addr, &resuming).await.expect("handshake");
+        assert_eq!(
+            second.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{version:?} resumption"
+        );
+        assert_eq!(http_request(second, "GET", "/healthz", "").await.0, 200);
     }
 }
 

@@ -144,6 +144,15 @@ impl Ca {
         &self,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> Arc<ClientConfig> {
+        self.client_config_with(versions, false)
+    }
+
+    /// Like [`Ca::client_config`], optionally resuming sessions (in memory, per config).
+    pub fn client_config_with(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        resume: bool,
+    ) -> Arc<ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.der.clone()).expect("CA is a valid root");
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -158,8 +167,10 @@ impl Ca {
             .with_root_certificates(roots)
             .with_no_client_auth();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        // Every connection does a full handshake, so each one shows the certificate in service.
-        config.resumption = rustls::client::Resumption::disabled();
+        if !resume {
+            // Every connection does a full handshake, so each one shows the certificate in service.
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         Arc::new(config)
     }
 }
