@@ -592,12 +592,27 @@ async fn measure_handshake_rate() {
         let issued = ca.issue("measure", kind);
         let (cert, key) = write_pair(&tmp.join(&format!("{kind:?}")), &issued);
         let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
-        for (label, version) in [
-            ("TLS1.3", &rustls::version::TLS13),
-            ("TLS1.2", &rustls::version::TLS12),
-        ] {
-            let client = ca.client_config(&[version]);
+        let x25519_only = || rustls::crypto::CryptoProvider {
+            kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
+            ..rustls::crypto::aws_lc_rs::default_provider()
+        };
+        let variants = [
+            (
+                "TLS1.3 X25519MLKEM768",
+                ca.client_config(&[&rustls::version::TLS13]),
+            ),
+            (
+                "TLS1.3 X25519",
+                ca.client_config_provider(&[&rustls::version::TLS13], false, x25519_only()),
+            ),
+            (
+                "TLS1.2 X25519",
+                ca.client_config(&[&rustls::version::TLS12]),
+            ),
+        ];
+        for (label, client) in variants {
             let addr = gw.addr;
+            let cpu_before = gw.cpu_time();
             let started = Instant::now();
             let mut joins = Vec::new();
             for t in 0..tasks {
@@ -615,10 +630,14 @@ async fn measure_handshake_rate() {
                 j.await.expect("task");
             }
             let secs = started.elapsed().as_secs_f64();
+            let server_cpu = (gw.cpu_time() - cpu_before).as_secs_f64();
             println!(
                 "MEASURE {kind:?} {label}: {total} full handshakes over {tasks} tasks in {secs:.2}s \
-                 = {:.0}/s (client and server on the same 2 cores)",
-                total as f64 / secs
+                 = {:.0}/s wall (client in the same 2 cores); server CPU {:.0} us/handshake \
+                 = {:.0}/s per core",
+                total as f64 / secs,
+                server_cpu * 1e6 / total as f64,
+                total as f64 / server_cpu.max(1e-9),
             );
         }
     }

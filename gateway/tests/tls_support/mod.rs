@@ -153,9 +153,21 @@ impl Ca {
         versions: &[&'static rustls::SupportedProtocolVersion],
         resume: bool,
     ) -> Arc<ClientConfig> {
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        self.client_config_provider(versions, resume, provider)
+    }
+
+    /// Like [`Ca::client_config_with`], with a chosen crypto provider (e.g. fewer key exchange
+    /// groups).
+    pub fn client_config_provider(
+        &self,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        resume: bool,
+        provider: rustls::crypto::CryptoProvider,
+    ) -> Arc<ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.der.clone()).expect("CA is a valid root");
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = Arc::new(provider);
         let versions = if versions.is_empty() {
             rustls::ALL_VERSIONS
         } else {
@@ -500,6 +512,20 @@ impl Pubgate {
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// CPU time (user + system) the process has used so far, from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read /proc stat");
+        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+        let after = stat.rsplit_once(')').expect("stat format").1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 =
+            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        Duration::from_millis(ticks * 1000 / hz)
     }
 
     /// Resident memory in KiB, from /proc.
