@@ -470,3 +470,149 @@ fn warn_if_expired(loaded: &Loaded) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed pair in PEM: (cert, key).
+    fn pair(name: &str) -> (String, String) {
+        let c = rcgen::generate_simple_self_signed(vec![name.to_string()]).expect("rcgen");
+        (c.cert.pem(), c.signing_key.serialize_pem())
+    }
+
+    struct Fixture {
+        dir: PathBuf,
+        tls: Arc<TlsTerminator>,
+    }
+
+    impl Fixture {
+        fn new(first: &(String, String)) -> Fixture {
+            let dir =
+                std::env::temp_dir().join(format!("pubgate-tls-unit-{}", rand::random::<u64>()));
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join("c.pem"), &first.0).expect("write");
+            std::fs::write(dir.join("k.pem"), &first.1).expect("write");
+            let files = TlsFiles {
+                cert: dir.join("c.pem"),
+                key: dir.join("k.pem"),
+            };
+            let tls = TlsTerminator::new(files, Duration::from_secs(1), Arc::new(Metrics::new()))
+                .expect("first pair loads");
+            Fixture { dir, tls }
+        }
+
+        fn write_cert(&self, pem: &str) {
+            std::fs::write(self.dir.join("c.pem"), pem).expect("write");
+        }
+
+        fn write_key(&self, pem: &str) {
+            std::fs::write(self.dir.join("k.pem"), pem).expect("write");
+        }
+
+        fn reloads(&self, result: &str) -> u64 {
+            self.tls
+                .tls_metrics
+                .reloads
+                .with_label_values(&[result])
+                .get()
+        }
+
+        fn serving(&self) -> Vec<u8> {
+            self.tls.resolver.get().cert[0].to_vec()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("pem")
+            .to_vec()
+    }
+
+    #[test]
+    fn a_pair_copied_file_by_file_is_waited_for_not_reported() {
+        let (a, b) = (pair("a"), pair("b"));
+        let f = Fixture::new(&a);
+        assert!(!f.tls.check(false), "nothing changed");
+        f.write_cert(&b.0);
+        assert!(!f.tls.check(false), "first sight of a change waits a poll");
+        f.write_key(&b.1);
+        assert!(!f.tls.check(false), "still moving: waits again");
+        assert!(f.tls.check(false), "settled: loaded");
+        assert_eq!(f.serving(), der(&b.0));
+        assert_eq!((f.reloads("ok"), f.reloads("error")), (1, 0));
+        assert!(!f.tls.check(false), "loaded content is not reloaded");
+    }
+
+    #[test]
+    fn a_broken_pair_is_rejected_once_and_the_old_one_stays() {
+        let (a, b) = (pair("a"), pair("b"));
+        let f = Fixture::new(&a);
+        f.write_cert(&b.0); // b's certificate with a's key
+        for _ in 0..5 {
+            assert!(!f.tls.check(false));
+        }
+        assert_eq!((f.reloads("ok"), f.reloads("error")), (0, 1));
+        assert_eq!(f.serving(), der(&a.0));
+
+        // A missing file is an error too, reported once.
+        std::fs::remove_file(f.dir.join("k.pem")).expect("rm");
+        for _ in 0..3 {
+            assert!(!f.tls.check(false));
+        }
+        assert_eq!(f.reloads("error"), 2);
+
+        f.write_key(&b.1);
+        f.tls.check(false);
+        assert!(f.tls.check(false));
+        assert_eq!(f.serving(), der(&b.0));
+    }
+
+    #[test]
+    fn forced_reload_needs_no_settling() {
+        let (a, b) = (pair("a"), pair("b"));
+        let f = Fixture::new(&a);
+        assert!(f.tls.check(true), "SIGHUP reloads even unchanged files");
+        f.write_cert(&b.0);
+        f.write_key(&b.1);
+        assert!(f.tls.check(true));
+        assert_eq!(f.serving(), der(&b.0));
+        assert_eq!(f.reloads("ok"), 2);
+    }
+
+    #[test]
+    fn load_errors_name_key_and_file() {
+        let (a, b) = (pair("a"), pair("b"));
+        let f = Fixture::new(&a);
+        let files = f.tls.files.clone();
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let snap = |cert: &str, key: &str| Snapshot {
+            cert: cert.as_bytes().to_vec(),
+            key: key.as_bytes().to_vec(),
+        };
+        let err = |s: Snapshot| match files.parse(&s, &provider) {
+            Ok(_) => panic!("should fail"),
+            Err(e) => e.to_string(),
+        };
+        let cert_path = files.cert.display().to_string();
+        let key_path = files.key.display().to_string();
+        let e = err(snap("", &a.1));
+        assert!(e.starts_with("tls.cert: ") && e.contains(&cert_path), "{e}");
+        let e = err(snap(&a.0, &a.0));
+        assert!(e.starts_with("tls.key: ") && e.contains(&key_path), "{e}");
+        let e = err(snap(&a.0, &b.1));
+        assert!(
+            e.contains("does not match") && e.contains(&cert_path) && e.contains(&key_path),
+            "{e}"
+        );
+        let broken_key = a.1.replace("PRIVATE KEY-----\n", "PRIVATE KEY-----\nAAAA");
+        let e = err(snap(&a.0, &broken_key));
+        assert!(e.starts_with("tls.key: "), "{e}");
+    }
+}
