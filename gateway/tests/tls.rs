@@ -644,3 +644,38 @@ async fn measure_handshake_rate() {
         }
     }
 }
+
+#[tokio::test]
+async fn sigterm_closes_wss_clients_with_1001() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let ca = Ca::new();
+    let tmp = TempDir::new("drain");
+    let issued = ca.issue("drain", KeyKind::EcdsaP256);
+    let (cert, key) = write_pair(&tmp.0, &issued);
+    let mut gw = Pubgate::start_tls(&cert, &key, &[], &[("PUBGATE__DRAIN__GRACE", "3s")]);
+    let client = ca.client_config(&[]);
+    let (mut ws, _) = wss_connect(gw.addr, &client).await;
+    subscribe(&mut ws, "drain").await;
+
+    // SAFETY: signalling our own child process by its pid.
+    assert_eq!(unsafe { libc::kill(gw.pid() as i32, libc::SIGTERM) }, 0);
+    let close = tokio::time::timeout(WAIT, async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Close(frame)) = msg {
+                return frame;
+            }
+        }
+        None
+    })
+    .await
+    .expect("a close frame within the wait")
+    .expect("the close frame has a code");
+    assert_eq!(u16::from(close.code), 1001);
+    eventually("the node to exit", || {
+        let running = gw.is_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+}
