@@ -157,9 +157,9 @@ pub struct BrokerSettings {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
-    /// PEM certificate chain.
+    /// PEM certificate chain, leaf first. Reloaded when the file changes.
     pub cert: Option<PathBuf>,
-    /// PEM private key.
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Reloaded when the file changes.
     pub key: Option<PathBuf>,
 }
 
@@ -374,8 +374,10 @@ impl Settings {
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");
         }
-        if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return invalid("tls.cert", "tls.cert and tls.key must be set together");
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return invalid("tls.key", "must be set when tls.cert is set"),
+            (None, Some(_)) => return invalid("tls.cert", "must be set when tls.key is set"),
+            _ => {}
         }
         match self.broker.kind {
             BrokerKind::Memory => {}
@@ -385,9 +387,6 @@ impl Settings {
                     "the Redis brokers are not built yet in this version; use \"memory\"",
                 );
             }
-        }
-        if self.tls.cert.is_some() {
-            return invalid("tls.cert", "TLS is not built yet in this version");
         }
         if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
             return invalid(

@@ -21,6 +21,7 @@ use crate::http_api::{self, Body};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
 use crate::session::{self, Route};
+use crate::tls::{self, TlsTerminator};
 
 /// A byte stream a connection can be served on, and how to split it for the session's reader and
 /// writer tasks.
@@ -31,6 +32,17 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Write: AsyncWrite + Unpin + Send + 'static;
     /// Splits the stream.
     fn split(self) -> (Self::Read, Self::Write);
+}
+
+/// TLS connections split through tokio's lock-based `split`: a TLS session has one state for both
+/// directions, so the halves cannot be separated like a socket's. Each poll holds the lock only
+/// briefly, and the session's writer flushes after every batch, so nothing waits in rustls' buffer.
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
 }
 
 impl Transport for TcpStream {
@@ -55,7 +67,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let main_addr = settings.server.listen;
     let metrics_addr = settings.server.metrics_listen;
     let drain = settings.drain.clone();
+    tls::install_default_provider();
     let node = Node::new(settings)?;
+    // Loaded before binding, so a bad certificate fails start-up before anything listens.
+    let tls = TlsTerminator::from_settings(&node.settings, node.metrics.clone())?;
+    if let Some(tls) = &tls {
+        tls.spawn_reloader();
+    }
 
     let main = TcpListener::bind(main_addr)
         .await
@@ -74,11 +92,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(l) = &metrics_listener {
         println!("pubgate metrics listening on {}", l.local_addr()?);
     }
-    tracing::info!(addr = %main_local, broker = ?node.settings.broker.kind, "listening");
+    tracing::info!(
+        addr = %main_local,
+        broker = ?node.settings.broker.kind,
+        tls = tls.is_some(),
+        "listening"
+    );
 
-    tokio::spawn(accept_loop(node.clone(), main, Listener::Main));
+    tokio::spawn(accept_loop(node.clone(), main, Listener::Main, tls));
     if let Some(l) = metrics_listener {
-        tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics));
+        // The metrics listener stays plain: it is meant for a private network (Prometheus, probes).
+        tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics, None));
     }
 
     shutdown_signal().await;
@@ -120,7 +144,13 @@ async fn shutdown_signal() {
 }
 
 /// Accepts until the node drains (the metrics listener keeps going so probes see the drain).
-async fn accept_loop(node: Arc<Node>, listener: TcpListener, which: Listener) {
+/// With `tls`, each connection's TLS handshake runs in that connection's task.
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: TcpListener,
+    which: Listener,
+    tls: Option<Arc<TlsTerminator>>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -129,7 +159,19 @@ async fn accept_loop(node: Arc<Node>, listener: TcpListener, which: Listener) {
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(node.clone(), stream, which));
+                match &tls {
+                    None => {
+                        tokio::spawn(serve(node.clone(), stream, which));
+                    }
+                    Some(tls) => {
+                        let (node, tls) = (node.clone(), tls.clone());
+                        tokio::spawn(async move {
+                            if let Some(stream) = tls.accept(stream).await {
+                                serve(node, stream, which).await;
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors (or similar): back off instead of spinning on accept.
