@@ -9,6 +9,8 @@
 #   --quick       small and short: a smoke run of every scenario (about a minute)
 #   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,churn
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
+#   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
+#                 builds, so they are scheduled first; negative values need root)
 #
 # Everything targets 127.0.0.1 only and every run is bounded in connections and time.
 # See docs/benchmarks.md for what each scenario measures and the numbers of the last full run.
@@ -19,13 +21,15 @@ OUT="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
 ONLY="memory,limit,cpu40k,p99at20k,step,churn"
 CHARTS=""
+NICE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) OUT="$2"; shift 2 ;;
     --quick) QUICK=1; shift ;;
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --nice) NICE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -49,7 +53,7 @@ SERVER_ADDR=""
 
 start_server() { # env assignments for the server as arguments
   local log="$OUT/server-$1.log"; shift
-  env "$@" PUBGATE__LOG__LEVEL=warn "$PUBGATE" --listen 127.0.0.1:0 >"$log.out" 2>"$log.err" &
+  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 >"$log.out" 2>"$log.err" &
   SERVER_PID=$!
   for _ in $(seq 1 100); do
     SERVER_ADDR="$(sed -n 's/^pubgate listening on //p' "$log.out" 2>/dev/null || true)"
@@ -81,7 +85,7 @@ trap stop_server EXIT
 
 run() { # name, then loadtest arguments
   local name="$1"; shift
-  local cmd=("$LT" "$@" --url "ws://$SERVER_ADDR/ws" --server-pid "$SERVER_PID" --json "$OUT/$name.json")
+  local cmd=(nice -n "$NICE" "$LT" "$@" --url "ws://$SERVER_ADDR/ws" --server-pid "$SERVER_PID" --json "$OUT/$name.json")
   echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
   echo "== $name: ${cmd[*]}" >&2
   "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
@@ -145,7 +149,7 @@ fi
 if [[ -n "$CHARTS" ]]; then
   shopt -s nullglob
   inputs=()
-  for f in "$OUT"/connect-[0-9]*.json "$OUT"/step.json "$OUT"/fanout-*.json; do
+  for f in "$OUT"/connect-[0-9]*.json "$OUT"/step.json; do
     inputs+=(--input "$f")
   done
   if [[ ${#inputs[@]} -gt 0 ]]; then

@@ -38,7 +38,7 @@ pub struct MemPoint {
 /// One point of the latency chart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LatPoint {
-    /// Delivered per second.
+    /// Offered deliveries per second (publish rate × subscribers per topic).
     pub rate: f64,
     /// p50, ms.
     pub p50: f64,
@@ -55,7 +55,9 @@ pub fn points(reports: &[Report]) -> (Vec<MemPoint>, Vec<LatPoint>) {
     let lat_of = |phase: &serde_json::Value| -> Option<LatPoint> {
         let l = &phase["latency"];
         Some(LatPoint {
-            rate: phase["deliveries_per_s"].as_f64()?,
+            rate: phase["offered_delivery_rate"]
+                .as_f64()
+                .or_else(|| phase["deliveries_per_s"].as_f64())?,
             p50: l["p50_us"].as_f64()? / 1000.0,
             p99: l["p99_us"].as_f64()? / 1000.0,
             p999: l["p999_us"].as_f64()? / 1000.0,
@@ -118,6 +120,7 @@ pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .x_desc("idle subscribed connections")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("KiB per connection")
         .draw()
         .map_err(draw_err)?;
@@ -179,7 +182,7 @@ pub fn latency_chart(path: &Path, lat: &[LatPoint]) -> anyhow::Result<()> {
     let ymin = lat.iter().map(|p| p.p50).fold(1.0, f64::min).max(0.01) * 0.7;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "pubgate: end-to-end latency vs delivery rate (one node, 256 B payloads)",
+            "pubgate: end-to-end latency vs offered rate (one node)",
             ("sans-serif", 20),
         )
         .margin(15)
@@ -189,7 +192,8 @@ pub fn latency_chart(path: &Path, lat: &[LatPoint]) -> anyhow::Result<()> {
         .map_err(draw_err)?;
     chart
         .configure_mesh()
-        .x_desc("deliveries per second")
+        .x_desc("offered deliveries per second (publish rate x subscribers per topic)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("latency, ms (log)")
         .draw()
         .map_err(draw_err)?;

@@ -682,7 +682,7 @@ async fn churn_loop(
         let node = spec.nodes[node_i].clone();
         let topic = spec.topics[topic_i].clone();
         let src = spec.src_ips[i % spec.src_ips.len()];
-        let (rec, stop, timeout) = (rec.clone(), stop.child_token(), spec.timeout);
+        let (rec, timeout) = (rec.clone(), spec.timeout);
         let leave = if (i + 1) % drop_every == 0 {
             Leave::Drop
         } else {
@@ -695,7 +695,7 @@ async fn churn_loop(
                 Ok(conn) => {
                     let timing = conn.timing;
                     let until = Some((tokio::time::Instant::now() + life, leave));
-                    let r = ws::receive(conn, topic, rec, stop, until).await;
+                    let r = ws::receive(conn, topic, rec, until).await;
                     (node_i, topic_i, Ok((timing, r.end)))
                 }
                 Err(e) => (node_i, topic_i, Err(e)),

@@ -179,7 +179,8 @@ pub struct Ramped {
 }
 
 /// Opens `spec.count` connections at `spec.rate` per second and leaves each receiving into `rec`
-/// until `stop`. Returns when every setup finished (or timed out).
+/// until [`join_all`] stops them; `stop` ends the ramp early. Returns when every setup finished
+/// (or timed out).
 pub async fn ramp(
     spec: &RampSpec,
     rec: Arc<Recorder>,
@@ -215,13 +216,7 @@ pub async fn ramp(
         } else {
             Some(spec.src_ips[k % spec.src_ips.len()])
         };
-        let (acc, rec, stop, bar, timeout) = (
-            acc.clone(),
-            rec.clone(),
-            stop.child_token(),
-            bar.clone(),
-            spec.timeout,
-        );
+        let (acc, rec, bar, timeout) = (acc.clone(), rec.clone(), bar.clone(), spec.timeout);
         let handle = tokio::spawn(async move {
             let opened = ws::open(&node, src, &topic, timeout).await;
             {
@@ -249,7 +244,7 @@ pub async fn ramp(
             drop(permit);
             bar.inc(1);
             let conn = opened.ok()?;
-            Some(ws::receive(conn, topic, rec, stop, None).await)
+            Some(ws::receive(conn, topic, rec, None).await)
         });
         live.push(Live {
             node: node_i,
@@ -270,14 +265,19 @@ pub async fn ramp(
     }
 }
 
-/// How the receive loops ended, by reason.
+/// Stops every receive loop still running and tells how they ended, by reason.
 pub async fn join_all(live: Vec<Live>, limit: Duration) -> BTreeMap<String, u64> {
     let mut ends: BTreeMap<String, u64> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + limit;
+    for l in &live {
+        // A loop that already ended keeps its result; aborting a finished task does nothing.
+        l.handle.abort();
+    }
     for l in live {
         let label = match tokio::time::timeout_at(deadline, l.handle).await {
             Ok(Ok(Some(r))) => end_label(&r.end),
             Ok(Ok(None)) => continue,
+            Ok(Err(e)) if e.is_cancelled() => "stopped".to_string(),
             Ok(Err(_)) => "panicked".to_string(),
             Err(_) => "not_stopped".to_string(),
         };

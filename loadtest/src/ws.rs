@@ -12,7 +12,6 @@ use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_util::sync::CancellationToken;
 
 use crate::scan::{Kind, scan};
 use crate::stats::{Recorder, record};
@@ -313,7 +312,7 @@ pub async fn open(
 /// How a receive loop ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum End {
-    /// Told to stop.
+    /// Told to stop (its task was aborted).
     Stopped,
     /// Its time was up (churn); closed cleanly or dropped.
     Left,
@@ -340,84 +339,104 @@ pub enum Leave {
     Drop,
 }
 
-/// Reads until stopped, the deadline, or the server ends the connection, checking each message:
-/// the topic, its offset (or `s` when there is none) against the subscriber's tracker, and its
-/// latency (`t`) into the recorder.
+/// Reads until the deadline (if any) or the server ends the connection, checking each message: the
+/// topic, its offset (or `s` when there is none) against the subscriber's tracker, and its latency
+/// (`t`) into the recorder. Without a deadline the loop is a plain read loop (no `select!`, no
+/// timer) and is stopped by aborting its task.
 pub async fn receive(
     mut conn: Conn,
     topic: Arc<str>,
     rec: Arc<Recorder>,
-    stop: CancellationToken,
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
     let mut tracker = Tracker::new(conn.ack_offset);
-    let cancelled = stop.cancelled();
-    tokio::pin!(cancelled);
-    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let sleep = tokio::time::sleep_until(until.map_or(far, |u| u.0));
-    tokio::pin!(sleep);
-    let end = loop {
-        let frame = tokio::select! {
-            biased;
-            f = conn.ws.read_frame() => f,
-            _ = &mut cancelled => break End::Stopped,
-            _ = &mut sleep, if until.is_some() => {
-                if let Some((_, Leave::Close)) = until {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
-                        conn.ws.write_frame(Frame::close(1000, b"")),
-                    )
-                    .await;
-                }
-                break End::Left;
+    let end = match until {
+        None => loop {
+            let frame = conn.ws.read_frame().await;
+            if let Some(end) = on_frame(frame, &topic, &rec, &mut tracker) {
+                break end;
             }
-        };
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => break End::Failed(e.to_string()),
-        };
-        match frame.opcode {
-            OpCode::Text => {
-                let now = now_ns();
-                let s = scan(&frame.payload);
-                match s.kind {
-                    Kind::Message => {
-                        let seen = s.offset.or(s.s).map(|o| tracker.observe(o));
-                        let bad = s.topic != topic.as_bytes() || s.t.is_none() || seen.is_none();
-                        rec.with(|sh| {
-                            let c = &mut sh.counters;
-                            c.received += 1;
-                            c.last_recv_ns = now;
-                            match seen {
-                                Some(Seen::Duplicate) => c.duplicates += 1,
-                                Some(Seen::Late) => c.late += 1,
-                                Some(Seen::Gap(n)) => c.gaps += n,
-                                _ => {}
-                            }
-                            if bad {
-                                c.bad_frames += 1;
-                            }
-                            if let Some(t) = s.t {
-                                record(&mut sh.latency, now.saturating_sub(t));
-                            }
-                        });
+        },
+        Some((at, leave)) => {
+            let sleep = tokio::time::sleep_until(at);
+            tokio::pin!(sleep);
+            loop {
+                let frame = tokio::select! {
+                    biased;
+                    f = conn.ws.read_frame() => f,
+                    _ = &mut sleep => {
+                        if leave == Leave::Close {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                conn.ws.write_frame(Frame::close(1000, b"")),
+                            )
+                            .await;
+                        }
+                        break End::Left;
                     }
-                    Kind::Error => rec.with(|sh| sh.counters.errors += 1),
-                    _ => {}
+                };
+                if let Some(end) = on_frame(frame, &topic, &rec, &mut tracker) {
+                    break end;
                 }
             }
-            OpCode::Close => {
-                let code = if frame.payload.len() >= 2 {
-                    u16::from_be_bytes([frame.payload[0], frame.payload[1]])
-                } else {
-                    1005
-                };
-                break End::ServerClosed(code);
-            }
-            _ => {}
         }
     };
     Received { tracker, end }
+}
+
+/// Handles one read result; `Some` when the connection is over.
+#[inline]
+fn on_frame(
+    frame: Result<Frame<'_>, fastwebsockets::WebSocketError>,
+    topic: &str,
+    rec: &Recorder,
+    tracker: &mut Tracker,
+) -> Option<End> {
+    let frame = match frame {
+        Ok(f) => f,
+        Err(e) => return Some(End::Failed(e.to_string())),
+    };
+    match frame.opcode {
+        OpCode::Text => {
+            let now = now_ns();
+            let s = scan(&frame.payload);
+            match s.kind {
+                Kind::Message => {
+                    let seen = s.offset.or(s.s).map(|o| tracker.observe(o));
+                    let bad = s.topic != topic.as_bytes() || s.t.is_none() || seen.is_none();
+                    rec.with(|sh| {
+                        let c = &mut sh.counters;
+                        c.received += 1;
+                        c.last_recv_ns = now;
+                        match seen {
+                            Some(Seen::Duplicate) => c.duplicates += 1,
+                            Some(Seen::Late) => c.late += 1,
+                            Some(Seen::Gap(n)) => c.gaps += n,
+                            _ => {}
+                        }
+                        if bad {
+                            c.bad_frames += 1;
+                        }
+                        if let Some(t) = s.t {
+                            record(&mut sh.latency, now.saturating_sub(t));
+                        }
+                    });
+                }
+                Kind::Error => rec.with(|sh| sh.counters.errors += 1),
+                _ => {}
+            }
+            None
+        }
+        OpCode::Close => {
+            let code = if frame.payload.len() >= 2 {
+                u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+            } else {
+                1005
+            };
+            Some(End::ServerClosed(code))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
