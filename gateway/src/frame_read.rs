@@ -59,12 +59,13 @@ pub struct RawFrame {
     pub payload: BytesMut,
 }
 
-/// Why a frame could not be read.
+/// Why reading stopped: either a protocol violation (answer with this close code) or the peer went
+/// away (nothing to answer).
 #[derive(Debug, PartialEq, Eq)]
-pub enum FrameError {
-    /// The peer broke the protocol: close with this code and reason.
+pub enum ReadError {
+    /// Close with this code and reason.
     Violation(u16, &'static str),
-    /// The connection ended or failed.
+    /// The connection ended or failed; no close frame can be sent.
     Gone,
 }
 
@@ -86,7 +87,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Reads until `self.buf` holds at least `n` bytes.
-    async fn fill(&mut self, n: usize) -> Result<(), FrameError> {
+    async fn fill(&mut self, n: usize) -> Result<(), ReadError> {
         while self.buf.len() < n {
             let missing = n - self.buf.len();
             if self.buf.capacity() - self.buf.len() < missing {
@@ -94,7 +95,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(missing.max(MIN_BUFFER));
             }
             match self.io.read_buf(&mut self.buf).await {
-                Ok(0) | Err(_) => return Err(FrameError::Gone),
+                Ok(0) | Err(_) => return Err(ReadError::Gone),
                 Ok(_) => {}
             }
         }
@@ -103,17 +104,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Reads one frame. Not cancel-safe: bytes of a partly read frame stay in the buffer, but the
     /// future must be driven to completion (give it a task of its own).
-    pub async fn read(&mut self) -> Result<RawFrame, FrameError> {
+    pub async fn read(&mut self) -> Result<RawFrame, ReadError> {
         self.fill(2).await?;
         let (b0, b1) = (self.buf[0], self.buf[1]);
         let fin = b0 & 0x80 != 0;
         if b0 & 0x70 != 0 {
-            return Err(FrameError::Violation(1002, "reserved bits set"));
+            return Err(ReadError::Violation(1002, "reserved bits set"));
         }
         let opcode =
-            Opcode::from_bits(b0 & 0x0F).ok_or(FrameError::Violation(1002, "unknown opcode"))?;
+            Opcode::from_bits(b0 & 0x0F).ok_or(ReadError::Violation(1002, "unknown opcode"))?;
         if b1 & 0x80 == 0 {
-            return Err(FrameError::Violation(1002, "client frames must be masked"));
+            return Err(ReadError::Violation(1002, "client frames must be masked"));
         }
         let short_len = b1 & 0x7F;
         let ext = match short_len {
@@ -121,13 +122,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             127 => 8,
             _ => 0,
         };
-        if opcode.is_control() {
-            if !fin {
-                return Err(FrameError::Violation(1002, "fragmented control frame"));
-            }
-            if short_len > 125 {
-                return Err(FrameError::Violation(1002, "control frame too large"));
-            }
+        if opcode.is_control() && !fin {
+            return Err(ReadError::Violation(1002, "fragmented control frame"));
         }
         self.fill(2 + ext + 4).await?;
         let len = match ext {
@@ -139,8 +135,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 u64::from_be_bytes(b)
             }
         };
+        // The payload length counts, not its encoding: a 0-byte ping with a 16-bit length passes.
+        if opcode.is_control() && len > 125 {
+            return Err(ReadError::Violation(1002, "control frame too large"));
+        }
         if len > self.max_frame as u64 {
-            return Err(FrameError::Violation(1009, "message too large"));
+            return Err(ReadError::Violation(1009, "message too large"));
         }
         let len = len as usize;
         let mut mask = [0u8; 4];
@@ -187,7 +187,7 @@ mod tests {
         out
     }
 
-    async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<RawFrame, FrameError>> {
+    async fn read_all(bytes: Vec<u8>, max: usize) -> Vec<Result<RawFrame, ReadError>> {
         let (mut a, b) = tokio::io::duplex(1 << 20);
         a.write_all(&bytes).await.unwrap();
         drop(a);
@@ -221,7 +221,7 @@ mod tests {
                 .filter_map(|f| f.as_ref().ok())
                 .all(|f| f.payload.iter().all(|&b| b == 7))
         );
-        assert_eq!(got.last().unwrap().as_ref().unwrap_err(), &FrameError::Gone);
+        assert_eq!(got.last().unwrap().as_ref().unwrap_err(), &ReadError::Gone);
     }
 
     #[tokio::test]
@@ -235,27 +235,27 @@ mod tests {
         };
         assert_eq!(
             first_err(masked(0xC1, b"x"), 100).await,
-            FrameError::Violation(1002, "reserved bits set")
+            ReadError::Violation(1002, "reserved bits set")
         );
         assert_eq!(
             first_err(masked(0x83, b"x"), 100).await,
-            FrameError::Violation(1002, "unknown opcode")
+            ReadError::Violation(1002, "unknown opcode")
         );
         assert_eq!(
             first_err(masked(0x09, b"x"), 100).await,
-            FrameError::Violation(1002, "fragmented control frame")
+            ReadError::Violation(1002, "fragmented control frame")
         );
         assert_eq!(
             first_err(masked(0x89, &[0; 126]), 1000).await,
-            FrameError::Violation(1002, "control frame too large")
+            ReadError::Violation(1002, "control frame too large")
         );
         assert_eq!(
             first_err(masked(0x81, &[b'a'; 101]), 100).await,
-            FrameError::Violation(1009, "message too large")
+            ReadError::Violation(1009, "message too large")
         );
         assert_eq!(
             first_err(vec![0x81, 0x01, b'a'], 100).await,
-            FrameError::Violation(1002, "client frames must be masked")
+            ReadError::Violation(1002, "client frames must be masked")
         );
     }
 
