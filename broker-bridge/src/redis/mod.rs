@@ -125,6 +125,8 @@ struct Inner {
     /// Generation of the current subscription connection (a copy of `control`'s, readable without
     /// waiting).
     generation: std::sync::atomic::AtomicU64,
+    /// Generations handed out so far (one per connection attempt).
+    next_generation: std::sync::atomic::AtomicU64,
     /// Asks the subscription task to replace the subscription connection.
     kick: tokio::sync::Notify,
 }
@@ -170,6 +172,7 @@ impl RedisBroker {
             topics: Mutex::new(HashMap::new()),
             control: tokio::sync::Mutex::new(Control::default()),
             generation: std::sync::atomic::AtomicU64::new(0),
+            next_generation: std::sync::atomic::AtomicU64::new(0),
             kick: tokio::sync::Notify::new(),
         });
         tracing::info!(node = %inner.node_id, cluster = inner.names.is_cluster(), "Redis broker starting");

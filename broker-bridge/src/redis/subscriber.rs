@@ -29,12 +29,11 @@ const SUBSCRIBE_CHUNK: usize = 500;
 /// How often the task checks canaries and readiness.
 const TICK: Duration = Duration::from_millis(100);
 
-/// The subscription connection, guarded by `Inner::control`.
+/// The subscription connection, guarded by `Inner::control`. Its generation (pushes carry the
+/// generation of the connection they came from) is in `Inner::generation`.
 #[derive(Default)]
 pub struct Control {
     conn: Option<Conn>,
-    /// Generation of `conn`; pushes carry the generation of the connection they came from.
-    generation: u64,
 }
 
 /// What the node knows about one wanted topic.
@@ -156,9 +155,9 @@ impl Inner {
             if self.health.is_closed() {
                 return false;
             }
-            let mut control = self.control.lock().await;
-            control.conn = None;
-            let generation = control.generation + 1;
+            // Connect without holding the control lock, so subscribes meanwhile fail fast.
+            self.control.lock().await.conn = None;
+            let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
             let push_tx = tx.clone();
             let push: PushFn =
                 Box::new(move |info| push_tx.send((generation, info)).map_err(|_| ()));
@@ -171,9 +170,12 @@ impl Inner {
             .await;
             match connected {
                 Ok(Ok(mut conn)) => {
+                    // Subscribing everything and installing the connection happen under the lock:
+                    // a concurrent subscribe either is in the snapshot or sees the new connection.
+                    let mut control = self.control.lock().await;
                     let mut channels = vec![self.names.canary_channel(&self.node_id)];
                     channels.extend(lock(&self.topics).keys().map(|t| self.names.channel(t)));
-                    let subscribed = tokio::time::timeout(budget + self.timeouts.response, async {
+                    let subscribed = tokio::time::timeout(budget, async {
                         for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
                             conn.subscribe(chunk).await?;
                         }
@@ -183,7 +185,6 @@ impl Inner {
                     match subscribed {
                         Ok(Ok(())) => {
                             control.conn = Some(conn);
-                            control.generation = generation;
                             self.generation.store(generation, Ordering::Relaxed);
                             return true;
                         }
@@ -196,7 +197,6 @@ impl Inner {
                 }
                 Err(_) => tracing::debug!(attempt, "Redis subscription connection timed out"),
             }
-            drop(control);
             tokio::time::sleep(backoff(attempt)).await;
             attempt = attempt.saturating_add(1);
         }
