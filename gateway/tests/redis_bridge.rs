@@ -208,3 +208,62 @@ async fn metrics_report_the_broker_path() {
         Some(0.0)
     );
 }
+
+/// `PUBSUB NUMSUB` of one channel: how many connections (nodes) subscribe it.
+fn numsub(redis: &Redis, channel: &str) -> u64 {
+    let out = redis.cli(&["PUBSUB", "NUMSUB", channel]);
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected NUMSUB output {out:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_one_redis_subscription_per_watched_topic_and_drops_it_when_the_last_client_leaves()
+ {
+    let redis = Redis::start();
+    let nodes = nodes(&redis, 2).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let channel = "pubgate:count.demo";
+
+    let mut a1 = a.ws().await;
+    let mut a2 = a.ws().await;
+    let mut b1 = b.ws().await;
+    for ws in [&mut a1, &mut a2, &mut b1] {
+        assert_eq!(ws.subscribe("count.demo").await["op"], "ack");
+    }
+    assert_eq!(
+        numsub(&redis, channel),
+        2,
+        "one subscription per node, not per client"
+    );
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "pubgate:count.*"]);
+    assert_eq!(channels.trim(), channel);
+
+    // One of A's clients unsubscribes, the other just disconnects.
+    assert_eq!(a1.unsubscribe("count.demo").await["op"], "ack");
+    assert_eq!(numsub(&redis, channel), 2, "A still has a subscriber");
+    a2.close().await;
+    assert!(
+        eventually(Duration::from_secs(5), async || numsub(&redis, channel)
+            == 1)
+        .await,
+        "A drops its subscription when its last client leaves"
+    );
+    b1.close().await;
+    assert!(
+        eventually(Duration::from_secs(5), async || numsub(&redis, channel)
+            == 0)
+        .await,
+        "no node holds a subscription nobody wants"
+    );
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "pubgate:*"]);
+    assert!(
+        channels.lines().all(|c| c.starts_with("pubgate:#canary.")),
+        "only the canary channels are left: {channels:?}"
+    );
+    // And it comes back when someone subscribes again.
+    let mut again = b.ws().await;
+    assert_eq!(again.subscribe("count.demo").await["op"], "ack");
+    assert_eq!(numsub(&redis, channel), 1);
+}
