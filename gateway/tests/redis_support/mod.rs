@@ -635,3 +635,93 @@ pub fn node_id(node: &Node) -> String {
         })
         .unwrap_or_else(|| panic!("no node id in the log:\n{log}"))
 }
+
+/// A Redis Cluster of `masters` masters (no replicas), each its own `redis-server`.
+pub struct Cluster {
+    /// The masters.
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    /// Starts the servers and joins them with `redis-cli --cluster create`.
+    pub fn start(masters: usize) -> Cluster {
+        let nodes: Vec<Redis> = (0..masters)
+            .map(|_| {
+                let bus = free_port().to_string();
+                Redis::start_with(
+                    None,
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--cluster-port",
+                        &bus,
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = Command::new("redis-cli")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = nodes
+                .iter()
+                .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"));
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Cluster { nodes }
+    }
+
+    /// Comma-separated seeds, the `broker.url` of a `redis-cluster` node.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis://{}", seeds.join(","))
+    }
+
+    /// Runs `redis-cli -c` (following redirects) against the first node.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut full = vec!["-c"];
+        full.extend_from_slice(args);
+        self.nodes[0].cli(&full)
+    }
+
+    /// `PUBSUB SHARDNUMSUB channel` summed over all masters.
+    pub fn shard_numsub(&self, channel: &str) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let out = n.cli(&["PUBSUB", "SHARDNUMSUB", channel]);
+                out.lines()
+                    .nth(1)
+                    .and_then(|l| l.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+}
