@@ -14,6 +14,7 @@ use redis::{
     ProtocolVersion, PushInfo, RedisError, RedisResult, ScriptInvocation, ToRedisArgs,
 };
 
+use super::sentinel::{self, SentinelTarget};
 use crate::BrokerError;
 
 /// Connection and response time limits for every connection the broker opens.
@@ -26,7 +27,7 @@ pub struct Timeouts {
 }
 
 /// How to reach Redis, parsed from `broker.url`.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Target {
     /// One server (`redis://` / `rediss://`).
     Single(ConnectionInfo),
@@ -36,24 +37,8 @@ pub enum Target {
     Cluster(Vec<ConnectionInfo>),
 }
 
-/// The parts of a Sentinel URL.
-#[derive(Clone, Debug)]
-pub struct SentinelTarget {
-    /// `redis` or `rediss`: used for the sentinels and the master alike.
-    scheme: &'static str,
-    /// `user:password@` for the master (and replicas), possibly empty.
-    userinfo: String,
-    /// The logical database on the master.
-    db: i64,
-    /// URL fragment/query passed on to the master URL (e.g. `#insecure`).
-    suffix: String,
-    /// The sentinels.
-    sentinels: Vec<ConnectionInfo>,
-    /// The monitored master's name.
-    master: String,
-}
-
-fn config_error(what: &str, e: impl std::fmt::Display) -> BrokerError {
+/// A configuration error with context.
+pub fn config_error(what: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Config(format!("{what}: {e}"))
 }
 
@@ -71,10 +56,10 @@ impl Target {
             return Err(BrokerError::Config("the Redis URL is empty".into()));
         }
         if let Some(rest) = url.strip_prefix("redis+sentinel://") {
-            return sentinel(rest, "redis", cluster);
+            return sentinel::parse(rest, "redis", cluster);
         }
         if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
-            return sentinel(rest, "rediss", cluster);
+            return sentinel::parse(rest, "rediss", cluster);
         }
         if !cluster {
             if url.contains(',') {
@@ -172,122 +157,12 @@ impl Target {
     }
 }
 
-fn sentinel(rest: &str, scheme: &'static str, cluster: bool) -> Result<Target, BrokerError> {
-    if cluster {
-        return Err(BrokerError::Config(
-            "a Sentinel URL cannot be used with broker.kind = \"redis-cluster\"".into(),
-        ));
-    }
-    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let (main, fragment) = main.split_once('#').unwrap_or((main, ""));
-    let (authority, path) = main.split_once('/').unwrap_or((main, ""));
-    let (userinfo, hosts) = match authority.rsplit_once('@') {
-        Some((u, h)) => (format!("{u}@"), h),
-        None => (String::new(), authority),
-    };
-    let mut parts = path.split('/').filter(|s| !s.is_empty());
-    let master = parts
-        .next()
-        .ok_or_else(|| BrokerError::Config("the Sentinel URL needs the master name as its path: redis+sentinel://host:port/mymaster".into()))?
-        .to_string();
-    let db = match parts.next() {
-        Some(db) => db
-            .parse()
-            .map_err(|e| config_error("invalid database number in the Sentinel URL", e))?,
-        None => 0,
-    };
-    let mut sentinel_userinfo = String::new();
-    let (mut s_user, mut s_pass) = (String::new(), String::new());
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("sentinel_username", v)) => s_user = v.to_string(),
-            Some(("sentinel_password", v)) => s_pass = v.to_string(),
-            _ => {
-                return Err(BrokerError::Config(format!(
-                    "unknown Sentinel URL option {pair:?} (known: sentinel_username, sentinel_password)"
-                )));
-            }
-        }
-    }
-    if !s_user.is_empty() || !s_pass.is_empty() {
-        sentinel_userinfo = format!("{s_user}:{s_pass}@");
-    }
-    let suffix = if fragment.is_empty() {
-        String::new()
-    } else {
-        format!("#{fragment}")
-    };
-    let mut sentinels = Vec::new();
-    for host in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
-        let url = format!("{scheme}://{sentinel_userinfo}{host}{suffix}");
-        sentinels.push(
-            url.as_str()
-                .into_connection_info()
-                .map_err(|e| config_error("invalid sentinel address", e))?,
-        );
-    }
-    if sentinels.is_empty() {
-        return Err(BrokerError::Config(
-            "the Sentinel URL names no sentinel".into(),
-        ));
-    }
-    Ok(Target::Sentinel(SentinelTarget {
-        scheme,
-        userinfo,
-        db,
-        suffix,
-        sentinels,
-        master,
-    }))
-}
-
-impl SentinelTarget {
-    /// Asks the sentinels, in turn, where the master is now.
-    async fn resolve_master(&self, timeouts: Timeouts) -> RedisResult<ConnectionInfo> {
-        let mut last_error = None;
-        for info in &self.sentinels {
-            let attempt = async {
-                let mut conn = connect_single(info.clone(), timeouts, None).await?;
-                let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(&self.master)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok::<_, RedisError>(addr)
-            };
-            match attempt.await {
-                Ok(Some((host, port))) => {
-                    let host = if host.contains(':') {
-                        format!("[{host}]")
-                    } else {
-                        host
-                    };
-                    let url = format!(
-                        "{}://{}{}:{}/{}{}",
-                        self.scheme, self.userinfo, host, port, self.db, self.suffix
-                    );
-                    return url.as_str().into_connection_info();
-                }
-                Ok(None) => {
-                    last_error = Some(RedisError::from((
-                        redis::ErrorKind::MasterNameNotFoundBySentinel,
-                        "sentinel does not know the master name",
-                    )));
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        Err(last_error.unwrap_or_else(|| {
-            RedisError::from((redis::ErrorKind::EmptySentinelList, "no sentinel"))
-        }))
-    }
-}
-
 /// A push sink for one connection: a closure that forwards pushes tagged with the connection's
 /// generation.
 pub type PushFn = Box<dyn Fn(PushInfo) -> Result<(), ()> + Send + Sync>;
 
-async fn connect_single(
+/// Opens one connection to one server.
+pub async fn connect_single(
     info: ConnectionInfo,
     timeouts: Timeouts,
     push: Option<PushFn>,
@@ -410,18 +285,11 @@ mod tests {
         };
         assert_eq!(seeds.len(), 2);
         assert_eq!(seeds[1].redis_settings().password(), Some("pw"));
-        let Ok(Target::Sentinel(s)) = Target::parse(
-            "redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/1?sentinel_password=sp",
-            false,
-        ) else {
-            panic!("sentinel");
-        };
-        assert_eq!(s.master, "mymaster");
-        assert_eq!(s.db, 1);
-        assert_eq!(s.sentinels.len(), 2);
-        assert_eq!(s.sentinels[0].redis_settings().password(), Some("sp"));
-        assert!(Target::parse("redis+sentinel://127.0.0.1:26379", false).is_err());
-        assert!(Target::parse("redis+sentinel://h:1/m?bogus=1", false).is_err());
+        assert!(matches!(
+            Target::parse("redis+sentinel://127.0.0.1:26379/mymaster", false),
+            Ok(Target::Sentinel(_))
+        ));
+        assert!(Target::parse("redis+sentinel://127.0.0.1:26379/mymaster", true).is_err());
         assert!(Target::parse("", false).is_err());
     }
 }

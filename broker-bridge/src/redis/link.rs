@@ -148,6 +148,16 @@ impl CmdLink {
         }
     }
 
+    /// Drops the current connection (whatever its state) and reconnects, e.g. because the master
+    /// moved.
+    pub fn reset(self: &Arc<Self>) {
+        let mut s = lock(&self.state);
+        if s.conn.take().is_some() {
+            self.health.cmd_up.store(false, Ordering::Relaxed);
+        }
+        self.start_connecting(&mut s);
+    }
+
     fn start_connecting(self: &Arc<Self>, s: &mut LinkState) {
         if s.connecting || self.health.is_closed() {
             return;

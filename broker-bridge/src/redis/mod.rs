@@ -16,6 +16,7 @@
 mod conn;
 mod link;
 mod scripts;
+mod sentinel;
 mod subscriber;
 pub mod wire;
 
@@ -101,7 +102,7 @@ impl RedisConfig {
 /// Dropping the broker stops its background tasks.
 pub struct RedisBroker {
     inner: Arc<Inner>,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// State shared by the broker's methods and its subscription task.
@@ -176,8 +177,21 @@ impl RedisBroker {
             kick: tokio::sync::Notify::new(),
         });
         tracing::info!(node = %inner.node_id, cluster = inner.names.is_cluster(), "Redis broker starting");
-        let task = tokio::spawn(subscriber::run(inner.clone()));
-        Ok(RedisBroker { inner, task })
+        let mut tasks = vec![tokio::spawn(subscriber::run(inner.clone()))];
+        if let Target::Sentinel(_) = &*inner.target {
+            let watcher = inner.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Target::Sentinel(s) = &*watcher.target {
+                    s.watch(watcher.timeouts, || {
+                        // Drop both connections now; they reconnect to the new master.
+                        watcher.cmd.reset();
+                        watcher.kick.notify_one();
+                    })
+                    .await;
+                }
+            }));
+        }
+        Ok(RedisBroker { inner, tasks })
     }
 
     /// This node's id in Redis: its connections are named `pubgate-cmd-<id>` and `pubgate-sub-<id>`
@@ -190,7 +204,9 @@ impl RedisBroker {
 impl Drop for RedisBroker {
     fn drop(&mut self) {
         self.inner.health.closed.store(true, Ordering::Relaxed);
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 

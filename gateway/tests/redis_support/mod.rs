@@ -725,3 +725,99 @@ impl Cluster {
             .sum()
     }
 }
+
+/// A master, one replica and one Sentinel watching them as `mymaster`.
+pub struct SentinelSet {
+    /// The initial master.
+    pub master: Redis,
+    /// The initial replica.
+    pub replica: Redis,
+    /// The sentinel's port.
+    pub sentinel_port: u16,
+    child: Option<Child>,
+    _dir: TempDir,
+}
+
+impl SentinelSet {
+    /// Starts master, replica and sentinel and waits until the sentinel knows the replica.
+    pub fn start() -> SentinelSet {
+        let master = Redis::start();
+        let mport = master.port.to_string();
+        let replica = Redis::start_with(None, &["--replicaof", "127.0.0.1", &mport]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !replica
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up")
+        {
+            assert!(Instant::now() < deadline, "replica did not sync");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let dir = TempDir::new("sentinel");
+        let port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\nprotected-mode no\ndir {}\nlogfile {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {mport} 1\n\
+                 sentinel down-after-milliseconds mymaster 2000\n\
+                 sentinel failover-timeout mymaster 10000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.0.display(),
+                dir.join("sentinel.log").display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server --sentinel");
+        let set = SentinelSet {
+            master,
+            replica,
+            sentinel_port: port,
+            child: Some(child),
+            _dir: dir,
+        };
+        let rport = set.replica.port.to_string();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let replicas = set.sentinel(&["SENTINEL", "REPLICAS", "mymaster"]);
+            if replicas.contains(&rport) && !replicas.contains("s_down") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sentinel did not find the replica: {replicas}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        set
+    }
+
+    /// Runs `redis-cli` against the sentinel.
+    pub fn sentinel(&self, args: &[&str]) -> String {
+        cli_output(self.sentinel_port, None, args).unwrap_or_default()
+    }
+
+    /// The `broker.url` for nodes: `redis+sentinel://127.0.0.1:<sentinel>/mymaster`.
+    pub fn url(&self) -> String {
+        format!("redis+sentinel://127.0.0.1:{}/mymaster", self.sentinel_port)
+    }
+
+    /// The port Sentinel currently names as master.
+    pub fn master_port(&self) -> Option<u16> {
+        let out = self.sentinel(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", "mymaster"]);
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        kill(&mut self.child);
+    }
+}
