@@ -186,14 +186,22 @@ impl CmdLink {
                     tracing::info!("Redis command connection established");
                     return;
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, attempt, "Redis command connection failed")
-                }
-                Err(_) => tracing::debug!(attempt, "Redis command connection timed out"),
+                Ok(Err(e)) => log_attempt(attempt, "command", &e.to_string()),
+                Err(_) => log_attempt(attempt, "command", "timed out"),
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt = attempt.saturating_add(1);
         }
+    }
+}
+
+/// Logs a failed connection attempt: the first and every tenth at `warn` (so a wrong password or
+/// an unreachable Redis is visible without flooding the log), the rest at `debug`.
+pub fn log_attempt(attempt: u32, which: &str, error: &str) {
+    if attempt.is_multiple_of(10) {
+        tracing::warn!(attempt, error, "Redis {which} connection failed; retrying");
+    } else {
+        tracing::debug!(attempt, error, "Redis {which} connection failed; retrying");
     }
 }
 

@@ -18,7 +18,7 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::conn::{Conn, PushFn, broker_error};
-use super::link::{backoff, lock};
+use super::link::{backoff, lock, log_attempt};
 use super::{Inner, wire};
 use crate::{BrokerError, Message, Position};
 
@@ -192,10 +192,8 @@ impl Inner {
                         Err(_) => tracing::warn!("Redis resubscribe timed out"),
                     }
                 }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, attempt, "Redis subscription connection failed")
-                }
-                Err(_) => tracing::debug!(attempt, "Redis subscription connection timed out"),
+                Ok(Err(e)) => log_attempt(attempt, "subscription", &e.to_string()),
+                Err(_) => log_attempt(attempt, "subscription", "timed out"),
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt = attempt.saturating_add(1);
