@@ -22,12 +22,15 @@ state="$dir/state"
 
 die() { echo "local-cluster: $*" >&2; exit 1; }
 
-# A loopback port nobody listens on and that this run has not handed out yet.
+# A loopback port nobody listens on and that this run has not handed out yet, taken below the
+# kernel's ephemeral range so an outgoing connection cannot grab it between the check and the bind.
 used_ports=" "
+eph_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+(( eph_low > 12000 )) || eph_low=32768
 free_port() {
   local p tries=0
   while (( tries < 200 )); do
-    p=$(( 20000 + RANDOM % 40000 ))
+    p=$(( 10000 + RANDOM % (eph_low - 10000) ))
     tries=$(( tries + 1 ))
     [[ "$used_ports" == *" $p "* ]] && continue
     if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then

@@ -112,3 +112,45 @@ async fn three_nodes_on_a_cluster_deliver_every_message_once_in_order() {
         assert!(node.is_ready().await);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_sharded_subscriptions_are_restored_on_every_master() {
+    let cluster = Cluster::start(3);
+    let node = Node::redis("redis-cluster", &cluster.url(), &[]);
+    let publisher = Node::redis("redis-cluster", &cluster.url(), &[]);
+    node.wait_ready(READY).await;
+    publisher.wait_ready(READY).await;
+    let topics = ["k.alpha", "k.beta", "k.gamma", "k.delta", "k.epsilon"];
+    let mut clients = Vec::new();
+    for topic in topics {
+        let mut ws = node.ws().await;
+        assert_eq!(ws.subscribe(topic).await["op"], "ack");
+        clients.push(ws);
+    }
+    // Kill the node's sharded-subscription connections on every master at once.
+    for master in &cluster.nodes {
+        master.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    }
+    assert!(
+        eventually(READY, async || {
+            node.metric("pubgate_broker_reconnects_total").await >= Some(1.0)
+                && node.is_ready().await
+        })
+        .await,
+        "node did not restore its subscriptions:\n{}",
+        node.log()
+    );
+    for topic in topics {
+        let channel = format!("pubgate:{{{topic}}}");
+        assert_eq!(cluster.shard_numsub(&channel), 1, "{channel}");
+        let (status, body) = publisher.publish(topic, r#"{"after":"kill"}"#).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for (ws, topic) in clients.iter_mut().zip(topics) {
+        let m = ws
+            .next_message(Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|| panic!("{topic} not delivered after the kill"));
+        assert_eq!(m["data"], json!({"after":"kill"}));
+    }
+}

@@ -157,6 +157,9 @@ impl Target {
     }
 }
 
+/// Channels per `SUBSCRIBE` when subscribing many at once on a single server.
+const SUBSCRIBE_BATCH: usize = 500;
+
 /// A push sink for one connection: a closure that forwards pushes tagged with the connection's
 /// generation.
 pub type PushFn = Box<dyn Fn(PushInfo) -> Result<(), ()> + Send + Sync>;
@@ -219,6 +222,35 @@ impl Conn {
         match self {
             Conn::Single(c) => c.subscribe(channels).await,
             Conn::Cluster(c) => c.ssubscribe(channels).await,
+        }
+    }
+
+    /// Subscribes many channels: in batches on a single server; one `SSUBSCRIBE` per channel on a
+    /// cluster (a sharded subscribe must stay within one slot), a few in flight at a time.
+    pub async fn subscribe_all(&mut self, channels: &[String]) -> RedisResult<()> {
+        use futures_util::{StreamExt, TryStreamExt};
+        match self {
+            Conn::Single(c) => {
+                for chunk in channels.chunks(SUBSCRIBE_BATCH) {
+                    c.subscribe(chunk).await?;
+                }
+                Ok(())
+            }
+            Conn::Cluster(c) => {
+                // Owned futures (no borrow of `channels`), so the caller's future stays `Send`.
+                let subscribes: Vec<_> = channels
+                    .iter()
+                    .map(|ch| {
+                        let (mut c, ch) = (c.clone(), ch.clone());
+                        async move { c.ssubscribe(ch).await }
+                    })
+                    .collect();
+                futures_util::stream::iter(subscribes)
+                    .buffer_unordered(32)
+                    .try_collect::<Vec<()>>()
+                    .await?;
+                Ok(())
+            }
         }
     }
 

@@ -17,15 +17,13 @@ use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
-use super::conn::{Conn, PushFn, broker_error};
+use super::conn::{Conn, PushFn, broker_error, is_connection_error};
 use super::link::{backoff, lock, log_attempt};
 use super::{Inner, wire};
 use crate::{BrokerError, Message, Position};
 
 /// How many messages a gap fill asks history for, per topic.
 const MAX_FILL: usize = 10_000;
-/// Channels per `SUBSCRIBE` when resubscribing many topics.
-const SUBSCRIBE_CHUNK: usize = 500;
 /// How often the task checks canaries and readiness.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -63,6 +61,11 @@ impl Inner {
             tokio::time::timeout(self.config.command_timeout, conn.subscribe(&channel)).await;
         let error = match result {
             Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if !is_connection_error(&e) => {
+                // Refused (e.g. an ACL without this channel): the connection itself is fine.
+                lock(&self.topics).remove(topic);
+                return Err(broker_error(e));
+            }
             Ok(Err(e)) => broker_error(e),
             Err(_) => {
                 BrokerError::Unavailable("Redis did not confirm the subscription in time".into())
@@ -175,13 +178,8 @@ impl Inner {
                     let mut control = self.control.lock().await;
                     let mut channels = vec![self.names.canary_channel(&self.node_id)];
                     channels.extend(lock(&self.topics).keys().map(|t| self.names.channel(t)));
-                    let subscribed = tokio::time::timeout(budget, async {
-                        for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
-                            conn.subscribe(chunk).await?;
-                        }
-                        Ok::<_, redis::RedisError>(())
-                    })
-                    .await;
+                    let subscribed =
+                        tokio::time::timeout(budget, conn.subscribe_all(&channels)).await;
                     match subscribed {
                         Ok(Ok(())) => {
                             control.conn = Some(conn);

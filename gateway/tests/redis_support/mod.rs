@@ -21,8 +21,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-/// A free loopback port (bound, read, released).
+/// A free loopback port for a server a test starts. Taken below the kernel's ephemeral range (and
+/// checked by binding it), so an outgoing connection cannot grab it before the server binds it.
 pub fn free_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|low| *low > 12_000)
+        .unwrap_or(32_768);
+    for _ in 0..1000 {
+        let port = 10_000 + rand::random::<u16>() % (low - 10_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
 }
