@@ -86,7 +86,8 @@ pub struct Server {
     pub echo_path: Option<String>,
     /// WebSocket connections this node holds at most; upgrades past it get 503.
     pub max_connections: usize,
-    /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake).
+    /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake), and
+    /// again to send a request body.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
     /// How often the server pings an idle client.
@@ -172,9 +173,9 @@ pub struct BrokerSettings {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
-    /// PEM certificate chain.
+    /// PEM certificate chain, leaf first. Reloaded when the file changes.
     pub cert: Option<PathBuf>,
-    /// PEM private key.
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1). Reloaded when the file changes.
     pub key: Option<PathBuf>,
 }
 
@@ -204,6 +205,9 @@ pub struct Drain {
     /// Total time from SIGTERM to exit.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// How long the node stays up, not ready but still serving, before it closes clients.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
 }
 
 /// `[history]`
@@ -287,6 +291,7 @@ api_keys = []
 
 [drain]
 grace = "30s"
+delay = "0s"
 
 [history]
 size = 0
@@ -389,8 +394,10 @@ impl Settings {
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");
         }
-        if self.tls.cert.is_some() != self.tls.key.is_some() {
-            return invalid("tls.cert", "tls.cert and tls.key must be set together");
+        match (&self.tls.cert, &self.tls.key) {
+            (Some(_), None) => return invalid("tls.key", "must be set when tls.cert is set"),
+            (None, Some(_)) => return invalid("tls.cert", "must be set when tls.key is set"),
+            _ => {}
         }
         match self.broker.kind {
             BrokerKind::Memory => {}
@@ -434,14 +441,14 @@ impl Settings {
                 "must be longer than broker.canary_interval",
             );
         }
-        if self.tls.cert.is_some() {
-            return invalid("tls.cert", "TLS is not built yet in this version");
-        }
         if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
             return invalid(
                 "auth.jwt_secret",
                 "JWT auth is not built yet in this version",
             );
+        }
+        if self.drain.delay >= self.drain.grace {
+            return invalid("drain.delay", "must be shorter than drain.grace");
         }
         if self.history.size > 1_000_000 {
             return invalid("history.size", "must be at most 1000000");
@@ -540,6 +547,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("broker.canary_timeout"), "{e}");
+    }
+
+    #[test]
+    fn example_file_loads_and_matches_defaults() {
+        let example = include_str!("../../deploy/pubgate.example.toml");
+        let from_example = load_toml(example).unwrap();
+        let defaults = load_toml("").unwrap();
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
     }
 
     #[test]

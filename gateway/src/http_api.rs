@@ -74,7 +74,11 @@ pub fn metrics(node: &Node) -> Response<Body> {
 }
 
 /// Reads a request body of at most `limit` bytes.
-async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusal> {
+async fn read_body(
+    req: Request<Incoming>,
+    limit: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, Refusal> {
     let too_large = || {
         error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -90,7 +94,17 @@ async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, Refusa
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(Box::new(too_large()));
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    // The whole body must arrive within the handshake timeout, so a client that sends part of a body
+    // and stops cannot hold the connection forever.
+    let collect = Limited::new(req.into_body(), limit).collect();
+    let Ok(collected) = tokio::time::timeout(timeout, collect).await else {
+        return Err(Box::new(error(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::BadRequest,
+            format!("body not received within {timeout:?}"),
+        )));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Box::new(too_large())),
         Err(e) => Err(Box::new(error(
@@ -136,7 +150,13 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
     if let Err(e) = check_topic(topic) {
         return protocol_error(e);
     }
-    let body = match read_body(req, node.settings.limits.max_message_size).await {
+    let body = match read_body(
+        req,
+        node.settings.limits.max_message_size,
+        node.settings.server.handshake_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -178,7 +198,13 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
         return *r;
     }
     let limits = &node.settings.limits;
-    let body = match read_body(req, limits.max_batch_bytes).await {
+    let body = match read_body(
+        req,
+        limits.max_batch_bytes,
+        node.settings.server.handshake_timeout,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(r) => return *r,
     };

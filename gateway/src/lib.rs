@@ -3,7 +3,9 @@
 
 pub mod auth;
 pub mod config;
+pub mod drain;
 pub mod frame;
+pub mod frame_read;
 pub mod http_api;
 pub mod metrics;
 pub mod node;
@@ -12,6 +14,7 @@ pub mod registry;
 pub mod send_queue;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod topic;
 pub mod writer;
 pub mod ws_read;

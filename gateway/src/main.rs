@@ -32,7 +32,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pubgate: {e:#}");
-            ExitCode::FAILURE
+            // A certificate that cannot be loaded is a configuration error, like a bad key.
+            if e.downcast_ref::<gateway::tls::TlsError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

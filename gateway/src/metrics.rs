@@ -147,6 +147,29 @@ impl Metrics {
         m
     }
 
+    /// Registers the TLS metrics. Called once, only when TLS is on, so a plaintext node does not
+    /// export a certificate expiry of zero that alert rules would fire on.
+    pub fn register_tls(&self) -> TlsMetrics {
+        let r = &self.registry;
+        let reloads = counter_vec(
+            r,
+            "tls_reloads_total",
+            "Certificate reloads after start, by result (ok, error).",
+            "result",
+        );
+        // Both series exist from the start, so `increase()` sees the first error too.
+        reloads.with_label_values(&["ok"]);
+        reloads.with_label_values(&["error"]);
+        TlsMetrics {
+            cert_expiry: gauge(
+                r,
+                "tls_cert_expiry_timestamp_seconds",
+                "notAfter of the certificate in service, as a Unix timestamp.",
+            ),
+            reloads,
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
@@ -173,6 +196,15 @@ impl BrokerObserver for Metrics {
     fn gap(&self, topics: usize) {
         self.broker_gaps.inc_by(topics as u64);
     }
+}
+
+/// Metrics of the TLS terminator; see [`Metrics::register_tls`].
+#[derive(Clone)]
+pub struct TlsMetrics {
+    /// notAfter of the certificate new handshakes get, in seconds since the Unix epoch.
+    pub cert_expiry: IntGauge,
+    /// Reload attempts after start, by result (`ok`, `error`).
+    pub reloads: IntCounterVec,
 }
 
 impl Default for Metrics {

@@ -5,7 +5,7 @@
 //! the connection count and the drain signal.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use broker_bridge::{
     Broker, BrokerError, BrokerObserver, MemoryBroker, MemoryConfig, MessageSink, Position,
@@ -13,10 +13,10 @@ use broker_bridge::{
 };
 use bytes::Bytes;
 use serde_json::value::RawValue;
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::Access;
 use crate::config::{BrokerKind, Settings};
+use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, ProtocolError, Since};
 use crate::registry::{ConnId, Registry};
@@ -37,11 +37,10 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     /// Who may do what.
     pub access: Access,
-    /// Cancelled when the node starts draining.
-    pub drain: CancellationToken,
+    /// Shutdown state.
+    pub drain: Arc<Drain>,
     connections: AtomicUsize,
     next_conn: AtomicU64,
-    draining: AtomicBool,
 }
 
 /// Turns a broker failure into the protocol error clients see.
@@ -97,10 +96,9 @@ impl Node {
             registry,
             broker,
             access,
-            drain: CancellationToken::new(),
+            drain: Arc::new(Drain::default()),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),
-            draining: AtomicBool::new(false),
         }))
     }
 
@@ -108,19 +106,12 @@ impl Node {
     pub fn is_ready(&self) -> bool {
         let broker_up = self.broker.is_ready();
         self.metrics.broker_up.set(broker_up as i64);
-        !self.draining.load(Ordering::Relaxed) && broker_up
-    }
-
-    /// Starts draining: readiness turns false and every session is told to close with 1001.
-    pub fn start_drain(&self) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.metrics.ready.set(0);
-        self.drain.cancel();
+        !self.drain.is_draining() && broker_up
     }
 
     /// Whether draining started.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.drain.is_draining()
     }
 
     /// Claims a connection slot; `None` when `server.max_connections` is reached.

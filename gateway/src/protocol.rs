@@ -37,6 +37,8 @@ pub enum ErrorCode {
     Internal,
     /// Subscribe to a topic the connection is already subscribed to.
     AlreadySubscribed,
+    /// The node cannot take this connection now (connection limit, draining): try another node.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -54,6 +56,7 @@ impl ErrorCode {
             ErrorCode::BrokerUnavailable => "broker_unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::AlreadySubscribed => "already_subscribed",
+            ErrorCode::Unavailable => "unavailable",
         }
     }
 
@@ -64,7 +67,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => 403,
             ErrorCode::MessageTooLarge => 413,
             ErrorCode::RateLimited => 429,
-            ErrorCode::BrokerUnavailable => 503,
+            ErrorCode::BrokerUnavailable | ErrorCode::Unavailable => 503,
             ErrorCode::NotSubscribed
             | ErrorCode::TooManySubscriptions
             | ErrorCode::AlreadySubscribed => 409,

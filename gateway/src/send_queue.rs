@@ -34,7 +34,7 @@ impl CloseReason {
     /// The node is shutting down; reconnect elsewhere.
     pub const GOING_AWAY: CloseReason = CloseReason {
         code: 1001,
-        reason: "server shutting down",
+        reason: "server shutting down: reconnect",
         discard_queued: false,
     };
     /// Nothing heard from the client for `server.idle_timeout`.

@@ -21,6 +21,7 @@ use crate::http_api::{self, Body};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
 use crate::session::{self, Route};
+use crate::tls::{self, TlsTerminator};
 
 /// A byte stream a connection can be served on, and how to split it for the session's reader and
 /// writer tasks.
@@ -31,6 +32,17 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Write: AsyncWrite + Unpin + Send + 'static;
     /// Splits the stream.
     fn split(self) -> (Self::Read, Self::Write);
+}
+
+/// TLS connections split through tokio's lock-based `split`: a TLS session has one state for both
+/// directions, so the halves cannot be separated like a socket's. Each poll holds the lock only
+/// briefly, and the session's writer flushes after every batch, so nothing waits in rustls' buffer.
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
 }
 
 impl Transport for TcpStream {
@@ -54,8 +66,14 @@ enum Listener {
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let main_addr = settings.server.listen;
     let metrics_addr = settings.server.metrics_listen;
-    let grace = settings.drain.grace;
+    let drain = settings.drain.clone();
+    tls::install_default_provider();
     let node = Node::new(settings)?;
+    // Loaded before binding, so a bad certificate fails start-up before anything listens.
+    let tls = TlsTerminator::from_settings(&node.settings, node.metrics.clone())?;
+    if let Some(tls) = &tls {
+        tls.spawn_reloader();
+    }
 
     let main = TcpListener::bind(main_addr)
         .await
@@ -74,17 +92,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(l) = &metrics_listener {
         println!("pubgate metrics listening on {}", l.local_addr()?);
     }
-    tracing::info!(addr = %main_local, broker = ?node.settings.broker.kind, "listening");
+    tracing::info!(
+        addr = %main_local,
+        broker = ?node.settings.broker.kind,
+        tls = tls.is_some(),
+        "listening"
+    );
 
-    tokio::spawn(accept_loop(node.clone(), main, Listener::Main));
+    tokio::spawn(accept_loop(node.clone(), main, Listener::Main, tls));
     if let Some(l) = metrics_listener {
-        tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics));
+        // The metrics listener stays plain: it is meant for a private network (Prometheus, probes).
+        tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics, None));
     }
 
     shutdown_signal().await;
-    tracing::info!(grace = ?grace, connections = node.connection_count(), "draining");
-    node.start_drain();
-    let deadline = tokio::time::Instant::now() + grace;
+    let deadline = tokio::time::Instant::now() + drain.grace;
+    tracing::info!(grace = ?drain.grace, delay = ?drain.delay, connections = node.connection_count(), "draining: not ready");
+    node.drain.begin();
+    node.metrics.ready.set(0);
+    tokio::time::sleep(drain.delay).await;
+    // Close clients over most of what is left, keeping a margin for their close handshakes.
+    let window = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .mul_f64(0.8);
+    tracing::info!(connections = node.connection_count(), window = ?window, "draining: closing clients");
+    node.drain.close_clients(node.connection_count(), window);
     while node.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -112,16 +144,34 @@ async fn shutdown_signal() {
 }
 
 /// Accepts until the node drains (the metrics listener keeps going so probes see the drain).
-async fn accept_loop(node: Arc<Node>, listener: TcpListener, which: Listener) {
+/// With `tls`, each connection's TLS handshake runs in that connection's task.
+async fn accept_loop(
+    node: Arc<Node>,
+    listener: TcpListener,
+    which: Listener,
+    tls: Option<Arc<TlsTerminator>>,
+) {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = node.drain.cancelled(), if which == Listener::Main => return,
+            _ = node.drain.closing(), if which == Listener::Main => return,
         };
         match accepted {
             Ok((stream, _peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(node.clone(), stream, which));
+                match &tls {
+                    None => {
+                        tokio::spawn(serve(node.clone(), stream, which));
+                    }
+                    Some(tls) => {
+                        let (node, tls) = (node.clone(), tls.clone());
+                        tokio::spawn(async move {
+                            if let Some(stream) = tls.accept(stream).await {
+                                serve(node, stream, which).await;
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors (or similar): back off instead of spinning on accept.
@@ -161,7 +211,10 @@ async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,
-        _ = node.drain.cancelled() => {
+        // Only the main listener winds down. The metrics listener keeps serving until exit, so that
+        // probes and scrapes see the drain: a graceful shutdown would close a probe's connection
+        // before its request was read, failing /healthz (and /readyz, /metrics) for the whole drain.
+        _ = node.drain.closing(), if which == Listener::Main => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -218,7 +271,7 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
         .inc();
     let code = match status {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ErrorCode::Forbidden,
-        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Internal,
+        StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
         _ => ErrorCode::BadRequest,
     };
     http_api::error(status, code, message)
@@ -241,7 +294,7 @@ fn upgrade<T: Transport>(
             .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
         return r;
     }
-    if node.is_draining() {
+    if node.drain.is_closing() {
         return refuse(
             &node,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -273,14 +326,9 @@ fn upgrade<T: Transport>(
             }
         }
     };
-    let Some(admission) = node.try_admit() else {
-        return refuse(
-            &node,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "max_connections",
-            "connection limit reached",
-        );
-    };
+    // Validate the handshake before claiming a slot: an invalid request gets its 400 even when the
+    // node is full, and never counts as an accepted connection. Refusing after this point just drops
+    // the upgrade future; without a 101 the connection is never upgraded.
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
@@ -291,6 +339,14 @@ fn upgrade<T: Transport>(
                 &format!("invalid WebSocket handshake: {e}"),
             );
         }
+    };
+    let Some(admission) = node.try_admit() else {
+        return refuse(
+            &node,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            "connection limit reached",
+        );
     };
     tokio::spawn(async move {
         let ws = match upgrade.await {
@@ -309,7 +365,13 @@ fn upgrade<T: Transport>(
         match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
             Ok(parts) => {
                 let (r, w) = parts.io.into_inner().split();
-                let r = std::io::Cursor::new(parts.read_buf).chain(r);
+                // An empty read_buf may still point into hyper's read buffer; never keep that alive.
+                let early = if parts.read_buf.is_empty() {
+                    Bytes::new()
+                } else {
+                    Bytes::copy_from_slice(&parts.read_buf)
+                };
+                let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, route).await;
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),

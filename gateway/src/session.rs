@@ -23,6 +23,11 @@ use crate::ws_read::{Incoming, ReadError, WsReader};
 /// Largest message on the echo route, so conformance suites can send their 16 MiB cases.
 const ECHO_MAX_MESSAGE: usize = 32 << 20;
 
+/// Send queue bytes on the echo route: one echo of the largest message (plus its frame header) must
+/// fit, or the slow-consumer policy would close the connection on every message over
+/// `limits.send_queue_bytes` (Autobahn 9.1.4-9.4.9 failed that way with the 4 MiB default).
+const ECHO_QUEUE_BYTES: usize = ECHO_MAX_MESSAGE + 64;
+
 /// How long the reader may take to see the client's close reply after the writer finished.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
@@ -42,7 +47,17 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = admission.id;
-    let queue = node.new_queue();
+    let queue = match route {
+        Route::Echo => {
+            let l = &node.settings.limits;
+            Arc::new(SendQueue::new(
+                l.send_queue_frames,
+                l.send_queue_bytes.max(ECHO_QUEUE_BYTES),
+                l.slow_consumer,
+            ))
+        }
+        Route::PubSub(_) => node.new_queue(),
+    };
     let heard = Arc::new(LastHeard::new());
     let max_message = match route {
         Route::Echo => ECHO_MAX_MESSAGE,

@@ -13,8 +13,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
+use crate::drain::Drain;
 use crate::frame::{self, OpCode};
 use crate::send_queue::{CloseReason, SendQueue};
 
@@ -79,14 +79,16 @@ pub async fn run<W: AsyncWrite + Unpin>(
     queue: Arc<SendQueue>,
     heard: Arc<LastHeard>,
     heartbeat: Heartbeat,
-    drain: CancellationToken,
+    drain: Arc<Drain>,
 ) -> WriterEnd {
     let mut next_ping = Instant::now() + heartbeat.ping_interval;
-    let mut draining = false;
+    let mut close_at: Option<Instant> = None;
     loop {
         // Checked on every pass, not only when idle, so a busy connection still drains and pings.
-        if !draining && drain.is_cancelled() {
-            draining = true;
+        if close_at.is_none() && drain.is_closing() {
+            close_at = Some(drain.close_time());
+        }
+        if close_at.is_some_and(|at| Instant::now() >= at) {
             queue.close(CloseReason::GOING_AWAY);
         }
         if Instant::now() >= next_ping {
@@ -102,7 +104,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
             tokio::select! {
                 _ = queue.ready() => {}
                 _ = tokio::time::sleep_until(next_ping) => {}
-                _ = drain.cancelled(), if !draining => {}
+                _ = drain.closing(), if close_at.is_none() => {}
+                _ = sleep_until_some(close_at) => {}
             }
             continue;
         }
@@ -114,14 +117,29 @@ pub async fn run<W: AsyncWrite + Unpin>(
         }
         if let Some(reason) = batch.close {
             if reason.code != PEER_GONE {
-                let mut close = VecDeque::from([frame::close(reason.code, reason.reason)]);
-                let deadline = Duration::from_secs(1);
-                // Best effort: a peer that does not take the close frame within a second is dropped.
-                let _ = tokio::time::timeout(deadline, write_frames(&mut w, &mut close)).await;
-                let _ = tokio::time::timeout(deadline, w.shutdown()).await;
+                // Boxed: this runs once per connection, and keeping its state out of the writer's
+                // future keeps every idle connection smaller.
+                Box::pin(send_close(&mut w, &reason)).await;
             }
             return WriterEnd::Closed(reason);
         }
+    }
+}
+
+/// Sends the close frame and shuts the write side down, best effort: a peer that does not take it
+/// within a second is dropped.
+async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, reason: &CloseReason) {
+    let mut close = VecDeque::from([frame::close(reason.code, reason.reason)]);
+    let deadline = Duration::from_secs(1);
+    let _ = tokio::time::timeout(deadline, write_frames(w, &mut close, None)).await;
+    let _ = tokio::time::timeout(deadline, w.shutdown()).await;
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -133,7 +151,11 @@ async fn write_watched<W: AsyncWrite + Unpin>(
     queue: &SendQueue,
     stall_limit: Duration,
 ) -> io::Result<()> {
-    let write = write_frames(w, frames);
+    // When a byte last moved. The stall timer measures silence, not the whole batch: a big batch to
+    // a client that reads steadily but slowly takes longer than `stall_limit` and must not be cut
+    // off for it.
+    let progress = LastHeard::new();
+    let write = write_frames(w, frames, Some(&progress));
     tokio::pin!(write);
     let stall = tokio::time::sleep(stall_limit);
     tokio::pin!(stall);
@@ -150,18 +172,26 @@ async fn write_watched<W: AsyncWrite + Unpin>(
                 }
             }
             _ = &mut stall => {
+                let quiet = progress.silent_for();
+                if quiet < stall_limit {
+                    stall.as_mut().reset(Instant::now() + (stall_limit - quiet));
+                    continue;
+                }
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
             }
         }
     }
 }
 
-/// Writes every frame, several per system call.
+/// Writes every frame, several per system call, touching `progress` whenever bytes were written.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
     frames: &mut VecDeque<Bytes>,
+    progress: Option<&LastHeard>,
 ) -> io::Result<()> {
-    const MAX_SLICES: usize = 64;
+    // Slices live in the writer's future across the await; 16 keeps that small while still sending
+    // a burst in few system calls.
+    const MAX_SLICES: usize = 16;
     while !frames.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
         let mut count = 0;
@@ -172,6 +202,9 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         let mut written = w.write_vectored(&slices[..count]).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
+        }
+        if let Some(p) = progress {
+            p.touch();
         }
         while written > 0 {
             let front = frames

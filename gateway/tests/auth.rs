@@ -1,0 +1,106 @@
+//! Access control of this version: HTTP API keys, and what anonymous WebSocket clients may do.
+
+mod common;
+
+use common::{HttpClient, RawWs, Server, WsClient, tcp_connect};
+use serde_json::json;
+
+/// Extra request headers of one case.
+type Headers = &'static [(&'static str, &'static str)];
+
+#[tokio::test]
+async fn api_keys_guard_http_publish_and_turn_anonymous_websockets_off() {
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__API_KEYS", "key-one,key-two")
+        .start()
+        .await;
+    let mut http = HttpClient::connect(server.addr).await;
+    let cases: [(&str, Headers, u16); 5] = [
+        ("no key", &[], 401),
+        ("wrong key", &[("authorization", "Bearer nope")], 401),
+        (
+            "not bearer",
+            &[("authorization", "Basic a2V5LW9uZQ==")],
+            401,
+        ),
+        ("first key", &[("authorization", "Bearer key-one")], 200),
+        ("second key", &[("authorization", "Bearer key-two")], 200),
+    ];
+    for (what, headers, status) in cases {
+        let r = http
+            .request("POST", "/v1/publish/secure.t", headers, "1")
+            .await;
+        assert_eq!(r.status, status, "publish with {what}: {}", r.body);
+        if status != 200 {
+            assert_eq!(
+                r.json()["code"],
+                "forbidden",
+                "publish with {what}: {}",
+                r.body
+            );
+        }
+        let r = http
+            .request(
+                "POST",
+                "/v1/publish",
+                headers,
+                r#"{"messages":[{"topic":"secure.t","data":1}]}"#,
+            )
+            .await;
+        assert_eq!(r.status, status, "batch publish with {what}: {}", r.body);
+    }
+
+    // Once a key is configured, anonymous WebSocket clients are refused at the upgrade.
+    match RawWs::handshake(tcp_connect(server.addr).await, server.addr, "/ws").await {
+        Ok(_) => panic!("anonymous upgrade accepted although keys are configured"),
+        Err(r) => {
+            assert_eq!(r.status, 401, "anonymous upgrade: {r:?}");
+            assert_eq!(r.json()["code"], "forbidden", "anonymous upgrade: {r:?}");
+        }
+    }
+    assert!(WsClient::try_connect(&server.ws_url()).await.is_err());
+}
+
+#[tokio::test]
+async fn anonymous_subscribe_patterns_limit_topics() {
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__API_KEYS", "key-one")
+        .env("PUBGATE__AUTH__ANONYMOUS", "true")
+        .env("PUBGATE__AUTH__ANONYMOUS_SUBSCRIBE", "public.>,scores.*")
+        .start()
+        .await;
+    let mut c = server.ws().await;
+    c.subscribe("public.news", 1).await;
+    c.subscribe("public.a.b.c", 2).await;
+    c.subscribe("scores.nba", 3).await;
+    for (id, topic) in [(4, "scores.nba.live"), (5, "private.x"), (6, "public")] {
+        let r = c
+            .request(&json!({"op":"subscribe","topic":topic,"id":id}))
+            .await;
+        assert_eq!(r["op"], "error", "subscribe {topic}: {r}");
+        assert_eq!(r["code"], "forbidden", "subscribe {topic}: {r}");
+        assert_eq!(r["id"], id, "subscribe {topic}: {r}");
+    }
+    // With a key configured, anonymous clients may not publish over WebSocket by default.
+    let r = c
+        .request(&json!({"op":"publish","topic":"public.news","data":1,"id":7}))
+        .await;
+    assert_eq!(r["code"], "forbidden", "anonymous WebSocket publish: {r}");
+    assert_eq!(r["id"], 7, "{r}");
+
+    // Allowed subscriptions work end to end.
+    let mut http = HttpClient::connect(server.addr).await;
+    let r = http
+        .request(
+            "POST",
+            "/v1/publish/public.news",
+            &[("authorization", "Bearer key-one")],
+            r#"{"h":1}"#,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let m = c.recv().await;
+    assert_eq!(m["topic"], "public.news", "{m}");
+    assert_eq!(m["data"], json!({"h":1}), "{m}");
+    c.ping_pong(8).await;
+}

@@ -1,0 +1,19 @@
+//! pubgate-loadtest: drives real WebSocket subscribers and HTTP publishers against pubgate nodes
+//! on this machine (loopback only) and reports throughput, latency, loss and cost per connection.
+//!
+//! Scenarios: `connect` (idle connections and their memory), `fanout` (subscribers × publishers),
+//! `step` (raise the rate until it breaks), `churn` (connections coming and going under fan-out),
+//! and `chart` (SVG charts from the JSON results).
+
+pub mod chart;
+pub mod cli;
+pub mod connect;
+pub mod fanout;
+pub mod procfs;
+pub mod publish;
+pub mod ramp;
+pub mod report;
+pub mod scan;
+pub mod stats;
+pub mod track;
+pub mod ws;

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# One-node benchmark suite, end to end: builds pubgate and pubgate-loadtest (release), starts a fresh
+# pubgate on a free loopback port for each scenario, runs it, stops the server by its PID, and writes
+# one JSON result per scenario (plus the exact commands) into the output directory.
+#
+#   scripts/bench.sh [--out DIR] [--quick] [--only NAMES] [--charts DIR]
+#
+#   --out DIR     results directory (default bench-results/<UTC timestamp>)
+#   --quick       small and short: a smoke run of every scenario (about a minute)
+#   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,churn
+#   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
+#   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
+#                 builds, so they are scheduled first; negative values need root)
+#
+# Everything targets 127.0.0.1 only and every run is bounded in connections and time.
+# See docs/benchmarks.md for what each scenario measures and the numbers of the last full run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
+QUICK=0
+ONLY="memory,limit,cpu40k,p99at20k,step,churn"
+CHARTS=""
+NICE=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --out) OUT="$2"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    --only) ONLY="$2"; shift 2 ;;
+    --charts) CHARTS="$2"; shift 2 ;;
+    --nice) NICE="$2"; shift 2 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+
+echo "== building (release)" >&2
+cargo build --release -p gateway -p loadtest >&2
+TARGET="${CARGO_TARGET_DIR:-target}/release"
+# Private copies, so a concurrent rebuild of the tree cannot swap the binaries mid-run.
+BIN="$OUT/bin"
+mkdir -p "$BIN"
+cp "$TARGET/pubgate" "$TARGET/pubgate-loadtest" "$BIN/"
+PUBGATE="$BIN/pubgate"
+LT="$BIN/pubgate-loadtest"
+git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
+{ nproc; grep MemTotal /proc/meminfo; uname -r; } > "$OUT/machine.txt"
+
+SERVER_PID=""
+SERVER_ADDR=""
+
+start_server() { # env assignments for the server as arguments
+  local log="$OUT/server-$1.log"; shift
+  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 >"$log.out" 2>"$log.err" &
+  SERVER_PID=$!
+  for _ in $(seq 1 100); do
+    SERVER_ADDR="$(sed -n 's/^pubgate listening on //p' "$log.out" 2>/dev/null || true)"
+    [[ -n "$SERVER_ADDR" ]] && break
+    sleep 0.1
+  done
+  if [[ -z "$SERVER_ADDR" ]]; then
+    echo "bench.sh: pubgate did not start; see $log.err" >&2
+    stop_server
+    exit 1
+  fi
+  echo "== pubgate pid $SERVER_PID on $SERVER_ADDR" >&2
+}
+
+stop_server() {
+  if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+      kill -0 "$SERVER_PID" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+  SERVER_ADDR=""
+}
+trap stop_server EXIT
+
+run() { # name, then loadtest arguments
+  local name="$1"; shift
+  local cmd=(nice -n "$NICE" "$LT" "$@" --url "ws://$SERVER_ADDR/ws" --server-pid "$SERVER_PID" --json "$OUT/$name.json")
+  echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
+  echo "== $name: ${cmd[*]}" >&2
+  "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
+}
+
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+if [[ $QUICK == 1 ]]; then
+  MEM_SIZES="500 2000"; HOLD=3; DUR=3; STEP_DUR=2; SUBS=200; LIMIT_N=2000
+else
+  MEM_SIZES="1000 5000 10000 19000"; HOLD=15; DUR=20; STEP_DUR=10; SUBS=2000; LIMIT_N=20000
+fi
+
+# 1. Memory per idle subscribed connection: a fresh server per size.
+if want memory; then
+  for n in $MEM_SIZES; do
+    start_server "connect-$n" PUBGATE__SERVER__MAX_CONNECTIONS=20000
+    run "connect-$n" connect --connections "$n" --topics 100 --connect-rate 2000 --hold "$HOLD" --settle 3
+    stop_server
+  done
+fi
+
+# 2. The 20,000 limit: the server's own open-files limit (20,000) is reached before 20,000
+#    connections; two worker processes hold the client side.
+if want limit; then
+  start_server "connect-limit" PUBGATE__SERVER__MAX_CONNECTIONS=20000
+  run "connect-limit-$LIMIT_N" connect --connections "$LIMIT_N" --procs 2 --topics 100 --connect-rate 2000 --hold "$HOLD" --settle 3
+  stop_server
+fi
+
+# 3. Server CPU per delivery at 40k deliveries/s: 2,000 subscribers over 20 topics, 256-byte payloads.
+if want cpu40k; then
+  start_server "fanout-40k"
+  run "fanout-40k" fanout --subscribers "$SUBS" --topics 20 --delivery-rate 40000 --payload 256 --duration "$DUR" --warmup 2 --publishers 8
+  stop_server
+fi
+
+# 4. Latency at 20k deliveries/s, same shape.
+if want p99at20k; then
+  start_server "fanout-20k"
+  run "fanout-20k" fanout --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --duration "$DUR" --warmup 2 --publishers 8
+  stop_server
+fi
+
+# 5. Highest sustainable delivery rate: steps of x1.25 from 20k/s until loss, p99 > 50 ms or the
+#    delivered rate falls under 95% of the offered one.
+if want step; then
+  start_server "step"
+  run "step" step --subscribers "$SUBS" --topics 20 --payload 256 --duration "$STEP_DUR" --warmup 2 --publishers 16 --start 20000 --factor 1.25 --max 400000 --p99-limit-ms 50
+  stop_server
+fi
+
+# 6. Churn: 200 connections/s joining and leaving (2 s each, 20% dropped without a close) during a
+#    20k deliveries/s fan-out.
+if want churn; then
+  start_server "churn"
+  run "churn" churn --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --duration "$DUR" --warmup 1 --publishers 8 --churn-rate 200 --churn-life 2 --churn-drop-pct 20
+  stop_server
+fi
+
+if [[ -n "$CHARTS" ]]; then
+  shopt -s nullglob
+  inputs=()
+  for f in "$OUT"/connect-[0-9]*.json "$OUT"/step.json; do
+    inputs+=(--input "$f")
+  done
+  if [[ ${#inputs[@]} -gt 0 ]]; then
+    "$LT" chart "${inputs[@]}" --out-dir "$CHARTS"
+  fi
+fi
+
+echo "results in $OUT" >&2
