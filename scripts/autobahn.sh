@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # RFC 6455 conformance: runs the Autobahn|Testsuite fuzzing client against pubgate's echo route.
 #
-#   scripts/autobahn.sh            # release build, cases 1-7, 9, 10
+#   scripts/autobahn.sh            # debug build, cases 1-7, 9, 10
 #
 # Environment:
-#   AUTOBAHN_PROFILE=debug|release   cargo profile to test (default release: section 9 pushes
-#                                    16 MiB messages, which a debug build unmasks ~10x slower)
+#   AUTOBAHN_PROFILE=debug|release   cargo profile to test. Default debug: the run is bound by
+#                                    wstest (Python 2), not by pubgate; a debug pubgate finishes
+#                                    the suite, 16 MiB cases of section 9 included, as fast as a
+#                                    release one (about 20 s), and `cargo test` has built it already,
+#                                    while a cold release build costs ~5 min on 2 cores
 #   AUTOBAHN_CASES="1.* 2.*"         case patterns to run (default: 1.*-7.*, 9.*, 10.*)
 #   AUTOBAHN_OUT=DIR                 where the spec, logs and reports go (default target/autobahn)
-#   AUTOBAHN_TIMEOUT=SECONDS         bound on the wstest run (default 1200)
+#   AUTOBAHN_TIMEOUT=SECONDS         bound on the wstest run (default 600; a full run takes ~25 s)
 #   WSTEST=PATH                      a wstest binary to use instead of the pyenv 2.7.18 one
 #
 # Exits non-zero when wstest cannot be installed or run, when pubgate dies, or when any case is
@@ -17,9 +20,9 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROFILE="${AUTOBAHN_PROFILE:-release}"
+PROFILE="${AUTOBAHN_PROFILE:-debug}"
 OUT="${AUTOBAHN_OUT:-$ROOT/target/autobahn}"
-TIMEOUT="${AUTOBAHN_TIMEOUT:-1200}"
+TIMEOUT="${AUTOBAHN_TIMEOUT:-600}"
 read -r -a CASES <<<"${AUTOBAHN_CASES:-1.* 2.* 3.* 4.* 5.* 6.* 7.* 9.* 10.*}"
 PY2_VERSION=2.7.18
 
