@@ -267,3 +267,69 @@ async fn a_node_holds_one_redis_subscription_per_watched_topic_and_drops_it_when
     assert_eq!(again.subscribe("count.demo").await["op"], "ack");
     assert_eq!(numsub(&redis, channel), 1);
 }
+
+async fn resume(node: &Node, topic: &str, epoch: &Value, offset: u64) -> Value {
+    let mut ws = node.ws().await;
+    ws.send(json!({"op":"subscribe","topic":topic,"id":1,"since":{"epoch":epoch,"offset":offset}}))
+        .await;
+    ws.recv(Duration::from_secs(5)).await.expect("ack")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_bounded_by_age_and_a_flush_starts_a_new_epoch() {
+    let redis = Redis::start();
+    let node = Node::redis(
+        "redis",
+        &redis.url(),
+        &[("PUBGATE__HISTORY__TTL", "1s".to_string())],
+    );
+    node.wait_ready(READY).await;
+    let topic = "history.age";
+    let mut live = node.ws().await;
+    let epoch = live.subscribe(topic).await["epoch"].clone();
+    for i in 1..=3 {
+        assert_eq!(
+            node.publish(topic, &json!({"i": i}).to_string()).await.0,
+            200
+        );
+    }
+    assert_eq!(
+        resume(&node, topic, &epoch, 1).await["recovered"],
+        json!(true)
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(node.publish(topic, r#"{"i":4}"#).await.0, 200);
+    // Offsets 2 and 3 are older than history.ttl: trimmed, so resuming before them fails ...
+    assert_eq!(
+        redis
+            .cli(&["XLEN", &format!("pubgate:{topic}:history")])
+            .trim(),
+        "1"
+    );
+    let ack = resume(&node, topic, &epoch, 2).await;
+    assert_eq!(ack["recovered"], json!(false), "{ack}");
+    assert_eq!(ack["offset"], json!(4), "{ack}");
+    // ... while resuming from offset 3 needs only the fresh message 4.
+    assert_eq!(
+        resume(&node, topic, &epoch, 3).await["recovered"],
+        json!(true)
+    );
+
+    // FLUSHALL: the next publish starts a new epoch at offset 1, and the live subscriber gets it.
+    redis.cli(&["FLUSHALL"]);
+    let (status, body) = node.publish(topic, r#"{"after":"flush"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).expect("reply");
+    assert_eq!(reply["offset"], json!(1));
+    assert_ne!(reply["epoch"], epoch);
+    let mut got = Vec::new();
+    while let Some(m) = live.next_message(Duration::from_secs(5)).await {
+        got.push(m["offset"].clone());
+        if m["data"] == json!({"after":"flush"}) {
+            break;
+        }
+    }
+    assert_eq!(got, vec![json!(1), json!(2), json!(3), json!(4), json!(1)]);
+    let ack = resume(&node, topic, &epoch, 4).await;
+    assert_eq!(ack["recovered"], json!(false), "old epoch: {ack}");
+}

@@ -203,6 +203,15 @@ async fn client_pause_makes_nodes_unready_until_redis_answers_again() {
         noticed < Duration::from_secs(6),
         "noticed after {noticed:?}"
     );
+    // A publish into the paused Redis fails after broker.command_timeout (1s), not never.
+    let asked = Instant::now();
+    let (status, body) = a.publish(topic, r#"{"during":"pause"}"#).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        asked.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        asked.elapsed()
+    );
     a.wait_ready(Duration::from_secs(20)).await;
     assert!(paused_at.elapsed() >= Duration::from_secs(5));
     let (status, body) = a.publish(topic, r#"{"after":"pause"}"#).await;
