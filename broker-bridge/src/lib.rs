@@ -8,14 +8,17 @@
 //! the client protocol is the same whether a node runs alone ([`MemoryBroker`]) or with Redis.
 
 mod memory;
+pub mod redis;
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::{MemoryBroker, MemoryConfig};
+pub use redis::{RedisBroker, RedisConfig};
 
 /// A topic's offset: the number of messages ever published to it in the current epoch.
 ///
@@ -89,6 +92,35 @@ pub trait MessageSink: Send + Sync + 'static {
     /// Takes one message for local fan-out.
     fn deliver(&self, message: Message);
 }
+
+/// Hears what happens on a broker's connections, so the embedding node can export it (metrics, logs)
+/// without the broker knowing how. Every method has a no-op default and must return quickly: they are
+/// called from the broker's own tasks.
+pub trait BrokerObserver: Send + Sync + 'static {
+    /// The broker path turned usable (`true`) or unusable (`false`); see [`Broker::is_ready`].
+    fn state_changed(&self, up: bool) {
+        let _ = up;
+    }
+
+    /// The subscription connection was lost and is established again (every topic resubscribed).
+    fn reconnected(&self) {}
+
+    /// A canary the node sent to itself through the broker came back after `rtt`.
+    fn canary_roundtrip(&self, rtt: Duration) {
+        let _ = rtt;
+    }
+
+    /// After a reconnect, `topics` topics may have lost messages that history could not fill in.
+    fn gap(&self, topics: usize) {
+        let _ = topics;
+    }
+}
+
+/// An observer that ignores everything.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoObserver;
+
+impl BrokerObserver for NoObserver {}
 
 /// What went wrong talking to a broker.
 #[derive(Debug, thiserror::Error)]

@@ -34,7 +34,8 @@ pub struct Cli {
     /// Broker: memory, redis or redis-cluster [broker.kind, default memory].
     #[arg(long, value_name = "KIND")]
     pub broker: Option<String>,
-    /// Redis URL, or comma-separated seed nodes for a cluster [broker.url].
+    /// Redis URL (redis://, rediss://, redis+sentinel://host:port,…/master), or comma-separated seed
+    /// nodes for a cluster [broker.url].
     #[arg(long, value_name = "URL")]
     pub redis_url: Option<String>,
     /// PEM certificate chain; TLS is on when both cert and key are set [tls.cert].
@@ -147,10 +148,25 @@ pub enum BrokerKind {
 pub struct BrokerSettings {
     /// Which broker.
     pub kind: BrokerKind,
-    /// Redis URL(s).
+    /// Redis URL(s): `redis://`, `rediss://`, `redis+sentinel://host:port,…/master`, or
+    /// comma-separated cluster seeds. Required for the Redis kinds.
     pub url: Option<String>,
     /// Channel and key prefix in Redis.
     pub prefix: String,
+    /// The longest a Redis command may take before the operation fails with `broker_unavailable`.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// How often the node sends itself a canary through Redis.
+    #[serde(with = "humantime_serde")]
+    pub canary_interval: Duration,
+    /// Not ready, and the subscription connection is replaced, when no canary came back for this
+    /// long.
+    #[serde(with = "humantime_serde")]
+    pub canary_timeout: Duration,
+    /// A topic unused for this long loses its epoch and offset in Redis (its next use starts a new
+    /// epoch).
+    #[serde(with = "humantime_serde")]
+    pub topic_idle_ttl: Duration,
 }
 
 /// `[tls]`
@@ -263,6 +279,10 @@ max_batch_bytes = 1048576
 [broker]
 kind = "memory"
 prefix = "pubgate:"
+command_timeout = "1s"
+canary_interval = "1s"
+canary_timeout = "3s"
+topic_idle_ttl = "24h"
 
 [tls]
 
@@ -382,11 +402,44 @@ impl Settings {
         match self.broker.kind {
             BrokerKind::Memory => {}
             BrokerKind::Redis | BrokerKind::RedisCluster => {
-                return invalid(
-                    "broker.kind",
-                    "the Redis brokers are not built yet in this version; use \"memory\"",
-                );
+                if self
+                    .broker
+                    .url
+                    .as_deref()
+                    .is_none_or(|u| u.trim().is_empty())
+                {
+                    return invalid(
+                        "broker.url",
+                        "is required when broker.kind is \"redis\" or \"redis-cluster\" (e.g. redis://127.0.0.1:6379)",
+                    );
+                }
+                if let Err(e) = broker_bridge::RedisConfig::new(
+                    self.broker.url.clone().unwrap_or_default(),
+                    self.broker.kind == BrokerKind::RedisCluster,
+                )
+                .validate()
+                {
+                    return Err(ConfigError::Invalid {
+                        key: "broker.url",
+                        message: e.to_string(),
+                    });
+                }
             }
+        }
+        if self.broker.prefix.is_empty() {
+            return invalid("broker.prefix", "must not be empty");
+        }
+        if self.broker.command_timeout.is_zero() {
+            return invalid("broker.command_timeout", "must be greater than zero");
+        }
+        if self.broker.canary_interval.is_zero() {
+            return invalid("broker.canary_interval", "must be greater than zero");
+        }
+        if self.broker.canary_timeout <= self.broker.canary_interval {
+            return invalid(
+                "broker.canary_timeout",
+                "must be longer than broker.canary_interval",
+            );
         }
         if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
             return invalid(
@@ -467,6 +520,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.max_connections"), "{e}");
+    }
+
+    #[test]
+    fn redis_kinds_need_a_url() {
+        let e = load_toml("[broker]\nkind = \"redis\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.url"), "{e}");
+        let e = load_toml("[broker]\nkind = \"redis-cluster\"\nurl = \"\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.url"), "{e}");
+        let e = load_toml("[broker]\nkind = \"redis\"\nurl = \"redis+sentinel://h:1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.url") && e.contains("master"), "{e}");
+        let s = load_toml("[broker]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6390\"").unwrap();
+        assert_eq!(s.broker.kind, BrokerKind::Redis);
+        let s = load_toml(
+            "[broker]\nkind = \"redis-cluster\"\nurl = \"redis://127.0.0.1:7000,127.0.0.1:7001\"",
+        )
+        .unwrap();
+        assert_eq!(s.broker.kind, BrokerKind::RedisCluster);
+        let e = load_toml("[broker]\ncanary_timeout = \"1s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("broker.canary_timeout"), "{e}");
     }
 
     #[test]

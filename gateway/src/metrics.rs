@@ -1,5 +1,8 @@
 //! Every metric of a node, in one place. Names are documented in docs/metrics.md and are stable.
 
+use std::time::Duration;
+
+use broker_bridge::BrokerObserver;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder, exponential_buckets,
@@ -34,6 +37,12 @@ pub struct Metrics {
     pub fanout_seconds: Histogram,
     /// 1 while the broker path works, else 0.
     pub broker_up: IntGauge,
+    /// Times the broker's subscription connection was re-established.
+    pub broker_reconnects: IntCounter,
+    /// Round trip of the canary a node sends itself through the broker.
+    pub broker_roundtrip_seconds: Histogram,
+    /// Topics that may have lost messages across a broker reconnect (history could not fill in).
+    pub broker_gaps: IntCounter,
     /// 1 while the node accepts traffic, 0 while draining.
     pub ready: IntGauge,
 }
@@ -103,6 +112,26 @@ impl Metrics {
                 h
             },
             broker_up: gauge(r, "broker_up", "1 while the broker path works."),
+            broker_reconnects: counter(
+                r,
+                "broker_reconnects_total",
+                "Times the broker subscription connection was re-established.",
+            ),
+            broker_roundtrip_seconds: {
+                let opts = HistogramOpts::new(
+                    "broker_roundtrip_seconds",
+                    "Round trip of the node's canary through the broker (publish to delivery).",
+                )
+                .buckets(exponential_buckets(5e-5, 2.0, 18).expect("valid buckets"));
+                let h = Histogram::with_opts(opts).expect("valid histogram");
+                r.register(Box::new(h.clone())).expect("unique name");
+                h
+            },
+            broker_gaps: counter(
+                r,
+                "broker_gaps_total",
+                "Topics that may have lost messages across a broker reconnect.",
+            ),
             ready: gauge(
                 r,
                 "ready",
@@ -147,6 +176,25 @@ impl Metrics {
         // Encoding into a Vec fails only on a malformed metric family, which registration prevents.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         buf
+    }
+}
+
+/// The broker reports its connection events straight into the metrics.
+impl BrokerObserver for Metrics {
+    fn state_changed(&self, up: bool) {
+        self.broker_up.set(up as i64);
+    }
+
+    fn reconnected(&self) {
+        self.broker_reconnects.inc();
+    }
+
+    fn canary_roundtrip(&self, rtt: Duration) {
+        self.broker_roundtrip_seconds.observe(rtt.as_secs_f64());
+    }
+
+    fn gap(&self, topics: usize) {
+        self.broker_gaps.inc_by(topics as u64);
     }
 }
 

@@ -7,7 +7,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use broker_bridge::{Broker, BrokerError, MemoryBroker, MemoryConfig, MessageSink, Position};
+use broker_bridge::{
+    Broker, BrokerError, BrokerObserver, MemoryBroker, MemoryConfig, MessageSink, Position,
+    RedisBroker, RedisConfig,
+};
 use bytes::Bytes;
 use serde_json::value::RawValue;
 
@@ -63,11 +66,30 @@ impl Node {
                 },
                 sink,
             )),
-            other => anyhow::bail!("broker.kind {other:?} is not available in this build"),
+            BrokerKind::Redis | BrokerKind::RedisCluster => {
+                let b = &settings.broker;
+                let mut config = RedisConfig::new(
+                    b.url.clone().unwrap_or_default(),
+                    b.kind == BrokerKind::RedisCluster,
+                );
+                config.prefix = b.prefix.clone();
+                config.history_size = settings.history.size;
+                config.history_ttl = settings.history.ttl;
+                config.topic_idle_ttl = b.topic_idle_ttl;
+                config.command_timeout = b.command_timeout;
+                config.connect_timeout = b.command_timeout;
+                config.canary_interval = b.canary_interval;
+                config.canary_timeout = b.canary_timeout;
+                let observer: Arc<dyn BrokerObserver> = metrics.clone();
+                let broker = RedisBroker::connect(config, sink, observer)
+                    .map_err(|e| anyhow::anyhow!("broker.url: {e}"))?;
+                tracing::info!(node = broker.node_id(), "Redis broker configured");
+                Arc::new(broker)
+            }
         };
         let access = Access::from_settings(&settings)?;
         metrics.ready.set(1);
-        metrics.broker_up.set(1);
+        metrics.broker_up.set(broker.is_ready() as i64);
         Ok(Arc::new(Node {
             settings,
             metrics,
@@ -158,7 +180,7 @@ impl Node {
                 None => {
                     let pos = self.broker.position(topic).await.map_err(broker_error)?;
                     let ack = protocol::ack(id, topic, &pos, None);
-                    self.registry.activate(topic, conn, ack, &[], pos.offset);
+                    self.registry.activate(topic, conn, ack, &[], &pos);
                 }
                 Some(since) => {
                     let replay = self
@@ -173,11 +195,11 @@ impl Node {
                         };
                         let ack = protocol::ack(id, topic, &resumed, Some(true));
                         self.registry
-                            .activate(topic, conn, ack, &replay.messages, since.offset);
+                            .activate(topic, conn, ack, &replay.messages, &resumed);
                     } else {
                         let ack = protocol::ack(id, topic, &replay.position, Some(false));
                         self.registry
-                            .activate(topic, conn, ack, &[], replay.position.offset);
+                            .activate(topic, conn, ack, &[], &replay.position);
                     }
                 }
             }

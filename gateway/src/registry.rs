@@ -15,7 +15,7 @@ use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use broker_bridge::{Message, MessageSink, Offset};
+use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
 use crate::metrics::Metrics;
@@ -55,10 +55,39 @@ struct Subscriber {
 }
 
 enum SubState {
-    /// Subscribe not yet acknowledged: frames held back, with their offsets.
-    Pending(Vec<(Option<Offset>, Bytes)>),
-    /// Acknowledged at this offset: later offsets (and offset-less raw messages) are delivered.
-    Live(Offset),
+    /// Subscribe not yet acknowledged: frames held back, with their positions.
+    Pending(Vec<(Option<Position>, Bytes)>),
+    /// Acknowledged, or last delivered, at this position: later offsets (and offset-less raw
+    /// messages) are delivered.
+    Live(Cursor),
+}
+
+/// Where a live subscriber stands in its topic.
+struct Cursor {
+    epoch: Epoch,
+    offset: Offset,
+}
+
+impl Cursor {
+    /// Whether a message at `position` comes after the cursor; if so the cursor moves to it.
+    ///
+    /// A message of another epoch (the broker lost the topic's sequence, e.g. a Redis flush) starts
+    /// the count again: offsets restart there, and dropping them as "old" would lose them.
+    fn advance(&mut self, position: Option<&Position>) -> bool {
+        let Some(p) = position else {
+            return true;
+        };
+        if p.epoch != self.epoch {
+            self.epoch = p.epoch.clone();
+            self.offset = p.offset;
+            return true;
+        }
+        if p.offset > self.offset {
+            self.offset = p.offset;
+            return true;
+        }
+        false
+    }
 }
 
 impl Registry {
@@ -106,14 +135,15 @@ impl Registry {
     }
 
     /// Turns a pending subscriber live: queues `ack`, then `replay`, then whatever was held back with
-    /// an offset above `floor`, all under the topic's lock so no live message can slip in between.
+    /// an offset above `floor` (in `floor`'s epoch), all under the topic's lock so no live message
+    /// can slip in between.
     pub fn activate(
         &self,
         topic: &str,
         conn: ConnId,
         ack: Bytes,
         replay: &[Message],
-        floor: Offset,
+        floor: &Position,
     ) {
         let mut shard = self.shard(topic);
         let Some(entry) = shard.get_mut(topic) else {
@@ -122,21 +152,24 @@ impl Registry {
         let Some(sub) = entry.subs.iter_mut().find(|s| s.conn == conn) else {
             return;
         };
-        let held = std::mem::replace(&mut sub.state, SubState::Live(floor));
+        let mut cursor = Cursor {
+            epoch: floor.epoch.clone(),
+            offset: floor.offset,
+        };
+        let held = std::mem::replace(&mut sub.state, SubState::Pending(Vec::new()));
         sub.queue.push(ack);
-        let mut last = floor;
         for m in replay {
+            cursor.advance(m.position.as_ref());
             self.push(&sub.queue, protocol::message(m));
-            last = m.position.as_ref().map_or(last, |p| p.offset);
         }
         if let SubState::Pending(held) = held {
-            for (offset, frame) in held {
-                if offset.is_none_or(|o| o > last) {
+            for (position, frame) in held {
+                if cursor.advance(position.as_ref()) {
                     self.push(&sub.queue, frame);
                 }
             }
         }
-        sub.state = SubState::Live(last);
+        sub.state = SubState::Live(cursor);
     }
 
     /// Removes a subscriber. Returns the topic's gate when no local subscriber is left, so the caller
@@ -200,7 +233,6 @@ impl Registry {
 impl MessageSink for Registry {
     fn deliver(&self, message: Message) {
         let started = Instant::now();
-        let offset = message.position.as_ref().map(|p| p.offset);
         let mut shard = self.shard(&message.topic);
         let Some(entry) = shard.get_mut(&*message.topic) else {
             return;
@@ -209,8 +241,10 @@ impl MessageSink for Registry {
         let mut delivered = 0u64;
         for sub in &mut entry.subs {
             match &mut sub.state {
-                SubState::Live(floor) => {
-                    if offset.is_none_or(|o| o > *floor) && self.push(&sub.queue, frame.clone()) {
+                SubState::Live(cursor) => {
+                    if cursor.advance(message.position.as_ref())
+                        && self.push(&sub.queue, frame.clone())
+                    {
                         delivered += 1;
                     }
                 }
@@ -220,7 +254,7 @@ impl MessageSink for Registry {
                             .close(crate::send_queue::CloseReason::SLOW_CONSUMER);
                         self.metrics.slow_consumer_disconnects.inc();
                     } else {
-                        held.push((offset, frame.clone()));
+                        held.push((message.position.clone(), frame.clone()));
                     }
                 }
             }
@@ -230,5 +264,33 @@ impl MessageSink for Registry {
         self.metrics
             .fanout_seconds
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(epoch: &str, offset: Offset) -> Position {
+        Position {
+            epoch: Epoch::new(epoch),
+            offset,
+        }
+    }
+
+    #[test]
+    fn cursor_skips_old_offsets_and_restarts_on_a_new_epoch() {
+        let mut c = Cursor {
+            epoch: Epoch::new("e1"),
+            offset: 41,
+        };
+        assert!(!c.advance(Some(&at("e1", 41))), "already acknowledged");
+        assert!(c.advance(Some(&at("e1", 42))));
+        assert!(!c.advance(Some(&at("e1", 42))), "duplicate");
+        assert!(c.advance(None), "raw messages always pass");
+        // Redis lost the topic (flush, restart): offsets start again under a new epoch.
+        assert!(c.advance(Some(&at("e2", 1))));
+        assert!(c.advance(Some(&at("e2", 2))));
+        assert!(!c.advance(Some(&at("e2", 1))));
     }
 }

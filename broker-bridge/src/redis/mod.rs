@@ -1,0 +1,355 @@
+//! The Redis brokers: many stateless gateway nodes act as one through Redis pub/sub.
+//!
+//! * Publishing runs one Lua script that assigns the topic's next offset (`INCR`), appends the
+//!   message to the topic's history stream (`XADD … MAXLEN`) and publishes it, atomically, so offsets
+//!   are global across nodes ([`scripts`]).
+//! * A node holds one subscription per topic with local subscribers on a dedicated connection, which
+//!   is re-established with backoff whenever it breaks; after a reconnect every topic is subscribed
+//!   again and history fills whatever was missed in between ([`subscriber`]).
+//! * Every second the node sends a *canary* to itself through Redis; readiness requires that it came
+//!   back recently, which catches a wedged subscription connection that still looks open.
+//! * The same code serves a single Redis, a Sentinel-managed master (found again after a failover)
+//!   and Redis Cluster (sharded pub/sub with hash-tagged names) ([`conn`]).
+//!
+//! The wire format is in [`wire`] and `docs/broker.md`.
+
+mod conn;
+mod link;
+mod scripts;
+mod sentinel;
+mod subscriber;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::RedisError;
+use tokio::task::JoinHandle;
+
+use crate::{Broker, BrokerError, BrokerObserver, Epoch, MessageSink, Offset, Position, Replay};
+use conn::{Target, Timeouts, broker_error};
+use link::{CmdLink, Health, lock};
+use scripts::Scripts;
+use subscriber::{Control, Track};
+use wire::Names;
+
+/// Settings of a Redis broker.
+#[derive(Clone, Debug)]
+pub struct RedisConfig {
+    /// `redis://…`, `rediss://…`, `redis+sentinel://…`, or comma-separated cluster seeds.
+    pub url: String,
+    /// Redis Cluster (sharded pub/sub) instead of a single Redis / Sentinel master.
+    pub cluster: bool,
+    /// Prefix of every channel and key.
+    pub prefix: String,
+    /// Messages kept per topic for recovery (0 keeps none).
+    pub history_size: usize,
+    /// How long a message stays in history.
+    pub history_ttl: Duration,
+    /// How long a topic's epoch and offset survive without being used. A topic unused for longer
+    /// starts a new epoch at its next use.
+    pub topic_idle_ttl: Duration,
+    /// The longest a command may take before it counts as failed (and the caller gets
+    /// `Unavailable`).
+    pub command_timeout: Duration,
+    /// Connect (TCP, TLS, handshake) time limit.
+    pub connect_timeout: Duration,
+    /// How often a canary is sent.
+    pub canary_interval: Duration,
+    /// Not ready (and the subscription connection is replaced) when no canary came back for this
+    /// long.
+    pub canary_timeout: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for everything but the URL.
+    pub fn new(url: impl Into<String>, cluster: bool) -> Self {
+        RedisConfig {
+            url: url.into(),
+            cluster,
+            prefix: "pubgate:".into(),
+            history_size: 0,
+            history_ttl: Duration::from_secs(300),
+            topic_idle_ttl: Duration::from_secs(24 * 3600),
+            command_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            canary_interval: Duration::from_secs(1),
+            canary_timeout: Duration::from_secs(3),
+        }
+    }
+
+    /// Checks the settings without connecting: the URL must parse and the canary timeout must be
+    /// longer than the interval.
+    pub fn validate(&self) -> Result<(), BrokerError> {
+        Target::parse(&self.url, self.cluster)?;
+        if self.canary_interval.is_zero() || self.canary_timeout <= self.canary_interval {
+            return Err(BrokerError::Config(
+                "the canary timeout must be longer than the canary interval".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A broker backed by Redis (standalone, Sentinel or Cluster).
+///
+/// Created with [`RedisBroker::connect`], which returns at once: the connections are opened in the
+/// background and [`Broker::is_ready`] turns true once the first canary made the round trip.
+/// Dropping the broker stops its background tasks.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// State shared by the broker's methods and its subscription task.
+struct Inner {
+    config: RedisConfig,
+    names: Names,
+    target: Arc<Target>,
+    timeouts: Timeouts,
+    node_id: String,
+    scripts: Scripts,
+    sink: Arc<dyn MessageSink>,
+    observer: Arc<dyn BrokerObserver>,
+    health: Arc<Health>,
+    cmd: Arc<CmdLink>,
+    /// Topics this node wants delivered, with what was delivered last (for de-duplication and gap
+    /// filling after a reconnect).
+    topics: Mutex<HashMap<Arc<str>, Track>>,
+    /// The subscription connection; held across subscribe/unsubscribe/resubscribe so they apply in
+    /// order.
+    control: tokio::sync::Mutex<Control>,
+    /// Generation of the current subscription connection (a copy of `control`'s, readable without
+    /// waiting).
+    generation: std::sync::atomic::AtomicU64,
+    /// Generations handed out so far (one per connection attempt).
+    next_generation: std::sync::atomic::AtomicU64,
+    /// Asks the subscription task to replace the subscription connection.
+    kick: tokio::sync::Notify,
+}
+
+impl RedisBroker {
+    /// Parses the URL and starts connecting; delivers subscribed topics to `sink` and reports
+    /// connection events to `observer`. Must be called inside a Tokio runtime.
+    ///
+    /// Fails only on an unusable configuration (a malformed URL); an unreachable Redis is retried
+    /// in the background while the broker reports not-ready.
+    pub fn connect(
+        config: RedisConfig,
+        sink: Arc<dyn MessageSink>,
+        observer: Arc<dyn BrokerObserver>,
+    ) -> Result<RedisBroker, BrokerError> {
+        config.validate()?;
+        let target = Arc::new(Target::parse(&config.url, config.cluster)?);
+        let timeouts = Timeouts {
+            connect: config.connect_timeout,
+            response: config.command_timeout,
+        };
+        let node_id = format!("{:08x}", rand::random::<u32>());
+        let health = Arc::new(Health::new(config.canary_timeout));
+        let cmd = Arc::new(CmdLink::new(
+            target.clone(),
+            timeouts,
+            format!("pubgate-cmd-{node_id}"),
+            health.clone(),
+        ));
+        // Start connecting right away; the error only says "not yet".
+        let _ = cmd.get();
+        let inner = Arc::new(Inner {
+            names: Names::new(&config.prefix, target.is_cluster()),
+            config,
+            target,
+            timeouts,
+            node_id,
+            scripts: Scripts::new(),
+            sink,
+            observer,
+            health,
+            cmd,
+            topics: Mutex::new(HashMap::new()),
+            control: tokio::sync::Mutex::new(Control::default()),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            next_generation: std::sync::atomic::AtomicU64::new(0),
+            kick: tokio::sync::Notify::new(),
+        });
+        tracing::info!(node = %inner.node_id, cluster = inner.names.is_cluster(), "Redis broker starting");
+        let mut tasks = vec![tokio::spawn(subscriber::run(inner.clone()))];
+        if let Target::Sentinel(_) = &*inner.target {
+            let watcher = inner.clone();
+            tasks.push(tokio::spawn(async move {
+                if let Target::Sentinel(s) = &*watcher.target {
+                    s.watch(watcher.timeouts, || {
+                        // Drop both connections now; they reconnect to the new master.
+                        watcher.cmd.reset();
+                        watcher.kick.notify_one();
+                    })
+                    .await;
+                }
+            }));
+        }
+        Ok(RedisBroker { inner, tasks })
+    }
+
+    /// This node's id in Redis: its connections are named `pubgate-cmd-<id>` and `pubgate-sub-<id>`
+    /// and its canary channel ends in `#canary.<id>`.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.inner.health.closed.store(true, Ordering::Relaxed);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
+    /// Runs one command on the command connection with the command timeout; failures that mean
+    /// the connection broke make it reconnect.
+    async fn with_cmd<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(conn::Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let (generation, conn) = self.cmd.get()?;
+        match tokio::time::timeout(self.config.command_timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.cmd.failed(generation, Some(&e));
+                Err(broker_error(e))
+            }
+            Err(_) => {
+                self.cmd.failed(generation, None);
+                Err(BrokerError::Unavailable(format!(
+                    "Redis did not answer within {:?}",
+                    self.config.command_timeout
+                )))
+            }
+        }
+    }
+
+    fn idle_ms(&self) -> u64 {
+        self.config.topic_idle_ttl.as_millis() as u64
+    }
+
+    fn history_ttl_ms(&self) -> u64 {
+        self.config.history_ttl.as_millis() as u64
+    }
+
+    async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
+        let keys = self.names.keys(topic);
+        let candidate = Epoch::random();
+        let value = self
+            .with_cmd(|mut c| async move {
+                let mut inv = self.scripts.position.prepare_invoke();
+                inv.key(&keys.epoch)
+                    .key(&keys.offset)
+                    .key(&keys.history)
+                    .arg(candidate.as_str())
+                    .arg(self.idle_ms());
+                c.eval::<redis::Value>(&inv).await
+            })
+            .await?;
+        scripts::parse_position(value)
+    }
+
+    async fn replay(
+        &self,
+        topic: &Arc<str>,
+        epoch: &str,
+        since: Offset,
+        limit: usize,
+    ) -> Result<Replay, BrokerError> {
+        let keys = self.names.keys(topic);
+        let candidate = Epoch::random();
+        let value = self
+            .with_cmd(|mut c| async move {
+                let mut inv = self.scripts.replay.prepare_invoke();
+                inv.key(&keys.epoch)
+                    .key(&keys.offset)
+                    .key(&keys.history)
+                    .arg(candidate.as_str())
+                    .arg(self.idle_ms())
+                    .arg(epoch)
+                    .arg(since)
+                    .arg(limit)
+                    .arg(self.history_ttl_ms());
+                c.eval::<redis::Value>(&inv).await
+            })
+            .await?;
+        scripts::parse_replay(value, topic, since)
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, topic: &str, data: Bytes) -> Result<Position, BrokerError> {
+        let inner = &self.inner;
+        let keys = inner.names.keys(topic);
+        let channel = inner.names.channel(topic);
+        let candidate = Epoch::random();
+        let command = if inner.names.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let value = inner
+            .with_cmd(|mut c| async move {
+                let mut inv = inner.scripts.publish.prepare_invoke();
+                inv.key(&keys.epoch)
+                    .key(&keys.offset)
+                    .key(&keys.history)
+                    .arg(candidate.as_str())
+                    .arg(inner.idle_ms())
+                    .arg(&channel)
+                    .arg(&data[..])
+                    .arg(inner.config.history_size)
+                    .arg(inner.history_ttl_ms())
+                    .arg(command);
+                c.eval::<redis::Value>(&inv).await
+            })
+            .await?;
+        scripts::parse_position(value)
+    }
+
+    async fn subscribe(&self, topic: &str) -> Result<(), BrokerError> {
+        self.inner.subscribe(topic).await
+    }
+
+    async fn unsubscribe(&self, topic: &str) -> Result<(), BrokerError> {
+        self.inner.unsubscribe(topic).await
+    }
+
+    async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
+        let position = self.inner.position(topic).await?;
+        self.inner.hint(topic, &position);
+        Ok(position)
+    }
+
+    async fn replay(
+        &self,
+        topic: &str,
+        epoch: &str,
+        since: Offset,
+        limit: usize,
+    ) -> Result<Replay, BrokerError> {
+        let name: Arc<str> = lock(&self.inner.topics)
+            .get_key_value(topic)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| topic.into());
+        let replay = self.inner.replay(&name, epoch, since, limit).await?;
+        self.inner.hint(topic, &replay.position);
+        Ok(replay)
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.health.is_ready()
+    }
+}

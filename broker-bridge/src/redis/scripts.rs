@@ -1,0 +1,209 @@
+//! The Lua scripts that keep a topic's epoch, offset and history consistent in Redis.
+//!
+//! Each script runs atomically and touches only the topic's three keys (one hash slot on a cluster).
+//! Keys, in order: `KEYS[1]` epoch, `KEYS[2]` offset, `KEYS[3]` history stream. All three begin with
+//! the same preamble: if the epoch or the offset key is missing (first use, `FLUSHALL`, expiry,
+//! eviction), a new epoch (`ARGV[1]`, made by the caller) starts at offset 0 with empty history.
+//! `ARGV[2]` is how long, in ms, the epoch and offset keys live after the topic was last used.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use redis::{Script, Value};
+
+use crate::{BrokerError, Epoch, Message, Offset, Position, Replay};
+
+const PREAMBLE: &str = r#"
+local epoch = redis.call('GET', KEYS[1])
+local last = redis.call('GET', KEYS[2])
+if (not epoch) or (not last) then
+  epoch = ARGV[1]
+  last = 0
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[2], 0)
+  redis.call('DEL', KEYS[3])
+else
+  last = tonumber(last)
+end
+local idle = tonumber(ARGV[2])
+if idle > 0 then
+  redis.call('PEXPIRE', KEYS[1], idle)
+  redis.call('PEXPIRE', KEYS[2], idle)
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function field(entry, name)
+  local f = entry[2]
+  for i = 1, #f, 2 do
+    if f[i] == name then return f[i + 1] end
+  end
+  return nil
+end
+"#;
+
+/// Publish. `ARGV[3]` channel, `ARGV[4]` data, `ARGV[5]` history size, `ARGV[6]` history TTL in ms
+/// (0: none), `ARGV[7]` `PUBLISH` or `SPUBLISH`. Returns `{epoch, offset}`.
+const PUBLISH: &str = r#"
+local offset = redis.call('INCR', KEYS[2])
+local size = tonumber(ARGV[5])
+local ttl = tonumber(ARGV[6])
+if size > 0 then
+  local now = now_ms()
+  redis.call('XADD', KEYS[3], 'MAXLEN', size, string.format('%d-0', offset), 'd', ARGV[4], 't', now)
+  if ttl > 0 then
+    -- Drop entries older than the TTL from the head, a bounded number per publish.
+    local head = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 64)
+    local expired = nil
+    for _, e in ipairs(head) do
+      local t = tonumber(field(e, 't') or '0')
+      if t >= now - ttl then break end
+      expired = tonumber(string.match(e[1], '^(%d+)'))
+    end
+    if expired then
+      redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d-0', expired + 1))
+    end
+    redis.call('PEXPIRE', KEYS[3], ttl)
+  end
+end
+redis.call(ARGV[7], ARGV[3], 'pg1 ' .. epoch .. ' ' .. string.format('%d', offset) .. '\n' .. ARGV[4])
+return {epoch, offset}
+"#;
+
+/// Position. Returns `{epoch, offset}`.
+const POSITION: &str = r#"
+return {epoch, last}
+"#;
+
+/// Replay. `ARGV[3]` the client's epoch, `ARGV[4]` the offset it has, `ARGV[5]` most messages to
+/// return, `ARGV[6]` history TTL in ms (0: none). Returns `{epoch, offset, 1, data…}` when history
+/// holds every message after `ARGV[4]` in that epoch, else `{epoch, offset, 0}`.
+const REPLAY: &str = r#"
+local since = tonumber(ARGV[4])
+if epoch ~= ARGV[3] or since > last or last - since > tonumber(ARGV[5]) then
+  return {epoch, last, 0}
+end
+if since == last then
+  return {epoch, last, 1}
+end
+local entries = redis.call('XRANGE', KEYS[3], string.format('%d-0', since + 1), '+', 'COUNT', last - since)
+if #entries ~= last - since then
+  return {epoch, last, 0}
+end
+local ttl = tonumber(ARGV[6])
+local cutoff = 0
+if ttl > 0 then cutoff = now_ms() - ttl end
+local out = {epoch, last, 1}
+for i, e in ipairs(entries) do
+  if tonumber(string.match(e[1], '^(%d+)')) ~= since + i then
+    return {epoch, last, 0}
+  end
+  if tonumber(field(e, 't') or '0') < cutoff then
+    return {epoch, last, 0}
+  end
+  out[#out + 1] = field(e, 'd') or 'null'
+end
+return out
+"#;
+
+/// The three scripts, hashed once.
+pub struct Scripts {
+    /// See [`PUBLISH`].
+    pub publish: Script,
+    /// See [`POSITION`].
+    pub position: Script,
+    /// See [`REPLAY`].
+    pub replay: Script,
+}
+
+impl Scripts {
+    /// Prepares the scripts.
+    pub fn new() -> Self {
+        Scripts {
+            publish: Script::new(&format!("{PREAMBLE}{PUBLISH}")),
+            position: Script::new(&format!("{PREAMBLE}{POSITION}")),
+            replay: Script::new(&format!("{PREAMBLE}{REPLAY}")),
+        }
+    }
+}
+
+fn protocol(what: &str) -> BrokerError {
+    BrokerError::Protocol(format!("unexpected script reply: {what}"))
+}
+
+fn as_bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => u64::try_from(*n).ok(),
+        other => std::str::from_utf8(as_bytes(other)?).ok()?.parse().ok(),
+    }
+}
+
+fn items(v: Value) -> Result<Vec<Value>, BrokerError> {
+    match v {
+        Value::Array(items) => Ok(items),
+        _ => Err(protocol("not an array")),
+    }
+}
+
+fn position_of(items: &[Value]) -> Result<Position, BrokerError> {
+    let epoch = items
+        .first()
+        .and_then(as_bytes)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .ok_or_else(|| protocol("no epoch"))?;
+    let offset = items
+        .get(1)
+        .and_then(as_u64)
+        .ok_or_else(|| protocol("no offset"))?;
+    Ok(Position {
+        epoch: Epoch::new(epoch),
+        offset,
+    })
+}
+
+/// Reads the `{epoch, offset}` reply of the publish and position scripts.
+pub fn parse_position(v: Value) -> Result<Position, BrokerError> {
+    position_of(&items(v)?)
+}
+
+/// Reads the reply of the replay script.
+pub fn parse_replay(v: Value, topic: &Arc<str>, since: Offset) -> Result<Replay, BrokerError> {
+    let items = items(v)?;
+    let position = position_of(&items)?;
+    let complete = items
+        .get(2)
+        .and_then(as_u64)
+        .ok_or_else(|| protocol("no flag"))?
+        == 1;
+    let mut messages = Vec::new();
+    if complete {
+        for (i, item) in items.into_iter().skip(3).enumerate() {
+            let data = match item {
+                Value::BulkString(b) => Bytes::from(b),
+                other => Bytes::copy_from_slice(as_bytes(&other).ok_or_else(|| protocol("data"))?),
+            };
+            messages.push(Message {
+                topic: topic.clone(),
+                position: Some(Position {
+                    epoch: position.epoch.clone(),
+                    offset: since + 1 + i as u64,
+                }),
+                data,
+            });
+        }
+    }
+    Ok(Replay {
+        position,
+        complete,
+        messages,
+    })
+}
