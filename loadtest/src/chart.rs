@@ -106,7 +106,7 @@ pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
         .iter()
         .map(|p| p.total_kib.max(p.rss_kib))
         .fold(11.0, f64::max)
-        * 1.15;
+        * 1.5; // headroom so the legend sits above the data
     let mut chart = ChartBuilder::on(&root)
         .caption(
             "pubgate: memory per idle subscribed connection (one node)",
@@ -178,7 +178,7 @@ pub fn latency_chart(path: &Path, lat: &[LatPoint]) -> anyhow::Result<()> {
     let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
     let xmax = lat.iter().map(|p| p.rate).fold(1000.0, f64::max) * 1.05;
-    let ymax = lat.iter().map(|p| p.p999).fold(2.5, f64::max) * 1.5;
+    let ymax = lat.iter().map(|p| p.p999).fold(2.5, f64::max) * 6.0; // legend headroom (log)
     let ymin = lat.iter().map(|p| p.p50).fold(1.0, f64::min).max(0.01) * 0.7;
     let mut chart = ChartBuilder::on(&root)
         .caption(
