@@ -63,6 +63,9 @@ pub struct SendQueue {
     state: Mutex<State>,
     /// Wakes the writer when frames arrive or a close is requested.
     ready: Notify,
+    /// Wakes a reader waiting in [`SendQueue::room`] when the writer takes the queue or a close is
+    /// requested.
+    taken: Notify,
     max_frames: usize,
     max_bytes: usize,
     policy: SlowConsumerPolicy,
@@ -92,6 +95,7 @@ impl SendQueue {
                 close: None,
             }),
             ready: Notify::new(),
+            taken: Notify::new(),
             max_frames,
             max_bytes,
             policy,
@@ -155,6 +159,7 @@ impl SendQueue {
         }
         drop(st);
         self.ready.notify_one();
+        self.taken.notify_waiters();
     }
 
     /// Whether a close was requested.
@@ -167,6 +172,32 @@ impl SendQueue {
         self.ready.notified().await
     }
 
+    /// Waits until the queue is less than half full (in frames and in bytes), or closing.
+    /// Cancel-safe.
+    ///
+    /// A connection's reader calls this before it reads the client's next request, so that replies
+    /// to a client's own requests (pongs, acks, errors, echoes) wait for the writer instead of
+    /// overflowing the queue: a client that pipelines requests faster than its replies are written
+    /// is slowed down by TCP (its requests stay unread) rather than closed as a slow consumer, and
+    /// half the queue stays free for fan-out. Fan-out never waits (see [`SendQueue::push`]).
+    pub async fn room(&self) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            // Registered before the check, so a take() in between is not missed.
+            taken.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.close.is_some()
+                    || (st.frames.len() * 2 < self.max_frames && st.bytes * 2 < self.max_bytes)
+                {
+                    return;
+                }
+            }
+            taken.await;
+        }
+    }
+
     /// Takes everything queued, and the close request if any.
     pub fn take(&self) -> Batch {
         let mut st = self.lock();
@@ -175,6 +206,10 @@ impl SendQueue {
         let mut frames = std::mem::take(&mut st.frames);
         if close.as_ref().is_some_and(|c| c.discard_queued) {
             frames.clear();
+        }
+        drop(st);
+        if !frames.is_empty() {
+            self.taken.notify_waiters();
         }
         Batch { frames, close }
     }
@@ -219,6 +254,46 @@ mod tests {
             vec![Bytes::from_static(b"2"), Bytes::from_static(b"3")]
         );
         assert!(b.close.is_none());
+    }
+
+    #[tokio::test]
+    async fn room_waits_while_half_full_until_the_writer_takes_or_a_close() {
+        use std::time::Duration;
+        let q = std::sync::Arc::new(SendQueue::new(4, 1000, SlowConsumerPolicy::Disconnect));
+        q.push(f(1));
+        // 1 of 4 frames: room.
+        tokio::time::timeout(Duration::from_secs(1), q.room())
+            .await
+            .expect("room at 1 of 4 frames");
+        q.push(f(1));
+        // 2 of 4: half full, wait for the writer.
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "room() returned at half full");
+        assert_eq!(q.take().frames.len(), 2);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("room after take")
+            .unwrap();
+        // Bytes count too, and a close ends the wait.
+        q.push(f(600));
+        let waiting = tokio::spawn({
+            let q = q.clone();
+            async move { q.room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "room() returned at 600 of 1000 bytes"
+        );
+        q.close(CloseReason::IDLE);
+        tokio::time::timeout(Duration::from_secs(1), waiting)
+            .await
+            .expect("room after close")
+            .unwrap();
     }
 
     #[test]

@@ -142,6 +142,12 @@ struct Reader<R> {
 impl<R: AsyncRead + Unpin> Reader<R> {
     async fn run(mut self) {
         loop {
+            // Replies to this client's requests wait for room in its queue rather than overflow
+            // it: a client that pipelines requests (pings, publishes…) faster than the writer
+            // sends the replies would otherwise be closed as a slow consumer while it reads all
+            // it can. Waiting leaves its requests unread, so TCP slows it down; one that never
+            // reads is dropped by the writer's stall limit.
+            self.queue.room().await;
             let incoming = self.ws.next().await;
             self.heard.touch();
             match incoming {

@@ -9,10 +9,14 @@
 //! - [`WsClient`]: a tokio-tungstenite client with JSON helpers (`send_json`, `recv_json` with a
 //!   deadline, `expect_close`, `expect_silence`, `subscribe`, …).
 //! - [`RawWs`]: a hand-written client for what a well-behaved library will not do: send raw (masked)
-//!   frames, fragments, invalid UTF-8, never read, never answer pings or close frames.
+//!   frames, fragments, invalid UTF-8, never read, never answer pings or close frames;
+//!   [`RawWs::into_split`] to write a flood from one task while another reads.
 //! - [`HttpClient`] (hyper 1, keep-alive) and the one-shot [`http_get`] / [`http_post`].
 //! - [`Metrics`] / [`Server::metrics`]: scrape `/metrics` and read one series.
-//! - [`proc_status_kib`], [`Server::rss_kib`], [`Server::peak_rss_kib`]: memory from `/proc`.
+//! - [`proc_status_kib`], [`Server::rss_kib`], [`Server::peak_rss_kib`]: memory from `/proc`;
+//!   [`Server::cpu_time`], [`Server::open_fds`]: CPU time and open descriptors.
+//! - [`ServerBuilder::nofile_limit`] starts the server with a lowered `RLIMIT_NOFILE`;
+//!   [`raise_nofile_limit`] lifts the test process's own soft limit for floods of sockets.
 //! - [`wait_until`] / [`Server::wait_metric`]: poll a condition with a deadline (never sleep-and-hope).
 //!
 //! Each test should start its own server: ports are picked by the kernel (port 0) and tests run in
@@ -99,6 +103,7 @@ pub struct ServerBuilder {
     metrics_listener: bool,
     no_listen_flag: bool,
     no_harness_grace: bool,
+    nofile_limit: Option<u64>,
 }
 
 /// Output of a process that ended by itself (see [`ServerBuilder::run_to_exit`]).
@@ -161,8 +166,32 @@ impl ServerBuilder {
         self
     }
 
+    /// Starts the process with `RLIMIT_NOFILE` lowered to `limit` (soft and hard), as
+    /// `prlimit --nofile=N:N` would, for tests of what happens when accept(2) fails with EMFILE.
+    pub fn nofile_limit(mut self, limit: u64) -> Self {
+        self.nofile_limit = Some(limit);
+        self
+    }
+
     fn command(&self) -> Command {
         let mut cmd = Command::new(pubgate_bin());
+        if let Some(limit) = self.nofile_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit {
+                rlim_cur: limit as libc::rlim_t,
+                rlim_max: limit as libc::rlim_t,
+            };
+            // SAFETY: the closure runs in the child between fork and exec; it only makes the
+            // setrlimit system call (async-signal-safe) and allocates nothing.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         // The developer's own settings must not leak into the process under test.
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
@@ -459,6 +488,18 @@ impl Server {
             .unwrap_or_else(|| panic!("no VmHWM for pid {}", self.pid))
     }
 
+    /// CPU time (user + system) the process has used so far.
+    pub fn cpu_time(&self) -> Duration {
+        proc_cpu_time(self.pid).unwrap_or_else(|| panic!("no /proc/{}/stat", self.pid))
+    }
+
+    /// File descriptors the process holds open now (entries of `/proc/PID/fd`).
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| d.count())
+            .unwrap_or_else(|e| panic!("cannot list /proc/{}/fd: {e}", self.pid))
+    }
+
     /// Scrapes `/metrics` (on the metrics listener when there is one).
     pub async fn metrics(&self) -> Metrics {
         let r = http_get(self.probe_addr(), "/metrics").await;
@@ -543,6 +584,48 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
         let rest = line.strip_prefix(field)?.strip_prefix(':')?;
         rest.trim().trim_end_matches("kB").trim().parse().ok()
     })
+}
+
+/// CPU time (utime + stime) of a process from `/proc/PID/stat`.
+pub fn proc_cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let ticks = u64::try_from(ticks).ok().filter(|t| *t > 0)?;
+    Some(Duration::from_secs_f64(
+        (utime + stime) as f64 / ticks as f64,
+    ))
+}
+
+/// Raises this process's soft `RLIMIT_NOFILE` to its hard limit (children started afterwards
+/// inherit it), for tests that hold thousands of sockets; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> libc::rlim_t {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct passed by reference.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            panic!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    lim.rlim_cur
 }
 
 /// A file in a fresh directory under the system temp dir, removed on drop.
@@ -1003,20 +1086,20 @@ impl RawWs {
 
     /// Reads the next frame within `timeout`.
     pub async fn read_frame(&mut self, timeout: Duration) -> Result<RawFrame, RawReadError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some((frame, used)) = parse_server_frame(&self.buf)? {
-                self.buf.drain(..used);
-                return Ok(frame);
-            }
-            let mut chunk = [0u8; 16 * 1024];
-            match tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await {
-                Err(_) => return Err(RawReadError::Timeout),
-                Ok(Ok(0)) => return Err(RawReadError::Eof),
-                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
-                Ok(Err(e)) => return Err(RawReadError::Io(e)),
-            }
-        }
+        read_frame_from(&mut self.stream, &mut self.buf, timeout).await
+    }
+
+    /// Splits the connection so that one task can keep writing while another reads (floods from a
+    /// client that does read).
+    pub fn into_split(self) -> (RawWsReader, tokio::net::tcp::OwnedWriteHalf) {
+        let (read, write) = self.stream.into_split();
+        (
+            RawWsReader {
+                read,
+                buf: self.buf,
+            },
+            write,
+        )
     }
 
     /// Next text message (skipping pings and pongs) as JSON.
@@ -1081,6 +1164,41 @@ impl RawWs {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The read half of a [`RawWs`] after [`RawWs::into_split`].
+pub struct RawWsReader {
+    read: tokio::net::tcp::OwnedReadHalf,
+    buf: Vec<u8>,
+}
+
+impl RawWsReader {
+    /// Reads the next frame within `timeout`.
+    pub async fn read_frame(&mut self, timeout: Duration) -> Result<RawFrame, RawReadError> {
+        read_frame_from(&mut self.read, &mut self.buf, timeout).await
+    }
+}
+
+/// Reads one server frame from `io`, keeping unparsed bytes in `buf`.
+async fn read_frame_from<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<RawFrame, RawReadError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some((frame, used)) = parse_server_frame(buf)? {
+            buf.drain(..used);
+            return Ok(frame);
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match tokio::time::timeout_at(deadline, io.read(&mut chunk)).await {
+            Err(_) => return Err(RawReadError::Timeout),
+            Ok(Ok(0)) => return Err(RawReadError::Eof),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(RawReadError::Io(e)),
         }
     }
 }
@@ -1278,6 +1396,12 @@ impl HttpClient {
             sender,
             host: addr.to_string(),
         }
+    }
+
+    /// Whether the connection is closed (e.g. the server ended an idle keep-alive connection after
+    /// `server.handshake_timeout`); a closed client cannot send requests any more.
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 
     /// Sends one request and reads the whole response (within [`RECV_TIMEOUT`]).
