@@ -383,12 +383,10 @@ fn upgrade<T: Transport>(
         match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
             Ok(parts) => {
                 let (r, w) = parts.io.into_inner().split();
-                // An empty read_buf may still point into hyper's read buffer; never keep that alive.
-                let early = if parts.read_buf.is_empty() {
-                    Bytes::new()
-                } else {
-                    Bytes::copy_from_slice(&parts.read_buf)
-                };
+                // read_buf (even empty) points into hyper's 8 KiB read buffer: copy what the client
+                // sent early and let the buffer go before the session starts.
+                let early = Bytes::copy_from_slice(&parts.read_buf);
+                drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, route).await;
             }

@@ -158,7 +158,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     Route::PubSub(who) => {
                         // WsReader has validated UTF-8 already.
                         let text = std::str::from_utf8(&data).unwrap_or_default();
-                        self.handle(who, text).await;
+                        // Boxed: requests are rare next to idle time, and keeping their state out of
+                        // the reader's future keeps every idle connection smaller.
+                        Box::pin(self.handle(who, text)).await;
                     }
                 },
                 Ok(Incoming::Binary(data)) => match self.route {
