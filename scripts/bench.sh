@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh [--out DIR] [--quick] [--only NAMES] [--charts DIR]
 #
-#   --out DIR     results directory (default bench-results/<UTC timestamp>)
+#   --out DIR     results directory (default target/bench-results/<UTC timestamp>)
 #   --quick       small and short: a smoke run of every scenario (about a minute)
 #   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
+OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
 ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn"
 CHARTS=""

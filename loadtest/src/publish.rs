@@ -83,7 +83,7 @@ pub struct PoolSpec {
     pub nodes: Vec<Node>,
     /// Keep-alive connections.
     pub connections: usize,
-    /// Topics; message `k` goes to topic `k % topics.len()`.
+    /// Topics; each connection cycles through all of them.
     pub topics: Arc<Vec<Arc<str>>>,
     /// Payload size in bytes.
     pub payload: usize,
@@ -296,7 +296,9 @@ async fn run_job(
                 if tokio::time::Instant::now() >= hard_stop {
                     break;
                 }
-                let t = (k % ntopics) as usize;
+                // Every connection cycles through all topics (so with several nodes and no shared
+                // broker each node's subscribers of every topic get messages).
+                let t = ((c as u64 + k / nconn) % ntopics) as usize;
                 let seq = seqs[t].fetch_add(1, Ordering::Relaxed) + 1;
                 let sent_at = now_ns();
                 write_payload(&mut buf, sent_at, seq, spec.payload);
