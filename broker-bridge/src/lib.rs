@@ -136,15 +136,152 @@ pub enum BrokerError {
     Config(String),
 }
 
-/// The replay a subscriber asked for with `since`, as far as history could serve it.
+/// How much history one topic keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Messages kept (0: the topic has no history, so a resume can never be served).
+    pub size: usize,
+    /// How long a message stays in history.
+    pub ttl: Duration,
+}
+
+impl HistoryLimits {
+    /// No history at all.
+    pub const NONE: HistoryLimits = HistoryLimits {
+        size: 0,
+        ttl: Duration::from_secs(300),
+    };
+}
+
+/// Decides how much history each topic keeps. The broker asks it per topic (the memory broker once
+/// per topic, the Redis broker on every publish and history read), so it must be cheap and must
+/// give the same answer for the same topic for the life of the process.
+///
+/// A fixed [`HistoryLimits`] is a policy that gives every topic the same limits, and so is any
+/// `Fn(&str) -> HistoryLimits`; the gateway passes its `history.rules` as a closure, which keeps this
+/// crate free of the gateway's topic patterns.
+pub trait HistoryPolicy: Send + Sync + 'static {
+    /// The limits of `topic`.
+    fn limits(&self, topic: &str) -> HistoryLimits;
+}
+
+impl HistoryPolicy for HistoryLimits {
+    fn limits(&self, _topic: &str) -> HistoryLimits {
+        *self
+    }
+}
+
+impl<F> HistoryPolicy for F
+where
+    F: Fn(&str) -> HistoryLimits + Send + Sync + 'static,
+{
+    fn limits(&self, topic: &str) -> HistoryLimits {
+        self(topic)
+    }
+}
+
+impl fmt::Debug for dyn HistoryPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HistoryPolicy")
+    }
+}
+
+/// What to read from a topic's history (see [`Broker::history`]).
+#[derive(Clone, Copy, Debug)]
+pub struct HistoryRead<'a> {
+    /// The epoch `since` belongs to. Another epoch than the topic's current one makes `since`
+    /// meaningless: it is read as 0 and the page is never complete. `None` takes `since` in the
+    /// current epoch.
+    pub epoch: Option<&'a str>,
+    /// Read the messages after this offset; `None` reads the newest `limit` messages (as if `since`
+    /// were `latest - limit`).
+    pub since: Option<Offset>,
+    /// Messages returned at most.
+    pub limit: usize,
+    /// All or nothing, as a resume needs it: messages only when history holds every one of them
+    /// from `since + 1` to the latest offset and they fit in `limit`; otherwise none, and the page
+    /// is not complete.
+    pub whole: bool,
+}
+
+/// A page of a topic's history: a resume's replay, or an answer to `GET /v1/history`.
 #[derive(Clone, Debug)]
 pub struct Replay {
-    /// The topic's position when the replay was read.
+    /// The topic's position when the page was read.
     pub position: Position,
-    /// Whether history covered everything after the requested offset.
+    /// Whether history holds every message from `since + 1` on (so `messages` starts there and has
+    /// no hole), in the requested epoch. With [`HistoryRead::whole`] it also means `messages` runs
+    /// up to `position.offset`.
     pub complete: bool,
-    /// The messages after the requested offset, in order (empty when `complete` is false).
+    /// The messages after `since` that history still holds, oldest first, at most `limit` (always
+    /// empty for an incomplete whole read).
     pub messages: Vec<Message>,
+}
+
+impl HistoryRead<'_> {
+    /// Where the page starts in a topic at `position`: the effective `since` (messages after it are
+    /// read), and whether the request can be complete at all (epoch matches, `since` not beyond
+    /// the latest offset). The Redis history script computes the same start.
+    pub(crate) fn start(&self, position: &Position) -> (Offset, bool) {
+        let last = position.offset;
+        let epoch_ok = self.epoch.is_none_or(|e| e == position.epoch.as_str());
+        match self.since {
+            None => (last.saturating_sub(self.limit as u64), epoch_ok),
+            Some(_) if !epoch_ok => (0, false),
+            Some(since) => (since, since <= last),
+        }
+    }
+
+    /// Builds the page from what history holds after the start (oldest first, expired entries
+    /// already left out), the one place that decides `complete` for every broker.
+    pub(crate) fn page(
+        &self,
+        topic: &Arc<str>,
+        position: Position,
+        held: impl IntoIterator<Item = (Offset, Bytes)>,
+    ) -> Replay {
+        let (start, possible) = self.start(&position);
+        let last = position.offset;
+        let mut messages = Vec::new();
+        let mut contiguous = true;
+        let mut expect = start + 1;
+        for (offset, data) in held {
+            if offset <= start || offset > last {
+                continue;
+            }
+            if messages.len() >= self.limit {
+                break;
+            }
+            contiguous &= offset == expect;
+            expect = offset + 1;
+            messages.push(Message {
+                topic: topic.clone(),
+                position: Some(Position {
+                    epoch: position.epoch.clone(),
+                    offset,
+                }),
+                data,
+            });
+        }
+        let mut complete = possible
+            && contiguous
+            && if start >= last {
+                start == last
+            } else {
+                !messages.is_empty()
+            };
+        if self.whole {
+            complete &= last - start.min(last) == messages.len() as u64;
+            if !complete {
+                messages.clear();
+            }
+        }
+        Replay {
+            position,
+            complete,
+            messages,
+        }
+    }
 }
 
 /// The interface every broker implements: publish, node-level subscriptions, positions, history.
@@ -165,14 +302,30 @@ pub trait Broker: Send + Sync + 'static {
     /// The topic's current epoch and latest offset.
     async fn position(&self, topic: &str) -> Result<Position, BrokerError>;
 
-    /// The messages after `since` in epoch `epoch`, up to `limit`, if history still holds them.
+    /// Reads a page of the topic's history (see [`HistoryRead`] and [`Replay`]).
+    async fn history(&self, topic: &str, read: HistoryRead<'_>) -> Result<Replay, BrokerError>;
+
+    /// The messages after `since` in epoch `epoch`, all of them (at most `limit`), if history still
+    /// holds them: what a subscriber resuming with `since` gets. The same code path as
+    /// [`Broker::history`], read whole.
     async fn replay(
         &self,
         topic: &str,
         epoch: &str,
         since: Offset,
         limit: usize,
-    ) -> Result<Replay, BrokerError>;
+    ) -> Result<Replay, BrokerError> {
+        self.history(
+            topic,
+            HistoryRead {
+                epoch: Some(epoch),
+                since: Some(since),
+                limit,
+                whole: true,
+            },
+        )
+        .await
+    }
 
     /// Whether the broker path currently works end to end.
     fn is_ready(&self) -> bool;

@@ -7,32 +7,40 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::{Broker, BrokerError, Epoch, Message, MessageSink, Offset, Position, Replay};
+use crate::{
+    Broker, BrokerError, Epoch, HistoryLimits, HistoryPolicy, HistoryRead, Message, MessageSink,
+    Offset, Position, Replay,
+};
 
 /// Settings of the in-memory broker.
 #[derive(Clone, Debug)]
 pub struct MemoryConfig {
-    /// Messages kept per topic for recovery (0 keeps none).
-    pub history_size: usize,
-    /// How long a message stays in history.
-    pub history_ttl: Duration,
+    /// How much history each topic keeps (looked up once, when the broker first sees the topic).
+    pub history: Arc<dyn HistoryPolicy>,
+}
+
+impl MemoryConfig {
+    /// Every topic keeps the same history.
+    pub fn uniform(limits: HistoryLimits) -> Self {
+        MemoryConfig {
+            history: Arc::new(limits),
+        }
+    }
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            history_size: 0,
-            history_ttl: Duration::from_secs(300),
-        }
+        MemoryConfig::uniform(HistoryLimits::NONE)
     }
 }
 
 /// A broker inside the node's own process.
 ///
 /// Publishing assigns the offset and hands the message to the sink under the topic's lock, so the sink
-/// sees each topic in offset order even with many concurrent publishers. A topic nobody subscribes to
-/// and nobody published to for longer than the history TTL is forgotten, which bounds memory whatever
-/// topic names publishers invent; publishing to it again starts a new epoch.
+/// sees each topic in offset order even with many concurrent publishers. Each topic keeps a ring of
+/// its latest messages, sized by the history policy. A topic nobody subscribes to and nobody
+/// published to for longer than its history TTL (at least a minute) is forgotten, which bounds
+/// memory whatever topic names publishers invent; publishing to it again starts a new epoch.
 pub struct MemoryBroker {
     config: MemoryConfig,
     sink: Arc<dyn MessageSink>,
@@ -50,7 +58,35 @@ struct TopicLog {
     last: Offset,
     subscribed: bool,
     last_publish: Instant,
+    limits: HistoryLimits,
     history: VecDeque<(Offset, Instant, Bytes)>,
+}
+
+impl TopicLog {
+    /// How long the topic is kept without subscribers or publishes.
+    fn idle_limit(&self) -> Duration {
+        self.limits.ttl.max(Duration::from_secs(60))
+    }
+
+    fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.last,
+        }
+    }
+
+    /// Drops what is beyond the topic's size or older than its TTL.
+    fn trim(&mut self, now: Instant) {
+        while self.history.len() > self.limits.size {
+            self.history.pop_front();
+        }
+        while let Some((_, at, _)) = self.history.front() {
+            if now.duration_since(*at) <= self.limits.ttl {
+                break;
+            }
+            self.history.pop_front();
+        }
+    }
 }
 
 impl MemoryBroker {
@@ -69,12 +105,12 @@ impl MemoryBroker {
     fn topic(&self, name: &str) -> Arc<Mutex<TopicLog>> {
         let mut topics = lock(&self.topics);
         let now = Instant::now();
-        let idle_limit = self.config.history_ttl.max(Duration::from_secs(60));
-        if now.duration_since(topics.last_sweep) > idle_limit / 2 {
+        // Sweep at most every 30 s (half the shortest idle limit).
+        if now.duration_since(topics.last_sweep) > Duration::from_secs(30) {
             topics.last_sweep = now;
             topics.map.retain(|_, log| {
                 let log = lock(log);
-                log.subscribed || now.duration_since(log.last_publish) < idle_limit
+                log.subscribed || now.duration_since(log.last_publish) < log.idle_limit()
             });
         }
         if let Some(log) = topics.map.get(name) {
@@ -87,22 +123,11 @@ impl MemoryBroker {
             last: 0,
             subscribed: false,
             last_publish: now,
+            limits: self.config.history.limits(&name),
             history: VecDeque::new(),
         }));
         topics.map.insert(name, log.clone());
         log
-    }
-
-    fn trim(&self, log: &mut TopicLog, now: Instant) {
-        while log.history.len() > self.config.history_size {
-            log.history.pop_front();
-        }
-        while let Some((_, at, _)) = log.history.front() {
-            if now.duration_since(*at) <= self.config.history_ttl {
-                break;
-            }
-            log.history.pop_front();
-        }
     }
 }
 
@@ -123,10 +148,10 @@ impl Broker for MemoryBroker {
             epoch: log.epoch.clone(),
             offset: log.last,
         };
-        if self.config.history_size > 0 {
+        if log.limits.size > 0 {
             let offset = log.last;
             log.history.push_back((offset, now, data.clone()));
-            self.trim(&mut log, now);
+            log.trim(now);
         }
         if log.subscribed {
             self.sink.deliver(Message {
@@ -162,46 +187,20 @@ impl Broker for MemoryBroker {
         })
     }
 
-    async fn replay(
-        &self,
-        topic: &str,
-        epoch: &str,
-        since: Offset,
-        limit: usize,
-    ) -> Result<Replay, BrokerError> {
+    async fn history(&self, topic: &str, read: HistoryRead<'_>) -> Result<Replay, BrokerError> {
         let log = self.topic(topic);
         let mut log = lock(&log);
-        self.trim(&mut log, Instant::now());
-        let position = Position {
-            epoch: log.epoch.clone(),
-            offset: log.last,
-        };
-        let oldest_kept = log.history.front().map_or(log.last + 1, |(o, _, _)| *o);
-        let complete = epoch == log.epoch.as_str()
-            && since <= log.last
-            && since + 1 >= oldest_kept
-            && (log.last - since) as usize <= limit;
-        let messages = if complete {
-            log.history
-                .iter()
-                .filter(|(o, _, _)| *o > since)
-                .map(|(o, _, data)| Message {
-                    topic: log.name.clone(),
-                    position: Some(Position {
-                        epoch: log.epoch.clone(),
-                        offset: *o,
-                    }),
-                    data: data.clone(),
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        Ok(Replay {
-            position,
-            complete,
-            messages,
-        })
+        log.trim(Instant::now());
+        let position = log.position();
+        let (start, _) = read.start(&position);
+        // The ring is in offset order: skip to the start without walking what comes before.
+        let first = log.history.partition_point(|(o, _, _)| *o <= start);
+        let held = log
+            .history
+            .range(first..)
+            .take(read.limit)
+            .map(|(o, _, data)| (*o, data.clone()));
+        Ok(read.page(&log.name, position, held))
     }
 
     fn is_ready(&self) -> bool {
@@ -224,10 +223,10 @@ mod tests {
 
     fn broker(history_size: usize) -> (MemoryBroker, Arc<Collect>) {
         let sink = Arc::new(Collect::default());
-        let config = MemoryConfig {
-            history_size,
-            history_ttl: Duration::from_secs(60),
-        };
+        let config = MemoryConfig::uniform(HistoryLimits {
+            size: history_size,
+            ttl: Duration::from_secs(60),
+        });
         (MemoryBroker::new(config, sink.clone()), sink)
     }
 
@@ -286,5 +285,134 @@ mod tests {
                 .unwrap()
                 .complete
         );
+    }
+
+    fn offsets(r: &Replay) -> Vec<Offset> {
+        r.messages
+            .iter()
+            .map(|m| m.position.as_ref().unwrap().offset)
+            .collect()
+    }
+
+    fn read(epoch: Option<&str>, since: Option<Offset>, limit: usize) -> HistoryRead<'_> {
+        HistoryRead {
+            epoch,
+            since,
+            limit,
+            whole: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn history_pages_report_whether_they_reach_back_to_since() {
+        let (b, _) = broker(5);
+        let mut epoch = None;
+        for i in 0..8 {
+            let data = Bytes::from(format!("{{\"i\":{i}}}"));
+            epoch = Some(b.publish("t", data).await.unwrap().epoch);
+        }
+        let epoch = epoch.unwrap();
+        let e = Some(epoch.as_str());
+        // Offsets 4..=8 are held.
+        let r = b.history("t", read(e, Some(3), 100)).await.unwrap();
+        assert!(r.complete);
+        assert_eq!(offsets(&r), vec![4, 5, 6, 7, 8]);
+        assert_eq!(&r.messages[0].data[..], br#"{"i":3}"#);
+        assert_eq!(r.position.offset, 8);
+        // Paging: at most `limit`, oldest first; the page is complete though more follow.
+        let r = b.history("t", read(e, Some(4), 2)).await.unwrap();
+        assert!(r.complete);
+        assert_eq!(offsets(&r), vec![5, 6]);
+        // Trimmed: what is held comes back, but the page is not complete.
+        let r = b.history("t", read(e, Some(1), 100)).await.unwrap();
+        assert!(!r.complete);
+        assert_eq!(offsets(&r), vec![4, 5, 6, 7, 8]);
+        // Another epoch: read from the start of history, never complete.
+        let r = b
+            .history("t", read(Some("other"), Some(6), 100))
+            .await
+            .unwrap();
+        assert!(!r.complete);
+        assert_eq!(offsets(&r), vec![4, 5, 6, 7, 8]);
+        // No since: the newest `limit` messages.
+        let r = b.history("t", read(None, None, 2)).await.unwrap();
+        assert!(r.complete);
+        assert_eq!(offsets(&r), vec![7, 8]);
+        let r = b.history("t", read(None, None, 6)).await.unwrap();
+        assert!(!r.complete, "offset 3 is gone");
+        assert_eq!(offsets(&r), vec![4, 5, 6, 7, 8]);
+        // Up to date, and beyond the latest offset.
+        let r = b.history("t", read(e, Some(8), 100)).await.unwrap();
+        assert!(r.complete && r.messages.is_empty());
+        let r = b.history("t", read(e, Some(9), 100)).await.unwrap();
+        assert!(!r.complete && r.messages.is_empty());
+        // A whole read that does not fit in its limit gets nothing.
+        let r = b.replay("t", epoch.as_str(), 4, 3).await.unwrap();
+        assert!(!r.complete && r.messages.is_empty());
+        let r = b.replay("t", epoch.as_str(), 4, 4).await.unwrap();
+        assert!(r.complete);
+        assert_eq!(offsets(&r), vec![5, 6, 7, 8]);
+    }
+
+    #[tokio::test]
+    async fn history_policy_is_per_topic() {
+        let sink = Arc::new(Collect::default());
+        let policy = |topic: &str| {
+            if topic.starts_with("chat.") {
+                HistoryLimits {
+                    size: 2,
+                    ttl: Duration::from_secs(60),
+                }
+            } else {
+                HistoryLimits::NONE
+            }
+        };
+        let b = MemoryBroker::new(
+            MemoryConfig {
+                history: Arc::new(policy),
+            },
+            sink,
+        );
+        for _ in 0..3 {
+            b.publish("chat.a", Bytes::from("1")).await.unwrap();
+            b.publish("news", Bytes::from("1")).await.unwrap();
+        }
+        let chat = b.history("chat.a", read(None, Some(0), 10)).await.unwrap();
+        assert_eq!(offsets(&chat), vec![2, 3]);
+        let news = b.history("news", read(None, Some(0), 10)).await.unwrap();
+        assert!(news.messages.is_empty() && !news.complete);
+        let epoch = news.position.epoch;
+        assert!(
+            b.replay("news", epoch.as_str(), 3, 10)
+                .await
+                .unwrap()
+                .complete
+        );
+        assert!(
+            !b.replay("news", epoch.as_str(), 2, 10)
+                .await
+                .unwrap()
+                .complete
+        );
+    }
+
+    #[tokio::test]
+    async fn history_respects_the_ttl() {
+        let sink = Arc::new(Collect::default());
+        let b = MemoryBroker::new(
+            MemoryConfig::uniform(HistoryLimits {
+                size: 10,
+                ttl: Duration::from_millis(50),
+            }),
+            sink,
+        );
+        let epoch = b.publish("t", Bytes::from("1")).await.unwrap().epoch;
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        b.publish("t", Bytes::from("2")).await.unwrap();
+        let r = b.history("t", read(None, Some(0), 10)).await.unwrap();
+        assert!(!r.complete);
+        assert_eq!(offsets(&r), vec![2]);
+        assert!(b.replay("t", epoch.as_str(), 1, 10).await.unwrap().complete);
+        assert!(!b.replay("t", epoch.as_str(), 0, 10).await.unwrap().complete);
     }
 }

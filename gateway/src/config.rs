@@ -7,8 +7,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
+use broker_bridge::{HistoryLimits, HistoryPolicy};
 use clap::Parser;
 use serde::Deserialize;
+
+use crate::topic::Pattern;
 
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
@@ -214,11 +220,63 @@ pub struct Drain {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct History {
-    /// Messages kept per topic (0: none).
+    /// Messages kept per topic (0: none), for topics no rule matches.
     pub size: usize,
-    /// How long a message stays in history.
+    /// How long a message stays in history, for topics no rule matches.
     #[serde(with = "humantime_serde")]
     pub ttl: Duration,
+    /// Per-topic limits by topic pattern (`[[history.rules]]`); the first match wins.
+    pub rules: Vec<HistoryRule>,
+}
+
+/// One `[[history.rules]]` entry: the history of topics matching `pattern`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// A topic pattern (`chat.>`, `scores.*`, `ticker.btc`).
+    pub pattern: String,
+    /// Messages kept per matching topic (0: no history); `history.size` when unset.
+    pub size: Option<usize>,
+    /// How long a message stays; `history.ttl` when unset.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+impl History {
+    /// The limits for topics no rule matches.
+    pub fn default_limits(&self) -> HistoryLimits {
+        HistoryLimits {
+            size: self.size,
+            ttl: self.ttl,
+        }
+    }
+
+    /// The per-topic policy the broker applies: the first rule whose pattern matches, else the
+    /// defaults. The settings must have been validated (every pattern parses).
+    pub fn policy(&self) -> Arc<dyn HistoryPolicy> {
+        let default = self.default_limits();
+        if self.rules.is_empty() {
+            return Arc::new(default);
+        }
+        let rules: Vec<(Pattern, HistoryLimits)> = self
+            .rules
+            .iter()
+            .filter_map(|r| {
+                let pattern = Pattern::parse(&r.pattern).ok()?;
+                let limits = HistoryLimits {
+                    size: r.size.unwrap_or(default.size),
+                    ttl: r.ttl.unwrap_or(default.ttl),
+                };
+                Some((pattern, limits))
+            })
+            .collect();
+        Arc::new(move |topic: &str| {
+            rules
+                .iter()
+                .find(|(p, _)| p.matches(topic))
+                .map_or(default, |(_, limits)| *limits)
+        })
+    }
 }
 
 /// Log output format.
@@ -251,11 +309,14 @@ pub enum ConfigError {
     #[error("config: {key}: {message}")]
     Invalid {
         /// The offending key.
-        key: &'static str,
+        key: Cow<'static, str>,
         /// What is wrong with it.
         message: String,
     },
 }
+
+/// The most messages `history.size` (or a rule's `size`) may keep per topic.
+const MAX_HISTORY: usize = 1_000_000;
 
 /// Built-in defaults, the lowest layer. Kept as TOML so it reads like the example file.
 const DEFAULTS: &str = r#"
@@ -296,6 +357,7 @@ delay = "0s"
 [history]
 size = 0
 ttl = "5m"
+rules = []
 
 [log]
 format = "plain"
@@ -341,9 +403,9 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
+        let invalid = |key: &'static str, message: &str| {
             Err(ConfigError::Invalid {
-                key,
+                key: key.into(),
                 message: message.to_string(),
             })
         };
@@ -420,7 +482,7 @@ impl Settings {
                 .validate()
                 {
                     return Err(ConfigError::Invalid {
-                        key: "broker.url",
+                        key: "broker.url".into(),
                         message: e.to_string(),
                     });
                 }
@@ -450,8 +512,28 @@ impl Settings {
         if self.drain.delay >= self.drain.grace {
             return invalid("drain.delay", "must be shorter than drain.grace");
         }
-        if self.history.size > 1_000_000 {
+        if self.history.size > MAX_HISTORY {
             return invalid("history.size", "must be at most 1000000");
+        }
+        if self.history.ttl.is_zero() {
+            return invalid("history.ttl", "must be greater than zero");
+        }
+        for (i, rule) in self.history.rules.iter().enumerate() {
+            let bad = |field: &str, message: String| {
+                Err(ConfigError::Invalid {
+                    key: format!("history.rules[{i}].{field}").into(),
+                    message,
+                })
+            };
+            if let Err(e) = Pattern::parse(&rule.pattern) {
+                return bad("pattern", e.to_string());
+            }
+            if rule.size.is_some_and(|n| n > MAX_HISTORY) {
+                return bad("size", "must be at most 1000000".into());
+            }
+            if rule.ttl.is_some_and(|t| t.is_zero()) {
+                return bad("ttl", "must be greater than zero".into());
+            }
         }
         Ok(())
     }
@@ -550,11 +632,121 @@ mod tests {
     }
 
     #[test]
+    fn history_rules_pick_the_first_match_and_inherit_defaults() {
+        let s = load_toml(
+            r#"
+[history]
+size = 50
+ttl = "2m"
+
+[[history.rules]]
+pattern = "chat.>"
+size = 100
+ttl = "1m"
+
+[[history.rules]]
+pattern = "chat.noisy"
+size = 1
+
+[[history.rules]]
+pattern = "ticks.*"
+size = 0
+
+[[history.rules]]
+pattern = "scores.*"
+ttl = "10m"
+"#,
+        )
+        .unwrap();
+        let policy = s.history.policy();
+        let limits = |size, secs| HistoryLimits {
+            size,
+            ttl: Duration::from_secs(secs),
+        };
+        assert_eq!(policy.limits("chat.r1"), limits(100, 60));
+        assert_eq!(
+            policy.limits("chat.noisy"),
+            limits(100, 60),
+            "the first matching rule wins"
+        );
+        assert_eq!(policy.limits("ticks.btc"), limits(0, 120));
+        assert_eq!(policy.limits("scores.nba"), limits(50, 600));
+        assert_eq!(policy.limits("other"), limits(50, 120));
+        assert_eq!(load_toml("").unwrap().history.policy().limits("x").size, 0);
+    }
+
+    #[test]
+    fn bad_history_rules_name_their_key() {
+        let e = load_toml("[[history.rules]]\npattern = \"a.>.b\"\nsize = 1")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("history.rules[0].pattern"), "{e}");
+        let e = load_toml(
+            "[[history.rules]]\npattern = \"a\"\n[[history.rules]]\npattern = \"b\"\nttl = \"0s\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("history.rules[1].ttl"), "{e}");
+        let e = load_toml("[[history.rules]]\npattern = \"a\"\nsize = 2000000")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("history.rules[0].size"), "{e}");
+        let e = load_toml("[[history.rules]]\npattern = \"a\"\nsise = 2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sise"), "{e}");
+        let e = load_toml("[[history.rules]]\nsize = 2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pattern"), "{e}");
+        let e = load_toml("[history]\nttl = \"0s\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("history.ttl"), "{e}");
+    }
+
+    #[test]
     fn example_file_loads_and_matches_defaults() {
         let example = include_str!("../../deploy/pubgate.example.toml");
         let from_example = load_toml(example).unwrap();
         let defaults = load_toml("").unwrap();
         assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn example_history_rules_load_when_uncommented() {
+        let example = include_str!("../../deploy/pubgate.example.toml");
+        let mut in_history = false;
+        let uncommented: Vec<&str> = example
+            .lines()
+            .map(|line| {
+                if line.starts_with('[') {
+                    in_history = line == "[history]";
+                }
+                match line.strip_prefix("# ") {
+                    Some(rest)
+                        if in_history
+                            && ["[[history.rules]]", "pattern", "size", "ttl"]
+                                .iter()
+                                .any(|k| rest.starts_with(k)) =>
+                    {
+                        rest
+                    }
+                    _ => line,
+                }
+            })
+            .collect();
+        let s = load_toml(&uncommented.join("\n")).unwrap();
+        assert_eq!(s.history.rules.len(), 2);
+        let policy = s.history.policy();
+        assert_eq!(
+            policy.limits("chat.r1"),
+            HistoryLimits {
+                size: 100,
+                ttl: Duration::from_secs(60)
+            }
+        );
+        assert_eq!(policy.limits("ticks.btc").size, 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The HTTP routes: publish (single and batch), health, readiness, metrics.
+//! The HTTP routes: publish (single and batch), history, health, readiness, metrics.
 
+use broker_bridge::{HistoryRead, Replay};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -171,6 +172,120 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
         ),
         Err(e) => protocol_error(e),
     }
+}
+
+/// Messages one `GET /v1/history` page returns when `limit` is not given.
+const HISTORY_DEFAULT_LIMIT: usize = 100;
+/// The largest `limit` of `GET /v1/history`.
+const HISTORY_MAX_LIMIT: usize = 1000;
+
+/// The query of `GET /v1/history/{topic}`.
+struct HistoryQuery<'a> {
+    since: Option<u64>,
+    epoch: Option<&'a str>,
+    limit: usize,
+}
+
+fn history_query(query: Option<&str>) -> Result<HistoryQuery<'_>, ProtocolError> {
+    let bad = |m: String| ProtocolError::new(ErrorCode::BadRequest, m);
+    let mut q = HistoryQuery {
+        since: None,
+        epoch: None,
+        limit: HISTORY_DEFAULT_LIMIT,
+    };
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "since" => {
+                q.since = Some(value.parse().map_err(|_| {
+                    bad(format!(
+                        "since must be an offset (a non-negative integer), got {value:?}"
+                    ))
+                })?)
+            }
+            "epoch" => {
+                // Epochs are ASCII letters and digits, so they never need percent-decoding.
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                    return Err(bad(format!(
+                        "epoch must be letters and digits, got {value:?}"
+                    )));
+                }
+                q.epoch = Some(value);
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=HISTORY_MAX_LIMIT).contains(n))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "limit must be 1 to {HISTORY_MAX_LIMIT}, got {value:?}"
+                        ))
+                    })?
+            }
+            // Unknown parameters are ignored, like unknown fields in client frames.
+            _ => {}
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /v1/history/{topic}?since=<offset>&epoch=<epoch>&limit=<n>`: the messages after `since`
+/// that history still holds (without `since`: the newest `limit`), oldest first, with the topic's
+/// position and whether the page reaches back to `since + 1` in that epoch. Same auth as
+/// publishing. `data` goes out byte for byte as it was published.
+pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return method_not_allowed();
+    }
+    if let Err(r) = authorize(node, &req) {
+        return *r;
+    }
+    if let Err(e) = check_topic(topic) {
+        return protocol_error(e);
+    }
+    let query = match history_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return protocol_error(e),
+    };
+    let read = HistoryRead {
+        epoch: query.epoch,
+        since: query.since,
+        limit: query.limit,
+        whole: false,
+    };
+    let page = match node.history(topic, read).await {
+        Ok(page) => page,
+        Err(e) => return protocol_error(e),
+    };
+    json(StatusCode::OK, history_body(topic, &page))
+}
+
+/// Writes a history page as JSON by hand, so each `data` is copied as is, never re-serialized.
+fn history_body(topic: &str, page: &Replay) -> Vec<u8> {
+    use std::io::Write;
+    let size: usize = page.messages.iter().map(|m| m.data.len() + 32).sum();
+    let mut out = Vec::with_capacity(128 + size);
+    // Topic (validated) and epoch (from the broker) are plain strings; serde_json escapes them.
+    let _ = write!(
+        out,
+        r#"{{"topic":{},"epoch":{},"offset":{},"complete":{},"messages":["#,
+        serde_json::Value::from(topic),
+        serde_json::Value::from(page.position.epoch.as_str()),
+        page.position.offset,
+        page.complete
+    );
+    for (i, m) in page.messages.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let offset = m.position.as_ref().map_or(0, |p| p.offset);
+        let _ = write!(out, r#"{{"offset":{offset},"data":"#);
+        out.extend_from_slice(&m.data);
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"]}");
+    out
 }
 
 #[derive(Deserialize)]

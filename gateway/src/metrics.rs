@@ -45,6 +45,10 @@ pub struct Metrics {
     pub broker_gaps: IntCounter,
     /// 1 while the node accepts traffic, 0 while draining.
     pub ready: IntGauge,
+    /// Subscribes with `since`, by result (`recovered`, `not_recovered`).
+    pub resumes: IntCounterVec,
+    /// Messages replayed from history to resuming subscribers.
+    pub replayed: IntCounter,
 }
 
 impl Metrics {
@@ -136,6 +140,22 @@ impl Metrics {
                 r,
                 "ready",
                 "1 while the node accepts traffic, 0 while draining.",
+            ),
+            resumes: {
+                let v = counter_vec(
+                    r,
+                    "resumes_total",
+                    "Subscribes with since, by result (recovered, not_recovered).",
+                    "result",
+                );
+                v.with_label_values(&["recovered"]);
+                v.with_label_values(&["not_recovered"]);
+                v
+            },
+            replayed: counter(
+                r,
+                "messages_replayed_total",
+                "Messages replayed from history to resuming subscribers.",
             ),
             registry,
         };

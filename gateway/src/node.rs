@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use broker_bridge::{
-    Broker, BrokerError, BrokerObserver, MemoryBroker, MemoryConfig, MessageSink, Position,
-    RedisBroker, RedisConfig,
+    Broker, BrokerError, BrokerObserver, HistoryRead, MemoryBroker, MemoryConfig, MessageSink,
+    Position, RedisBroker, RedisConfig, Replay,
 };
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -61,8 +61,7 @@ impl Node {
         let broker: Arc<dyn Broker> = match settings.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(
                 MemoryConfig {
-                    history_size: settings.history.size,
-                    history_ttl: settings.history.ttl,
+                    history: settings.history.policy(),
                 },
                 sink,
             )),
@@ -73,8 +72,7 @@ impl Node {
                     b.kind == BrokerKind::RedisCluster,
                 );
                 config.prefix = b.prefix.clone();
-                config.history_size = settings.history.size;
-                config.history_ttl = settings.history.ttl;
+                config.history = settings.history.policy();
                 config.topic_idle_ttl = b.topic_idle_ttl;
                 config.command_timeout = b.command_timeout;
                 config.connect_timeout = b.command_timeout;
@@ -180,7 +178,7 @@ impl Node {
                 None => {
                     let pos = self.broker.position(topic).await.map_err(broker_error)?;
                     let ack = protocol::ack(id, topic, &pos, None);
-                    self.registry.activate(topic, conn, ack, &[], &pos);
+                    self.registry.activate(topic, conn, Some(ack), &[], &pos);
                 }
                 Some(since) => {
                     let replay = self
@@ -189,17 +187,23 @@ impl Node {
                         .await
                         .map_err(broker_error)?;
                     if replay.complete {
+                        self.metrics.resumes.with_label_values(&["recovered"]).inc();
+                        self.metrics.replayed.inc_by(replay.messages.len() as u64);
                         let resumed = Position {
                             epoch: replay.position.epoch.clone(),
                             offset: since.offset,
                         };
                         let ack = protocol::ack(id, topic, &resumed, Some(true));
                         self.registry
-                            .activate(topic, conn, ack, &replay.messages, &resumed);
+                            .activate(topic, conn, Some(ack), &replay.messages, &resumed);
                     } else {
+                        self.metrics
+                            .resumes
+                            .with_label_values(&["not_recovered"])
+                            .inc();
                         let ack = protocol::ack(id, topic, &replay.position, Some(false));
                         self.registry
-                            .activate(topic, conn, ack, &[], &replay.position);
+                            .activate(topic, conn, Some(ack), &[], &replay.position);
                     }
                 }
             }
@@ -231,6 +235,16 @@ impl Node {
             *subscribed = false;
         }
         self.registry.remove_if_idle(topic, &gate);
+    }
+
+    /// Reads a page of a validated topic's history (`GET /v1/history`), through the same broker
+    /// path as a resume's replay.
+    pub async fn history(
+        &self,
+        topic: &str,
+        read: HistoryRead<'_>,
+    ) -> Result<Replay, ProtocolError> {
+        self.broker.history(topic, read).await.map_err(broker_error)
     }
 
     /// Publishes validated `data` (raw JSON) to a validated topic.

@@ -134,14 +134,14 @@ impl Registry {
         (name, entry.gate.clone())
     }
 
-    /// Turns a pending subscriber live: queues `ack`, then `replay`, then whatever was held back with
-    /// an offset above `floor` (in `floor`'s epoch), all under the topic's lock so no live message
-    /// can slip in between.
+    /// Turns a pending subscriber live: queues `ack` (if given), then `replay`, then whatever was
+    /// held back with an offset above `floor` and the replay (in `floor`'s epoch), all under the
+    /// topic's lock so no live message can slip in between.
     pub fn activate(
         &self,
         topic: &str,
         conn: ConnId,
-        ack: Bytes,
+        ack: Option<Bytes>,
         replay: &[Message],
         floor: &Position,
     ) {
@@ -157,7 +157,9 @@ impl Registry {
             offset: floor.offset,
         };
         let held = std::mem::replace(&mut sub.state, SubState::Pending(Vec::new()));
-        sub.queue.push(ack);
+        if let Some(ack) = ack {
+            sub.queue.push(ack);
+        }
         for m in replay {
             cursor.advance(m.position.as_ref());
             self.push(&sub.queue, protocol::message(m));

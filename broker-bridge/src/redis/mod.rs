@@ -30,7 +30,10 @@ use bytes::Bytes;
 use redis::RedisError;
 use tokio::task::JoinHandle;
 
-use crate::{Broker, BrokerError, BrokerObserver, Epoch, MessageSink, Offset, Position, Replay};
+use crate::{
+    Broker, BrokerError, BrokerObserver, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
+    MessageSink, Position, Replay,
+};
 use conn::{Target, Timeouts, broker_error};
 use link::{CmdLink, Health, lock};
 use scripts::Scripts;
@@ -46,10 +49,8 @@ pub struct RedisConfig {
     pub cluster: bool,
     /// Prefix of every channel and key.
     pub prefix: String,
-    /// Messages kept per topic for recovery (0 keeps none).
-    pub history_size: usize,
-    /// How long a message stays in history.
-    pub history_ttl: Duration,
+    /// How much history each topic keeps (asked on every publish and history read).
+    pub history: Arc<dyn HistoryPolicy>,
     /// How long a topic's epoch and offset survive without being used. A topic unused for longer
     /// starts a new epoch at its next use.
     pub topic_idle_ttl: Duration,
@@ -72,8 +73,7 @@ impl RedisConfig {
             url: url.into(),
             cluster,
             prefix: "pubgate:".into(),
-            history_size: 0,
-            history_ttl: Duration::from_secs(300),
+            history: Arc::new(HistoryLimits::NONE),
             topic_idle_ttl: Duration::from_secs(24 * 3600),
             command_timeout: Duration::from_secs(1),
             connect_timeout: Duration::from_secs(1),
@@ -239,8 +239,8 @@ impl Inner {
         self.config.topic_idle_ttl.as_millis() as u64
     }
 
-    fn history_ttl_ms(&self) -> u64 {
-        self.config.history_ttl.as_millis() as u64
+    fn limits(&self, topic: &str) -> HistoryLimits {
+        self.config.history.limits(topic)
     }
 
     async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
@@ -260,31 +260,35 @@ impl Inner {
         scripts::parse_position(value)
     }
 
-    async fn replay(
+    /// Reads a page of history (the history script, then [`HistoryRead::page`]).
+    pub(super) async fn history(
         &self,
         topic: &Arc<str>,
-        epoch: &str,
-        since: Offset,
-        limit: usize,
+        read: HistoryRead<'_>,
     ) -> Result<Replay, BrokerError> {
         let keys = self.names.keys(topic);
         let candidate = Epoch::random();
+        let ttl_ms = self.limits(topic).ttl.as_millis() as u64;
+        let since = read
+            .since
+            .map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX));
         let value = self
             .with_cmd(|mut c| async move {
-                let mut inv = self.scripts.replay.prepare_invoke();
+                let mut inv = self.scripts.history.prepare_invoke();
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
                     .key(&keys.history)
                     .arg(candidate.as_str())
                     .arg(self.idle_ms())
-                    .arg(epoch)
+                    .arg(read.epoch.unwrap_or(""))
                     .arg(since)
-                    .arg(limit)
-                    .arg(self.history_ttl_ms());
+                    .arg(read.limit)
+                    .arg(ttl_ms)
+                    .arg(if read.whole { "1" } else { "0" });
                 c.eval::<redis::Value>(&inv).await
             })
             .await?;
-        scripts::parse_replay(value, topic, since)
+        scripts::parse_history(value, topic, &read)
     }
 }
 
@@ -300,6 +304,7 @@ impl Broker for RedisBroker {
         } else {
             "PUBLISH"
         };
+        let limits = inner.limits(topic);
         let value = inner
             .with_cmd(|mut c| async move {
                 let mut inv = inner.scripts.publish.prepare_invoke();
@@ -310,8 +315,8 @@ impl Broker for RedisBroker {
                     .arg(inner.idle_ms())
                     .arg(&channel)
                     .arg(&data[..])
-                    .arg(inner.config.history_size)
-                    .arg(inner.history_ttl_ms())
+                    .arg(limits.size)
+                    .arg(limits.ttl.as_millis() as u64)
                     .arg(command);
                 c.eval::<redis::Value>(&inv).await
             })
@@ -333,20 +338,14 @@ impl Broker for RedisBroker {
         Ok(position)
     }
 
-    async fn replay(
-        &self,
-        topic: &str,
-        epoch: &str,
-        since: Offset,
-        limit: usize,
-    ) -> Result<Replay, BrokerError> {
+    async fn history(&self, topic: &str, read: HistoryRead<'_>) -> Result<Replay, BrokerError> {
         let name: Arc<str> = lock(&self.inner.topics)
             .get_key_value(topic)
             .map(|(k, _)| k.clone())
             .unwrap_or_else(|| topic.into());
-        let replay = self.inner.replay(&name, epoch, since, limit).await?;
-        self.inner.hint(topic, &replay.position);
-        Ok(replay)
+        let page = self.inner.history(&name, read).await?;
+        self.inner.hint(topic, &page.position);
+        Ok(page)
     }
 
     fn is_ready(&self) -> bool {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use redis::{Script, Value};
 
-use crate::{BrokerError, Epoch, Message, Offset, Position, Replay};
+use crate::{BrokerError, Epoch, HistoryRead, Position, Replay};
 
 const PREAMBLE: &str = r#"
 local epoch = redis.call('GET', KEYS[1])
@@ -76,33 +76,39 @@ const POSITION: &str = r#"
 return {epoch, last}
 "#;
 
-/// Replay. `ARGV[3]` the client's epoch, `ARGV[4]` the offset it has, `ARGV[5]` most messages to
-/// return, `ARGV[6]` history TTL in ms (0: none). Returns `{epoch, offset, 1, data…}` when history
-/// holds every message after `ARGV[4]` in that epoch, else `{epoch, offset, 0}`.
-const REPLAY: &str = r#"
+/// History (a resume's replay, `GET /v1/history`). `ARGV[3]` the epoch the reader's `since`
+/// belongs to (empty: the current one), `ARGV[4]` `since` (negative: the newest `ARGV[5]`
+/// messages), `ARGV[5]` most messages to return, `ARGV[6]` history TTL in ms (0: none), `ARGV[7]`
+/// `1` for an all-or-nothing read. Returns `{epoch, offset, start, offset₁, data₁, offset₂, …}`: the
+/// effective start (messages after it are wanted) and the stream entries after it that are not
+/// older than the TTL, oldest first, at most `ARGV[5]`. Whether that is complete is decided by the
+/// caller (`HistoryRead::page`), which computes the same start.
+const HISTORY: &str = r#"
 local since = tonumber(ARGV[4])
-if epoch ~= ARGV[3] or since > last or last - since > tonumber(ARGV[5]) then
-  return {epoch, last, 0}
+local limit = tonumber(ARGV[5])
+local epoch_ok = ARGV[3] == '' or ARGV[3] == epoch
+if since < 0 then
+  since = math.max(0, last - limit)
+elseif not epoch_ok then
+  since = 0
 end
-if since == last then
-  return {epoch, last, 1}
+if since >= last or limit <= 0 then
+  return {epoch, last, since}
 end
-local entries = redis.call('XRANGE', KEYS[3], string.format('%d-0', since + 1), '+', 'COUNT', last - since)
-if #entries ~= last - since then
-  return {epoch, last, 0}
+if ARGV[7] == '1' and ((not epoch_ok) or last - since > limit) then
+  -- A resume that cannot be served whole: do not read what would be thrown away.
+  return {epoch, last, since}
 end
+local entries = redis.call('XRANGE', KEYS[3], string.format('%d-0', since + 1), '+', 'COUNT', math.min(limit, last - since))
 local ttl = tonumber(ARGV[6])
 local cutoff = 0
 if ttl > 0 then cutoff = now_ms() - ttl end
-local out = {epoch, last, 1}
-for i, e in ipairs(entries) do
-  if tonumber(string.match(e[1], '^(%d+)')) ~= since + i then
-    return {epoch, last, 0}
+local out = {epoch, last, since}
+for _, e in ipairs(entries) do
+  if tonumber(field(e, 't') or '0') >= cutoff then
+    out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
+    out[#out + 1] = field(e, 'd') or 'null'
   end
-  if tonumber(field(e, 't') or '0') < cutoff then
-    return {epoch, last, 0}
-  end
-  out[#out + 1] = field(e, 'd') or 'null'
 end
 return out
 "#;
@@ -113,8 +119,8 @@ pub struct Scripts {
     pub publish: Script,
     /// See [`POSITION`].
     pub position: Script,
-    /// See [`REPLAY`].
-    pub replay: Script,
+    /// See [`HISTORY`].
+    pub history: Script,
 }
 
 impl Scripts {
@@ -123,7 +129,7 @@ impl Scripts {
         Scripts {
             publish: Script::new(&format!("{PREAMBLE}{PUBLISH}")),
             position: Script::new(&format!("{PREAMBLE}{POSITION}")),
-            replay: Script::new(&format!("{PREAMBLE}{REPLAY}")),
+            history: Script::new(&format!("{PREAMBLE}{HISTORY}")),
         }
     }
 }
@@ -175,35 +181,33 @@ pub fn parse_position(v: Value) -> Result<Position, BrokerError> {
     position_of(&items(v)?)
 }
 
-/// Reads the reply of the replay script.
-pub fn parse_replay(v: Value, topic: &Arc<str>, since: Offset) -> Result<Replay, BrokerError> {
+/// Reads the reply of the history script and builds the page.
+pub fn parse_history(
+    v: Value,
+    topic: &Arc<str>,
+    read: &HistoryRead<'_>,
+) -> Result<Replay, BrokerError> {
     let items = items(v)?;
     let position = position_of(&items)?;
-    let complete = items
+    let start = items
         .get(2)
         .and_then(as_u64)
-        .ok_or_else(|| protocol("no flag"))?
-        == 1;
-    let mut messages = Vec::new();
-    if complete {
-        for (i, item) in items.into_iter().skip(3).enumerate() {
-            let data = match item {
-                Value::BulkString(b) => Bytes::from(b),
-                other => Bytes::copy_from_slice(as_bytes(&other).ok_or_else(|| protocol("data"))?),
-            };
-            messages.push(Message {
-                topic: topic.clone(),
-                position: Some(Position {
-                    epoch: position.epoch.clone(),
-                    offset: since + 1 + i as u64,
-                }),
-                data,
-            });
-        }
+        .ok_or_else(|| protocol("no start"))?;
+    if start != read.start(&position).0 {
+        return Err(protocol("history start differs from the request"));
     }
-    Ok(Replay {
-        position,
-        complete,
-        messages,
-    })
+    let mut held = Vec::with_capacity(items.len().saturating_sub(3) / 2);
+    let mut rest = items.into_iter().skip(3);
+    while let Some(offset) = rest.next() {
+        let offset = as_u64(&offset).ok_or_else(|| protocol("entry offset"))?;
+        let data = match rest.next() {
+            Some(Value::BulkString(b)) => Bytes::from(b),
+            Some(other) => {
+                Bytes::copy_from_slice(as_bytes(&other).ok_or_else(|| protocol("entry data"))?)
+            }
+            None => return Err(protocol("entry without data")),
+        };
+        held.push((offset, data));
+    }
+    Ok(read.page(topic, position, held))
 }

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::conn::{Conn, PushFn, broker_error, is_connection_error};
 use super::link::{backoff, lock, log_attempt};
 use super::{Inner, wire};
-use crate::{BrokerError, Message, Position};
+use crate::{BrokerError, HistoryRead, Message, Position};
 
 /// How many messages a gap fill asks history for, per topic.
 const MAX_FILL: usize = 10_000;
@@ -98,8 +98,19 @@ impl Inner {
     }
 
     /// Remembers a freshly read position of a wanted topic, as the start of a gap fill.
+    ///
+    /// The first position read after subscribing is kept (a later one only replaces it in a new
+    /// epoch): a later read may come after messages that never arrived because the subscription
+    /// connection broke unnoticed, and filling from there would skip them. Filling from the
+    /// earlier position is always safe: what was already delivered is dropped as a duplicate
+    /// (`Track::last`) and the registry's cursors skip what a subscriber's ack already covers.
     pub(super) fn hint(&self, topic: &str, position: &Position) {
-        if let Some(track) = lock(&self.topics).get_mut(topic) {
+        if let Some(track) = lock(&self.topics).get_mut(topic)
+            && track
+                .hint
+                .as_ref()
+                .is_none_or(|h| h.epoch != position.epoch)
+        {
             track.hint = Some(position.clone());
         }
     }
@@ -211,9 +222,13 @@ impl Inner {
         let mut gaps = 0usize;
         let mut fills =
             futures_util::stream::iter(wanted.into_iter().map(|(topic, from)| async move {
-                let r = self
-                    .replay(&topic, from.epoch.as_str(), from.offset, MAX_FILL)
-                    .await;
+                let read = HistoryRead {
+                    epoch: Some(from.epoch.as_str()),
+                    since: Some(from.offset),
+                    limit: MAX_FILL,
+                    whole: true,
+                };
+                let r = self.history(&topic, read).await;
                 (topic, from, r)
             }))
             .buffer_unordered(16);

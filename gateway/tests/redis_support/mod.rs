@@ -1,7 +1,8 @@
 //! Test helpers for the Redis broker tests: real `redis-server` (standalone, cluster, Sentinel) and
 //! `haproxy` processes on free loopback ports with their own temp dirs, `pubgate` nodes, and small
 //! WebSocket/HTTP clients. Every process is started here and killed by its PID when its handle is
-//! dropped. Nothing relies on port 6379.
+//! dropped. Nothing relies on port 6379. A node started with a fixed `--listen` can be stopped
+//! (SIGTERM and [`Node::wait_exit`], or SIGKILL) and [restarted](Node::restart) on the same port.
 //!
 //! Some of this duplicates `tests/common/mod.rs` on main (node spawning, HTTP/WS helpers); it is kept
 //! separate for now and meant to be merged.
@@ -102,6 +103,8 @@ pub struct Node {
     pub addr: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
     _dir: TempDir,
 }
 
@@ -109,16 +112,48 @@ impl Node {
     /// Starts the `pubgate` binary with `env` (e.g. `PUBGATE__BROKER__KIND`) and waits for its
     /// "listening" line.
     pub fn start(env: &[(&str, String)]) -> Node {
+        Node::start_with(&[], env)
+    }
+
+    /// Like [`Node::start`], with extra command-line arguments (e.g. `--config FILE`). A
+    /// `--listen ADDR` among them replaces the default `127.0.0.1:0`, so the node can be
+    /// [restarted](Node::restart) on the same port.
+    pub fn start_with(args: &[&str], env: &[(&str, String)]) -> Node {
         let dir = TempDir::new("node");
-        let log = dir.join("pubgate.log");
+        let mut node = Node {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child: None,
+            log: dir.join("pubgate.log"),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            _dir: dir,
+        };
+        node.spawn();
+        node
+    }
+
+    /// Starts the process and waits for its "listening" line. Its stderr is appended to the log,
+    /// so a restarted node's log holds every run.
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubgate"));
-        cmd.args(["--listen", "127.0.0.1:0"])
+        if !self.args.iter().any(|a| a == "--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&self.args)
             .env("RUST_LOG", "info,broker_bridge=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        for (k, v) in env {
+            .stderr(log);
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start pubgate");
@@ -132,14 +167,50 @@ impl Node {
                 }
             }
         });
+        self.child = Some(child);
         let addr = rx
             .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("pubgate did not start; log:\n{}", read(&log)));
-        Node {
-            addr: addr.parse().expect("listen address"),
-            child: Some(child),
-            log,
-            _dir: dir,
+            .unwrap_or_else(|_| panic!("pubgate did not start; log:\n{}", read(&self.log)));
+        self.addr = addr.parse().expect("listen address");
+    }
+
+    /// Starts the node again (same arguments and env) after it stopped; with a fixed `--listen`
+    /// it comes back on the same address.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a node that still runs");
+        self.spawn();
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM (the node drains, then exits); reap it with [`Node::wait_exit`].
+    pub fn terminate(&mut self) {
+        if let Some(child) = &mut self.child
+            && child.try_wait().ok().flatten().is_none()
+        {
+            let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+            // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet, so
+            // the PID is still ours.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit and reaps it; `None` if it still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -190,7 +261,7 @@ impl Node {
         Ws::connect(self.addr).await
     }
 
-    /// Kills the node.
+    /// Kills the node (SIGKILL).
     pub fn stop(&mut self) {
         kill(&mut self.child);
     }
@@ -208,10 +279,25 @@ fn read(p: &Path) -> String {
 
 /// A one-shot HTTP/1.1 request; returns status and body (status 0 when the connection failed).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// [`http`] with extra request headers (e.g. `("Authorization", "Bearer key")`).
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let attempt = async {
         let mut s = TcpStream::connect(addr).await.ok()?;
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
             body.len()
         );
         s.write_all(req.as_bytes()).await.ok()?;
@@ -237,13 +323,63 @@ pub struct Ws {
     next_id: u64,
 }
 
+/// What [`Ws::next_frame`] read.
+#[derive(Debug)]
+pub enum Frame {
+    /// A JSON text frame.
+    Json(Value),
+    /// The connection ended: with the close frame's code, or `None` when it ended without one
+    /// (reset, EOF, a process that was killed).
+    Closed(Option<u16>),
+    /// Nothing arrived in time.
+    Timeout,
+}
+
 impl Ws {
     /// Connects to `ws://addr/ws`.
     pub async fn connect(addr: SocketAddr) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        Ws::try_connect(addr)
             .await
-            .unwrap_or_else(|e| panic!("ws connect to {addr}: {e}"));
-        Ws { stream, next_id: 1 }
+            .unwrap_or_else(|e| panic!("ws connect to {addr}: {e}"))
+    }
+
+    /// Connects to `ws://addr/ws` within 5 s, or says why not (refused, 503 from a draining node or
+    /// a balancer with no server up, …).
+    pub async fn try_connect(addr: SocketAddr) -> Result<Ws, String> {
+        let url = format!("ws://{addr}/ws");
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        {
+            Ok(Ok((stream, _))) => Ok(Ws { stream, next_id: 1 }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    }
+
+    /// The next JSON frame, a close, or a timeout (pings and pongs skipped).
+    pub async fn next_frame(&mut self, timeout: Duration) -> Frame {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Ok(next) = tokio::time::timeout_at(deadline, self.stream.next()).await else {
+                return Frame::Timeout;
+            };
+            match next {
+                None | Some(Err(_)) => return Frame::Closed(None),
+                Some(Ok(WsMessage::Text(t))) => {
+                    return Frame::Json(
+                        serde_json::from_str(t.as_str())
+                            .unwrap_or_else(|e| panic!("invalid JSON from the server {t:?}: {e}")),
+                    );
+                }
+                Some(Ok(WsMessage::Close(c))) => {
+                    return Frame::Closed(c.map(|c| u16::from(c.code)));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
     }
 
     /// Sends one JSON frame.

@@ -1,0 +1,669 @@
+//! No message lost across reconnects: resume with `since` on another node, the seam between replay
+//! and live messages under a publisher at full speed, what `recovered:false` means (trimmed
+//! history, a changed epoch), per-topic history rules, and `GET /v1/history`, on the Redis broker
+//! and on the memory broker.
+//!
+//! Needs `redis-server` on PATH. The rolling-restart test behind HAProxy is in `rolling_restart.rs`.
+
+mod redis_support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use redis_support::{Frame, Node, Redis, TempDir, Ws, http, http_with};
+use serde_json::{Value, json};
+
+const READY: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn redis_node(redis: &Redis, extra: &[(&str, String)]) -> Node {
+    let node = Node::redis("redis", &redis.url(), extra);
+    node.wait_ready(READY).await;
+    node
+}
+
+fn memory_node(extra: &[(&str, String)]) -> Node {
+    let mut env = vec![("PUBGATE__HISTORY__SIZE", "1000".to_string())];
+    env.extend(extra.iter().cloned());
+    Node::start(&env)
+}
+
+/// Publishes over HTTP, asserting 200; returns the offset.
+async fn publish(node: &Node, topic: &str, data: &str) -> u64 {
+    let (status, body) = node.publish(topic, data).await;
+    assert_eq!(status, 200, "publish to {topic}: {body}");
+    let v: Value = serde_json::from_str(&body).expect("publish reply");
+    v["offset"].as_u64().expect("offset")
+}
+
+/// Sends a subscribe with `since` and returns its ack (asserting nothing came before it).
+async fn resume(ws: &mut Ws, topic: &str, epoch: &str, offset: u64) -> Value {
+    ws.send(
+        json!({"op":"subscribe","topic":topic,"id":"r","since":{"epoch":epoch,"offset":offset}}),
+    )
+    .await;
+    match ws.next_frame(WAIT).await {
+        Frame::Json(v) => {
+            assert_eq!(v["op"], "ack", "the ack comes first: {v}");
+            assert_eq!(v["id"], "r", "{v}");
+            assert_eq!(v["topic"], topic, "{v}");
+            v
+        }
+        other => panic!("no ack to the resume of {topic}: {other:?}"),
+    }
+}
+
+/// Asserts that no frame arrives for a while.
+async fn expect_silence(ws: &mut Ws, what: &str) {
+    match ws.next_frame(Duration::from_millis(400)).await {
+        Frame::Timeout => {}
+        other => panic!("{what}: expected nothing, got {other:?}"),
+    }
+}
+
+/// `GET /v1/history/{topic}{query}`: status and parsed body (`Null` when not JSON), plus the raw
+/// body.
+async fn get_history(node: &Node, topic: &str, query: &str) -> (u16, Value, String) {
+    let (status, body) = http(node.addr, "GET", &format!("/v1/history/{topic}{query}"), "").await;
+    let v = serde_json::from_str(&body).unwrap_or(Value::Null);
+    (status, v, body)
+}
+
+fn page_offsets(page: &Value) -> Vec<u64> {
+    page["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {page}"))
+        .iter()
+        .map(|m| m["offset"].as_u64().expect("offset"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Resume on another node
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_on_another_node_gets_exactly_the_missed_messages_in_order_then_live() {
+    let redis = Redis::start();
+    let a = redis_node(&redis, &[]).await;
+    let b = redis_node(&redis, &[]).await;
+    let topic = "resume.other";
+    let mut ws = a.ws().await;
+    let ack = ws.subscribe(topic).await;
+    assert_eq!(ack["offset"], json!(0), "{ack}");
+    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    for i in 1..=5 {
+        publish(&b, topic, &json!({"n": i}).to_string()).await;
+    }
+    for i in 1..=5u64 {
+        let m = ws.next_message(WAIT).await.expect("live message");
+        assert_eq!(
+            (m["offset"].as_u64(), &m["data"]),
+            (Some(i), &json!({"n": i}))
+        );
+    }
+    ws.close().await;
+
+    // Away: 100 messages, published through both nodes.
+    for i in 6..=105u64 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(publish(node, topic, &json!({"n": i}).to_string()).await, i);
+    }
+
+    let mut ws = b.ws().await;
+    let ack = resume(&mut ws, topic, &epoch, 5).await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    assert_eq!(ack["epoch"], json!(epoch), "{ack}");
+    assert_eq!(
+        ack["offset"],
+        json!(5),
+        "the ack carries the resume point: {ack}"
+    );
+    for i in 6..=105u64 {
+        let m = ws.next_message(WAIT).await.expect("replayed message");
+        assert_eq!(m["offset"], json!(i), "{m}");
+        assert_eq!(m["data"], json!({"n": i}), "{m}");
+    }
+    // Then live, from either node, with no gap and nothing twice.
+    assert_eq!(publish(&a, topic, r#"{"n":106}"#).await, 106);
+    let m = ws.next_message(WAIT).await.expect("live after replay");
+    assert_eq!(
+        (m["offset"].clone(), m["data"].clone()),
+        (json!(106), json!({"n":106}))
+    );
+    expect_silence(&mut ws, "after the live message").await;
+    assert_eq!(
+        b.metric("pubgate_messages_replayed_total").await,
+        Some(100.0)
+    );
+    assert_eq!(
+        b.metric("pubgate_resumes_total{result=\"recovered\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The seam
+// ---------------------------------------------------------------------------------------------
+
+/// What the publishers of a seam run published: offset → data.
+type Published = Arc<Mutex<HashMap<u64, Value>>>;
+
+/// Publishers at full speed over WebSocket until `stop`, one connection per address, each with 32
+/// publishes pipelined.
+fn start_publishers(
+    nodes: &[SocketAddr],
+    topic: &str,
+    stop: Arc<AtomicBool>,
+    published: Published,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    const WINDOW: u64 = 32;
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(p, addr)| {
+            let (topic, stop, published, addr) =
+                (topic.to_string(), stop.clone(), published.clone(), *addr);
+            tokio::spawn(async move {
+                let mut ws = Ws::connect(addr).await;
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for k in i..i + WINDOW {
+                        ws.send(json!({"op":"publish","topic":topic,"data":{"p":p,"i":k},"id":k}))
+                            .await;
+                    }
+                    for _ in 0..WINDOW {
+                        let reply = match ws.next_frame(WAIT).await {
+                            Frame::Json(v) => v,
+                            other => panic!("publisher {p}: {other:?}"),
+                        };
+                        let (Some(k), Some(offset)) =
+                            (reply["id"].as_u64(), reply["offset"].as_u64())
+                        else {
+                            panic!("publish refused: {reply}");
+                        };
+                        let data = json!({"p": p, "i": k});
+                        assert!(published.lock().unwrap().insert(offset, data).is_none());
+                    }
+                    i += WINDOW;
+                }
+            })
+        })
+        .collect()
+}
+
+/// Reads one message frame of `topic` and checks it continues `last` by exactly one.
+fn take_next(m: &Value, topic: &str, last: &mut u64, got: &mut Vec<(u64, Value)>, when: &str) {
+    assert_eq!(m["op"], "message", "{when}: {m}");
+    assert_eq!(m["topic"], topic, "{when}: {m}");
+    let offset = m["offset"].as_u64().expect("offset");
+    assert_eq!(
+        offset,
+        *last + 1,
+        "{when}: offset {offset} after {last} ({})",
+        if offset <= *last { "duplicate" } else { "gap" }
+    );
+    *last = offset;
+    got.push((offset, m["data"].clone()));
+}
+
+/// A subscriber leaves and resumes with `since` `rounds` times while publishers run at full speed;
+/// every message must arrive exactly once, in order. Odd rounds unsubscribe and resubscribe on the
+/// same connection; even rounds drop the connection and resume on the next node. `witness`
+/// (a node index) keeps another subscriber on that node all along, so resumes there find the
+/// topic already subscribed in the broker, while on the other nodes each resume subscribes it
+/// anew.
+async fn seam_rounds(nodes: &[&Node], topic: &str, rounds: usize, witness: Option<usize>) {
+    // The witness reads all along (a reader that stopped would become a slow consumer).
+    let witness_task = match witness {
+        Some(i) => {
+            let mut w = nodes[i].ws().await;
+            assert_eq!(w.subscribe(topic).await["offset"], json!(0));
+            let topic = topic.to_string();
+            Some(tokio::spawn(async move {
+                let (mut last, mut got) = (0, Vec::new());
+                loop {
+                    match w.next_frame(Duration::from_secs(3)).await {
+                        Frame::Json(m) => take_next(&m, &topic, &mut last, &mut got, "witness"),
+                        Frame::Timeout => return last,
+                        other => panic!("witness stopped at {last}: {other:?}"),
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let published: Published = Arc::default();
+    // A node handles one request of a connection at a time: several publisher connections, spread
+    // over the nodes, keep many publishes in flight.
+    let addrs: Vec<SocketAddr> = (0..6).map(|i| nodes[i % nodes.len()].addr).collect();
+
+    let mut ws = nodes[0].ws().await;
+    let ack = ws.subscribe(topic).await;
+    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    let mut last = ack["offset"].as_u64().expect("offset");
+    assert_eq!(last, 0);
+    let publishers = start_publishers(&addrs, topic, stop.clone(), published.clone());
+    let mut got: Vec<(u64, Value)> = Vec::new();
+    let mut at = 0usize;
+    for round in 0..rounds {
+        // Live for a little while: a few messages, or a few milliseconds.
+        let want = 1 + rand::random::<u64>() % 40;
+        let until = tokio::time::Instant::now() + Duration::from_millis(5 + round as u64 % 30);
+        let mut n = 0;
+        while n < want {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if n > 0 && left.is_zero() {
+                break;
+            }
+            match ws.next_frame(if n == 0 { WAIT } else { left }).await {
+                Frame::Json(m) => {
+                    take_next(&m, topic, &mut last, &mut got, "live");
+                    n += 1;
+                }
+                Frame::Timeout if n > 0 => break,
+                Frame::Timeout => panic!("round {round}: no message within {WAIT:?}"),
+                Frame::Closed(c) => panic!("round {round}: connection closed ({c:?})"),
+            }
+        }
+        if round % 2 == 1 {
+            // Unsubscribe: what was queued before the ack still arrives (and counts).
+            ws.send(json!({"op":"unsubscribe","topic":topic,"id":"u"}))
+                .await;
+            loop {
+                match ws.next_frame(WAIT).await {
+                    Frame::Json(v) if v["op"] == "ack" => {
+                        assert_eq!(v["id"], "u", "{v}");
+                        break;
+                    }
+                    Frame::Json(m) => take_next(&m, topic, &mut last, &mut got, "before unsub"),
+                    other => panic!("round {round}: no unsubscribe ack: {other:?}"),
+                }
+            }
+        } else {
+            // Drop the connection: whatever was in flight is lost, to be replayed.
+            at = (at + 1) % nodes.len();
+            let fresh = nodes[at].ws().await;
+            std::mem::replace(&mut ws, fresh).close().await;
+        }
+        // Away for a moment (sometimes not at all, to race the publishers at the seam).
+        let pause = rand::random::<u64>() % 40;
+        if pause > 9 {
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        let ack = resume(&mut ws, topic, &epoch, last).await;
+        assert_eq!(ack["recovered"], json!(true), "round {round}: {ack}");
+        assert_eq!(ack["offset"], json!(last), "round {round}: {ack}");
+        assert_eq!(ack["epoch"], json!(epoch), "round {round}: {ack}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for p in publishers {
+        p.await.expect("publisher");
+    }
+    let published = published.lock().unwrap().clone();
+    let max = *published.keys().max().expect("something was published");
+    assert_eq!(published.len() as u64, max, "offsets are contiguous");
+    while last < max {
+        match ws.next_frame(WAIT).await {
+            Frame::Json(m) => take_next(&m, topic, &mut last, &mut got, "tail"),
+            other => panic!("tail: stopped at {last} of {max}: {other:?}"),
+        }
+    }
+    expect_silence(&mut ws, "after the last message").await;
+    assert_eq!(got.len() as u64, max, "every message once");
+    for (offset, data) in &got {
+        assert_eq!(Some(data), published.get(offset), "data at offset {offset}");
+    }
+    if let Some(task) = witness_task {
+        let wlast = task.await.expect("witness");
+        assert_eq!(wlast, max, "the witness got every message once, in order");
+    }
+    println!("seam {topic}: {rounds} resumes, {max} messages, each received exactly once in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
+    let redis = Redis::start();
+    // A resume's replay is queued whole: the send queue must hold it.
+    let big = [
+        ("PUBGATE__HISTORY__SIZE", "200000".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000".to_string()),
+    ];
+    let a = redis_node(&redis, &big).await;
+    let b = redis_node(&redis, &big).await;
+    seam_rounds(&[&a, &b], "seam.redis", 50, Some(0)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seam_between_replay_and_live_has_no_gap_or_duplicate_on_the_memory_broker() {
+    let node = memory_node(&[
+        ("PUBGATE__HISTORY__SIZE", "200000".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000".to_string()),
+    ]);
+    seam_rounds(&[&node], "seam.mem.alone", 25, None).await;
+    seam_rounds(&[&node], "seam.mem.shared", 25, Some(0)).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// recovered:false
+// ---------------------------------------------------------------------------------------------
+
+/// History of 5 per topic: a resume reaching further back, a wrong epoch, or an offset the topic
+/// never had gets `recovered:false` with the current position and nothing replayed; live messages
+/// continue from that position.
+async fn not_recovered_cases(node: &Node, topic: &str) -> String {
+    let mut live = node.ws().await;
+    let epoch = live.subscribe(topic).await["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_string();
+    for i in 1..=10 {
+        publish(node, topic, &json!({"n": i}).to_string()).await;
+    }
+    // History holds 6..=10: resuming from 5 works ...
+    let mut ws = node.ws().await;
+    let ack = resume(&mut ws, topic, &epoch, 5).await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    for i in 6..=10 {
+        assert_eq!(
+            ws.next_message(WAIT).await.expect("replay")["offset"],
+            json!(i)
+        );
+    }
+    // ... from 4 it does not: offset 5 was trimmed.
+    let mut ws = node.ws().await;
+    let ack = resume(&mut ws, topic, &epoch, 4).await;
+    assert_eq!(
+        (&ack["recovered"], &ack["epoch"], &ack["offset"]),
+        (&json!(false), &json!(epoch), &json!(10)),
+        "trimmed: {ack}"
+    );
+    expect_silence(&mut ws, "nothing replayed").await;
+    assert_eq!(publish(node, topic, r#"{"n":11}"#).await, 11);
+    let m = ws.next_message(WAIT).await.expect("live");
+    assert_eq!(m["offset"], json!(11), "live continues from the ack: {m}");
+
+    for (what, e, o) in [
+        ("a wrong epoch", "deadbeef00000000", 11),
+        ("an offset the topic never reached", epoch.as_str(), 99),
+    ] {
+        let mut ws = node.ws().await;
+        let ack = resume(&mut ws, topic, e, o).await;
+        assert_eq!(
+            (&ack["recovered"], &ack["epoch"], &ack["offset"]),
+            (&json!(false), &json!(epoch), &json!(11)),
+            "{what}: {ack}"
+        );
+        expect_silence(&mut ws, what).await;
+    }
+    assert!(
+        node.metric("pubgate_resumes_total{result=\"not_recovered\"}")
+            .await
+            >= Some(3.0)
+    );
+    epoch
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_or_another_epoch_gives_recovered_false_on_redis() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[("PUBGATE__HISTORY__SIZE", "5".to_string())]).await;
+    let topic = "notrec.redis";
+    let epoch = not_recovered_cases(&node, topic).await;
+
+    // FLUSHALL: the topic's sequence is gone; a resume learns the new epoch and starts over.
+    redis.cli(&["FLUSHALL"]);
+    let mut ws = node.ws().await;
+    let ack = resume(&mut ws, topic, &epoch, 11).await;
+    assert_eq!(ack["recovered"], json!(false), "{ack}");
+    assert_ne!(ack["epoch"], json!(epoch), "a new epoch: {ack}");
+    assert_eq!(ack["offset"], json!(0), "{ack}");
+    expect_silence(&mut ws, "nothing replayed after a flush").await;
+    assert_eq!(publish(&node, topic, r#"{"after":"flush"}"#).await, 1);
+    let m = ws.next_message(WAIT).await.expect("live in the new epoch");
+    assert_eq!(
+        (m["offset"].clone(), m["data"].clone()),
+        (json!(1), json!({"after":"flush"}))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimmed_history_or_another_epoch_gives_recovered_false_on_memory() {
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]);
+    not_recovered_cases(&node, "notrec.mem").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-topic history rules
+// ---------------------------------------------------------------------------------------------
+
+const RULES: &str = r#"
+[history]
+size = 50
+ttl = "5m"
+
+[[history.rules]]
+pattern = "nohist.>"
+size = 0
+
+[[history.rules]]
+pattern = "chat.>"
+size = 3
+ttl = "1m"
+"#;
+
+async fn rules_are_honoured(node: &Node) {
+    for topic in ["chat.r1", "nohist.r1", "plain.r1"] {
+        for i in 1..=5 {
+            publish(node, topic, &json!({"n": i}).to_string()).await;
+        }
+    }
+    let (_, chat, _) = get_history(node, "chat.r1", "?since=0").await;
+    assert_eq!(page_offsets(&chat), vec![3, 4, 5], "{chat}");
+    assert_eq!(chat["complete"], json!(false));
+    let (_, none, _) = get_history(node, "nohist.r1", "?since=0").await;
+    assert_eq!(page_offsets(&none), Vec::<u64>::new(), "{none}");
+    assert_eq!(
+        (&none["complete"], &none["offset"]),
+        (&json!(false), &json!(5))
+    );
+    let (_, plain, _) = get_history(node, "plain.r1", "?since=0").await;
+    assert_eq!(page_offsets(&plain), vec![1, 2, 3, 4, 5], "{plain}");
+    assert_eq!(plain["complete"], json!(true));
+
+    let epoch = |page: &Value| page["epoch"].as_str().expect("epoch").to_string();
+    let cases = [
+        ("chat.r1", epoch(&chat), 2, true, 3),
+        ("chat.r1", epoch(&chat), 1, false, 0),
+        ("nohist.r1", epoch(&none), 4, false, 0),
+        ("nohist.r1", epoch(&none), 5, true, 0),
+        ("plain.r1", epoch(&plain), 0, true, 5),
+    ];
+    for (topic, epoch, since, recovered, replayed) in cases {
+        let mut ws = node.ws().await;
+        let ack = resume(&mut ws, topic, &epoch, since).await;
+        assert_eq!(
+            ack["recovered"],
+            json!(recovered),
+            "{topic} since {since}: {ack}"
+        );
+        for i in since + 1..=since + replayed {
+            let m = ws.next_message(WAIT).await.expect("replayed");
+            assert_eq!(m["offset"], json!(i), "{topic}: {m}");
+        }
+        expect_silence(&mut ws, topic).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_topic_history_rules_are_honoured_on_redis() {
+    let redis = Redis::start();
+    let dir = TempDir::new("rules");
+    let path = dir.join("pubgate.toml");
+    std::fs::write(&path, RULES).expect("write config");
+    let node = Node::start_with(
+        &["--config", path.to_str().expect("utf-8 path")],
+        &[
+            ("PUBGATE__BROKER__KIND", "redis".to_string()),
+            ("PUBGATE__BROKER__URL", redis.url()),
+        ],
+    );
+    node.wait_ready(READY).await;
+    rules_are_honoured(&node).await;
+    let xlen = |topic: &str| redis.cli(&["XLEN", &format!("pubgate:{topic}:history")]);
+    assert_eq!(xlen("chat.r1").trim(), "3");
+    assert_eq!(xlen("nohist.r1").trim(), "0");
+    assert_eq!(xlen("plain.r1").trim(), "5");
+    let pttl: i64 = redis
+        .cli(&["PTTL", "pubgate:chat.r1:history"])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(
+        pttl > 0 && pttl <= 60_000,
+        "chat.> keeps history for 1m: {pttl}"
+    );
+    let pttl: i64 = redis
+        .cli(&["PTTL", "pubgate:plain.r1:history"])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(pttl > 60_000, "other topics keep the default 5m: {pttl}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_topic_history_rules_are_honoured_on_memory() {
+    let dir = TempDir::new("rules");
+    let path = dir.join("pubgate.toml");
+    std::fs::write(&path, RULES).expect("write config");
+    let node = Node::start_with(&["--config", path.to_str().expect("utf-8 path")], &[]);
+    rules_are_honoured(&node).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GET /v1/history
+// ---------------------------------------------------------------------------------------------
+
+/// History of 5: pages, limits, completeness, raw data, errors, and a first page load followed by
+/// a seamless subscribe.
+async fn history_api_cases(node: &Node) {
+    let topic = "hist.api";
+    for i in 1..=10 {
+        // Odd spacing and key order: data must come back byte for byte.
+        publish(
+            node,
+            topic,
+            &format!("{{\"n\": {i},  \"z\":[1, 2], \"a\":\"x y\"}}"),
+        )
+        .await;
+    }
+    let (status, all, raw) = get_history(node, topic, "?since=5").await;
+    assert_eq!(status, 200, "{raw}");
+    let epoch = all["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(all["topic"], json!(topic));
+    assert_eq!(all["offset"], json!(10));
+    assert_eq!(all["complete"], json!(true), "{all}");
+    assert_eq!(page_offsets(&all), vec![6, 7, 8, 9, 10]);
+    assert!(
+        raw.contains(r#"{"offset":6,"data":{"n": 6,  "z":[1, 2], "a":"x y"}}"#),
+        "data is not re-serialized: {raw}"
+    );
+
+    let q = |s: &str| format!("?epoch={epoch}&{s}");
+    let cases: [(String, Vec<u64>, bool); 8] = [
+        (q("since=5"), vec![6, 7, 8, 9, 10], true),
+        (q("since=7&limit=2"), vec![8, 9], true),
+        (q("since=2"), vec![6, 7, 8, 9, 10], false),
+        (q("since=10"), vec![], true),
+        (q("since=11"), vec![], false),
+        (
+            "?epoch=deadbeef&since=7".into(),
+            vec![6, 7, 8, 9, 10],
+            false,
+        ),
+        ("?limit=3".into(), vec![8, 9, 10], true),
+        ("".into(), vec![6, 7, 8, 9, 10], false),
+    ];
+    for (query, offsets, complete) in cases {
+        let (status, page, raw) = get_history(node, topic, &query).await;
+        assert_eq!(status, 200, "{query}: {raw}");
+        assert_eq!(page_offsets(&page), offsets, "{query}: {raw}");
+        assert_eq!(page["complete"], json!(complete), "{query}: {raw}");
+        assert_eq!(
+            (&page["epoch"], &page["offset"]),
+            (&json!(epoch), &json!(10))
+        );
+    }
+    for bad in [
+        "?limit=0",
+        "?limit=1001",
+        "?since=x",
+        "?since=-1",
+        "?epoch=a%20b",
+    ] {
+        let (status, page, raw) = get_history(node, topic, bad).await;
+        assert_eq!(status, 400, "{bad}: {raw}");
+        assert_eq!(page["code"], json!("bad_request"), "{bad}");
+    }
+    let (status, page, _) = get_history(node, "bad..topic", "").await;
+    assert_eq!((status, &page["code"]), (400, &json!("invalid_topic")));
+    let (status, _) = http(node.addr, "POST", &format!("/v1/history/{topic}"), "{}").await;
+    assert_eq!(status, 405);
+
+    // A first page load: the newest messages, then a subscribe that continues exactly after them.
+    let (_, page, _) = get_history(node, topic, "?limit=2").await;
+    assert_eq!(page_offsets(&page), vec![9, 10]);
+    let mut ws = node.ws().await;
+    let ack = resume(
+        &mut ws,
+        topic,
+        &epoch,
+        page["offset"].as_u64().expect("offset"),
+    )
+    .await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    expect_silence(&mut ws, "nothing missed since the page").await;
+    assert_eq!(publish(node, topic, "11").await, 11);
+    let m = ws.next_message(WAIT).await.expect("live");
+    assert_eq!(
+        (m["offset"].clone(), m["data"].clone()),
+        (json!(11), json!(11))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_api_pages_report_completeness_on_redis() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[("PUBGATE__HISTORY__SIZE", "5".to_string())]).await;
+    history_api_cases(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_api_pages_report_completeness_on_memory() {
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]);
+    history_api_cases(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_api_needs_the_publish_api_key() {
+    let node = memory_node(&[("PUBGATE__AUTH__API_KEYS", "k1".to_string())]);
+    let path = "/v1/history/secret.topic";
+    let (status, body) = http(node.addr, "GET", path, "").await;
+    assert_eq!(status, 401, "{body}");
+    let wrong = [("Authorization", "Bearer nope")];
+    assert_eq!(http_with(node.addr, "GET", path, &wrong, "").await.0, 401);
+    let right = [("Authorization", "Bearer k1")];
+    let (status, body) = http_with(node.addr, "GET", path, &right, "").await;
+    assert_eq!(status, 200, "{body}");
+    let page: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (&page["offset"], &page["complete"]),
+        (&json!(0), &json!(true)),
+        "{page}"
+    );
+}
