@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Settings;
 use crate::http_api::{self, Body};
@@ -75,14 +76,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tls.spawn_reloader();
     }
 
-    let main = TcpListener::bind(main_addr)
-        .await
+    let main = bind_listener(main_addr)
         .with_context(|| format!("server.listen: cannot listen on {main_addr}"))?;
     let main_local = main.local_addr()?;
     let metrics_listener = match metrics_addr {
         Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
+            bind_listener(addr)
                 .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?,
         ),
         None => None,
@@ -141,6 +140,25 @@ async fn shutdown_signal() {
             let _ = tokio::signal::ctrl_c().await;
         }
     }
+}
+
+/// Connections the kernel may hold ready for accept(2) (it caps this at `net.core.somaxconn`).
+/// `TcpListener::bind` listens with 128, the std default: a burst of connections (the clients of a
+/// drained node reconnecting at once) fills that in microseconds, and the kernel then drops each
+/// further SYN, so those clients wait 1 s, 3 s, 7 s… for retransmissions before pubgate even sees
+/// them (measured by tests/hostile.rs with 2000 connections).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener like `TcpListener::bind` (SO_REUSEADDR on), with [`LISTEN_BACKLOG`].
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Accepts until the node drains (the metrics listener keeps going so probes see the drain).
@@ -369,12 +387,10 @@ fn upgrade<T: Transport>(
         match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
             Ok(parts) => {
                 let (r, w) = parts.io.into_inner().split();
-                // An empty read_buf may still point into hyper's read buffer; never keep that alive.
-                let early = if parts.read_buf.is_empty() {
-                    Bytes::new()
-                } else {
-                    Bytes::copy_from_slice(&parts.read_buf)
-                };
+                // read_buf (even empty) points into hyper's 8 KiB read buffer: copy what the client
+                // sent early and let the buffer go before the session starts.
+                let early = Bytes::copy_from_slice(&parts.read_buf);
+                drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, route).await;
             }
