@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use broker_bridge::{
-    Broker, BrokerError, BrokerObserver, HistoryRead, MemoryBroker, MemoryConfig, MessageSink,
-    Position, RedisBroker, RedisConfig, Replay,
+    Broker, BrokerError, BrokerObserver, HistoryRead, MemoryBroker, MemoryConfig, Message,
+    MessageSink, Position, RedisBroker, RedisConfig, Replay,
 };
 use bytes::Bytes;
 use serde_json::value::RawValue;
@@ -194,8 +194,8 @@ impl Node {
                             offset: since.offset,
                         };
                         let ack = protocol::ack(id, topic, &resumed, Some(true));
-                        self.registry
-                            .activate(topic, conn, Some(ack), &replay.messages, &resumed);
+                        self.activate_paced(topic, conn, queue, ack, &replay.messages, &resumed)
+                            .await;
                     } else {
                         self.metrics
                             .resumes
@@ -215,6 +215,53 @@ impl Node {
             Err(e) => {
                 self.unsubscribe(topic, conn).await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Queues a resume's ack and replay, then turns the subscriber live.
+    ///
+    /// A replay larger than a quarter of the send queue goes out in slices, each one after the
+    /// queue drained below half (`SendQueue::room`, the client reading at its own pace), while live
+    /// messages for the topic are held back. Queued whole, a replay longer than
+    /// `limits.send_queue_frames` (1024 by default, while up to `MAX_REPLAY` may be replayed)
+    /// overflowed the queue and closed a healthy client as a slow consumer — which then resumed,
+    /// overflowed again, and never caught up (under `drop_oldest`, the start of the replay was lost
+    /// instead).
+    async fn activate_paced(
+        &self,
+        topic: &str,
+        conn: ConnId,
+        queue: &SendQueue,
+        ack: Bytes,
+        replay: &[Message],
+        floor: &Position,
+    ) {
+        let limits = &self.settings.limits;
+        let max_frames = (limits.send_queue_frames / 4).max(1);
+        let max_bytes = limits.send_queue_bytes / 4;
+        let mut ack = Some(ack);
+        let mut rest = replay;
+        loop {
+            let (mut n, mut bytes) = (0, 0);
+            while n < rest.len() && n < max_frames {
+                // The frame is the data plus the topic and a few dozen bytes of envelope.
+                bytes += rest[n].data.len() + rest[n].topic.len() + 64;
+                if n > 0 && bytes > max_bytes {
+                    break;
+                }
+                n += 1;
+            }
+            if n == rest.len() {
+                self.registry.activate(topic, conn, ack.take(), rest, floor);
+                return;
+            }
+            self.registry.queue_replay(queue, ack.take(), &rest[..n]);
+            rest = &rest[n..];
+            queue.room().await;
+            if queue.is_closing() {
+                // The connection is going away; its subscriptions are dropped with it.
+                return;
             }
         }
     }

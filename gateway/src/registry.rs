@@ -134,9 +134,9 @@ impl Registry {
         (name, entry.gate.clone())
     }
 
-    /// Turns a pending subscriber live: queues `ack` (if given), then `replay`, then whatever was
-    /// held back with an offset above `floor` and the replay (in `floor`'s epoch), all under the
-    /// topic's lock so no live message can slip in between.
+    /// Turns a pending subscriber live: queues `ack` (unless it was queued already), then `replay`,
+    /// then whatever was held back with an offset above `floor` and the replay (in `floor`'s epoch),
+    /// all under the topic's lock so no live message can slip in between.
     pub fn activate(
         &self,
         topic: &str,
@@ -172,6 +172,17 @@ impl Registry {
             }
         }
         sub.state = SubState::Live(cursor);
+    }
+
+    /// Queues the first part of a long replay for a subscriber that stays pending meanwhile (live
+    /// messages held back): `ack` first when given. [`Registry::activate`] queues the rest.
+    pub fn queue_replay(&self, queue: &SendQueue, ack: Option<Bytes>, replay: &[Message]) {
+        if let Some(ack) = ack {
+            queue.push(ack);
+        }
+        for m in replay {
+            self.push(queue, protocol::message(m));
+        }
     }
 
     /// Removes a subscriber. Returns the topic's gate when no local subscriber is left, so the caller

@@ -329,11 +329,7 @@ async fn seam_rounds(nodes: &[&Node], topic: &str, rounds: usize, witness: Optio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
     let redis = Redis::start();
-    // A resume's replay is queued whole: the send queue must hold it.
-    let big = [
-        ("PUBGATE__HISTORY__SIZE", "200000".to_string()),
-        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000".to_string()),
-    ];
+    let big = [("PUBGATE__HISTORY__SIZE", "200000".to_string())];
     let a = redis_node(&redis, &big).await;
     let b = redis_node(&redis, &big).await;
     seam_rounds(&[&a, &b], "seam.redis", 50, Some(0)).await;
@@ -341,10 +337,7 @@ async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_between_replay_and_live_has_no_gap_or_duplicate_on_the_memory_broker() {
-    let node = memory_node(&[
-        ("PUBGATE__HISTORY__SIZE", "200000".to_string()),
-        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000".to_string()),
-    ]);
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "200000".to_string())]);
     seam_rounds(&[&node], "seam.mem.alone", 25, None).await;
     seam_rounds(&[&node], "seam.mem.shared", 25, Some(0)).await;
 }
@@ -666,4 +659,63 @@ async fn history_api_needs_the_publish_api_key() {
         (&json!(0), &json!(true)),
         "{page}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long replays
+// ---------------------------------------------------------------------------------------------
+
+/// A resume that replays far more messages than a connection's send queue holds
+/// (`limits.send_queue_frames`, 1024 by default) is paced through the queue instead of
+/// overflowing it: the client gets every message, not a slow-consumer close (after which it would
+/// resume again, overflow again, and never catch up).
+async fn long_replay_is_paced(node: &Node, topic: &str) {
+    let mut ws = node.ws().await;
+    let ack = ws.subscribe(topic).await;
+    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    ws.close().await;
+    let missed = 5000u64;
+    let batch: Vec<Value> = (1..=missed)
+        .map(|i| json!({"topic": topic, "data": {"n": i}}))
+        .collect();
+    for chunk in batch.chunks(1000) {
+        let body = json!({ "messages": chunk }).to_string();
+        let (status, reply) = http(node.addr, "POST", "/v1/publish", &body).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let mut ws = node.ws().await;
+    let ack = resume(&mut ws, topic, &epoch, 0).await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    let mut last = 0;
+    let mut got = Vec::new();
+    // A live message published during the replay comes right after it.
+    let live = publish(node, topic, r#"{"live":true}"#);
+    let (offset, ()) = tokio::join!(live, async {
+        while last < missed {
+            match ws.next_frame(WAIT).await {
+                Frame::Json(m) => take_next(&m, topic, &mut last, &mut got, "replay"),
+                other => panic!("replay stopped at {last} of {missed}: {other:?}"),
+            }
+        }
+    });
+    assert_eq!(offset, missed + 1);
+    let m = ws.next_message(WAIT).await.expect("live after the replay");
+    assert_eq!(
+        (m["offset"].clone(), m["data"].clone()),
+        (json!(missed + 1), json!({"live":true}))
+    );
+    assert_eq!(got[4999].1, json!({"n": 5000}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_longer_than_the_send_queue_is_paced_on_memory() {
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "10000".to_string())]);
+    long_replay_is_paced(&node, "long.mem").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_longer_than_the_send_queue_is_paced_on_redis() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[("PUBGATE__HISTORY__SIZE", "10000".to_string())]).await;
+    long_replay_is_paced(&node, "long.redis").await;
 }
