@@ -326,10 +326,21 @@ async fn seam_rounds(nodes: &[&Node], topic: &str, rounds: usize, witness: Optio
     println!("seam {topic}: {rounds} resumes, {max} messages, each received exactly once in order");
 }
 
+/// History for the whole run, and send queues large enough that the test's own reader, sharing
+/// two cores with the publishers and the nodes, is not cut off as a slow consumer when it falls
+/// behind for a moment (long replays through the default queue are tested below).
+fn seam_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("PUBGATE__HISTORY__SIZE", "500000".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "65536".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_BYTES", "67108864".to_string()),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
     let redis = Redis::start();
-    let big = [("PUBGATE__HISTORY__SIZE", "200000".to_string())];
+    let big = seam_env();
     let a = redis_node(&redis, &big).await;
     let b = redis_node(&redis, &big).await;
     seam_rounds(&[&a, &b], "seam.redis", 50, Some(0)).await;
@@ -337,7 +348,7 @@ async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_between_replay_and_live_has_no_gap_or_duplicate_on_the_memory_broker() {
-    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "200000".to_string())]);
+    let node = memory_node(&seam_env());
     seam_rounds(&[&node], "seam.mem.alone", 25, None).await;
     seam_rounds(&[&node], "seam.mem.shared", 25, Some(0)).await;
 }
