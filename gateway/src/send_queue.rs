@@ -200,18 +200,28 @@ impl SendQueue {
 
     /// Takes everything queued, and the close request if any.
     pub fn take(&self) -> Batch {
+        let mut frames = VecDeque::new();
+        let close = self.take_into(&mut frames);
+        Batch { frames, close }
+    }
+
+    /// Moves everything queued into `frames` (which must be empty) by swapping buffers, so the
+    /// queue keeps the caller's spare capacity and pushes do not allocate. Returns the close request,
+    /// if any.
+    pub fn take_into(&self, frames: &mut VecDeque<Bytes>) -> Option<CloseReason> {
+        debug_assert!(frames.is_empty());
         let mut st = self.lock();
         let close = st.close.clone();
         st.bytes = 0;
-        let mut frames = std::mem::take(&mut st.frames);
+        std::mem::swap(&mut st.frames, frames);
+        drop(st);
         if close.as_ref().is_some_and(|c| c.discard_queued) {
             frames.clear();
         }
-        drop(st);
         if !frames.is_empty() {
             self.taken.notify_waiters();
         }
-        Batch { frames, close }
+        close
     }
 }
 

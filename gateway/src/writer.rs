@@ -5,7 +5,9 @@
 //! writer of the socket, so frames never interleave.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::task::{Context, Poll, Waker};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -82,40 +84,49 @@ pub async fn run<W: AsyncWrite + Unpin>(
     drain: Arc<Drain>,
 ) -> WriterEnd {
     let mut next_ping = Instant::now() + heartbeat.ping_interval;
+    // One timer for the whole connection, moved when a ping is due: creating a timer on every
+    // wake-up showed up in profiles of busy fan-out.
+    let ping_timer = tokio::time::sleep_until(next_ping);
+    tokio::pin!(ping_timer);
     let mut close_at: Option<Instant> = None;
+    // Swapped with the queue's buffer on every take, so neither side allocates per message.
+    let mut frames = VecDeque::new();
     loop {
+        let now = Instant::now();
         // Checked on every pass, not only when idle, so a busy connection still drains and pings.
         if close_at.is_none() && drain.is_closing() {
             close_at = Some(drain.close_time());
         }
-        if close_at.is_some_and(|at| Instant::now() >= at) {
+        if close_at.is_some_and(|at| now >= at) {
             queue.close(CloseReason::GOING_AWAY);
         }
-        if Instant::now() >= next_ping {
-            next_ping = Instant::now() + heartbeat.ping_interval;
+        if now >= next_ping || ping_timer.is_elapsed() {
+            next_ping = now + heartbeat.ping_interval;
+            ping_timer.as_mut().reset(next_ping);
             if heard.silent_for() > heartbeat.idle_timeout {
                 queue.close(CloseReason::IDLE);
             } else {
                 queue.push(frame::frame(OpCode::Ping, b""));
             }
         }
-        let batch = queue.take();
-        if batch.frames.is_empty() && batch.close.is_none() {
+        let close = queue.take_into(&mut frames);
+        if frames.is_empty() && close.is_none() {
             tokio::select! {
                 _ = queue.ready() => {}
-                _ = tokio::time::sleep_until(next_ping) => {}
+                _ = &mut ping_timer => {}
                 _ = drain.closing(), if close_at.is_none() => {}
                 _ = sleep_until_some(close_at) => {}
             }
             continue;
         }
-        let mut frames = batch.frames;
         if !frames.is_empty()
             && let Err(e) = write_watched(&mut w, &mut frames, &queue, heartbeat.idle_timeout).await
         {
             return WriterEnd::Failed(e);
         }
-        if let Some(reason) = batch.close {
+        // A burst may have grown the buffer; an idle connection should not keep it.
+        frames.shrink_to(4);
+        if let Some(reason) = close {
             if reason.code != PEER_GONE {
                 // Boxed: this runs once per connection, and keeping its state out of the writer's
                 // future keeps every idle connection smaller.
@@ -154,6 +165,18 @@ async fn write_watched<W: AsyncWrite + Unpin>(
     // When a byte last moved. The stall timer measures silence, not the whole batch: a big batch to
     // a client that reads steadily but slowly takes longer than `stall_limit` and must not be cut
     // off for it.
+    //
+    // Most batches go out in one non-blocking write: try that first, without arming a timer or
+    // reading the clock. Dropping the attempt while it is pending loses nothing: `frames` only
+    // changes after bytes were written.
+    {
+        let attempt = write_frames(w, frames, None);
+        tokio::pin!(attempt);
+        let mut cx = Context::from_waker(Waker::noop());
+        if let Poll::Ready(r) = attempt.as_mut().poll(&mut cx) {
+            return r;
+        }
+    }
     let progress = LastHeard::new();
     let write = write_frames(w, frames, Some(&progress));
     tokio::pin!(write);
