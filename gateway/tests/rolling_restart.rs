@@ -239,15 +239,21 @@ async fn client(
                     }
                 }
                 Frame::Closed(code) => {
-                    if code == Some(1001) {
+                    // A drained node asks for a prompt reconnect; after a connection that just
+                    // broke, back off longer (as real clients do). That also leaves the publisher
+                    // time to publish while the client is away, so its resume must replay from
+                    // history, which the test asserts.
+                    let wait = if code == Some(1001) {
                         log.lock().unwrap().graceful_closes += 1;
+                        backoff(0)
                     } else {
                         abrupt = Some(Abrupt {
                             at: Instant::now(),
                             resumed: Vec::new(),
                         });
-                    }
-                    tokio::time::sleep(backoff(0)).await;
+                        backoff(3)
+                    };
+                    tokio::time::sleep(wait).await;
                     continue 'connect;
                 }
             }
