@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Default)]
 pub struct Drain {
     not_ready: AtomicBool,
+    /// Mirrors `closing`: writers check it on every wake-up, and a plain load is cheaper there.
+    closing_flag: AtomicBool,
     closing: CancellationToken,
     plan: OnceLock<Plan>,
 }
@@ -47,12 +49,13 @@ impl Drain {
             total: connections.max(1),
             next: AtomicUsize::new(0),
         });
+        self.closing_flag.store(true, Ordering::Release);
         self.closing.cancel();
     }
 
     /// Whether phase 2 has begun.
     pub fn is_closing(&self) -> bool {
-        self.closing.is_cancelled()
+        self.closing_flag.load(Ordering::Acquire)
     }
 
     /// Resolves when phase 2 begins. Cancel-safe.

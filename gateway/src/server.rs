@@ -64,7 +64,8 @@ enum Listener {
 }
 
 /// Runs a node until SIGTERM/SIGINT, then drains it.
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
+    settings.server.max_connections = fit_to_fd_limit(settings.server.max_connections);
     let main_addr = settings.server.listen;
     let metrics_addr = settings.server.metrics_listen;
     let drain = settings.drain.clone();
@@ -121,6 +122,46 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     tracing::info!(left = node.connection_count(), "drained, exiting");
     Ok(())
+}
+
+/// Files kept free for listeners, broker connections, HTTP API clients and the process itself: a
+/// sixteenth of the limit, between 16 and 256.
+fn fd_reserve(limit: u64) -> u64 {
+    (limit / 16).clamp(16, 256)
+}
+
+/// Raises the open-files soft limit to the hard limit, and lowers `max_connections` to what the
+/// limit can hold, so a full node answers upgrades with 503 instead of failing accept(2) with
+/// EMFILE and leaving clients to time out.
+fn fit_to_fd_limit(max_connections: usize) -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return max_connections;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim = raised;
+        }
+    }
+    let room = lim.rlim_cur.saturating_sub(fd_reserve(lim.rlim_cur)).max(1);
+    if (max_connections as u64) > room {
+        tracing::warn!(
+            configured = max_connections,
+            open_files_limit = lim.rlim_cur,
+            effective = room,
+            "server.max_connections lowered to fit the open-files limit"
+        );
+        return room as usize;
+    }
+    max_connections
 }
 
 async fn shutdown_signal() {
