@@ -185,14 +185,12 @@ async fn write_watched<W: AsyncWrite + Unpin>(
     loop {
         tokio::select! {
             r = &mut write => return r,
-            _ = queue.ready() => {
-                if queue.is_closing() {
-                    // Give the frames in flight a moment, so a close frame can follow cleanly.
-                    return match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
-                        Ok(r) => r,
-                        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer not reading")),
-                    };
-                }
+            _ = queue.closing() => {
+                // Give the frames in flight a moment, so a close frame can follow cleanly.
+                return match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
+                    Ok(r) => r,
+                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer not reading")),
+                };
             }
             _ = &mut stall => {
                 let quiet = progress.silent_for();
