@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# One-node benchmark suite, end to end: builds pubgate and pubgate-loadtest (release), starts a fresh
-# pubgate on a free loopback port for each scenario, runs it, stops the server by its PID, and writes
-# one JSON result per scenario (plus the exact commands) into the output directory.
+# Benchmark suite, end to end: builds pubgate and pubgate-loadtest (release), starts a fresh pubgate
+# on a free loopback port for each one-node scenario (and, for the multi-node ones, Redis + nodes +
+# HAProxy through deploy/local-cluster.sh), runs it, stops what it started by PID, and writes one
+# JSON result per scenario (plus the exact commands) into the output directory.
 #
 #   scripts/bench.sh [--out DIR] [--quick] [--only NAMES] [--charts DIR]
 #
 #   --out DIR     results directory (default target/bench-results/<UTC timestamp>)
 #   --quick       small and short: a smoke run of every scenario (about a minute)
-#   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn
+#   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn,
+#                 redis3 (3 nodes + Redis: fan-out at 20k/40k and a step), scale100k (100k
+#                 connections over 6 nodes + Redis); the last two need redis-server and haproxy
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -19,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,redis3,scale100k"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -81,7 +84,6 @@ stop_server() {
   SERVER_PID=""
   SERVER_ADDR=""
 }
-trap stop_server EXIT
 
 run() { # name, then loadtest arguments
   local name="$1"; shift
@@ -153,6 +155,68 @@ if want churn; then
   start_server "churn"
   run "churn" churn --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --duration "$DUR" --warmup 1 --publishers 8 --churn-rate 200 --churn-life 2 --churn-drop-pct 20
   stop_server
+fi
+
+# Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load
+# spread over the nodes directly; Redis's CPU time is recorded next to each result.
+STACK_UP=0
+stack_start() { # nodes, then env assignments for the nodes
+  local n="$1"; shift
+  env "$@" PUBGATE__LOG__LEVEL=warn PUBGATE_BIN="$PUBGATE" PUBGATE_STACK_DIR="$OUT/stack" \
+    deploy/local-cluster.sh start "$n" >&2
+  STACK_UP=1
+  # shellcheck disable=SC1091
+  . "$OUT/stack/state"
+  STACK_ARGS=()
+  for i in $(seq 1 "$n"); do
+    local port="NODE${i}_PORT" pid="NODE${i}_PID"
+    STACK_ARGS+=(--url "ws://127.0.0.1:${!port}/ws" --server-pid "${!pid}")
+  done
+}
+stack_stop() {
+  if [[ $STACK_UP == 1 ]]; then
+    PUBGATE_STACK_DIR="$OUT/stack" deploy/local-cluster.sh stop >&2 || true
+    STACK_UP=0
+  fi
+}
+trap 'stop_server; stack_stop' EXIT
+redis_cpu_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
+run_multi() { # name, then loadtest arguments (the stack's --url/--server-pid are added)
+  local name="$1"; shift
+  local cmd=(nice -n "$NICE" "$LT" "$@" "${STACK_ARGS[@]}" --json "$OUT/$name.json")
+  echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
+  echo "== $name: ${cmd[*]}" >&2
+  local before after
+  before=$(redis_cpu_ticks)
+  "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
+  after=$(redis_cpu_ticks)
+  echo "{\"redis_cpu_s\": $(( after - before ))e-2}" > "$OUT/$name.redis.json"
+}
+have_stack_tools() {
+  if command -v redis-server >/dev/null && command -v haproxy >/dev/null; then
+    return 0
+  fi
+  echo "bench.sh: skipping $1: needs redis-server and haproxy (scripts/test-deps.sh installs them)" >&2
+  return 1
+}
+
+# 8. Three nodes + Redis: fan-out at 20k and 40k deliveries/s, and the highest sustainable rate.
+if want redis3 && have_stack_tools redis3; then
+  stack_start 3
+  for rate in 20000 40000; do
+    run_multi "redis3-fanout-$((rate / 1000))k" fanout --subscribers "$SUBS" --topics 20 --delivery-rate "$rate" --payload 256 --duration "$DUR" --warmup 2 --publishers 8 --shared-broker
+  done
+  run_multi "redis3-step" step --subscribers "$SUBS" --topics 20 --payload 256 --duration "$STEP_DUR" --warmup 2 --publishers 16 --start 40000 --factor 1.4 --max 300000 --p99-limit-ms 50 --shared-broker
+  stack_stop
+fi
+
+# 9. 100k idle subscribed connections over six nodes (each under the 20,000 open-files limit) and
+#    six load processes.
+if want scale100k && have_stack_tools scale100k; then
+  if [[ $QUICK == 1 ]]; then SCALE_N=6000; else SCALE_N=100000; fi
+  stack_start 6 PUBGATE__SERVER__MAX_CONNECTIONS=20000
+  run_multi "scale-$SCALE_N" connect --connections "$SCALE_N" --procs 6 --topics 100 --connect-rate 3000 --hold "$HOLD" --settle 3
+  stack_stop
 fi
 
 if [[ -n "$CHARTS" ]]; then
