@@ -210,6 +210,10 @@ async fn accept_loop(
     which: Listener,
     tls: Option<Arc<TlsTerminator>>,
 ) {
+    // Accept failures come in runs (out of file descriptors until clients leave): log at most one line
+    // a second, with how many there were; the metric counts every one.
+    let mut failures_unlogged = 0u64;
+    let mut last_logged: Option<tokio::time::Instant> = None;
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -238,7 +242,16 @@ async fn accept_loop(
                     .handshake_failures
                     .with_label_values(&[accept_error_reason(&e)])
                     .inc();
-                tracing::warn!(error = %e, "accept failed; pausing accepts for 100ms");
+                failures_unlogged += 1;
+                if last_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        error = %e,
+                        failures = failures_unlogged,
+                        "accept failed; pausing accepts for 100ms each time"
+                    );
+                    failures_unlogged = 0;
+                    last_logged = Some(tokio::time::Instant::now());
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
