@@ -1,4 +1,4 @@
-//! pubgate-loadtest: drives real WebSocket subscribers and HTTP publishers against pubgate nodes
+//! pubgate-loadtest: drives real WebSocket subscribers and HTTP (or raw Redis) publishers against pubgate nodes
 //! on this machine (loopback only) and reports throughput, latency, loss and cost per connection.
 //!
 //! Scenarios: `connect` (idle connections and their memory), `fanout` (subscribers × publishers),
@@ -6,14 +6,17 @@
 //! and `chart` (SVG charts from the JSON results).
 
 pub mod chart;
+pub mod churn;
 pub mod cli;
 pub mod connect;
 pub mod fanout;
 pub mod procfs;
 pub mod publish;
 pub mod ramp;
+pub mod redis_pub;
 pub mod report;
 pub mod scan;
 pub mod stats;
+pub mod step;
 pub mod track;
 pub mod ws;

@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loadtest::{chart, connect, fanout, procfs, report};
+use loadtest::{chart, churn, connect, fanout, procfs, report, step};
 
 #[derive(Parser)]
 #[command(
     name = "pubgate-loadtest",
     version,
-    about = "Load generator for pubgate: many real WebSocket subscribers, HTTP publishers, and a report of throughput, latency, loss and memory per connection.",
+    about = "Load generator for pubgate: many real WebSocket subscribers, HTTP (or raw Redis) publishers, and a report of throughput, latency, loss and memory per connection.",
     after_help = "Targets loopback addresses only. Every run is bounded in connections and time and stops by itself.\nResults: --json FILE (see docs/benchmarks.md); charts: pubgate-loadtest chart --input FILE..."
 )]
 struct Cli {
@@ -24,9 +24,9 @@ enum Command {
     /// S subscribers over T topics, publishers at R messages/s: delivered/s, loss, latency, CPU per delivery.
     Fanout(fanout::FanoutArgs),
     /// Raise the delivery rate step by step until loss appears or p99 passes a limit.
-    Step(fanout::StepArgs),
+    Step(step::StepArgs),
     /// Connections joining and leaving continuously while fan-out runs.
-    Churn(fanout::ChurnArgs),
+    Churn(churn::ChurnArgs),
     /// Draw SVG charts from JSON results.
     Chart(chart::ChartArgs),
     /// (internal) one worker process of `connect --procs`.
@@ -77,14 +77,14 @@ fn main() -> ExitCode {
                 let json = args.fanout.target.json.clone();
                 runtime(args.fanout.threads)
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(fanout::run_step(args)))
+                    .and_then(|rt| rt.block_on(step::run_step(args)))
                     .map(|r| Some((r, json)))
             }
             Command::Churn(args) => {
                 let json = args.fanout.target.json.clone();
                 runtime(args.fanout.threads)
                     .map_err(anyhow::Error::from)
-                    .and_then(|rt| rt.block_on(fanout::run_churn(args)))
+                    .and_then(|rt| rt.block_on(churn::run_churn(args)))
                     .map(|r| Some((r, json)))
             }
         };

@@ -1,6 +1,7 @@
 //! Publishers: keep-alive HTTP/1.1 connections (hyper client) posting timestamped payloads at a set
-//! rate. They run on a thread and runtime of their own, so their CPU time can be told apart from the
-//! receive path's (`RUSAGE_THREAD`).
+//! rate, or (with `--redis-url`) raw `PUBLISH`es straight into Redis on the same schedule. They run
+//! on a thread and runtime of their own, so their CPU time can be told apart from the receive path's
+//! (`RUSAGE_THREAD`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::procfs;
+use crate::redis_pub::{RedisPub, RedisTarget};
 use crate::scan::write_payload;
 use crate::stats::{self, Percentiles};
 use crate::ws::{Node, now_ns};
@@ -36,14 +38,21 @@ pub struct Job {
 /// What a job did.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PublishResult {
+    /// How the messages went out: `http` (the publish API; offsets assigned) or `redis` (raw
+    /// `PUBLISH` into Redis; no offsets, checked by `s`).
+    #[serde(default)]
+    pub path: String,
     /// Requests sent.
     pub sent: u64,
     /// Answered 200.
     pub ok: u64,
     /// Failed (status or transport), by reason.
     pub failed: BTreeMap<String, u64>,
-    /// Successful publishes per node and topic: `ok[node][topic]`.
+    /// Successful publishes per node and topic: `ok[node][topic]` (for `redis`, all in row 0).
     pub ok_by_node_topic: Vec<Vec<u64>>,
+    /// `redis`: successful `PUBLISH`es that no Redis subscriber (gateway node) received.
+    #[serde(default)]
+    pub zero_receivers: u64,
     /// Publish request round trip.
     pub latency: Percentiles,
     /// When the first request went out, ns since the Unix epoch.
@@ -89,6 +98,25 @@ pub struct PoolSpec {
     pub payload: usize,
     /// `Authorization: Bearer` value for the publish API.
     pub api_key: Option<String>,
+    /// Publish straight into this Redis instead of over HTTP.
+    pub redis: Option<RedisTarget>,
+}
+
+impl PoolSpec {
+    /// `http` or `redis`.
+    pub fn path(&self) -> &'static str {
+        if self.redis.is_some() {
+            "redis"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// What one publisher task sends through.
+enum Sender<'a> {
+    Http(&'a mut PubConn),
+    Redis(&'a RedisPub, usize),
 }
 
 impl Publishers {
@@ -113,7 +141,20 @@ impl Publishers {
                 };
                 rt.block_on(async move {
                     let mut conns = Vec::new();
+                    let mut redis = None;
+                    if let Some(target) = &spec.redis {
+                        match RedisPub::open(target, &spec.topics, spec.connections).await {
+                            Ok(r) => redis = Some(r),
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
                     for c in 0..spec.connections {
+                        if redis.is_some() {
+                            break;
+                        }
                         let node = spec.nodes[c % spec.nodes.len()].clone();
                         match PubConn::open(node, c % spec.nodes.len()).await {
                             Ok(conn) => conns.push(conn),
@@ -139,7 +180,11 @@ impl Publishers {
                         .ok()
                         .flatten();
                         let Some(req) = req else { return };
-                        let result = run_job(&spec, &mut conns, &seqs, req.job).await;
+                        let senders: Vec<Sender<'_>> = match &redis {
+                            Some(r) => (0..spec.connections).map(|c| Sender::Redis(r, c)).collect(),
+                            None => conns.iter_mut().map(Sender::Http).collect(),
+                        };
+                        let result = run_job(&spec, senders, &seqs, req.job).await;
                         let _ = req.reply.send(result);
                     }
                 });
@@ -263,17 +308,17 @@ pub fn offset_field(body: &[u8]) -> Option<u64> {
 
 async fn run_job(
     spec: &Arc<PoolSpec>,
-    conns: &mut [PubConn],
+    senders: Vec<Sender<'_>>,
     seqs: &Arc<Vec<AtomicU64>>,
     job: Job,
 ) -> PublishResult {
     let cpu0 = procfs::cpu_time(true);
-    let nconn = conns.len() as u64;
+    let nconn = senders.len() as u64;
     let start = tokio::time::Instant::now();
     let hard_stop = start + job.max_time;
     let ntopics = spec.topics.len() as u64;
     let rate = job.rate.max(0.001);
-    let tasks = conns.iter_mut().enumerate().map(|(c, conn)| {
+    let tasks = senders.into_iter().enumerate().map(|(c, mut sender)| {
         let spec = spec.clone();
         let seqs = seqs.clone();
         async move {
@@ -299,22 +344,39 @@ async fn run_job(
                 // Every connection cycles through all topics (so with several nodes and no shared
                 // broker each node's subscribers of every topic get messages).
                 let t = ((c as u64 + k / nconn) % ntopics) as usize;
-                let seq = seqs[t].fetch_add(1, Ordering::Relaxed) + 1;
-                let sent_at = now_ns();
-                write_payload(&mut buf, sent_at, seq, spec.payload);
+                let (sent_at, outcome) = match &mut sender {
+                    Sender::Http(conn) => {
+                        let seq = seqs[t].fetch_add(1, Ordering::Relaxed) + 1;
+                        let sent_at = now_ns();
+                        write_payload(&mut buf, sent_at, seq, spec.payload);
+                        let body = Bytes::copy_from_slice(&buf);
+                        let node = conn.node_index;
+                        let res = conn
+                            .publish(&spec.topics[t], body, spec.api_key.as_deref())
+                            .await;
+                        (sent_at, res.map(|_| (node, 1)))
+                    }
+                    Sender::Redis(rp, rc) => {
+                        // The topic's turn first, then its next `s`: Redis sees them in order.
+                        let _turn = rp.turn(t).await;
+                        let seq = seqs[t].fetch_add(1, Ordering::Relaxed) + 1;
+                        let sent_at = now_ns();
+                        write_payload(&mut buf, sent_at, seq, spec.payload);
+                        (sent_at, rp.publish(*rc, t, &buf).await.map(|n| (0, n)))
+                    }
+                };
                 if r.first_send_ns == 0 {
                     r.first_send_ns = sent_at;
                 }
                 r.last_send_ns = sent_at;
                 r.sent += 1;
-                let body = Bytes::copy_from_slice(&buf);
-                match conn
-                    .publish(&spec.topics[t], body, spec.api_key.as_deref())
-                    .await
-                {
-                    Ok(_) => {
+                match outcome {
+                    Ok((node, receivers)) => {
                         r.ok += 1;
-                        r.ok_by_node_topic[conn.node_index][t] += 1;
+                        r.ok_by_node_topic[node][t] += 1;
+                        if receivers == 0 {
+                            r.zero_receivers += 1;
+                        }
                     }
                     Err(label) => *r.failed.entry(label).or_default() += 1,
                 }
@@ -327,6 +389,7 @@ async fn run_job(
     });
     let parts = futures_util::future::join_all(tasks).await;
     let mut total = PublishResult {
+        path: spec.path().to_string(),
         ok_by_node_topic: vec![vec![0; spec.topics.len()]; spec.nodes.len()],
         ..Default::default()
     };
@@ -334,6 +397,7 @@ async fn run_job(
     for (r, h) in parts {
         total.sent += r.sent;
         total.ok += r.ok;
+        total.zero_receivers += r.zero_receivers;
         for (k, v) in r.failed {
             *total.failed.entry(k).or_default() += v;
         }

@@ -322,10 +322,41 @@ pub enum End {
     Failed(String),
 }
 
+/// A subscriber's ordering records: gateway offsets (starting after the ack's offset) and, for
+/// messages without an offset (raw publishes straight into the broker), the publisher's per-topic
+/// sequence number `s` (starting at 0: the publisher's first message of a topic is `s = 1`).
+#[derive(Debug, Clone)]
+pub struct Order {
+    /// Messages with an `offset`.
+    pub offsets: Tracker,
+    /// Messages without one, by `data.s`.
+    pub seqs: Tracker,
+}
+
+impl Order {
+    /// Records for a subscription acknowledged at `ack_offset`.
+    pub fn new(ack_offset: u64) -> Self {
+        Order {
+            offsets: Tracker::new(ack_offset),
+            seqs: Tracker::new(0),
+        }
+    }
+
+    /// Records one message by its offset, or by `s` when it has none; `None` when it has neither.
+    #[inline]
+    pub fn observe(&mut self, offset: Option<u64>, seq: Option<u64>) -> Option<Seen> {
+        match (offset, seq) {
+            (Some(o), _) => Some(self.offsets.observe(o)),
+            (None, Some(s)) => Some(self.seqs.observe(s)),
+            (None, None) => None,
+        }
+    }
+}
+
 /// What a receive loop leaves behind.
 pub struct Received {
-    /// The ordering record.
-    pub tracker: Tracker,
+    /// The ordering records.
+    pub order: Order,
     /// How it ended.
     pub end: End,
 }
@@ -340,7 +371,7 @@ pub enum Leave {
 }
 
 /// Reads until the deadline (if any) or the server ends the connection, checking each message: the
-/// topic, its offset (or `s` when there is none) against the subscriber's tracker, and its latency
+/// topic, its offset (or `s` when there is none) against the subscriber's [`Order`], and its latency
 /// (`t`) into the recorder. Without a deadline the loop is a plain read loop (no `select!`, no
 /// timer) and is stopped by aborting its task.
 pub async fn receive(
@@ -349,11 +380,11 @@ pub async fn receive(
     rec: Arc<Recorder>,
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
-    let mut tracker = Tracker::new(conn.ack_offset);
+    let mut order = Order::new(conn.ack_offset);
     let end = match until {
         None => loop {
             let frame = conn.ws.read_frame().await;
-            if let Some(end) = on_frame(frame, &topic, &rec, &mut tracker) {
+            if let Some(end) = on_frame(frame, &topic, &rec, &mut order) {
                 break end;
             }
         },
@@ -375,13 +406,13 @@ pub async fn receive(
                         break End::Left;
                     }
                 };
-                if let Some(end) = on_frame(frame, &topic, &rec, &mut tracker) {
+                if let Some(end) = on_frame(frame, &topic, &rec, &mut order) {
                     break end;
                 }
             }
         }
     };
-    Received { tracker, end }
+    Received { order, end }
 }
 
 /// Handles one read result; `Some` when the connection is over.
@@ -390,7 +421,7 @@ fn on_frame(
     frame: Result<Frame<'_>, fastwebsockets::WebSocketError>,
     topic: &str,
     rec: &Recorder,
-    tracker: &mut Tracker,
+    order: &mut Order,
 ) -> Option<End> {
     let frame = match frame {
         Ok(f) => f,
@@ -402,7 +433,7 @@ fn on_frame(
             let s = scan(&frame.payload);
             match s.kind {
                 Kind::Message => {
-                    let seen = s.offset.or(s.s).map(|o| tracker.observe(o));
+                    let seen = order.observe(s.offset, s.s);
                     let bad = s.topic != topic.as_bytes() || s.t.is_none() || seen.is_none();
                     rec.with(|sh| {
                         let c = &mut sh.counters;
@@ -454,6 +485,20 @@ mod tests {
         assert!(Node::parse("ws://10.0.0.1:8080/ws").is_err());
         assert!(Node::parse("wss://127.0.0.1:8080/ws").is_err());
         assert!(Node::parse("127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn raw_messages_are_ordered_by_seq_from_zero() {
+        // Acked at offset 500 (the topic's gateway offset), then raw publishes s = 1, 2, 2, 4.
+        let mut o = Order::new(500);
+        assert_eq!(o.observe(None, Some(1)), Some(Seen::InOrder));
+        assert_eq!(o.observe(None, Some(2)), Some(Seen::InOrder));
+        assert_eq!(o.observe(None, Some(2)), Some(Seen::Duplicate));
+        assert_eq!(o.observe(None, Some(4)), Some(Seen::Gap(1)));
+        assert_eq!(o.seqs.missing(4), 1);
+        // A gateway message (with an offset) is tracked by offset, whatever its `s`.
+        assert_eq!(o.observe(Some(501), Some(1)), Some(Seen::InOrder));
+        assert_eq!(o.observe(None, None), None);
     }
 
     #[test]

@@ -1,109 +1,18 @@
-//! Runs `pubgate-loadtest` against a real `pubgate` binary on loopback.
-//!
-//! The server binary is found, in this order, at:
-//! 1. `$PUBGATE_BIN`;
-//! 2. `<workspace>/target/debug/pubgate` (what `cargo build -p gateway` or
-//!    `cargo test --workspace` builds), then `<workspace>/target/release/pubgate`.
-//!
-//! So `cargo build -p gateway && cargo test -p loadtest` works, and so does `cargo test --workspace`.
+//! Runs `pubgate-loadtest` against a real `pubgate` binary on loopback (found as described in
+//! `support/mod.rs`): `cargo build -p gateway && cargo test -p loadtest` works, and so does
+//! `cargo test --workspace`.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod support;
 
-fn pubgate_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("PUBGATE_BIN") {
-        return PathBuf::from(p);
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    for profile in ["debug", "release"] {
-        let p = target.join(profile).join("pubgate");
-        if p.exists() {
-            return p;
-        }
-    }
-    panic!(
-        "pubgate binary not found under {}: run `cargo build -p gateway` first or set PUBGATE_BIN",
-        target.display()
-    );
-}
+use std::process::Command;
 
-/// A pubgate process on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        let mut child = Command::new(pubgate_bin())
-            .args(["--listen", "127.0.0.1:0"])
-            .env("PUBGATE__LOG__LEVEL", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start pubgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read pubgate's first line");
-        let addr = line
-            .trim()
-            .strip_prefix("pubgate listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
-            .to_string();
-        Server { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run_tool(args: &[&str], json: &std::path::Path) -> serde_json::Value {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubgate-loadtest"));
-    cmd.args(args)
-        .arg("--quiet")
-        .arg("--json")
-        .arg(json)
-        .stdout(Stdio::null());
-    let mut child = cmd.spawn().expect("start pubgate-loadtest");
-    // Bounded: the tool stops by itself well within this.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("pubgate-loadtest did not finish in 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "pubgate-loadtest failed: {status}");
-    serde_json::from_str(&std::fs::read_to_string(json).expect("result file")).expect("json")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "pubgate-loadtest-{}-{name}.json",
-        std::process::id()
-    ))
-}
+use support::{Server, run_tool, tmp};
 
 #[test]
 fn tiny_fanout_loses_nothing() {
     let server = Server::start();
     let url = format!("ws://{}/ws", server.addr);
-    let pid = server.child.id().to_string();
+    let pid = server.pid();
     let json = tmp("fanout");
     // 20 subscribers over 4 topics (5 each), 200 messages: 1,000 deliveries.
     let r = run_tool(
@@ -150,7 +59,7 @@ fn tiny_fanout_loses_nothing() {
 fn small_connect_reports_memory_and_limits() {
     let server = Server::start();
     let url = format!("ws://{}/ws", server.addr);
-    let pid = server.child.id().to_string();
+    let pid = server.pid();
     let json = tmp("connect");
     let r = run_tool(
         &[
