@@ -12,10 +12,14 @@ use crate::ws::Node;
 /// Where to send load and what to watch.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
-    /// A node to connect to: ws://127.0.0.1:PORT/ws (repeatable; connections are spread round
-    /// robin). Only loopback addresses are accepted.
+    /// A node to connect to: ws://127.0.0.1:PORT/ws, or wss://… with --tls-ca (repeatable;
+    /// connections are spread round robin). Only loopback addresses are accepted.
     #[arg(long = "url", required = true, value_name = "URL")]
     pub urls: Vec<String>,
+    /// PEM root certificate to trust for wss:// nodes (required with them; their HTTPS publish API
+    /// uses it too).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// A server process to measure (RSS, CPU, fd limit); repeatable, in the order of --url.
     #[arg(long = "server-pid", value_name = "PID")]
     pub server_pids: Vec<u32>,
@@ -48,7 +52,7 @@ pub struct Target {
 impl Target {
     /// The parsed nodes.
     pub fn nodes(&self) -> anyhow::Result<Vec<Node>> {
-        self.urls.iter().map(|u| Node::parse(u)).collect()
+        Node::parse_all(&self.urls, self.tls_ca.as_deref())
     }
 
     /// Topic names.

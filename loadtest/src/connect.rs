@@ -43,6 +43,7 @@ pub struct ConnectArgs {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
     urls: Vec<String>,
+    tls_ca: Option<std::path::PathBuf>,
     topics: usize,
     topic_prefix: String,
     source_ips: usize,
@@ -221,6 +222,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
         for index in 0..args.procs {
             let ws = WorkerSpec {
                 urls: t.urls.clone(),
+                tls_ca: t.tls_ca.clone(),
                 topics: ntopics,
                 topic_prefix: t.topic_prefix.clone(),
                 source_ips: src_ips,
@@ -412,7 +414,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
         "server_total_per_conn_bytes": server_rss_per_conn.map(|r| r3(r + kernel_share)),
     });
     let params = json!({
-        "urls": t.urls, "connections": args.connections, "topics": ntopics,
+        "urls": t.urls, "tls": nodes.iter().any(|n| n.tls.is_some()), "connections": args.connections, "topics": ntopics,
         "connect_rate": t.connect_rate, "source_ips": src_ips, "hold_s": args.hold,
         "settle_s": args.settle, "procs": args.procs,
     });
@@ -431,11 +433,7 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
 pub async fn worker(spec_json: &str) -> anyhow::Result<()> {
     let spec: WorkerSpec = serde_json::from_str(spec_json).context("worker spec")?;
     procfs::raise_nofile_limit();
-    let nodes: Vec<ws::Node> = spec
-        .urls
-        .iter()
-        .map(|u| ws::Node::parse(u))
-        .collect::<anyhow::Result<_>>()?;
+    let nodes = ws::Node::parse_all(&spec.urls, spec.tls_ca.as_deref())?;
     let count = (spec.index..spec.total).step_by(spec.procs).count();
     let ramp_spec = RampSpec {
         nodes,

@@ -420,7 +420,8 @@ pub(crate) fn print_phase(name: &str, p: &Phase) {
 
 pub(crate) fn params(args: &FanoutArgs, setup: &Setup, rate: f64) -> serde_json::Value {
     json!({
-        "urls": args.target.urls, "subscribers": args.subscribers, "topics": setup.topics.len(),
+        "urls": args.target.urls, "tls": setup.nodes.iter().any(|n| n.tls.is_some()),
+        "subscribers": args.subscribers, "topics": setup.topics.len(),
         "publish_rate": r3(rate), "delivery_rate": r3(rate * setup.subs_per_topic()),
         "duration_s": args.duration, "warmup_s": args.warmup, "payload": args.payload,
         "publishers": args.publishers, "shared_broker": args.shared_broker,

@@ -243,10 +243,28 @@ impl PubConn {
             .await
             .with_context(|| format!("connecting to {}", self.node.addr))?;
         tcp.set_nodelay(true)?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let sender = match &self.node.tls {
+            None => {
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+            Some(tls) => {
+                let stream = tls
+                    .connect(tcp)
+                    .await
+                    .with_context(|| format!("TLS to {}", self.node.addr))?;
+                let (sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                sender
+            }
+        };
         self.sender = Some(sender);
         Ok(())
     }

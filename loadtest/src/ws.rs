@@ -1,20 +1,23 @@
-//! The client side of one subscriber connection: TCP connect from a chosen loopback source address,
-//! a hand-written HTTP/1.1 upgrade (no hyper task per connection), subscribe, then a receive loop
-//! that checks every message and records its latency.
+//! The client side of one subscriber connection: the node it talks to, and (once
+//! [`open`](crate::handshake::open) connected, upgraded and subscribed it) a receive loop that checks
+//! every message and records its latency.
+//!
+//! The stream type is chosen once per connection ([`Ws`]); the receive loop is generic over it, so a
+//! plain `ws://` connection runs exactly the code it ran before TLS existed.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocket};
+use fastwebsockets::{Frame, OpCode, WebSocket};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::scan::{Kind, scan};
 use crate::stats::{Recorder, record};
+use crate::tls::TlsClient;
 use crate::track::{Seen, Tracker};
 
 /// Nanoseconds since the Unix epoch: the clock publisher and subscribers share on one machine.
@@ -33,18 +36,59 @@ pub struct Node {
     pub addr: SocketAddr,
     /// WebSocket path.
     pub ws_path: String,
+    /// TLS (`wss://`), with the name the certificate must carry.
+    #[serde(skip)]
+    pub tls: Option<TlsClient>,
 }
 
 impl Node {
     /// Parses `ws://127.0.0.1:8080/ws`, `http://localhost:8080` or `127.0.0.1:8080`. Only loopback
     /// addresses are accepted: this tool never sends load anywhere else.
     pub fn parse(url: &str) -> anyhow::Result<Node> {
-        let rest = url
+        Node::parse_with(url, None)
+    }
+
+    /// Like [`Node::parse`], and `wss://` / `https://` URLs with TLS trusting the roots in the PEM
+    /// file `tls_ca` (required for them).
+    pub fn parse_with(url: &str, tls_ca: Option<&Path>) -> anyhow::Result<Node> {
+        let mut nodes = Node::parse_all(&[url.to_string()], tls_ca)?;
+        Ok(nodes.remove(0))
+    }
+
+    /// Parses several URLs, loading `tls_ca` once for all the TLS ones.
+    pub fn parse_all(urls: &[String], tls_ca: Option<&Path>) -> anyhow::Result<Vec<Node>> {
+        let mut config = None;
+        let mut nodes = Vec::with_capacity(urls.len());
+        for url in urls {
+            let tls_rest = url
+                .strip_prefix("wss://")
+                .or_else(|| url.strip_prefix("https://"));
+            let mut node = Node::parse_plain(tls_rest.unwrap_or(url), url)?;
+            if let Some(rest) = tls_rest {
+                let Some(ca) = tls_ca else {
+                    bail!(
+                        "{url}: a TLS URL needs --tls-ca FILE (the PEM root certificate that signed the server's certificate)"
+                    );
+                };
+                if config.is_none() {
+                    config = Some(crate::tls::client_config(ca)?);
+                }
+                let host = host_of(rest);
+                let cfg = config.clone().context("TLS config")?;
+                node.tls = Some(TlsClient::new(cfg, host).with_context(|| url.clone())?);
+            }
+            nodes.push(node);
+        }
+        Ok(nodes)
+    }
+
+    fn parse_plain(rest: &str, url: &str) -> anyhow::Result<Node> {
+        let rest = rest
             .strip_prefix("ws://")
-            .or_else(|| url.strip_prefix("http://"))
-            .unwrap_or(url);
+            .or_else(|| rest.strip_prefix("http://"))
+            .unwrap_or(rest);
         if rest.contains("://") {
-            bail!("{url}: only ws:// and http:// (plain, loopback) URLs are supported");
+            bail!("{url}: only ws://, wss://, http:// and https:// (loopback) URLs are supported");
         }
         let (hostport, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
@@ -66,12 +110,22 @@ impl Node {
         Ok(Node {
             addr,
             ws_path: path.to_string(),
+            tls: None,
         })
     }
 
     /// `host:port` for the Host header.
     pub fn host(&self) -> String {
         self.addr.to_string()
+    }
+}
+
+/// The host of `host:port/path` (an IPv6 literal keeps its brackets).
+fn host_of(rest: &str) -> &str {
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    match hostport.rfind(':') {
+        Some(i) if !hostport[i..].contains(']') => &hostport[..i],
+        _ => hostport,
     }
 }
 
@@ -82,232 +136,7 @@ pub fn source_ips(count: usize) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Why opening a connection failed; the label is what the report counts.
-#[derive(Debug)]
-pub struct OpenError {
-    /// Short stable label: `connect_refused`, `timeout_connect`, `http_503`, …
-    pub label: String,
-    /// Detail for logs.
-    pub detail: String,
-}
-
-impl OpenError {
-    fn new(label: impl Into<String>, detail: impl std::fmt::Display) -> Self {
-        OpenError {
-            label: label.into(),
-            detail: detail.to_string(),
-        }
-    }
-}
-
-fn io_label(stage: &str, e: &std::io::Error) -> String {
-    use std::io::ErrorKind as K;
-    let kind = match e.kind() {
-        K::ConnectionRefused => "refused",
-        K::ConnectionReset => "reset",
-        K::AddrInUse | K::AddrNotAvailable => "no_port",
-        K::TimedOut => "timeout",
-        K::UnexpectedEof => "eof",
-        _ => match e.raw_os_error() {
-            Some(libc::EMFILE) | Some(libc::ENFILE) => "fd_limit",
-            _ => "io",
-        },
-    };
-    format!("{stage}_{kind}")
-}
-
-/// Timings of one connection's setup, in nanoseconds.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OpenTiming {
-    /// TCP connect.
-    pub tcp_ns: u64,
-    /// TCP connect + HTTP upgrade (101 received).
-    pub upgrade_ns: u64,
-    /// Until the subscribe ack arrived (the whole setup).
-    pub total_ns: u64,
-}
-
-/// An open, subscribed connection.
-pub struct Conn {
-    /// The WebSocket.
-    pub ws: WebSocket<TcpStream>,
-    /// The ack's offset: the first message expected is the next one.
-    pub ack_offset: u64,
-    /// How long the setup took.
-    pub timing: OpenTiming,
-}
-
-/// The well-known key/accept pair of RFC 6455 §1.3: the server's accept must match it.
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
-
-async fn tcp_connect(node: &Node, src: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
-    let socket = match node.addr {
-        SocketAddr::V4(_) => TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => TcpSocket::new_v6()?,
-    };
-    if let (Some(ip), SocketAddr::V4(_)) = (src, node.addr) {
-        // Let connect() pick the port per 4-tuple instead of bind() reserving one per address:
-        // each source address then gives a full ephemeral range towards each server port.
-        let one: libc::c_int = 1;
-        // SAFETY: setsockopt on a socket fd we own, with a pointer to a live c_int.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_BIND_ADDRESS_NO_PORT,
-                &one as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-        socket.bind(SocketAddr::new(IpAddr::V4(ip), 0))?;
-    }
-    let stream = socket.connect(node.addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
-/// Sends the upgrade request and reads exactly the response head (peek, then read that many bytes,
-/// so no frame byte is taken from the stream). Returns the HTTP status.
-async fn upgrade(
-    stream: &mut TcpStream,
-    node: &Node,
-    extra_headers: &str,
-) -> Result<(), OpenError> {
-    let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n",
-        node.ws_path,
-        node.host()
-    );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
-    let mut buf = [0u8; 2048];
-    let mut seen = 0;
-    let head_len = loop {
-        let n = stream
-            .peek(&mut buf)
-            .await
-            .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
-        if n == 0 {
-            return Err(OpenError::new(
-                "upgrade_eof",
-                "server closed during upgrade",
-            ));
-        }
-        if let Some(i) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if n == buf.len() {
-            return Err(OpenError::new("upgrade_bad", "response head too large"));
-        }
-        if n == seen {
-            // Part of the head is here and the rest is not: do not spin on peek.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        seen = n;
-    };
-    let mut head = vec![0u8; head_len];
-    stream
-        .read_exact(&mut head)
-        .await
-        .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
-    let head = String::from_utf8_lossy(&head);
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    if status != 101 {
-        return Err(OpenError::new(
-            format!("http_{status}"),
-            head.lines().next().unwrap_or(""),
-        ));
-    }
-    let accept_ok = head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(k, v)| {
-            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == WS_ACCEPT
-        })
-    });
-    if !accept_ok {
-        return Err(OpenError::new(
-            "upgrade_bad_accept",
-            "wrong Sec-WebSocket-Accept",
-        ));
-    }
-    Ok(())
-}
-
-/// Connects, upgrades and subscribes to `topic`; returns once the ack arrived.
-pub async fn open(
-    node: &Node,
-    src: Option<Ipv4Addr>,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Conn, OpenError> {
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
-    let in_time = |stage: &'static str| {
-        move |_| OpenError::new(format!("timeout_{stage}"), format!("{stage} timed out"))
-    };
-    let mut stream = tokio::time::timeout_at(deadline, tcp_connect(node, src))
-        .await
-        .map_err(in_time("connect"))?
-        .map_err(|e| OpenError::new(io_label("connect", &e), e))?;
-    let tcp_ns = started.elapsed().as_nanos() as u64;
-    tokio::time::timeout_at(deadline, upgrade(&mut stream, node, ""))
-        .await
-        .map_err(in_time("upgrade"))??;
-    let upgrade_ns = started.elapsed().as_nanos() as u64;
-    let mut ws = WebSocket::after_handshake(stream, Role::Client);
-    ws.set_auto_pong(true);
-    ws.set_auto_close(true);
-    ws.set_max_message_size(16 << 20);
-    let sub = format!(r#"{{"op":"subscribe","topic":"{topic}","id":1}}"#);
-    let ack = async {
-        ws.write_frame(Frame::text(Payload::Owned(sub.into_bytes())))
-            .await
-            .map_err(|e| OpenError::new("subscribe_write", e))?;
-        loop {
-            let frame = ws
-                .read_frame()
-                .await
-                .map_err(|e| OpenError::new("subscribe_read", e))?;
-            match frame.opcode {
-                OpCode::Text => {
-                    let s = scan(&frame.payload);
-                    match s.kind {
-                        Kind::Ack => return Ok(s.offset.unwrap_or(0)),
-                        Kind::Error => {
-                            return Err(OpenError::new(
-                                "subscribe_error",
-                                String::from_utf8_lossy(&frame.payload),
-                            ));
-                        }
-                        _ => {}
-                    }
-                }
-                OpCode::Close => {
-                    return Err(OpenError::new("subscribe_closed", "server closed"));
-                }
-                _ => {}
-            }
-        }
-    };
-    let ack_offset = tokio::time::timeout_at(deadline, ack)
-        .await
-        .map_err(in_time("subscribe"))??;
-    Ok(Conn {
-        ws,
-        ack_offset,
-        timing: OpenTiming {
-            tcp_ns,
-            upgrade_ns,
-            total_ns: started.elapsed().as_nanos() as u64,
-        },
-    })
-}
+pub use crate::handshake::{Conn, OpenError, OpenTiming, Ws, open};
 
 /// How a receive loop ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -375,16 +204,29 @@ pub enum Leave {
 /// (`t`) into the recorder. Without a deadline the loop is a plain read loop (no `select!`, no
 /// timer) and is stopped by aborting its task.
 pub async fn receive(
-    mut conn: Conn,
+    conn: Conn,
     topic: Arc<str>,
     rec: Arc<Recorder>,
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
-    let mut order = Order::new(conn.ack_offset);
+    let order = Order::new(conn.ack_offset);
+    match conn.ws {
+        Ws::Plain(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
+        Ws::Tls(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
+    }
+}
+
+async fn receive_on<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut WebSocket<S>,
+    mut order: Order,
+    topic: &str,
+    rec: &Recorder,
+    until: Option<(tokio::time::Instant, Leave)>,
+) -> Received {
     let end = match until {
         None => loop {
-            let frame = conn.ws.read_frame().await;
-            if let Some(end) = on_frame(frame, &topic, &rec, &mut order) {
+            let frame = ws.read_frame().await;
+            if let Some(end) = on_frame(frame, topic, rec, &mut order) {
                 break end;
             }
         },
@@ -394,19 +236,19 @@ pub async fn receive(
             loop {
                 let frame = tokio::select! {
                     biased;
-                    f = conn.ws.read_frame() => f,
+                    f = ws.read_frame() => f,
                     _ = &mut sleep => {
                         if leave == Leave::Close {
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(1),
-                                conn.ws.write_frame(Frame::close(1000, b"")),
-                            )
+                            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                                ws.write_frame(Frame::close(1000, b"")).await?;
+                                ws.flush().await
+                            })
                             .await;
                         }
                         break End::Left;
                     }
                 };
-                if let Some(end) = on_frame(frame, &topic, &rec, &mut order) {
+                if let Some(end) = on_frame(frame, topic, rec, &mut order) {
                     break end;
                 }
             }
@@ -483,8 +325,29 @@ mod tests {
         assert_eq!(Node::parse("http://127.0.0.5:9/").unwrap().ws_path, "/ws");
         assert!(Node::parse("ws://localhost:8080/ws").is_ok());
         assert!(Node::parse("ws://10.0.0.1:8080/ws").is_err());
-        assert!(Node::parse("wss://127.0.0.1:8080/ws").is_err());
         assert!(Node::parse("127.0.0.1").is_err());
+        assert!(Node::parse("ftp://127.0.0.1:21").is_err());
+    }
+
+    #[test]
+    fn tls_urls_need_a_ca() {
+        let e = Node::parse("wss://127.0.0.1:8443/ws")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--tls-ca"), "{e}");
+        let e = Node::parse_with(
+            "wss://127.0.0.1:8443/ws",
+            Some(Path::new("/nonexistent/ca.pem")),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:#}").contains("--tls-ca /nonexistent/ca.pem"),
+            "{e:#}"
+        );
+        assert!(Node::parse("wss://10.0.0.1:8443/ws").is_err());
+        assert_eq!(host_of("127.0.0.1:8443/ws"), "127.0.0.1");
+        assert_eq!(host_of("localhost:8443"), "localhost");
+        assert_eq!(host_of("[::1]:8443/ws"), "[::1]");
     }
 
     #[test]
