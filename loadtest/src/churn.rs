@@ -98,14 +98,12 @@ pub async fn run_churn(args: ChurnArgs) -> anyhow::Result<Report> {
     });
     let open = setup.open.clone();
     let tail = setup.finish().await;
-    Ok(Report {
-        scenario: "churn".into(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        command: report::command_line(),
+    Ok(Report::new(
+        "churn",
         started_unix,
-        machine: machine.finish(),
+        &machine,
         params,
-        result: json!({
+        json!({
             "subscribers_established": open.established,
             "steady": phase,
             "churn": {
@@ -126,7 +124,7 @@ pub async fn run_churn(args: ChurnArgs) -> anyhow::Result<Report> {
             "server_fds_after_churn": fds_after,
             "end": tail,
         }),
-    })
+    ))
 }
 
 /// Opens churning connections at a rate; each receives for `life` and then leaves (every

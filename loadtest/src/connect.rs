@@ -418,15 +418,13 @@ pub async fn run(args: ConnectArgs) -> anyhow::Result<Report> {
         "connect_rate": t.connect_rate, "source_ips": src_ips, "hold_s": args.hold,
         "settle_s": args.settle, "procs": args.procs,
     });
-    Ok(Report {
-        scenario: "connect".into(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        command: report::command_line(),
+    Ok(Report::new(
+        "connect",
         started_unix,
-        machine: machine.finish(),
+        &machine,
         params,
         result,
-    })
+    ))
 }
 
 /// The hidden `connect-worker` subcommand: ramps its share, reports, holds until told to stop.

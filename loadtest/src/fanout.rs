@@ -453,19 +453,17 @@ pub async fn run_fanout(args: FanoutArgs) -> anyhow::Result<Report> {
     let setup_latency = setup.open.latency();
     let open = setup.open.clone();
     let tail = setup.finish().await;
-    Ok(Report {
-        scenario: "fanout".into(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        command: report::command_line(),
+    Ok(Report::new(
+        "fanout",
         started_unix,
-        machine: machine.finish(),
+        &machine,
         params,
-        result: json!({
+        json!({
             "subscribers_established": open.established,
             "subscribers_failed": open.failed,
             "setup_latency": setup_latency,
             "phase": phase,
             "end": tail,
         }),
-    })
+    ))
 }

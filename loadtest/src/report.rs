@@ -26,6 +26,28 @@ pub struct Report {
     pub result: serde_json::Value,
 }
 
+impl Report {
+    /// The result of a `scenario` run that started at `started_unix` (with `machine` watching since):
+    /// stamps the tool version and the command line, and closes the machine's CPU window now.
+    pub fn new(
+        scenario: &str,
+        started_unix: u64,
+        machine: &MachineWatch,
+        params: serde_json::Value,
+        result: serde_json::Value,
+    ) -> Report {
+        Report {
+            scenario: scenario.to_string(),
+            tool_version: env!("CARGO_PKG_VERSION").into(),
+            command: command_line(),
+            started_unix,
+            machine: machine.finish(),
+            params,
+            result,
+        }
+    }
+}
+
 /// The machine and how busy it was.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Machine {

@@ -106,19 +106,17 @@ pub async fn run_step(args: StepArgs) -> anyhow::Result<Report> {
     });
     let open = setup.open.clone();
     let tail = setup.finish().await;
-    Ok(Report {
-        scenario: "step".into(),
-        tool_version: env!("CARGO_PKG_VERSION").into(),
-        command: report::command_line(),
+    Ok(Report::new(
+        "step",
         started_unix,
-        machine: machine.finish(),
+        &machine,
         params,
-        result: json!({
+        json!({
             "subscribers_established": open.established,
             "highest_sustained_deliveries_per_s": best,
             "stopped_because": failed_because,
             "steps": steps,
             "end": tail,
         }),
-    })
+    ))
 }
