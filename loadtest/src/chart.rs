@@ -1,5 +1,6 @@
 //! `chart`: SVG charts from result files — memory per connection against connections (from
-//! `connect` results) and end-to-end latency against delivery rate (from `step` and `fanout`).
+//! `connect` results: one node over ws:// and wss://, and runs across several nodes) and end-to-end
+//! latency against delivery rate (from `step` and `fanout`).
 
 use std::path::{Path, PathBuf};
 
@@ -11,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::report::Report;
 
 /// A named, coloured line of points.
-type Series = (&'static str, RGBColor, Vec<(f64, f64)>);
+type Series = (String, RGBColor, Vec<(f64, f64)>);
 
 /// Flags of `chart`.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
@@ -24,10 +25,62 @@ pub struct ChartArgs {
     pub out_dir: PathBuf,
 }
 
+/// Which curve of the memory chart a `connect` result belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MemSeries {
+    /// One node, plain WebSocket.
+    Ws,
+    /// One node, WebSocket over TLS.
+    Wss,
+    /// Several nodes (this many), connections counted across all of them.
+    Nodes(usize),
+}
+
+impl MemSeries {
+    fn of(r: &Report) -> MemSeries {
+        let servers = r.result["servers"].as_array().map_or(0, Vec::len);
+        let urls: Vec<&str> = r.params["urls"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|u| u.as_str()).collect())
+            .unwrap_or_default();
+        let nodes = servers.max(urls.len());
+        let tls = r.params["tls"].as_bool() == Some(true)
+            || urls
+                .iter()
+                .any(|u| u.starts_with("wss://") || u.starts_with("https://"));
+        if nodes > 1 {
+            MemSeries::Nodes(nodes)
+        } else if tls {
+            MemSeries::Wss
+        } else {
+            MemSeries::Ws
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            MemSeries::Ws => "one node, ws://".into(),
+            MemSeries::Wss => "one node, wss://".into(),
+            MemSeries::Nodes(n) => format!("{n} nodes on Redis, ws://"),
+        }
+    }
+
+    /// Colours of the RSS and the total curve.
+    fn colors(self) -> (RGBColor, RGBColor) {
+        match self {
+            MemSeries::Ws => (BLUE, RED),
+            MemSeries::Wss => (RGBColor(0, 140, 140), RGBColor(230, 120, 0)),
+            MemSeries::Nodes(_) => (RGBColor(100, 0, 170), RGBColor(150, 90, 0)),
+        }
+    }
+}
+
 /// One point of the memory chart.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MemPoint {
-    /// Established connections.
+    /// The curve it belongs to.
+    pub series: MemSeries,
+    /// Established connections (across all nodes for [`MemSeries::Nodes`]).
     pub connections: f64,
     /// Server RSS growth per connection, KiB.
     pub rss_kib: f64,
@@ -73,6 +126,7 @@ pub fn points(reports: &[Report]) -> (Vec<MemPoint>, Vec<LatPoint>) {
                 ) {
                     let total = res["server_total_per_conn_bytes"].as_f64().unwrap_or(rss);
                     mem.push(MemPoint {
+                        series: MemSeries::of(r),
                         connections: c,
                         rss_kib: rss / 1024.0,
                         total_kib: total / 1024.0,
@@ -88,7 +142,11 @@ pub fn points(reports: &[Report]) -> (Vec<MemPoint>, Vec<LatPoint>) {
             _ => {}
         }
     }
-    mem.sort_by(|a, b| a.connections.total_cmp(&b.connections));
+    mem.sort_by(|a, b| {
+        (a.series, a.connections)
+            .partial_cmp(&(b.series, b.connections))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     lat.sort_by(|a, b| a.rate.total_cmp(&b.rate));
     (mem, lat)
 }
@@ -97,54 +155,70 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e:?}")
 }
 
-/// Memory per connection against connections.
+/// Memory per connection against connections (log scale, so 1k per node and 100k across nodes fit
+/// on one chart): RSS and RSS plus the kernel's share, one pair of curves per [`MemSeries`].
 pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
-    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err)?;
-    let xmax = mem.iter().map(|p| p.connections).fold(1000.0, f64::max) * 1.05;
+    let xmin = mem.iter().map(|p| p.connections).fold(1000.0, f64::min) * 0.7;
+    let xmax = mem.iter().map(|p| p.connections).fold(1000.0, f64::max) * 1.4;
     let ymax = mem
         .iter()
         .map(|p| p.total_kib.max(p.rss_kib))
         .fold(11.0, f64::max)
-        * 1.5; // headroom so the legend sits above the data
+        * 1.7; // headroom so the legend sits above the data
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "pubgate: memory per idle subscribed connection (one node)",
+            "pubgate: memory per idle subscribed connection",
             ("sans-serif", 20),
         )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..xmax, 0f64..ymax)
+        .build_cartesian_2d((xmin..xmax).log_scale(), 0f64..ymax)
         .map_err(draw_err)?;
     chart
         .configure_mesh()
-        .x_desc("idle subscribed connections")
+        .x_desc("idle subscribed connections (log scale; across all nodes for several nodes)")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("KiB per connection")
         .draw()
         .map_err(draw_err)?;
-    let series: [Series; 2] = [
-        (
-            "server RSS",
-            BLUE,
-            mem.iter().map(|p| (p.connections, p.rss_kib)).collect(),
-        ),
-        (
-            "RSS + server share of kernel socket memory",
-            RED,
-            mem.iter().map(|p| (p.connections, p.total_kib)).collect(),
-        ),
-    ];
-    for (name, color, pts) in series {
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(draw_err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-            .map_err(draw_err)?;
+    let mut groups: Vec<MemSeries> = mem.iter().map(|p| p.series).collect();
+    groups.dedup();
+    for g in groups {
+        let pts: Vec<&MemPoint> = mem.iter().filter(|p| p.series == g).collect();
+        let (rss_color, total_color) = g.colors();
+        let series: [Series; 2] = [
+            (
+                format!("{}: server RSS", g.name()),
+                rss_color,
+                pts.iter().map(|p| (p.connections, p.rss_kib)).collect(),
+            ),
+            (
+                format!("{}: RSS + kernel socket share", g.name()),
+                total_color,
+                pts.iter().map(|p| (p.connections, p.total_kib)).collect(),
+            ),
+        ];
+        for (name, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(draw_err)?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+            match g {
+                MemSeries::Nodes(_) => chart
+                    .draw_series(
+                        pts.iter()
+                            .map(|&p| TriangleMarker::new(p, 7, color.filled())),
+                    )
+                    .map_err(draw_err)?,
+                _ => chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                    .map_err(draw_err)?,
+            };
+        }
     }
     let refs: [(&str, f64, RGBColor); 3] = [
         ("target 4 KiB", 4.0, GREEN),
@@ -157,7 +231,7 @@ pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
     ];
     for (name, y, color) in refs {
         chart
-            .draw_series(LineSeries::new(vec![(0.0, y), (xmax, y)], color.mix(0.6)))
+            .draw_series(LineSeries::new(vec![(xmin, y), (xmax, y)], color.mix(0.6)))
             .map_err(draw_err)?
             .label(name)
             .legend(move |(x, yy)| PathElement::new(vec![(x, yy), (x + 20, yy)], color));
@@ -198,10 +272,18 @@ pub fn latency_chart(path: &Path, lat: &[LatPoint]) -> anyhow::Result<()> {
         .draw()
         .map_err(draw_err)?;
     let series: [Series; 3] = [
-        ("p50", BLUE, lat.iter().map(|p| (p.rate, p.p50)).collect()),
-        ("p99", RED, lat.iter().map(|p| (p.rate, p.p99)).collect()),
         (
-            "p99.9",
+            "p50".into(),
+            BLUE,
+            lat.iter().map(|p| (p.rate, p.p50)).collect(),
+        ),
+        (
+            "p99".into(),
+            RED,
+            lat.iter().map(|p| (p.rate, p.p99)).collect(),
+        ),
+        (
+            "p99.9".into(),
             MAGENTA,
             lat.iter().map(|p| (p.rate, p.p999)).collect(),
         ),
@@ -293,6 +375,20 @@ mod tests {
                 "connect",
                 serde_json::json!({"established": 1000, "server_rss_per_conn_bytes": 7168.0}),
             ),
+            Report {
+                params: serde_json::json!({"urls": ["wss://127.0.0.1:1/ws"], "tls": true}),
+                ..report(
+                    "connect",
+                    serde_json::json!({"established": 2000, "server_rss_per_conn_bytes": 9216.0, "servers": [{"pid": 1}]}),
+                )
+            },
+            Report {
+                params: serde_json::json!({"urls": ["ws://127.0.0.1:1/ws", "ws://127.0.0.1:2/ws", "ws://127.0.0.1:3/ws"]}),
+                ..report(
+                    "connect",
+                    serde_json::json!({"established": 100000, "server_rss_per_conn_bytes": 3072.0, "server_total_per_conn_bytes": 7168.0, "servers": [{"pid": 1}, {"pid": 2}, {"pid": 3}]}),
+                )
+            },
             report(
                 "step",
                 serde_json::json!({"steps": [{"phase": phase(20000.0)}, {"phase": phase(40000.0)}]}),
@@ -300,10 +396,16 @@ mod tests {
             report("fanout", serde_json::json!({"phase": phase(10000.0)})),
         ];
         let (mem, lat) = points(&reports);
-        assert_eq!(mem.len(), 2);
+        assert_eq!(mem.len(), 4);
+        assert_eq!(mem[0].series, MemSeries::Ws);
         assert_eq!(mem[0].connections, 1000.0);
         assert_eq!(mem[0].total_kib, 7.0);
         assert_eq!(mem[1].total_kib, 8.0);
+        assert_eq!((mem[2].series, mem[2].rss_kib), (MemSeries::Wss, 9.0));
+        assert_eq!(
+            (mem[3].series, mem[3].connections, mem[3].rss_kib),
+            (MemSeries::Nodes(3), 100000.0, 3.0)
+        );
         assert_eq!(lat.len(), 3);
         assert_eq!(lat[0].rate, 10000.0);
         assert!((lat[0].p99 - 0.9).abs() < 1e-9);
@@ -313,6 +415,14 @@ mod tests {
         latency_chart(&dir.join("l.svg"), &lat).unwrap();
         let svg = std::fs::read_to_string(dir.join("m.svg")).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("KiB per connection"));
+        assert!(
+            svg.contains("one node, wss://: server RSS"),
+            "WSS curve missing"
+        );
+        assert!(
+            svg.contains("3 nodes on Redis, ws://: server RSS"),
+            "multi-node point missing"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
