@@ -222,7 +222,7 @@ fi
 if [[ -n "$CHARTS" ]]; then
   shopt -s nullglob
   inputs=()
-  for f in "$OUT"/connect-[0-9]*.json "$OUT"/step.json; do
+  for f in "$OUT"/connect-[0-9]*.json "$OUT"/scale-[0-9]*.json "$OUT"/step.json; do
     inputs+=(--input "$f")
   done
   if [[ ${#inputs[@]} -gt 0 ]]; then
