@@ -20,7 +20,7 @@ use crate::drain::Drain;
 use crate::metrics::Metrics;
 use crate::protocol::{self, ErrorCode, ProtocolError, Since};
 use crate::registry::{ConnId, Registry};
-use crate::send_queue::SendQueue;
+use crate::send_queue::{DirectWrite, SendQueue};
 
 /// Messages a resume may replay at most.
 const MAX_REPLAY: usize = 10_000;
@@ -146,12 +146,13 @@ impl Node {
     }
 
     /// A fresh send queue sized by the settings.
-    pub fn new_queue(&self) -> Arc<SendQueue> {
+    pub fn new_queue(&self, direct: Option<Arc<dyn DirectWrite>>) -> Arc<SendQueue> {
         let l = &self.settings.limits;
-        Arc::new(SendQueue::new(
+        Arc::new(SendQueue::with_direct(
             l.send_queue_frames,
             l.send_queue_bytes,
             l.slow_consumer,
+            direct,
         ))
     }
 
@@ -232,7 +233,7 @@ impl Node {
         &self,
         topic: &str,
         conn: ConnId,
-        queue: &SendQueue,
+        queue: &Arc<SendQueue>,
         ack: Bytes,
         replay: &[Message],
         floor: &Position,

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use crate::metrics::Metrics;
 use crate::protocol;
-use crate::send_queue::{Pushed, SendQueue};
+use crate::send_queue::{Flushes, Pushed, SendQueue};
 
 /// Identifies a connection on this node.
 pub type ConnId = u64;
@@ -157,32 +157,37 @@ impl Registry {
             offset: floor.offset,
         };
         let held = std::mem::replace(&mut sub.state, SubState::Pending(Vec::new()));
+        let mut flushes = Flushes::new();
         if let Some(ack) = ack {
-            sub.queue.push(ack);
+            flushes.push(&sub.queue, ack);
         }
         for m in replay {
             cursor.advance(m.position.as_ref());
-            self.push(&sub.queue, protocol::message(m));
+            self.push(&mut flushes, &sub.queue, protocol::message(m));
         }
         if let SubState::Pending(held) = held {
             for (position, frame) in held {
                 if cursor.advance(position.as_ref()) {
-                    self.push(&sub.queue, frame);
+                    self.push(&mut flushes, &sub.queue, frame);
                 }
             }
         }
         sub.state = SubState::Live(cursor);
+        drop(shard);
+        flushes.run();
     }
 
     /// Queues the first part of a long replay for a subscriber that stays pending meanwhile (live
     /// messages held back): `ack` first when given. [`Registry::activate`] queues the rest.
-    pub fn queue_replay(&self, queue: &SendQueue, ack: Option<Bytes>, replay: &[Message]) {
+    pub fn queue_replay(&self, queue: &Arc<SendQueue>, ack: Option<Bytes>, replay: &[Message]) {
+        let mut flushes = Flushes::new();
         if let Some(ack) = ack {
-            queue.push(ack);
+            flushes.push(queue, ack);
         }
         for m in replay {
-            self.push(queue, protocol::message(m));
+            self.push(&mut flushes, queue, protocol::message(m));
         }
+        flushes.run();
     }
 
     /// Removes a subscriber. Returns the topic's gate when no local subscriber is left, so the caller
@@ -217,8 +222,8 @@ impl Registry {
         }
     }
 
-    fn push(&self, queue: &SendQueue, frame: Bytes) -> bool {
-        match queue.push(frame) {
+    fn push(&self, flushes: &mut Flushes, queue: &Arc<SendQueue>, frame: Bytes) -> bool {
+        match flushes.push(queue, frame) {
             Pushed::Queued => true,
             Pushed::DroppedOldest(n) => {
                 self.metrics
@@ -252,11 +257,12 @@ impl MessageSink for Registry {
         };
         let frame = protocol::message(&message);
         let mut delivered = 0u64;
+        let mut flushes = Flushes::new();
         for sub in &mut entry.subs {
             match &mut sub.state {
                 SubState::Live(cursor) => {
                     if cursor.advance(message.position.as_ref())
-                        && self.push(&sub.queue, frame.clone())
+                        && self.push(&mut flushes, &sub.queue, frame.clone())
                     {
                         delivered += 1;
                     }
@@ -273,6 +279,9 @@ impl MessageSink for Registry {
             }
         }
         drop(shard);
+        // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
+        // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
+        flushes.spawn();
         self.metrics.delivered.inc_by(delivered);
         self.metrics
             .fanout_seconds

@@ -21,7 +21,9 @@ use crate::config::Settings;
 use crate::http_api::{self, Body};
 use crate::node::Node;
 use crate::protocol::ErrorCode;
+use crate::send_queue::DirectWrite;
 use crate::session::{self, Route};
+use crate::tcp;
 use crate::tls::{self, TlsTerminator};
 
 /// A byte stream a connection can be served on, and how to split it for the session's reader and
@@ -31,8 +33,9 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     /// Write half.
     type Write: AsyncWrite + Unpin + Send + 'static;
-    /// Splits the stream.
-    fn split(self) -> (Self::Read, Self::Write);
+    /// Splits the stream; the third part, when there is one, writes to the connection without
+    /// waiting, beside the write half (see [`crate::send_queue::DirectWrite`]).
+    fn split(self) -> (Self::Read, Self::Write, Option<Arc<dyn DirectWrite>>);
 }
 
 /// TLS connections split through tokio's lock-based `split`: a TLS session has one state for both
@@ -41,16 +44,18 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
     type Read = tokio::io::ReadHalf<Self>;
     type Write = tokio::io::WriteHalf<Self>;
-    fn split(self) -> (Self::Read, Self::Write) {
-        tokio::io::split(self)
+    fn split(self) -> (Self::Read, Self::Write, Option<Arc<dyn DirectWrite>>) {
+        let (r, w) = tokio::io::split(self);
+        (r, w, None)
     }
 }
 
 impl Transport for TcpStream {
-    type Read = tokio::net::tcp::OwnedReadHalf;
-    type Write = tokio::net::tcp::OwnedWriteHalf;
-    fn split(self) -> (Self::Read, Self::Write) {
-        self.into_split()
+    type Read = tcp::TcpRead;
+    type Write = tcp::TcpWrite;
+    fn split(self) -> (Self::Read, Self::Write, Option<Arc<dyn DirectWrite>>) {
+        let (r, w, direct) = tcp::split(self);
+        (r, w, Some(direct))
     }
 }
 
@@ -440,13 +445,13 @@ fn upgrade<T: Transport>(
         // to the socket. Bytes the client sent right behind its request are read first.
         match ws.into_inner().into_inner().downcast::<TokioIo<T>>() {
             Ok(parts) => {
-                let (r, w) = parts.io.into_inner().split();
+                let (r, w, direct) = parts.io.into_inner().split();
                 // read_buf (even empty) points into hyper's 8 KiB read buffer: copy what the client
                 // sent early and let the buffer go before the session starts.
                 let early = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
-                session::run(node, admission, r, w, route).await;
+                session::run(node, admission, r, w, direct, route).await;
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),
         }

@@ -16,8 +16,8 @@ use crate::frame::{self, OpCode};
 use crate::node::{Admission, Node};
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
 use crate::registry::ConnId;
-use crate::send_queue::{CloseReason, SendQueue};
-use crate::writer::{self, Heartbeat, LastHeard, PEER_GONE, WriterEnd};
+use crate::send_queue::{CloseReason, DirectWrite, SendQueue};
+use crate::writer::{self, Heartbeat, LastHeard, WriterEnd};
 use crate::ws_read::{Incoming, ReadError, WsReader};
 
 /// Largest message on the echo route, so conformance suites can send their 16 MiB cases.
@@ -40,9 +40,17 @@ pub enum Route {
     Echo,
 }
 
-/// Runs a connection to its end. `admission` holds the connection slot until then.
-pub async fn run<R, W>(node: Arc<Node>, admission: Admission, read: R, write: W, route: Route)
-where
+/// Runs a connection to its end. `admission` holds the connection slot until then. `direct`, when
+/// given, is a handle to the same socket as `write` that fan-out may write through while the writer
+/// is idle.
+pub async fn run<R, W>(
+    node: Arc<Node>,
+    admission: Admission,
+    read: R,
+    write: W,
+    direct: Option<Arc<dyn DirectWrite>>,
+    route: Route,
+) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -50,13 +58,14 @@ where
     let queue = match route {
         Route::Echo => {
             let l = &node.settings.limits;
-            Arc::new(SendQueue::new(
+            Arc::new(SendQueue::with_direct(
                 l.send_queue_frames,
                 l.send_queue_bytes.max(ECHO_QUEUE_BYTES),
                 l.slow_consumer,
+                direct,
             ))
         }
-        Route::PubSub(_) => node.new_queue(),
+        Route::PubSub(_) => node.new_queue(direct),
     };
     let heard = Arc::new(LastHeard::new());
     let max_message = match route {
@@ -79,7 +88,10 @@ where
         ping_interval: node.settings.server.ping_interval,
         idle_timeout: node.settings.server.idle_timeout,
     };
-    let end = writer::run(write, queue, heard, heartbeat, node.drain.clone()).await;
+    let end = writer::run(write, queue.clone(), heard, heartbeat, node.drain.clone()).await;
+    // Fan-out may still hold the queue until the unsubscribes run: stop it writing, and let the
+    // socket close now.
+    queue.detach();
     match &end {
         WriterEnd::Closed(reason) => {
             tracing::debug!(
@@ -197,11 +209,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     return;
                 }
                 Err(ReadError::Gone) => {
-                    self.queue.close(CloseReason {
-                        code: PEER_GONE,
-                        reason: "",
-                        discard_queued: true,
-                    });
+                    self.queue.close(CloseReason::PEER_GONE);
                     return;
                 }
             }

@@ -20,9 +20,6 @@ use crate::drain::Drain;
 use crate::frame::{self, OpCode};
 use crate::send_queue::{CloseReason, SendQueue};
 
-/// Close code used internally for "the peer is gone, send nothing" (1006 never goes on the wire).
-pub const PEER_GONE: u16 = 1006;
-
 /// Timing of heartbeats and timeouts.
 #[derive(Clone, Copy, Debug)]
 pub struct Heartbeat {
@@ -127,7 +124,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
         // A burst may have grown the buffer; an idle connection should not keep it.
         frames.shrink_to(4);
         if let Some(reason) = close {
-            if reason.code != PEER_GONE {
+            if reason.code != CloseReason::PEER_GONE.code {
                 // Boxed: this runs once per connection, and keeping its state out of the writer's
                 // future keeps every idle connection smaller.
                 Box::pin(send_close(&mut w, &reason)).await;
