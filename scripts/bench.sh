@@ -158,7 +158,7 @@ if want churn; then
 fi
 
 # Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load
-# spread over the nodes directly; Redis's CPU time is recorded next to each result.
+# spread over the nodes directly; Redis's CPU counts with the nodes' (--broker-pid).
 STACK_UP=0
 stack_start() { # nodes, then env assignments for the nodes
   local n="$1"; shift
@@ -172,6 +172,8 @@ stack_start() { # nodes, then env assignments for the nodes
     local port="NODE${i}_PORT" pid="NODE${i}_PID"
     STACK_ARGS+=(--url "ws://127.0.0.1:${!port}/ws" --server-pid "${!pid}")
   done
+  # Redis's CPU in each measured window counts with the nodes' (server_and_broker_us_per_delivery).
+  STACK_ARGS+=(--broker-pid "$REDIS_PID")
 }
 stack_stop() {
   if [[ $STACK_UP == 1 ]]; then
@@ -180,17 +182,12 @@ stack_stop() {
   fi
 }
 trap 'stop_server; stack_stop' EXIT
-redis_cpu_ticks() { awk '{print $14 + $15}' "/proc/$REDIS_PID/stat"; }
 run_multi() { # name, then loadtest arguments (the stack's --url/--server-pid are added)
   local name="$1"; shift
   local cmd=(nice -n "$NICE" "$LT" "$@" "${STACK_ARGS[@]}" --json "$OUT/$name.json")
   echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
   echo "== $name: ${cmd[*]}" >&2
-  local before after
-  before=$(redis_cpu_ticks)
   "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
-  after=$(redis_cpu_ticks)
-  echo "{\"redis_cpu_s\": $(( after - before ))e-2}" > "$OUT/$name.redis.json"
 }
 have_stack_tools() {
   if command -v redis-server >/dev/null && command -v haproxy >/dev/null; then

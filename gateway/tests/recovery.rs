@@ -730,3 +730,29 @@ async fn a_replay_longer_than_the_send_queue_is_paced_on_redis() {
     let node = redis_node(&redis, &[("PUBGATE__HISTORY__SIZE", "10000".to_string())]).await;
     long_replay_is_paced(&node, "long.redis").await;
 }
+
+/// Entries older than the history TTL are trimmed from the stream by later publishes, and are no
+/// longer served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_older_than_the_ttl_is_trimmed_on_redis() {
+    let redis = Redis::start();
+    let node = redis_node(
+        &redis,
+        &[
+            ("PUBGATE__HISTORY__SIZE", "100".to_string()),
+            ("PUBGATE__HISTORY__TTL", "1s".to_string()),
+        ],
+    )
+    .await;
+    let xlen = || redis.cli(&["XLEN", "pubgate:ttl.t1:history"]);
+    for i in 0..5 {
+        publish(&node, "ttl.t1", &i.to_string()).await;
+    }
+    assert_eq!(xlen().trim(), "5", "fresh entries are kept");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let newest = publish(&node, "ttl.t1", "5").await;
+    assert_eq!(xlen().trim(), "1", "the five expired entries are trimmed");
+    let (status, page, body) = get_history(&node, "ttl.t1", "?limit=10").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(page_offsets(&page), vec![newest], "{body}");
+}

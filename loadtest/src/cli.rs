@@ -23,6 +23,10 @@ pub struct Target {
     /// A server process to measure (RSS, CPU, fd limit); repeatable, in the order of --url.
     #[arg(long = "server-pid", value_name = "PID")]
     pub server_pids: Vec<u32>,
+    /// A broker process (redis-server) whose CPU counts with the servers' in the cost per
+    /// delivery (repeatable).
+    #[arg(long = "broker-pid", value_name = "PID")]
+    pub broker_pids: Vec<u32>,
     /// Source addresses 127.0.0.2… to spread connections over (0: one per 16,000 connections).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub source_ips: usize,

@@ -104,6 +104,9 @@ pub struct Phase {
     pub server_cpu_s: Vec<(u32, f64)>,
     /// Server CPU per delivery (all servers), µs.
     pub server_us_per_delivery: Option<f64>,
+    /// Servers' and brokers' CPU per delivery, µs (with --broker-pid).
+    #[serde(default)]
+    pub server_and_broker_us_per_delivery: Option<f64>,
     /// This tool's CPU: all, publisher thread, receive side, and receive side per message (µs).
     pub tool: ToolCpu,
     /// Where the machine's CPU went.
@@ -280,7 +283,7 @@ impl Setup {
         self.rec.collect(true);
         let count = (rate * duration.as_secs_f64()).round().max(1.0) as u64;
         let bar = cli::bar(self.args.target.quiet, count, label);
-        let watch = CpuWatch::start(pids);
+        let watch = CpuWatch::start(pids, &self.args.target.broker_pids);
         let job = Job {
             rate,
             count,
@@ -351,6 +354,9 @@ impl Setup {
             subscribers_alive: ramp::running(&self.live) as u64,
             server_us_per_delivery: (!servers.is_empty() && delivered > 0)
                 .then(|| r3(server_total * 1e6 / delivered as f64)),
+            server_and_broker_us_per_delivery: (!self.args.target.broker_pids.is_empty()
+                && delivered > 0)
+                .then(|| r3((server_total + cpu.brokers_s) * 1e6 / delivered as f64)),
             server_cpu_s: servers,
             tool: ToolCpu {
                 total_s: cpu.tool_s,
@@ -397,7 +403,7 @@ impl Setup {
 
 pub(crate) fn print_phase(name: &str, p: &Phase) {
     eprintln!(
-        "{name}: offered {:.0} deliveries/s ({:.0} publishes/s via {}): delivered {} of {} ({:.0}/s), lost {}, dup {}, late {}; e2e p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs max {:.0}µs; server {} µs/delivery; tool {:.2} µs/msg; other load {:.0}%",
+        "{name}: offered {:.0} deliveries/s ({:.0} publishes/s via {}): delivered {} of {} ({:.0}/s), lost {}, dup {}, late {}; e2e p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs max {:.0}µs; server {} µs/delivery{}; tool {:.2} µs/msg; other load {:.0}%",
         p.offered_delivery_rate,
         p.offered_publish_rate,
         p.publish.path,
@@ -413,6 +419,8 @@ pub(crate) fn print_phase(name: &str, p: &Phase) {
         p.latency.max_us,
         p.server_us_per_delivery
             .map_or("-".into(), |v| format!("{v:.2}")),
+        p.server_and_broker_us_per_delivery
+            .map_or(String::new(), |v| format!(" ({v:.2} with the broker)")),
         p.tool.us_per_received,
         p.cpu.other_pct,
     );
@@ -429,6 +437,7 @@ pub(crate) fn params(args: &FanoutArgs, setup: &Setup, rate: f64) -> serde_json:
         "redis_url": args.redis_url,
         "broker_prefix": args.redis_url.as_ref().map(|_| &args.broker_prefix),
         "server_pids": args.target.server_pids,
+        "broker_pids": args.target.broker_pids,
     })
 }
 

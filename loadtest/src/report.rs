@@ -106,6 +106,9 @@ pub struct CpuWindow {
     pub machine_busy_s: f64,
     /// Servers' CPU (sum over --server-pid), s.
     pub servers_s: f64,
+    /// Brokers' CPU (sum over --broker-pid), s.
+    #[serde(default)]
+    pub brokers_s: f64,
     /// This tool's CPU (process + waited-for workers), s.
     pub tool_s: f64,
     /// Everything else on the machine (other agents, builds…), s.
@@ -119,19 +122,31 @@ pub struct CpuWatch {
     at: Instant,
     jiffies: (u64, u64),
     servers: Vec<(u32, f64)>,
+    brokers: Vec<(u32, f64)>,
     tool: f64,
+}
+
+fn cpu_now(pids: &[u32]) -> Vec<(u32, f64)> {
+    pids.iter()
+        .map(|&p| (p, procfs::cpu_seconds(p).unwrap_or(0.0)))
+        .collect()
+}
+
+fn cpu_since(start: &[(u32, f64)]) -> Vec<(u32, f64)> {
+    start
+        .iter()
+        .map(|&(p, c0)| (p, r3(procfs::cpu_seconds(p).unwrap_or(c0) - c0)))
+        .collect()
 }
 
 impl CpuWatch {
     /// Starts measuring now.
-    pub fn start(server_pids: &[u32]) -> Self {
+    pub fn start(server_pids: &[u32], broker_pids: &[u32]) -> Self {
         CpuWatch {
             at: Instant::now(),
             jiffies: procfs::cpu_jiffies(),
-            servers: server_pids
-                .iter()
-                .map(|&p| (p, procfs::cpu_seconds(p).unwrap_or(0.0)))
-                .collect(),
+            servers: cpu_now(server_pids),
+            brokers: cpu_now(broker_pids),
             tool: (procfs::cpu_time(false) + procfs::children_cpu_time()).as_secs_f64(),
         }
     }
@@ -141,15 +156,12 @@ impl CpuWatch {
         let wall = self.at.elapsed().as_secs_f64();
         let (busy1, _) = procfs::cpu_jiffies();
         let busy = busy1.saturating_sub(self.jiffies.0) as f64 * procfs::jiffy_seconds();
-        let servers: Vec<(u32, f64)> = self
-            .servers
-            .iter()
-            .map(|&(p, c0)| (p, r3(procfs::cpu_seconds(p).unwrap_or(c0) - c0)))
-            .collect();
+        let servers = cpu_since(&self.servers);
         let servers_s: f64 = servers.iter().map(|s| s.1).sum();
+        let brokers_s: f64 = cpu_since(&self.brokers).iter().map(|s| s.1).sum();
         let tool =
             (procfs::cpu_time(false) + procfs::children_cpu_time()).as_secs_f64() - self.tool;
-        let other = (busy - servers_s - tool).max(0.0);
+        let other = (busy - servers_s - brokers_s - tool).max(0.0);
         let capacity = wall * procfs::cores() as f64;
         (
             servers,
@@ -157,6 +169,7 @@ impl CpuWatch {
                 wall_s: r3(wall),
                 machine_busy_s: r3(busy),
                 servers_s: r3(servers_s),
+                brokers_s: r3(brokers_s),
                 tool_s: r3(tool),
                 other_s: r3(other),
                 other_pct: if capacity > 0.0 {
