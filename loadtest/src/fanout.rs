@@ -66,7 +66,8 @@ pub struct FanoutArgs {
     /// API key for the publish API (Authorization: Bearer).
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
-    /// Worker threads for the receive path (default: one per core).
+    /// Threads for the receive path, each with its own share of the connections (default: one per
+    /// core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
 }

@@ -17,6 +17,7 @@ pub mod ramp;
 pub mod redis_pub;
 pub mod report;
 pub mod scan;
+pub mod shards;
 pub mod stats;
 pub mod step;
 pub mod tls;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loadtest::{chart, churn, connect, fanout, procfs, report, step};
+use loadtest::{chart, churn, connect, fanout, procfs, report, shards, step};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,13 @@ fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// The runtime a scenario is run from, with its connections on `receive_threads` threads of their
+/// own (default: one per core; see `shards`).
+fn scenario_runtime(receive_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    shards::start(receive_threads.unwrap_or_else(procfs::cores))?;
+    runtime(Some(1))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     procfs::raise_nofile_limit();
@@ -61,28 +68,28 @@ fn main() -> ExitCode {
                 .map(|()| None),
             Command::Connect(args) => {
                 let json = args.target.json.clone();
-                runtime(None)
+                scenario_runtime(None)
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(connect::run(args)))
                     .map(|r| Some((r, json)))
             }
             Command::Fanout(args) => {
                 let json = args.target.json.clone();
-                runtime(args.threads)
+                scenario_runtime(args.threads)
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(fanout::run_fanout(args)))
                     .map(|r| Some((r, json)))
             }
             Command::Step(args) => {
                 let json = args.fanout.target.json.clone();
-                runtime(args.fanout.threads)
+                scenario_runtime(args.fanout.threads)
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(step::run_step(args)))
                     .map(|r| Some((r, json)))
             }
             Command::Churn(args) => {
                 let json = args.fanout.target.json.clone();
-                runtime(args.fanout.threads)
+                scenario_runtime(args.fanout.threads)
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(churn::run_churn(args)))
                     .map(|r| Some((r, json)))

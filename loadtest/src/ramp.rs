@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::shards;
 use crate::stats::{self, Percentiles, Recorder};
 use crate::ws::{self, Node, Received};
 
@@ -217,7 +218,7 @@ pub async fn ramp(
             Some(spec.src_ips[k % spec.src_ips.len()])
         };
         let (acc, rec, bar, timeout) = (acc.clone(), rec.clone(), bar.clone(), spec.timeout);
-        let handle = tokio::spawn(async move {
+        let handle = shards::spawn(k, async move {
             let opened = ws::open(&node, src, &topic, timeout).await;
             {
                 let mut a = acc.lock().unwrap_or_else(|e| e.into_inner());
