@@ -101,6 +101,8 @@ struct State {
     close: Option<CloseReason>,
     /// The writer has taken frames it has not finished writing: only it may write now.
     writer_busy: bool,
+    /// The first frame was partly written by a flush: it cannot be dropped.
+    head_sent: bool,
     /// Where frames go while the writer is idle; `None` on TLS, and once the session ended.
     direct: Option<Arc<dyn DirectWrite>>,
 }
@@ -132,6 +134,7 @@ impl SendQueue {
                 bytes: 0,
                 close: None,
                 writer_busy: false,
+                head_sent: false,
                 direct,
             }),
             ready: AtomicWaker::new(),
@@ -178,13 +181,12 @@ impl SendQueue {
                     return (Pushed::Overflow, false);
                 }
                 SlowConsumerPolicy::DropOldest => {
-                    while !fits(&st) {
-                        match st.frames.pop_front() {
-                            Some(old) => {
-                                st.bytes -= old.len();
-                                dropped += 1;
-                            }
-                            None => break,
+                    // A frame the socket has taken part of must be finished, or the stream breaks.
+                    let keep = usize::from(st.head_sent);
+                    while !fits(&st) && st.frames.len() > keep {
+                        if let Some(old) = st.frames.remove(keep) {
+                            st.bytes -= old.len();
+                            dropped += 1;
                         }
                     }
                 }
@@ -261,6 +263,7 @@ impl SendQueue {
         }
         st.frames = VecDeque::new();
         st.bytes = 0;
+        st.head_sent = false;
     }
 
     /// Asks the writer to close the connection. The first reason wins.
@@ -349,6 +352,7 @@ impl SendQueue {
         std::mem::swap(&mut st.frames, frames);
         // While the writer holds frames, nobody else may write: they would overtake them.
         st.writer_busy = !frames.is_empty();
+        st.head_sent = false;
         drop(st);
         if close.as_ref().is_some_and(|c| c.discard_queued) {
             frames.clear();
@@ -371,8 +375,10 @@ fn consume(st: &mut State, mut written: usize) {
         if written >= front.len() {
             written -= front.len();
             st.frames.pop_front();
+            st.head_sent = false;
         } else {
             front.advance(written);
+            st.head_sent = true;
             written = 0;
         }
     }
@@ -657,5 +663,58 @@ mod tests {
         // The queue held the last reference to the socket: it is closed now.
         let mut buf = [0u8; 8];
         assert_eq!(client.read(&mut buf).await.unwrap(), 0);
+    }
+
+    /// Under `drop_oldest`, a frame the socket has already taken part of is finished, not dropped:
+    /// the client sees whole frames only.
+    #[tokio::test]
+    async fn drop_oldest_never_drops_a_partly_written_frame() {
+        use tokio::io::AsyncReadExt;
+        let (_r, w, direct, mut client) = tcp_pair().await;
+        socket2::SockRef::from(&*direct)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let q = Arc::new(SendQueue::with_direct(
+            3,
+            1 << 30,
+            SlowConsumerPolicy::DropOldest,
+            Some(direct),
+        ));
+        let big = Bytes::from(vec![b'A'; 256 << 10]);
+        q.push(big.clone());
+        assert!(
+            q.lock().head_sent,
+            "256 KiB does not fit the buffers: the head is partly written"
+        );
+        // Overflow: the oldest whole frames go, the partly written head stays.
+        for i in 0..6u8 {
+            q.push(Bytes::from(vec![b'0' + i; 10]));
+        }
+        let writer = tokio::spawn(crate::writer::run(
+            w,
+            q.clone(),
+            Arc::new(crate::writer::LastHeard::new()),
+            crate::writer::Heartbeat {
+                ping_interval: std::time::Duration::from_secs(3600),
+                idle_timeout: std::time::Duration::from_secs(3600),
+            },
+            Arc::new(crate::drain::Drain::default()),
+        ));
+        let mut got = vec![0u8; big.len() + 20];
+        // A dropped head would leave the stream short (or torn): bounded wait, clear failure.
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            client.read_exact(&mut got),
+        )
+        .await
+        .expect("the head and the newest frames arrive")
+        .unwrap();
+        assert!(got[..big.len()].iter().all(|&b| b == b'A'), "head intact");
+        assert_eq!(&got[big.len()..], b"44444444445555555555");
+        q.close(CloseReason::PEER_GONE);
+        writer.await.unwrap();
     }
 }
