@@ -352,10 +352,11 @@ impl SendQueue {
         std::mem::swap(&mut st.frames, frames);
         // While the writer holds frames, nobody else may write: they would overtake them.
         st.writer_busy = !frames.is_empty();
-        st.head_sent = false;
+        let head_sent = std::mem::take(&mut st.head_sent);
         drop(st);
         if close.as_ref().is_some_and(|c| c.discard_queued) {
-            frames.clear();
+            // Even when discarding, a partly written frame is finished before the close frame.
+            frames.truncate(usize::from(head_sent));
         }
         if !frames.is_empty() {
             self.taken.notify_waiters();
@@ -671,23 +672,18 @@ mod tests {
     async fn drop_oldest_never_drops_a_partly_written_frame() {
         use tokio::io::AsyncReadExt;
         let (_r, w, direct, mut client) = tcp_pair().await;
-        socket2::SockRef::from(&*direct)
-            .set_send_buffer_size(4096)
-            .unwrap();
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(4096)
-            .unwrap();
         let q = Arc::new(SendQueue::with_direct(
             3,
             1 << 30,
             SlowConsumerPolicy::DropOldest,
             Some(direct),
         ));
-        let big = Bytes::from(vec![b'A'; 256 << 10]);
+        // More than the socket buffers take without the client reading.
+        let big = Bytes::from(vec![b'A'; 32 << 20]);
         q.push(big.clone());
         assert!(
             q.lock().head_sent,
-            "256 KiB does not fit the buffers: the head is partly written"
+            "32 MiB does not fit the buffers: the head is partly written"
         );
         // Overflow: the oldest whole frames go, the partly written head stays.
         for i in 0..6u8 {
@@ -716,5 +712,60 @@ mod tests {
         assert_eq!(&got[big.len()..], b"44444444445555555555");
         q.close(CloseReason::PEER_GONE);
         writer.await.unwrap();
+    }
+
+    /// A slow consumer's queue is discarded on close, but a frame the socket has taken part of is
+    /// finished first, so the close frame that follows is readable.
+    #[tokio::test]
+    async fn discarding_close_finishes_a_partly_written_frame() {
+        use tokio::io::AsyncReadExt;
+        let (_r, w, direct, mut client) = tcp_pair().await;
+        let q = Arc::new(SendQueue::with_direct(
+            3,
+            1 << 30,
+            SlowConsumerPolicy::Disconnect,
+            Some(direct),
+        ));
+        // More than the socket buffers take without the client reading.
+        let big = Bytes::from(vec![b'A'; 32 << 20]);
+        q.push(big.clone());
+        assert!(q.lock().head_sent);
+        let mut overflowed = false;
+        for _ in 0..4 {
+            overflowed |= q.push(Bytes::from_static(b"xx")) == Pushed::Overflow;
+        }
+        assert!(overflowed);
+        let writer = tokio::spawn(crate::writer::run(
+            w,
+            q.clone(),
+            Arc::new(crate::writer::LastHeard::new()),
+            crate::writer::Heartbeat {
+                ping_interval: std::time::Duration::from_secs(3600),
+                idle_timeout: std::time::Duration::from_secs(3600),
+            },
+            Arc::new(crate::drain::Drain::default()),
+        ));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let r = client.read_to_end(&mut got).await;
+            (r, got)
+        });
+        let end = writer.await.unwrap();
+        assert!(
+            matches!(end, crate::writer::WriterEnd::Closed(ref c) if c.code == 1008),
+            "{end:?}"
+        );
+        let (r, got) = tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+            .await
+            .expect("the connection is closed")
+            .unwrap();
+        r.unwrap();
+        assert!(got.len() > big.len() + 4, "{} bytes", got.len());
+        assert!(got[..big.len()].iter().all(|&b| b == b'A'), "head intact");
+        // Then the close frame with 1008, and nothing of the discarded frames.
+        let close = &got[big.len()..];
+        assert_eq!(close[0], 0x88);
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1008);
+        assert_eq!(close.len(), 2 + usize::from(close[1]));
     }
 }
