@@ -568,6 +568,48 @@ mod tests {
         (r, w, direct, client)
     }
 
+    /// The connection's writer task, without pings or idle timeout.
+    fn spawn_writer(
+        w: crate::tcp::TcpWrite,
+        q: &Arc<SendQueue>,
+    ) -> tokio::task::JoinHandle<crate::writer::WriterEnd> {
+        let hour = std::time::Duration::from_secs(3600);
+        tokio::spawn(crate::writer::run(
+            w,
+            q.clone(),
+            Arc::new(crate::writer::LastHeard::new()),
+            crate::writer::Heartbeat {
+                ping_interval: hour,
+                idle_timeout: hour,
+            },
+            Arc::new(crate::drain::Drain::default()),
+        ))
+    }
+
+    /// A queue over the server side of a fresh loopback pair whose first push is 32 MiB, more than
+    /// the socket buffers take while the client does not read: that frame stays partly written.
+    async fn queue_with_a_partly_written_head(
+        max_frames: usize,
+        policy: SlowConsumerPolicy,
+    ) -> (
+        Arc<SendQueue>,
+        crate::tcp::TcpWrite,
+        tokio::net::TcpStream,
+        Bytes,
+    ) {
+        let (_r, w, direct, client) = tcp_pair().await;
+        let q = Arc::new(SendQueue::with_direct(
+            max_frames,
+            1 << 30,
+            policy,
+            Some(direct),
+        ));
+        let big = Bytes::from(vec![b'A'; 32 << 20]);
+        q.push(big.clone());
+        assert!(q.lock().head_sent, "the head is partly written");
+        (q, w, client, big)
+    }
+
     #[tokio::test]
     async fn a_push_to_an_idle_queue_goes_straight_to_the_socket() {
         use tokio::io::AsyncReadExt;
@@ -614,16 +656,7 @@ mod tests {
             SlowConsumerPolicy::Disconnect,
             Some(direct),
         ));
-        let writer = tokio::spawn(crate::writer::run(
-            w,
-            q.clone(),
-            Arc::new(crate::writer::LastHeard::new()),
-            crate::writer::Heartbeat {
-                ping_interval: std::time::Duration::from_secs(3600),
-                idle_timeout: std::time::Duration::from_secs(3600),
-            },
-            Arc::new(crate::drain::Drain::default()),
-        ));
+        let writer = spawn_writer(w, &q);
         let producer = tokio::spawn({
             let q = q.clone();
             async move {
@@ -671,34 +704,13 @@ mod tests {
     #[tokio::test]
     async fn drop_oldest_never_drops_a_partly_written_frame() {
         use tokio::io::AsyncReadExt;
-        let (_r, w, direct, mut client) = tcp_pair().await;
-        let q = Arc::new(SendQueue::with_direct(
-            3,
-            1 << 30,
-            SlowConsumerPolicy::DropOldest,
-            Some(direct),
-        ));
-        // More than the socket buffers take without the client reading.
-        let big = Bytes::from(vec![b'A'; 32 << 20]);
-        q.push(big.clone());
-        assert!(
-            q.lock().head_sent,
-            "32 MiB does not fit the buffers: the head is partly written"
-        );
+        let (q, w, mut client, big) =
+            queue_with_a_partly_written_head(3, SlowConsumerPolicy::DropOldest).await;
         // Overflow: the oldest whole frames go, the partly written head stays.
         for i in 0..6u8 {
             q.push(Bytes::from(vec![b'0' + i; 10]));
         }
-        let writer = tokio::spawn(crate::writer::run(
-            w,
-            q.clone(),
-            Arc::new(crate::writer::LastHeard::new()),
-            crate::writer::Heartbeat {
-                ping_interval: std::time::Duration::from_secs(3600),
-                idle_timeout: std::time::Duration::from_secs(3600),
-            },
-            Arc::new(crate::drain::Drain::default()),
-        ));
+        let writer = spawn_writer(w, &q);
         let mut got = vec![0u8; big.len() + 20];
         // A dropped head would leave the stream short (or torn): bounded wait, clear failure.
         tokio::time::timeout(
@@ -719,32 +731,14 @@ mod tests {
     #[tokio::test]
     async fn discarding_close_finishes_a_partly_written_frame() {
         use tokio::io::AsyncReadExt;
-        let (_r, w, direct, mut client) = tcp_pair().await;
-        let q = Arc::new(SendQueue::with_direct(
-            3,
-            1 << 30,
-            SlowConsumerPolicy::Disconnect,
-            Some(direct),
-        ));
-        // More than the socket buffers take without the client reading.
-        let big = Bytes::from(vec![b'A'; 32 << 20]);
-        q.push(big.clone());
-        assert!(q.lock().head_sent);
+        let (q, w, mut client, big) =
+            queue_with_a_partly_written_head(3, SlowConsumerPolicy::Disconnect).await;
         let mut overflowed = false;
         for _ in 0..4 {
             overflowed |= q.push(Bytes::from_static(b"xx")) == Pushed::Overflow;
         }
         assert!(overflowed);
-        let writer = tokio::spawn(crate::writer::run(
-            w,
-            q.clone(),
-            Arc::new(crate::writer::LastHeard::new()),
-            crate::writer::Heartbeat {
-                ping_interval: std::time::Duration::from_secs(3600),
-                idle_timeout: std::time::Duration::from_secs(3600),
-            },
-            Arc::new(crate::drain::Drain::default()),
-        ));
+        let writer = spawn_writer(w, &q);
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             let r = client.read_to_end(&mut got).await;
