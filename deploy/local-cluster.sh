@@ -125,6 +125,10 @@ defaults
     # Upgraded WebSocket connections live on the tunnel timeout.
     timeout tunnel 1h
     option http-server-close
+    # A refused connect (a node that just crashed, before the health check notices) is retried on
+    # another node at once, instead of on the same one after HAProxy's one-second turn-around.
+    retries 3
+    option redispatch 1
 
 frontend pubgate
     bind 127.0.0.1:$lb_port

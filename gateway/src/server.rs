@@ -76,6 +76,9 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let drain = settings.drain.clone();
     tls::install_default_provider();
     let node = Node::new(settings)?;
+    // Installed before anything is announced: a SIGTERM right after "listening" must drain, not
+    // kill the process with the default action.
+    let shutdown = shutdown_signal()?;
     // Loaded before binding, so a bad certificate fails start-up before anything listens.
     let tls = TlsTerminator::from_settings(&node.settings, node.metrics.clone())?;
     if let Some(tls) = &tls {
@@ -110,7 +113,7 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(accept_loop(node.clone(), l, Listener::Metrics, None));
     }
 
-    shutdown_signal().await;
+    shutdown.await;
     let deadline = tokio::time::Instant::now() + drain.grace;
     tracing::info!(grace = ?drain.grace, delay = ?drain.delay, connections = node.connection_count(), "draining: not ready");
     node.drain.begin();
@@ -169,23 +172,17 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
     max_connections
 }
 
-async fn shutdown_signal() {
+/// Registers for SIGTERM and SIGINT now; the future completes when either arrives.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => {
-            tracing::error!("cannot install signal handlers; waiting for ctrl-c");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
+    })
 }
 
 /// Connections the kernel may hold ready for accept(2) (it caps this at `net.core.somaxconn`).
