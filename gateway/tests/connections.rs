@@ -5,8 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Event, RECV_TIMEOUT, RawWs, Server, WsClient, op, raw_http, tcp_connect};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{
+    Event, RECV_TIMEOUT, RawWs, Server, WsClient, op, raw_http, read_until_closed, tcp_connect,
+};
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn upgrade_past_max_connections_gets_503_json_and_a_freed_slot_is_reusable() {
@@ -148,27 +150,6 @@ async fn server_pings_and_closes_a_client_that_never_answers() {
     mute.expect_eof(Duration::from_secs(10), 1 << 16).await;
 }
 
-/// Reads until the server closes the connection; returns what it sent and how long after `started`
-/// it closed.
-async fn wait_for_close(
-    stream: &mut tokio::net::TcpStream,
-    started: Instant,
-    limit: Duration,
-) -> (Vec<u8>, Duration) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
-            Err(_) => panic!(
-                "connection still open after {limit:?}; server sent {:?}",
-                String::from_utf8_lossy(&got)
-            ),
-            Ok(Ok(0)) | Ok(Err(_)) => return (got, started.elapsed()),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-}
-
 #[tokio::test]
 async fn unfinished_handshake_is_closed_after_the_handshake_timeout() {
     const TIMEOUT: Duration = Duration::from_secs(1);
@@ -189,8 +170,8 @@ async fn unfinished_handshake_is_closed_after_the_handshake_timeout() {
     let mut silent = tcp_connect(server.addr).await;
 
     let ((sent_half, after_half), (sent_silent, after_silent)) = tokio::join!(
-        wait_for_close(&mut half, started, TIMEOUT + Duration::from_secs(10)),
-        wait_for_close(&mut silent, started, TIMEOUT + Duration::from_secs(10)),
+        read_until_closed(&mut half, started, TIMEOUT + Duration::from_secs(10)),
+        read_until_closed(&mut silent, started, TIMEOUT + Duration::from_secs(10)),
     );
     for (what, sent, after) in [
         ("half a request", sent_half, after_half),
@@ -361,7 +342,7 @@ async fn unfinished_request_body_is_answered_408_after_the_handshake_timeout() {
     )
     .await
     .expect("write");
-    let (got, after) = wait_for_close(&mut conn, started, Duration::from_secs(15)).await;
+    let (got, after) = read_until_closed(&mut conn, started, Duration::from_secs(15)).await;
     assert!(
         got.starts_with(b"HTTP/1.1 408"),
         "a stalled body got {:?}",

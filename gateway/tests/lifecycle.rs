@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::{
     HttpClient, RECV_TIMEOUT, RawWs, Server, ServerBuilder, TempFile, WsClient, http_get,
-    tcp_connect_small_rcvbuf,
 };
 use serde_json::json;
 
@@ -181,15 +180,8 @@ async fn sigterm_exit_is_bounded_by_grace_even_with_a_stuck_client() {
         .env("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000")
         .start()
         .await;
-    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
-    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
-        Ok(ws) => ws,
-        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
-    };
-    stuck
-        .send_text(&json!({"op":"subscribe","topic":"stuck","id":1}).to_string())
-        .await;
-    assert_eq!(stuck.recv_json(RECV_TIMEOUT).await["op"], "ack");
+    let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    assert_eq!(stuck.subscribe("stuck", 1).await["op"], "ack");
     let mut http = HttpClient::connect(server.addr).await;
     let data = format!("\"{}\"", "s".repeat(32 * 1024));
     for _ in 0..400 {

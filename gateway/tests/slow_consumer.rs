@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{HttpClient, RawWs, Server, WsClient, tcp_connect_small_rcvbuf};
+use common::{HttpClient, RawWs, Server, WsClient};
 use serde_json::json;
 
 const TOPIC: &str = "firehose.big";
@@ -61,15 +61,8 @@ async fn slow_consumer_is_disconnected_and_does_not_hold_back_others() {
     let server = Server::start().await;
 
     // The stuck client: a tiny receive window, subscribes, reads its ack, then never reads again.
-    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
-    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
-        Ok(ws) => ws,
-        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
-    };
-    stuck
-        .send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
-        .await;
-    let ack = stuck.recv_json(common::RECV_TIMEOUT).await;
+    let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    let ack = stuck.subscribe(TOPIC, 1).await;
     assert_eq!(ack["op"], "ack", "stuck client's subscribe: {ack}");
 
     let mut reader = server.ws().await;
@@ -157,15 +150,8 @@ async fn drop_oldest_policy_keeps_a_stuck_client_connected_with_a_gap_in_offsets
         )
         .start()
         .await;
-    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
-    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
-        Ok(ws) => ws,
-        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
-    };
-    stuck
-        .send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
-        .await;
-    let ack = stuck.recv_json(common::RECV_TIMEOUT).await;
+    let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    let ack = stuck.subscribe(TOPIC, 1).await;
     assert_eq!(ack["op"], "ack", "stuck client's subscribe: {ack}");
     let base = ack["offset"].as_u64().expect("offset");
 
@@ -263,14 +249,8 @@ async fn a_slow_but_steady_reader_is_not_cut_off_as_stalled() {
         )
         .start()
         .await;
-    let stream = tcp_connect_small_rcvbuf(server.addr, 16 * 1024).await;
-    let mut slow = match RawWs::handshake(stream, server.addr, "/ws").await {
-        Ok(ws) => ws,
-        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
-    };
-    slow.send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
-        .await;
-    let ack = slow.recv_json(common::RECV_TIMEOUT).await;
+    let mut slow = RawWs::connect_small_rcvbuf(server.addr, 16 * 1024).await;
+    let ack = slow.subscribe(TOPIC, 1).await;
     let base = ack["offset"].as_u64().expect("offset");
 
     let mut http = HttpClient::connect(server.addr).await;
@@ -336,15 +316,8 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_limit() {
         )
         .start()
         .await;
-    let stream = tcp_connect_small_rcvbuf(server.addr, 4096).await;
-    let mut stuck = match RawWs::handshake(stream, server.addr, "/ws").await {
-        Ok(ws) => ws,
-        Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
-    };
-    stuck
-        .send_text(&json!({"op":"subscribe","topic":TOPIC,"id":1}).to_string())
-        .await;
-    assert_eq!(stuck.recv_json(common::RECV_TIMEOUT).await["op"], "ack");
+    let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    assert_eq!(stuck.subscribe(TOPIC, 1).await["op"], "ack");
     let mut http = HttpClient::connect(server.addr).await;
     for i in 0..COUNT {
         http.publish(TOPIC, payload(i)).await;

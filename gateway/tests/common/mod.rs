@@ -55,7 +55,6 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -104,6 +103,7 @@ pub struct ServerBuilder {
     no_listen_flag: bool,
     no_harness_grace: bool,
     nofile_limit: Option<u64>,
+    kill_on_drop: bool,
 }
 
 /// Output of a process that ended by itself (see [`ServerBuilder::run_to_exit`]).
@@ -170,6 +170,14 @@ impl ServerBuilder {
     /// `prlimit --nofile=N:N` would, for tests of what happens when accept(2) fails with EMFILE.
     pub fn nofile_limit(mut self, limit: u64) -> Self {
         self.nofile_limit = Some(limit);
+        self
+    }
+
+    /// Makes dropping the [`Server`] kill the process at once (SIGKILL, no drain) and accept that it
+    /// may have ended by itself, for nodes that tests stop, kill and restart at will (a crashed
+    /// machine in a cluster) and for servers that only serve a handshake or a measurement.
+    pub fn kill_on_drop(mut self) -> Self {
+        self.kill_on_drop = true;
         self
     }
 
@@ -246,6 +254,7 @@ impl ServerBuilder {
             metrics_addr: None,
             stderr,
             exit: None,
+            kill_on_drop: self.kill_on_drop,
         };
         let deadline = tokio::time::Instant::now() + STARTUP_TIMEOUT;
         let wanted = 1 + usize::from(self.metrics_listener);
@@ -370,7 +379,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A running `pubgate` process. Dropping it stops that process: SIGTERM, then SIGKILL after
 /// [`STOP_TIMEOUT`]. If the process died by itself during the test, the drop panics (unless the test
 /// is already panicking) so crashes never go unnoticed; tests that stop it on purpose use
-/// [`Server::sigterm`] + [`Server::wait_exit`].
+/// [`Server::sigterm`] + [`Server::wait_exit`]. Started with [`ServerBuilder::kill_on_drop`], the drop
+/// just kills and reaps it.
 pub struct Server {
     child: Child,
     pid: u32,
@@ -380,6 +390,7 @@ pub struct Server {
     pub metrics_addr: Option<SocketAddr>,
     stderr: Arc<Mutex<String>>,
     exit: Option<ExitStatus>,
+    kill_on_drop: bool,
 }
 
 impl Server {
@@ -549,6 +560,12 @@ impl Drop for Server {
         if self.exit.is_some() {
             return;
         }
+        if self.kill_on_drop {
+            // Not reaped yet, so the PID is still ours.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return;
+        }
         if let Ok(Some(status)) = self.child.try_wait() {
             self.exit = Some(status);
             if !panicking {
@@ -628,29 +645,46 @@ pub fn raise_nofile_limit() -> libc::rlim_t {
     lim.rlim_cur
 }
 
-/// A file in a fresh directory under the system temp dir, removed on drop.
+/// A fresh directory under the system temp dir, removed (with everything in it) on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `pubgate-TAG-PID-RANDOM`.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "pubgate-{tag}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A file in a fresh [`TempDir`], removed on drop.
 pub struct TempFile {
-    dir: PathBuf,
+    _dir: TempDir,
     path: PathBuf,
 }
 
 impl TempFile {
     /// Writes `contents` to a new file named `name`.
     pub fn new(name: &str, contents: &str) -> TempFile {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pubgate-test-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
+        let dir = TempDir::new("test");
         let path = dir.join(name);
         std::fs::write(&path, contents).expect("write temp file");
-        TempFile { dir, path }
+        TempFile { _dir: dir, path }
     }
 
     /// The file's path.
@@ -664,15 +698,48 @@ impl TempFile {
     }
 }
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
+/// A free loopback port for a server a test starts with a fixed address (a node restarted on the
+/// same port, Redis, HAProxy). Taken below the kernel's ephemeral range (and checked by binding
+/// it), so an outgoing connection cannot grab it before the server binds it.
+pub fn free_port() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .filter(|low| *low > 12_000)
+        .unwrap_or(32_768);
+    for _ in 0..1000 {
+        let port = 10_000 + rand::random::<u16>() % (low - 10_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
 }
 
 // ---------------------------------------------------------------------------------------------
 // Waiting
 // ---------------------------------------------------------------------------------------------
+
+/// Calls `f` every `every` until it returns `Some`, for at most `timeout` (it is called once more at
+/// the deadline); `None` when it never did. The one polling loop behind [`wait_until`] and the
+/// Redis and TLS helpers' `eventually`.
+pub async fn poll_until<T>(
+    timeout: Duration,
+    every: Duration,
+    mut f: impl AsyncFnMut() -> Option<T>,
+) -> Option<T> {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if started.elapsed() >= timeout {
+            return None;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
 
 /// Polls `check` every 20 ms until it returns true; panics naming `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -680,15 +747,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let started = Instant::now();
-    loop {
-        if check().await {
-            return;
-        }
-        if started.elapsed() >= timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let done = poll_until(timeout, Duration::from_millis(20), async || {
+        check().await.then_some(())
+    })
+    .await;
+    if done.is_none() {
+        panic!("timed out after {timeout:?} waiting for {what}");
     }
 }
 
@@ -1018,6 +1082,25 @@ impl RawWs {
         }
     }
 
+    /// Connects with the socket's receive buffer set to `bytes` (see [`tcp_connect_small_rcvbuf`])
+    /// and upgrades `/ws`: the client that stops reading, whose window fills after a few frames.
+    /// Panics unless the server answers 101.
+    pub async fn connect_small_rcvbuf(addr: SocketAddr, bytes: u32) -> RawWs {
+        let stream = tcp_connect_small_rcvbuf(addr, bytes).await;
+        match RawWs::handshake(stream, addr, "/ws").await {
+            Ok(ws) => ws,
+            Err(r) => panic!("upgrade refused: {} {}", r.status, r.body),
+        }
+    }
+
+    /// Sends a `subscribe` op and returns the next JSON frame (its `ack` or `error`; the caller
+    /// asserts which).
+    pub async fn subscribe(&mut self, topic: &str, id: u64) -> Value {
+        self.send_text(&serde_json::json!({"op":"subscribe","topic":topic,"id":id}).to_string())
+            .await;
+        self.recv_json(RECV_TIMEOUT).await
+    }
+
     /// Performs the upgrade on an already connected socket (e.g. one with a small receive buffer).
     /// Returns the server's response when it is not 101.
     pub async fn handshake(
@@ -1302,6 +1385,28 @@ pub async fn tcp_connect_small_rcvbuf(addr: SocketAddr, bytes: u32) -> TcpStream
         Ok(Ok(s)) => s,
         Ok(Err(e)) => panic!("connect {addr}: {e}"),
         Err(_) => panic!("connect {addr}: timed out"),
+    }
+}
+
+/// Reads from `stream` until the server closes it (EOF or reset). Returns what the server sent and
+/// when the connection ended, measured from `started`; panics when it is still open at
+/// `started + limit`.
+pub async fn read_until_closed(
+    stream: &mut TcpStream,
+    started: Instant,
+    limit: Duration,
+) -> (Vec<u8>, Duration) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), stream.read(&mut buf)).await {
+            Err(_) => panic!(
+                "connection still open {limit:?} after it started; server sent {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
     }
 }
 
