@@ -5,6 +5,7 @@
 //!
 //! Needs `redis-server` on PATH. The rolling-restart test behind HAProxy is in `rolling_restart.rs`.
 
+mod common;
 mod redis_support;
 
 use std::collections::HashMap;
@@ -20,15 +21,15 @@ const READY: Duration = Duration::from_secs(15);
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn redis_node(redis: &Redis, extra: &[(&str, String)]) -> Node {
-    let node = Node::redis("redis", &redis.url(), extra);
+    let node = Node::redis("redis", &redis.url(), extra).await;
     node.wait_ready(READY).await;
     node
 }
 
-fn memory_node(extra: &[(&str, String)]) -> Node {
+async fn memory_node(extra: &[(&str, String)]) -> Node {
     let mut env = vec![("PUBGATE__HISTORY__SIZE", "1000".to_string())];
     env.extend(extra.iter().cloned());
-    Node::start(&env)
+    Node::start(&env).await
 }
 
 /// Publishes over HTTP, asserting 200; returns the offset.
@@ -348,7 +349,7 @@ async fn seam_between_replay_and_live_has_no_gap_or_duplicate_across_nodes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seam_between_replay_and_live_has_no_gap_or_duplicate_on_the_memory_broker() {
-    let node = memory_node(&seam_env());
+    let node = memory_node(&seam_env()).await;
     seam_rounds(&[&node], "seam.mem.alone", 25, None).await;
     seam_rounds(&[&node], "seam.mem.shared", 25, Some(0)).await;
 }
@@ -438,7 +439,7 @@ async fn trimmed_history_or_another_epoch_gives_recovered_false_on_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimmed_history_or_another_epoch_gives_recovered_false_on_memory() {
-    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]);
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]).await;
     not_recovered_cases(&node, "notrec.mem").await;
 }
 
@@ -516,7 +517,8 @@ async fn per_topic_history_rules_are_honoured_on_redis() {
             ("PUBGATE__BROKER__KIND", "redis".to_string()),
             ("PUBGATE__BROKER__URL", redis.url()),
         ],
-    );
+    )
+    .await;
     node.wait_ready(READY).await;
     rules_are_honoured(&node).await;
     let xlen = |topic: &str| redis.cli(&["XLEN", &format!("pubgate:{topic}:history")]);
@@ -545,7 +547,7 @@ async fn per_topic_history_rules_are_honoured_on_memory() {
     let dir = TempDir::new("rules");
     let path = dir.join("pubgate.toml");
     std::fs::write(&path, RULES).expect("write config");
-    let node = Node::start_with(&["--config", path.to_str().expect("utf-8 path")], &[]);
+    let node = Node::start_with(&["--config", path.to_str().expect("utf-8 path")], &[]).await;
     rules_are_honoured(&node).await;
 }
 
@@ -649,13 +651,13 @@ async fn history_api_pages_report_completeness_on_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_api_pages_report_completeness_on_memory() {
-    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]);
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "5".to_string())]).await;
     history_api_cases(&node).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_api_needs_the_publish_api_key() {
-    let node = memory_node(&[("PUBGATE__AUTH__API_KEYS", "k1".to_string())]);
+    let node = memory_node(&[("PUBGATE__AUTH__API_KEYS", "k1".to_string())]).await;
     let path = "/v1/history/secret.topic";
     let (status, body) = http(node.addr, "GET", path, "").await;
     assert_eq!(status, 401, "{body}");
@@ -720,7 +722,7 @@ async fn long_replay_is_paced(node: &Node, topic: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_longer_than_the_send_queue_is_paced_on_memory() {
-    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "10000".to_string())]);
+    let node = memory_node(&[("PUBGATE__HISTORY__SIZE", "10000".to_string())]).await;
     long_replay_is_paced(&node, "long.mem").await;
 }
 

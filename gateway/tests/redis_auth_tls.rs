@@ -2,6 +2,7 @@
 //!
 //! Needs `redis-server` (built with TLS, as Debian's is) and `openssl` on PATH.
 
+mod common;
 mod redis_support;
 
 use std::process::Command;
@@ -38,8 +39,8 @@ async fn round_trip(subscriber: &Node, publisher: &Node, redis: &Redis, topic: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn password_auth_through_the_url() {
     let redis = Redis::start_with(Some("s3cret-pw"), &[]);
-    let a = Node::redis("redis", &redis.url(), &[]);
-    let b = Node::redis("redis", &redis.url(), &[]);
+    let a = Node::redis("redis", &redis.url(), &[]).await;
+    let b = Node::redis("redis", &redis.url(), &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     round_trip(&a, &b, &redis, "auth.pw").await;
@@ -49,7 +50,8 @@ async fn password_auth_through_the_url() {
         "redis",
         &format!("redis://:wrong@127.0.0.1:{}", redis.port),
         &[],
-    );
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!wrong.is_ready().await);
     let (status, body) = wrong.publish("auth.pw", "{}").await;
@@ -106,8 +108,8 @@ async fn acl_user_with_the_documented_minimal_permissions() {
     args.extend_from_slice(NODE_ACL);
     assert_eq!(redis.cli(&args).trim(), "OK");
     let url = format!("redis://pubgate:pg-user-pw@127.0.0.1:{}", redis.port);
-    let a = Node::redis("redis", &url, &[]);
-    let b = Node::redis("redis", &url, &[]);
+    let a = Node::redis("redis", &url, &[]).await;
+    let b = Node::redis("redis", &url, &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     round_trip(&a, &b, &redis, "auth.acl").await;
@@ -214,8 +216,8 @@ async fn tls_to_redis_with_rediss_urls() {
     // The nodes trust the test CA through SSL_CERT_FILE (read by rustls-native-certs).
     let url = format!("rediss://:tls-pw@127.0.0.1:{tls_port}");
     let env = [("SSL_CERT_FILE", ca.clone())];
-    let a = Node::redis("redis", &url, &env);
-    let b = Node::redis("redis", &url, &env);
+    let a = Node::redis("redis", &url, &env).await;
+    let b = Node::redis("redis", &url, &env).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     round_trip(&a, &b, &redis, "tls.demo").await;
@@ -233,7 +235,7 @@ async fn tls_to_redis_with_rediss_urls() {
     );
 
     // Without the CA, certificate verification fails and the node stays not-ready.
-    let untrusting = Node::redis("redis", &url, &[("SSL_CERT_FILE", path("server.key"))]);
+    let untrusting = Node::redis("redis", &url, &[("SSL_CERT_FILE", path("server.key"))]).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!untrusting.is_ready().await, "{}", untrusting.log());
 }

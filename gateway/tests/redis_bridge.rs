@@ -2,6 +2,7 @@
 //!
 //! Needs `redis-server` and `haproxy` on PATH (Debian: `apt-get install redis-server haproxy`).
 
+mod common;
 mod redis_support;
 
 use std::time::{Duration, Instant};
@@ -13,9 +14,10 @@ const READY: Duration = Duration::from_secs(15);
 
 /// Starts `n` nodes on `redis` and waits until all are ready.
 async fn nodes(redis: &Redis, n: usize) -> Vec<Node> {
-    let nodes: Vec<Node> = (0..n)
-        .map(|_| Node::redis("redis", &redis.url(), &[]))
-        .collect();
+    let mut nodes = Vec::with_capacity(n);
+    for _ in 0..n {
+        nodes.push(Node::redis("redis", &redis.url(), &[]).await);
+    }
     for node in &nodes {
         node.wait_ready(READY).await;
     }
@@ -282,7 +284,8 @@ async fn history_is_bounded_by_age_and_a_flush_starts_a_new_epoch() {
         "redis",
         &redis.url(),
         &[("PUBGATE__HISTORY__TTL", "1s".to_string())],
-    );
+    )
+    .await;
     node.wait_ready(READY).await;
     let topic = "history.age";
     let mut live = node.ws().await;

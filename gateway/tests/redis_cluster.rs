@@ -3,6 +3,7 @@
 //!
 //! Needs `redis-server` (7.0 or newer) on PATH.
 
+mod common;
 mod redis_support;
 
 use std::time::Duration;
@@ -15,9 +16,10 @@ const READY: Duration = Duration::from_secs(20);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_a_cluster_deliver_every_message_once_in_order() {
     let cluster = Cluster::start(3);
-    let nodes: Vec<Node> = (0..3)
-        .map(|_| Node::redis("redis-cluster", &cluster.url(), &[]))
-        .collect();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Node::redis("redis-cluster", &cluster.url(), &[]).await);
+    }
     for node in &nodes {
         node.wait_ready(READY).await;
     }
@@ -116,8 +118,8 @@ async fn three_nodes_on_a_cluster_deliver_every_message_once_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_sharded_subscriptions_are_restored_on_every_master() {
     let cluster = Cluster::start(3);
-    let node = Node::redis("redis-cluster", &cluster.url(), &[]);
-    let publisher = Node::redis("redis-cluster", &cluster.url(), &[]);
+    let node = Node::redis("redis-cluster", &cluster.url(), &[]).await;
+    let publisher = Node::redis("redis-cluster", &cluster.url(), &[]).await;
     node.wait_ready(READY).await;
     publisher.wait_ready(READY).await;
     let topics = ["k.alpha", "k.beta", "k.gamma", "k.delta", "k.epsilon"];

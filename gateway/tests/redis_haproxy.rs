@@ -3,6 +3,7 @@
 //!
 //! Needs `redis-server`, `haproxy` and `curl` on PATH.
 
+mod common;
 mod redis_support;
 
 use std::collections::HashMap;
@@ -17,11 +18,12 @@ const READY: Duration = Duration::from_secs(15);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_behind_haproxy_get_every_message_once_in_order() {
     let redis = Redis::start();
-    let nodes: Vec<Node> = (0..3)
-        .map(|_| Node::redis("redis", &redis.url(), &[]))
-        .collect();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(Node::redis("redis", &redis.url(), &[]).await);
+    }
     // A fourth node that can never reach its Redis: the balancer must keep clients away from it.
-    let broken = Node::redis("redis", &format!("redis://127.0.0.1:{}", free_port()), &[]);
+    let broken = Node::redis("redis", &format!("redis://127.0.0.1:{}", free_port()), &[]).await;
     for node in &nodes {
         node.wait_ready(READY).await;
     }

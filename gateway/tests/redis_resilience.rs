@@ -4,6 +4,7 @@
 //!
 //! Needs `redis-server` on PATH.
 
+mod common;
 mod redis_support;
 
 use std::time::{Duration, Instant};
@@ -31,8 +32,8 @@ fn offsets(messages: &[Value]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_makes_nodes_unready_then_they_recover_and_deliver_again() {
     let mut redis = Redis::start();
-    let a = Node::redis("redis", &redis.url(), &[]);
-    let b = Node::redis("redis", &redis.url(), &[]);
+    let a = Node::redis("redis", &redis.url(), &[]).await;
+    let b = Node::redis("redis", &redis.url(), &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     let topic = "restart.demo";
@@ -98,8 +99,8 @@ async fn publish_burst(node: &Node, topic: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_subscription_connection_is_replaced_and_the_gap_filled_from_history() {
     let redis = Redis::start();
-    let a = Node::redis("redis", &redis.url(), &[]);
-    let b = Node::redis("redis", &redis.url(), &[]);
+    let a = Node::redis("redis", &redis.url(), &[]).await;
+    let b = Node::redis("redis", &redis.url(), &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     let topic = "kill.demo";
@@ -145,8 +146,8 @@ async fn a_wedged_subscription_connection_is_noticed_by_the_canary_and_healed() 
     let redis = Redis::start();
     // Node A reaches Redis through a proxy that can wedge one connection; B goes direct.
     let proxy = Proxy::start(redis.port).await;
-    let a = Node::redis("redis", &format!("redis://127.0.0.1:{}", proxy.port), &[]);
-    let b = Node::redis("redis", &redis.url(), &[]);
+    let a = Node::redis("redis", &format!("redis://127.0.0.1:{}", proxy.port), &[]).await;
+    let b = Node::redis("redis", &redis.url(), &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     let topic = "wedge.demo";
@@ -188,7 +189,7 @@ async fn a_wedged_subscription_connection_is_noticed_by_the_canary_and_healed() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_pause_makes_nodes_unready_until_redis_answers_again() {
     let redis = Redis::start();
-    let a = Node::redis("redis", &redis.url(), &[]);
+    let a = Node::redis("redis", &redis.url(), &[]).await;
     a.wait_ready(READY).await;
     let topic = "pause.demo";
     let mut on_a = subscribed(&a, topic).await;

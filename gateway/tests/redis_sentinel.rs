@@ -2,6 +2,7 @@
 //!
 //! Needs `redis-server` on PATH (it runs the sentinel too, with `--sentinel`).
 
+mod common;
 mod redis_support;
 
 use std::time::{Duration, Instant};
@@ -21,8 +22,8 @@ async fn subscribed(node: &Node, topic: &str) -> Ws {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_follow_a_sentinel_failover_and_deliver_again() {
     let set = SentinelSet::start();
-    let a = Node::redis("redis", &set.url(), &[]);
-    let b = Node::redis("redis", &set.url(), &[]);
+    let a = Node::redis("redis", &set.url(), &[]).await;
+    let b = Node::redis("redis", &set.url(), &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     let topic = "sentinel.demo";

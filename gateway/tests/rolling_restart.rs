@@ -14,6 +14,7 @@
 //! Needs `redis-server` and `haproxy` on PATH. Run alone with
 //! `cargo test -p gateway --test rolling_restart -- --nocapture` to see the figures.
 
+mod common;
 mod redis_support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -313,7 +314,7 @@ fn node_env(redis: &Redis) -> Vec<(&'static str, String)> {
 }
 
 async fn restart_in_place(node: &mut Node, how: &str) {
-    node.restart();
+    node.restart().await;
     node.wait_ready(READY).await;
     // The balancer marks it up after two good checks, 500 ms apart.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -325,12 +326,11 @@ async fn rolling_restart_and_a_killed_node_lose_and_duplicate_nothing() {
     let started = Instant::now();
     let redis = Redis::start();
     let env = node_env(&redis);
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|_| {
-            let listen = format!("127.0.0.1:{}", free_port());
-            Node::start_with(&["--listen", &listen], &env)
-        })
-        .collect();
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let listen = format!("127.0.0.1:{}", free_port());
+        nodes.push(Node::start_with(&["--listen", &listen], &env).await);
+    }
     for node in &nodes {
         node.wait_ready(READY).await;
     }

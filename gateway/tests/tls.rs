@@ -2,13 +2,15 @@
 //! WSS + HTTPS over one port, bad clients on the TLS port, rotation by a Kubernetes-style symlink
 //! swap, a broken replacement, SIGHUP, the plain metrics listener, start-up errors and key formats.
 
+mod common;
 mod tls_support;
 
 use std::time::{Duration, Instant};
 
+use common::read_until_closed;
 use serde_json::json;
 use tls_support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 fn path_str(p: &std::path::Path) -> &str {
@@ -21,7 +23,7 @@ async fn wss_subscriber_gets_https_published_messages() {
     let tmp = TempDir::new("wss");
     let issued = ca.issue("wss-server", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+    let gw = pubgate_tls(&cert, &key).start().await;
     let client = ca.client_config(&[]);
 
     let (mut ws, leaf) = wss_connect(gw.addr, &client).await;
@@ -76,7 +78,7 @@ async fn tls12_tls13_alpn_and_resumption() {
     let tmp = TempDir::new("versions");
     let issued = ca.issue("versions", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+    let gw = pubgate_tls(&cert, &key).start().await;
     for (version, expect) in [
         (&rustls::version::TLS12, rustls::ProtocolVersion::TLSv1_2),
         (&rustls::version::TLS13, rustls::ProtocolVersion::TLSv1_3),
@@ -117,12 +119,10 @@ async fn plaintext_garbage_and_silent_clients_fail_while_others_are_served() {
     let tmp = TempDir::new("bad-clients");
     let issued = ca.issue("bad-clients", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let gw = Pubgate::start_tls(
-        &cert,
-        &key,
-        &[],
-        &[("PUBGATE__SERVER__HANDSHAKE_TIMEOUT", "1s")],
-    );
+    let gw = pubgate_tls(&cert, &key)
+        .env("PUBGATE__SERVER__HANDSHAKE_TIMEOUT", "1s")
+        .start()
+        .await;
     let client = ca.client_config(&[]);
 
     // A client that connects and says nothing must not hold up anyone else's accept.
@@ -136,7 +136,7 @@ async fn plaintext_garbage_and_silent_clients_fail_while_others_are_served() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .expect("write");
-    let reply = read_until_closed(&mut plain).await;
+    let reply = read_until_closed(&mut plain, Instant::now(), WAIT).await.0;
     assert!(
         !reply.starts_with(b"HTTP/"),
         "plaintext HTTP was answered in plaintext: {reply:?}"
@@ -146,7 +146,9 @@ async fn plaintext_garbage_and_silent_clients_fail_while_others_are_served() {
     let mut garbage = TcpStream::connect(gw.addr).await.expect("connect");
     let noise: Vec<u8> = (0..2048).map(|_| rand::random::<u8>()).collect();
     garbage.write_all(&noise).await.expect("write");
-    let _ = read_until_closed(&mut garbage).await;
+    let _ = read_until_closed(&mut garbage, Instant::now(), WAIT)
+        .await
+        .0;
 
     // A TLS client with the wrong trust anchor fails on its side; the server survives that too.
     let stranger = Ca::new().client_config(&[]);
@@ -159,7 +161,7 @@ async fn plaintext_garbage_and_silent_clients_fail_while_others_are_served() {
     subscribe(&mut ws, "still.serving").await;
 
     // The silent connection is closed by the handshake timeout (1s), not left open.
-    let _ = read_until_closed(&mut silent).await;
+    let _ = read_until_closed(&mut silent, Instant::now(), WAIT).await.0;
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
@@ -181,23 +183,6 @@ async fn plaintext_garbage_and_silent_clients_fail_while_others_are_served() {
     assert!(timed_out >= 1.0, "tls_timeout counted: {timed_out}");
 }
 
-/// Reads until EOF or an error (a reset), with the test's time limit.
-async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let r = tokio::time::timeout(WAIT, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    assert!(r.is_ok(), "the server closed the connection");
-    out
-}
-
 #[tokio::test]
 async fn symlink_swap_rotates_certificate_and_keeps_old_connections() {
     let ca = Ca::new();
@@ -205,7 +190,7 @@ async fn symlink_swap_rotates_certificate_and_keeps_old_connections() {
     let first = ca.issue("gen-1", KeyKind::EcdsaP256);
     let second = ca.issue("gen-2", KeyKind::RsaPkcs8);
     let mut secret = SecretDir::new(&tmp.0, (&first.chain_pem, &first.key_pem));
-    let gw = Pubgate::start_tls(&secret.cert(), &secret.key(), &[], &[]);
+    let gw = pubgate_tls(&secret.cert(), &secret.key()).start().await;
     let client = ca.client_config(&[]);
 
     let (mut old_ws, leaf) = wss_connect(gw.addr, &client).await;
@@ -254,7 +239,7 @@ async fn broken_replacement_keeps_the_old_certificate() {
     let other = ca.issue("other", KeyKind::EcdsaP256);
     let fixed = ca.issue("fixed", KeyKind::EcdsaP384);
     let mut secret = SecretDir::new(&tmp.0, (&good.chain_pem, &good.key_pem));
-    let gw = Pubgate::start_tls(&secret.cert(), &secret.key(), &[], &[]);
+    let gw = pubgate_tls(&secret.cert(), &secret.key()).start().await;
     let client = ca.client_config(&[]);
 
     // A new certificate with somebody else's key.
@@ -314,7 +299,7 @@ async fn in_place_rewrite_is_picked_up_without_errors() {
     let first = ca.issue("first", KeyKind::EcdsaP256);
     let second = ca.issue("second", KeyKind::EcSec1);
     let (cert, key) = write_pair(&tmp.0, &first);
-    let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+    let gw = pubgate_tls(&cert, &key).start().await;
     let client = ca.client_config(&[]);
     assert_eq!(served_cn(gw.addr, &client).await, "first");
 
@@ -351,7 +336,7 @@ async fn sighup_forces_a_reload_and_does_not_kill() {
     let tmp = TempDir::new("hup");
     let issued = ca.issue("hup", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let mut gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+    let mut gw = pubgate_tls(&cert, &key).start().await;
     let client = ca.client_config(&[]);
     // SAFETY: signalling our own child process by its pid.
     let rc = unsafe { libc::kill(gw.pid() as i32, libc::SIGHUP) };
@@ -372,7 +357,7 @@ async fn metrics_listener_stays_plain_beside_tls() {
     let tmp = TempDir::new("metrics");
     let issued = ca.issue("metrics", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let gw = Pubgate::start_tls(&cert, &key, &["--metrics-listen", "127.0.0.1:0"], &[]);
+    let gw = pubgate_tls(&cert, &key).metrics_listener().start().await;
     let maddr = gw.metrics_addr.expect("metrics listener");
     let client = ca.client_config(&[]);
 
@@ -400,7 +385,7 @@ async fn metrics_listener_stays_plain_beside_tls() {
 
 #[tokio::test]
 async fn plaintext_node_exports_no_tls_metrics() {
-    let gw = Pubgate::start(&[], &[]);
+    let gw = pubgate().start().await;
     let (status, body) = http(gw.addr, "GET", "/metrics").await;
     assert_eq!(status, 200);
     assert!(!body.contains("pubgate_tls_"), "TLS metrics without TLS");
@@ -496,7 +481,7 @@ async fn every_supported_key_format_loads_and_serves() {
         let issued = ca.issue(&format!("{kind:?}"), kind);
         assert!(issued.key_pem.starts_with(label), "{kind:?} key is {label}");
         let (cert, key) = write_pair(&tmp.join(&format!("{kind:?}")), &issued);
-        let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+        let gw = pubgate_tls(&cert, &key).start().await;
         for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
             // Ed25519 in TLS 1.2 needs RFC 8422 support on both ends; rustls has it.
             let client = ca.client_config(&[version]);
@@ -534,9 +519,9 @@ async fn measure_idle_connection_memory() {
 
     for tls in [true, false] {
         let gw = if tls {
-            Pubgate::start_tls(&cert, &key, &[], &[])
+            pubgate_tls(&cert, &key).start().await
         } else {
-            Pubgate::start(&[], &[])
+            pubgate().start().await
         };
         // Warm up lazily allocated state (allocator arenas, runtime) with a few connections.
         for _ in 0..2 {
@@ -593,7 +578,7 @@ async fn measure_handshake_rate() {
     for kind in [KeyKind::EcdsaP256, KeyKind::RsaPkcs8] {
         let issued = ca.issue("measure", kind);
         let (cert, key) = write_pair(&tmp.join(&format!("{kind:?}")), &issued);
-        let gw = Pubgate::start_tls(&cert, &key, &[], &[]);
+        let gw = pubgate_tls(&cert, &key).start().await;
         let x25519_only = || rustls::crypto::CryptoProvider {
             kx_groups: vec![rustls::crypto::aws_lc_rs::kx_group::X25519],
             ..rustls::crypto::aws_lc_rs::default_provider()
@@ -654,7 +639,10 @@ async fn sigterm_closes_wss_clients_with_1001() {
     let tmp = TempDir::new("drain");
     let issued = ca.issue("drain", KeyKind::EcdsaP256);
     let (cert, key) = write_pair(&tmp.0, &issued);
-    let mut gw = Pubgate::start_tls(&cert, &key, &[], &[("PUBGATE__DRAIN__GRACE", "3s")]);
+    let mut gw = pubgate_tls(&cert, &key)
+        .env("PUBGATE__DRAIN__GRACE", "3s")
+        .start()
+        .await;
     let client = ca.client_config(&[]);
     let (mut ws, _) = wss_connect(gw.addr, &client).await;
     subscribe(&mut ws, "drain").await;

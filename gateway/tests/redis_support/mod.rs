@@ -4,17 +4,15 @@
 //! dropped. Nothing relies on port 6379. A node started with a fixed `--listen` can be stopped
 //! (SIGTERM and [`Node::wait_exit`], or SIGKILL) and [restarted](Node::restart) on the same port.
 //!
-//! Some of this duplicates `tests/common/mod.rs` on main (node spawning, HTTP/WS helpers); it is kept
-//! separate for now and meant to be merged.
+//! Nodes are started through the shared harness (`tests/common`, which the test crate declares as
+//! `mod common`); temp dirs, ports and polling come from there too.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::Child;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -25,55 +23,13 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 mod proxy;
 mod servers;
 
+use crate::common::{Metrics, Server, ServerBuilder, poll_until};
+pub use crate::common::{TempDir, free_port};
+
 #[allow(unused_imports)]
 pub use proxy::{Proxy, node_id};
 #[allow(unused_imports)]
 pub use servers::{Cluster, Haproxy, Redis, SentinelSet, cli_output};
-
-/// A free loopback port for a server a test starts. Taken below the kernel's ephemeral range (and
-/// checked by binding it), so an outgoing connection cannot grab it before the server binds it.
-pub fn free_port() -> u16 {
-    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .filter(|low| *low > 12_000)
-        .unwrap_or(32_768);
-    for _ in 0..1000 {
-        let port = 10_000 + rand::random::<u16>() % (low - 10_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
-}
-
-/// A temp dir removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// A fresh dir under the system temp dir.
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "pubgate-{tag}-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    /// A path inside.
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Kills a child by PID and reaps it.
 pub(crate) fn kill(child: &mut Option<Child>) {
@@ -83,151 +39,113 @@ pub(crate) fn kill(child: &mut Option<Child>) {
     }
 }
 
-/// Waits until `f` is true, polling; false on timeout.
+/// Waits until `f` is true, polling every 50 ms; false on timeout.
 pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    poll_until(timeout, Duration::from_millis(50), async || {
+        f().await.then_some(())
+    })
+    .await
+    .is_some()
 }
 
-/// One `pubgate` node.
+/// One `pubgate` node: a harness [`Server`] that can be stopped (SIGTERM and [`Node::wait_exit`],
+/// or SIGKILL) and [restarted](Node::restart) with the same arguments and env.
 pub struct Node {
     /// Its WebSocket + HTTP address.
     pub addr: SocketAddr,
-    child: Option<Child>,
-    log: PathBuf,
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    _dir: TempDir,
+    server: Option<Server>,
+    builder: ServerBuilder,
+    /// What the runs before the current one logged.
+    past_log: String,
 }
 
 impl Node {
     /// Starts the `pubgate` binary with `env` (e.g. `PUBGATE__BROKER__KIND`) and waits for its
     /// "listening" line.
-    pub fn start(env: &[(&str, String)]) -> Node {
-        Node::start_with(&[], env)
+    pub async fn start(env: &[(&str, String)]) -> Node {
+        Node::start_with(&[], env).await
     }
 
     /// Like [`Node::start`], with extra command-line arguments (e.g. `--config FILE`). A
     /// `--listen ADDR` among them replaces the default `127.0.0.1:0`, so the node can be
     /// [restarted](Node::restart) on the same port.
-    pub fn start_with(args: &[&str], env: &[(&str, String)]) -> Node {
-        let dir = TempDir::new("node");
+    pub async fn start_with(args: &[&str], env: &[(&str, String)]) -> Node {
+        let mut builder = ServerBuilder::new()
+            .kill_on_drop()
+            .without_harness_grace()
+            .env("RUST_LOG", "info,broker_bridge=debug")
+            .args(args.iter().copied());
+        if args.contains(&"--listen") {
+            builder = builder.without_listen_flag();
+        }
+        for (k, v) in env {
+            builder = builder.env(*k, v.clone());
+        }
         let mut node = Node {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            child: None,
-            log: dir.join("pubgate.log"),
-            args: args.iter().map(|a| a.to_string()).collect(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            _dir: dir,
+            server: None,
+            builder,
+            past_log: String::new(),
         };
-        node.spawn();
+        node.spawn().await;
         node
     }
 
-    /// Starts the process and waits for its "listening" line. Its stderr is appended to the log,
-    /// so a restarted node's log holds every run.
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubgate"));
-        if !self.args.iter().any(|a| a == "--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
+    /// Starts the process and waits for its "listening" line.
+    async fn spawn(&mut self) {
+        let server = self.builder.clone().start().await;
+        self.addr = server.addr;
+        self.server = Some(server);
+    }
+
+    /// Forgets the process (killing it if it still runs), keeping what it logged.
+    fn retire(&mut self) {
+        if let Some(server) = self.server.take() {
+            self.past_log.push_str(&server.stderr());
         }
-        cmd.args(&self.args)
-            .env("RUST_LOG", "info,broker_bridge=debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log);
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start pubgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // Keep draining stdout so the node never blocks on a full pipe.
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("pubgate listening on ") {
-                    let _ = tx.send(addr.trim().to_string());
-                }
-            }
-        });
-        self.child = Some(child);
-        let addr = rx
-            .recv_timeout(Duration::from_secs(20))
-            .unwrap_or_else(|_| panic!("pubgate did not start; log:\n{}", read(&self.log)));
-        self.addr = addr.parse().expect("listen address");
     }
 
     /// Starts the node again (same arguments and env) after it stopped; with a fixed `--listen`
     /// it comes back on the same address.
-    pub fn restart(&mut self) {
-        assert!(self.child.is_none(), "restart of a node that still runs");
-        self.spawn();
+    pub async fn restart(&mut self) {
+        assert!(self.server.is_none(), "restart of a node that still runs");
+        self.spawn().await;
     }
 
     /// The process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.server.as_ref().map(Server::pid)
     }
 
     /// Sends SIGTERM (the node drains, then exits); reap it with [`Node::wait_exit`].
     pub fn terminate(&mut self) {
-        if let Some(child) = &mut self.child
-            && child.try_wait().ok().flatten().is_none()
-        {
-            let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
-            // SAFETY: kill(2) has no memory-safety preconditions; the child is not reaped yet, so
-            // the PID is still ours.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        if let Some(server) = &mut self.server {
+            server.sigterm();
         }
     }
 
     /// Waits up to `timeout` for the process to exit and reaps it; `None` if it still runs.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let child = self.child.as_mut()?;
-            if let Ok(Some(status)) = child.try_wait() {
-                self.child = None;
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let status = self.server.as_mut()?.wait_exit(timeout).await?;
+        self.retire();
+        Some(status)
     }
 
     /// A node on the Redis broker at `url`, with history, plus extra env.
-    pub fn redis(kind: &str, url: &str, extra: &[(&str, String)]) -> Node {
+    pub async fn redis(kind: &str, url: &str, extra: &[(&str, String)]) -> Node {
         let mut env = vec![
             ("PUBGATE__BROKER__KIND", kind.to_string()),
             ("PUBGATE__BROKER__URL", url.to_string()),
             ("PUBGATE__HISTORY__SIZE", "1000".to_string()),
         ];
         env.extend(extra.iter().cloned());
-        Node::start(&env)
+        Node::start(&env).await
     }
 
-    /// The node's log so far.
+    /// The node's log so far, every run of it.
     pub fn log(&self) -> String {
-        read(&self.log)
+        let current = self.server.as_ref().map(Server::stderr).unwrap_or_default();
+        format!("{}{current}", self.past_log)
     }
 
     /// `GET /readyz` answers 200.
@@ -249,11 +167,8 @@ impl Node {
 
     /// The value of one metric sample (exact name including labels), if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let (_, body) = http(self.addr, "GET", "/metrics", "").await;
-        body.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok()).flatten()
-        })
+        let (_, text) = http(self.addr, "GET", "/metrics", "").await;
+        Metrics { text }.get(name)
     }
 
     /// Opens a WebSocket to this node.
@@ -263,18 +178,8 @@ impl Node {
 
     /// Kills the node (SIGKILL).
     pub fn stop(&mut self) {
-        kill(&mut self.child);
+        self.retire();
     }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        kill(&mut self.child);
-    }
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
 }
 
 /// A one-shot HTTP/1.1 request; returns status and body (status 0 when the connection failed).

@@ -1,16 +1,14 @@
 //! Helpers for the TLS tests: a throwaway CA that issues certificates with every key format the
-//! gateway accepts, a `pubgate` process on a free port, and TLS/WSS/HTTPS clients that trust the CA.
-//!
-//! Self-contained on purpose (the shared `tests/common` helpers live on another branch).
+//! gateway accepts, `pubgate` started through the shared harness (`tests/common`, which the test
+//! crate declares as `mod common`), and TLS/WSS/HTTPS clients that trust the CA.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rcgen::{
@@ -26,6 +24,9 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
+
+pub use crate::common::TempDir;
+use crate::common::{Metrics, ServerBuilder, poll_until};
 
 /// How long any single wait in these tests may take before it fails the test.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -256,33 +257,6 @@ impl SecretDir {
     }
 }
 
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// Creates it.
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!(
-            "pubgate-tls-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&p).expect("mkdir temp");
-        TempDir(p)
-    }
-
-    /// A path inside it.
-    pub fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 // Minimal DER/PEM handling to turn rcgen's PKCS#8 keys into the legacy formats.
 
 /// Splits one DER TLV off `input`: (tag, full TLV, content, rest).
@@ -399,181 +373,33 @@ pub fn pem_encode(label: &str, der: &[u8]) -> String {
 // The pubgate process
 // ---------------------------------------------------------------------------------------------
 
-/// A running `pubgate`, killed (by its own pid) on drop.
-pub struct Pubgate {
-    child: Child,
-    /// The main listener.
-    pub addr: SocketAddr,
-    /// The metrics listener, when asked for.
-    pub metrics_addr: Option<SocketAddr>,
-    stderr: Arc<Mutex<String>>,
+/// `pubgate --listen 127.0.0.1:0` as the TLS tests start it: the harness's [`ServerBuilder`] with
+/// `PUBGATE__LOG__LEVEL=info` (the reload messages the tests look for), killed on drop.
+pub fn pubgate() -> ServerBuilder {
+    ServerBuilder::new()
+        .kill_on_drop()
+        .env("PUBGATE__LOG__LEVEL", "info")
 }
 
-fn command(args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pubgate"));
-    cmd.args(["--listen", "127.0.0.1:0"]).args(args);
-    // Keep the environment of the machine running the tests out of the gateway's config.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PUBGATE__") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("PUBGATE__LOG__LEVEL", "info");
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
+/// [`pubgate`] with TLS on the given files.
+pub fn pubgate_tls(cert: &Path, key: &Path) -> ServerBuilder {
+    pubgate().args([
+        "--tls-cert",
+        cert.to_str().expect("utf-8 path"),
+        "--tls-key",
+        key.to_str().expect("utf-8 path"),
+    ])
 }
 
-impl Pubgate {
-    /// Starts `pubgate --listen 127.0.0.1:0 ARGS` and waits until it listens.
-    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Pubgate {
-        let mut child = command(args, envs).spawn().expect("spawn pubgate");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let mut pipe = child.stderr.take().expect("stderr");
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    sink.lock()
-                        .expect("stderr lock")
-                        .push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            });
-        }
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let want_metrics = args.contains(&"--metrics-listen");
-        let deadline = Instant::now() + WAIT;
-        let (mut addr, mut metrics_addr) = (None, None);
-        while addr.is_none() || (want_metrics && metrics_addr.is_none()) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(a) = line.strip_prefix("pubgate listening on ") {
-                        addr = Some(a.trim().parse().expect("listen address"));
-                    } else if let Some(a) = line.strip_prefix("pubgate metrics listening on ") {
-                        metrics_addr = Some(a.trim().parse().expect("metrics address"));
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "pubgate did not start; stderr:\n{}",
-                        stderr.lock().expect("stderr lock")
-                    );
-                }
-            }
-        }
-        Pubgate {
-            child,
-            addr: addr.expect("address"),
-            metrics_addr,
-            stderr,
-        }
-    }
-
-    /// Starts with TLS on the given files.
-    pub fn start_tls(cert: &Path, key: &Path, extra: &[&str], envs: &[(&str, &str)]) -> Pubgate {
-        let cert = cert.to_str().expect("utf-8 path");
-        let key = key.to_str().expect("utf-8 path");
-        let mut args = vec!["--tls-cert", cert, "--tls-key", key];
-        args.extend_from_slice(extra);
-        Pubgate::start(&args, envs)
-    }
-
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Everything it logged so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr lock").clone()
-    }
-
-    /// Whether it is still running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    /// CPU time (user + system) the process has used so far, from /proc.
-    pub fn cpu_time(&self) -> Duration {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read /proc stat");
-        // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        let after = stat.rsplit_once(')').expect("stat format").1;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: u64 =
-            fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        Duration::from_millis(ticks * 1000 / hz)
-    }
-
-    /// Resident memory in KiB, from /proc.
-    pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS")
-    }
-}
-
-impl Drop for Pubgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs `pubgate ARGS` expecting it to exit (a start-up failure); returns its status and stderr.
+/// Runs `pubgate ARGS` expecting it to exit within [`WAIT`] (a start-up failure); returns its
+/// status, stdout and stderr. Blocking, for plain `#[test]`s.
 pub fn run_to_exit(args: &[&str]) -> (ExitStatus, String, String) {
-    let mut child = command(args, &[]).spawn().expect("spawn pubgate");
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            let mut out = String::new();
-            let mut err = String::new();
-            let _ = child
-                .stdout
-                .take()
-                .expect("stdout")
-                .read_to_string(&mut out);
-            let _ = child
-                .stderr
-                .take()
-                .expect("stderr")
-                .read_to_string(&mut err);
-            return (status, out, err);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("pubgate {args:?} kept running; expected a start-up error");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let done = runtime.block_on(pubgate().args(args.iter().copied()).run_to_exit(WAIT));
+    (done.status, done.stdout, done.stderr)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -751,23 +577,19 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
 
 /// The value of one sample in a Prometheus text exposition (`name` includes any labels).
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    Metrics {
+        text: text.to_string(),
+    }
+    .get(name)
 }
 
-/// Polls `f` until it returns `Some`, or fails after [`WAIT`].
+/// Polls `f` every 100 ms until it returns `Some`, or fails after [`WAIT`].
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(WAIT, Duration::from_millis(100), async || f().await)
+        .await
+        .unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
