@@ -197,9 +197,8 @@ async fn sigterm_exit_is_bounded_by_grace_even_with_a_stuck_client() {
         .await;
     assert_eq!(
         server
-            .metrics()
-            .await
-            .value("pubgate_slow_consumer_disconnects_total"),
+            .metric("pubgate_slow_consumer_disconnects_total")
+            .await,
         0.0,
         "the stuck client must still be connected for this test"
     );

@@ -234,21 +234,27 @@ async fn drop_oldest_policy_keeps_a_stuck_client_connected_with_a_gap_in_offsets
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_but_steady_reader_is_not_cut_off_as_stalled() {
-    // The write stall limit (server.idle_timeout) is about a connection where no byte moves. A client
-    // that keeps reading, just slower than a burst arrives, must get the whole burst.
-    const COUNT: u64 = 600; // 19.7 MB: far more than kernel buffers take.
-    const STALL: Duration = Duration::from_secs(3);
-    let server = Server::builder()
-        .env("PUBGATE__SERVER__IDLE_TIMEOUT", "3s")
+/// A server whose send queue (64 MiB) never overflows in these tests, so that only the write stall
+/// limit (`server.idle_timeout`, here `idle_timeout`) can cut a client off; pings every 300 ms.
+async fn stall_limit_server(idle_timeout: &str) -> Server {
+    Server::builder()
+        .env("PUBGATE__SERVER__IDLE_TIMEOUT", idle_timeout)
         .env("PUBGATE__SERVER__PING_INTERVAL", "300ms")
         .env(
             "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
             (64u32 << 20).to_string(),
         )
         .start()
-        .await;
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_is_not_cut_off_as_stalled() {
+    // The write stall limit (server.idle_timeout) is about a connection where no byte moves. A client
+    // that keeps reading, just slower than a burst arrives, must get the whole burst.
+    const COUNT: u64 = 600; // 19.7 MB: far more than kernel buffers take.
+    const STALL: Duration = Duration::from_secs(3);
+    let server = stall_limit_server("3s").await;
     let mut slow = RawWs::connect_small_rcvbuf(server.addr, 16 * 1024).await;
     let ack = slow.subscribe(TOPIC, 1).await;
     let base = ack["offset"].as_u64().expect("offset");
@@ -295,9 +301,8 @@ async fn a_slow_but_steady_reader_is_not_cut_off_as_stalled() {
     }
     assert_eq!(
         server
-            .metrics()
-            .await
-            .value("pubgate_slow_consumer_disconnects_total"),
+            .metric("pubgate_slow_consumer_disconnects_total")
+            .await,
         0.0
     );
 }
@@ -307,15 +312,7 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_limit() {
     // With a send queue big enough never to overflow, only the write stall limit
     // (server.idle_timeout) can free a connection whose client stopped reading mid-burst.
     const COUNT: u64 = 400;
-    let server = Server::builder()
-        .env("PUBGATE__SERVER__IDLE_TIMEOUT", "1500ms")
-        .env("PUBGATE__SERVER__PING_INTERVAL", "300ms")
-        .env(
-            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
-            (64u32 << 20).to_string(),
-        )
-        .start()
-        .await;
+    let server = stall_limit_server("1500ms").await;
     let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
     assert_eq!(stuck.subscribe(TOPIC, 1).await["op"], "ack");
     let mut http = HttpClient::connect(server.addr).await;
@@ -334,9 +331,8 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_limit() {
     );
     assert_eq!(
         server
-            .metrics()
-            .await
-            .value("pubgate_slow_consumer_disconnects_total"),
+            .metric("pubgate_slow_consumer_disconnects_total")
+            .await,
         0.0,
         "the queue never overflowed; the stall limit closed the connection"
     );

@@ -518,6 +518,11 @@ impl Server {
         Metrics { text: r.body }
     }
 
+    /// Scrapes `/metrics` and reads one series (see [`Metrics::value`]; panics when it is absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics().await.value(series)
+    }
+
     /// Polls `/metrics` until `series` (see [`Metrics::get`]; absent counts as 0) satisfies `ok`, and
     /// returns its value. Panics with the last value after `timeout`.
     pub async fn wait_metric(
