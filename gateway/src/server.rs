@@ -189,7 +189,7 @@ fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
 /// `TcpListener::bind` listens with 128, the std default: a burst of connections (the clients of a
 /// drained node reconnecting at once) fills that in microseconds, and the kernel then drops each
 /// further SYN, so those clients wait 1 s, 3 s, 7 s… for retransmissions before pubgate even sees
-/// them (measured by tests/hostile.rs with 2000 connections).
+/// them (measured by tests/hostile_handshakes.rs with 2000 connections).
 const LISTEN_BACKLOG: u32 = 4096;
 
 /// Binds a listener like `TcpListener::bind` (SO_REUSEADDR on), with [`LISTEN_BACKLOG`].
