@@ -438,3 +438,27 @@ async fn help_documents_every_flag() {
         out.stdout
     );
 }
+
+/// A signal the moment the node says it listens drains it like any other: the handlers are in
+/// place before the announcement, so the signal's default action (killing the process) never
+/// runs. Repeated, because the window it guards against is short.
+#[tokio::test]
+async fn a_signal_right_after_start_drains_cleanly() {
+    for round in 0..10 {
+        let signal = if round % 2 == 0 {
+            libc::SIGTERM
+        } else {
+            libc::SIGINT
+        };
+        let mut server = Server::start().await;
+        server.signal(signal);
+        let status = server
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .expect("exits within 10 s of the signal");
+        assert!(
+            status.success(),
+            "round {round}: exit status after signal {signal}: {status}"
+        );
+    }
+}

@@ -324,8 +324,12 @@ impl Haproxy {
                 "    server n{i} {b} check inter 500ms fall 2 rise 2\n"
             ));
         }
+        // `retries` + `redispatch 1`: a request to a node that was just killed (before the health
+        // check notices) is retried on another node at once; without them HAProxy waits a
+        // one-second turn-around per retry, which stalled the rolling-restart test's publisher
+        // for as long as its clients were cut off.
         let cfg = format!(
-            "global\n    maxconn 4096\n\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n    option http-server-close\n\nfrontend pubgate\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\nbackend nodes\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
+            "global\n    maxconn 4096\n\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n    option http-server-close\n    retries 3\n    option redispatch 1\n\nfrontend pubgate\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\nbackend nodes\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n{servers}"
         );
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).expect("write haproxy.cfg");
