@@ -183,6 +183,8 @@ pub struct Tls {
     pub cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1). Reloaded when the file changes.
     pub key: Option<PathBuf>,
+    /// TLS handshakes in progress at most; a connection past it is closed before any crypto.
+    pub max_handshakes: usize,
 }
 
 /// `[auth]`
@@ -346,6 +348,7 @@ canary_timeout = "3s"
 topic_idle_ttl = "24h"
 
 [tls]
+max_handshakes = 1024
 
 [auth]
 api_keys = []
@@ -411,6 +414,9 @@ impl Settings {
         };
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
+        }
+        if self.tls.max_handshakes == 0 {
+            return invalid("tls.max_handshakes", "must be at least 1");
         }
         if let Some(path) = &self.server.echo_path
             && (!path.starts_with('/') || path == "/ws" || path.starts_with("/v1/"))
@@ -602,6 +608,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("server.max_connections"), "{e}");
+        let e = load_toml("[tls]\nmax_handshakes = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.max_handshakes"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,7 @@ use rustls::{InconsistentKeys, ServerConfig};
 use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
@@ -253,6 +254,15 @@ struct ReloadState {
     failed: Option<Result<Snapshot, String>>,
 }
 
+/// How long a TLS handshake may take, and how many may be in progress at once.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeLimits {
+    /// `server.handshake_timeout`.
+    pub timeout: Duration,
+    /// `tls.max_handshakes`.
+    pub max_in_progress: usize,
+}
+
 /// The TLS side of the main listener: the acceptor and the reload machinery behind it.
 pub struct TlsTerminator {
     acceptor: TlsAcceptor,
@@ -260,6 +270,8 @@ pub struct TlsTerminator {
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
     handshake_timeout: Duration,
+    /// One permit per handshake in progress (`tls.max_handshakes`).
+    handshakes: Semaphore,
     metrics: Arc<Metrics>,
     tls_metrics: TlsMetrics,
     state: Mutex<ReloadState>,
@@ -279,13 +291,17 @@ impl TlsTerminator {
             cert: cert.clone(),
             key: key.clone(),
         };
-        Self::new(files, settings.server.handshake_timeout, metrics).map(Some)
+        let limits = HandshakeLimits {
+            timeout: settings.server.handshake_timeout,
+            max_in_progress: settings.tls.max_handshakes,
+        };
+        Self::new(files, limits, metrics).map(Some)
     }
 
     /// Loads the pair and builds the acceptor (TLS 1.2 and 1.3, ALPN `http/1.1`).
     pub fn new(
         files: TlsFiles,
-        handshake_timeout: Duration,
+        limits: HandshakeLimits,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<TlsTerminator>, TlsError> {
         let provider = CryptoProvider::get_default()
@@ -323,7 +339,8 @@ impl TlsTerminator {
             resolver,
             files,
             provider,
-            handshake_timeout,
+            handshake_timeout: limits.timeout,
+            handshakes: Semaphore::new(limits.max_in_progress.max(1)),
             metrics,
             tls_metrics,
             state: Mutex::new(ReloadState {
@@ -339,6 +356,15 @@ impl TlsTerminator {
     /// Called from the connection's own task, never the accept loop, so a slow or silent client
     /// holds up nobody else. A failed handshake is counted and yields `None`.
     pub async fn accept(&self, stream: TcpStream) -> Option<TlsStream<TcpStream>> {
+        // Refused before any crypto: cheap, so a flood of handshakes costs what the permits allow.
+        let Ok(_permit) = self.handshakes.try_acquire() else {
+            tracing::debug!("TLS handshake refused: tls.max_handshakes in progress");
+            self.metrics
+                .handshake_failures
+                .with_label_values(&["tls_busy"])
+                .inc();
+            return None;
+        };
         let reason = match tokio::time::timeout(
             self.handshake_timeout,
             self.acceptor.accept(stream),
@@ -497,7 +523,11 @@ mod tests {
                 cert: dir.join("c.pem"),
                 key: dir.join("k.pem"),
             };
-            let tls = TlsTerminator::new(files, Duration::from_secs(1), Arc::new(Metrics::new()))
+            let limits = HandshakeLimits {
+                timeout: Duration::from_secs(1),
+                max_in_progress: 16,
+            };
+            let tls = TlsTerminator::new(files, limits, Arc::new(Metrics::new()))
                 .expect("first pair loads");
             Fixture { dir, tls }
         }

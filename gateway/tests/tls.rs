@@ -667,3 +667,42 @@ async fn sigterm_closes_wss_clients_with_1001() {
     })
     .await;
 }
+
+/// `tls.max_handshakes`: while that many handshakes are under way, a new connection is closed at
+/// once (counted as `tls_busy`); when they end, handshakes are served again.
+#[tokio::test]
+async fn handshakes_past_the_limit_are_refused_until_some_finish() {
+    let ca = Ca::new();
+    let tmp = TempDir::new("max-handshakes");
+    let issued = ca.issue("max-handshakes", KeyKind::EcdsaP256);
+    let (cert, key) = write_pair(&tmp.0, &issued);
+    let gw = pubgate_tls(&cert, &key)
+        .env("PUBGATE__TLS__MAX_HANDSHAKES", "2")
+        .start()
+        .await;
+    let client = ca.client_config(&[]);
+
+    // Two clients that connect and say nothing hold both handshake slots.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(gw.addr).await.expect("connect"));
+    }
+    // Give the accept loop a moment to take them (it takes microseconds).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = tls_connect(gw.addr, &client).await;
+    assert!(refused.is_err(), "a third handshake was served");
+
+    // The slots come back when those clients leave.
+    drop(silent);
+    eventually("a handshake is served again", || async {
+        tls_connect(gw.addr, &client).await.ok()
+    })
+    .await;
+    let (_, metrics) = https(gw.addr, &client, "GET", "/metrics", "").await;
+    let busy = metric(
+        &metrics,
+        "pubgate_handshake_failures_total{reason=\"tls_busy\"}",
+    )
+    .unwrap_or(0.0);
+    assert!(busy >= 1.0, "tls_busy counted: {busy}");
+}
