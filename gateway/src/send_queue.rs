@@ -214,8 +214,6 @@ impl SendQueue {
     /// the writer is idle; hands the rest (and any error) over to the writer. Does nothing on a
     /// queue without a direct-write socket, while the writer is busy, or once closing.
     pub fn flush(&self) {
-        // Slices per system call: a burst queued between two flushes goes out in one `writev`.
-        const MAX_SLICES: usize = 64;
         let mut st = self.lock();
         if st.writer_busy || st.close.is_some() || st.frames.is_empty() {
             return;
@@ -226,14 +224,13 @@ impl SendQueue {
         let had_waiters = self.is_half_full(&st);
         while !st.frames.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for (slot, f) in slices.iter_mut().zip(st.frames.iter()) {
-                *slot = IoSlice::new(f);
-                count += 1;
-            }
+            let count = fill_slices(&st.frames, &mut slices);
             match direct.try_write_vectored(&slices[..count]) {
                 Ok(0) | Err(_) => break,
-                Ok(n) => consume(&mut st, n),
+                Ok(n) => {
+                    st.bytes -= n;
+                    st.head_sent = drop_written(&mut st.frames, n);
+                }
             }
         }
         let rest = !st.frames.is_empty();
@@ -365,24 +362,35 @@ impl SendQueue {
     }
 }
 
-/// Drops `written` bytes from the front of the queue.
-fn consume(st: &mut State, mut written: usize) {
-    st.bytes -= written;
+/// Slices per vectored write, for the direct flush and the writer alike: a burst goes out in a few
+/// system calls, and the array stays small on the stack.
+pub const MAX_SLICES: usize = 16;
+
+/// Points `slots` at the first frames; returns how many it filled.
+pub fn fill_slices<'a>(frames: &'a VecDeque<Bytes>, slots: &mut [IoSlice<'a>]) -> usize {
+    let mut count = 0;
+    for (slot, f) in slots.iter_mut().zip(frames) {
+        *slot = IoSlice::new(f);
+        count += 1;
+    }
+    count
+}
+
+/// Drops `written` bytes from the front of `frames`. Returns whether the first frame left was
+/// partly written.
+pub fn drop_written(frames: &mut VecDeque<Bytes>, mut written: usize) -> bool {
     while written > 0 {
-        let front = st
-            .frames
+        let front = frames
             .front_mut()
             .expect("written bytes came from queued frames");
-        if written >= front.len() {
-            written -= front.len();
-            st.frames.pop_front();
-            st.head_sent = false;
-        } else {
+        if written < front.len() {
             front.advance(written);
-            st.head_sent = true;
-            written = 0;
+            return true;
         }
+        written -= front.len();
+        frames.pop_front();
     }
+    false
 }
 
 /// Queues that are due a [`SendQueue::flush`], collected while a lock is held (fan-out holds its
@@ -422,22 +430,27 @@ impl Flushes {
     /// worker thread and the caller (the broker's delivery) does not wait for the system calls.
     /// Without a runtime it flushes in place.
     pub fn spawn(mut self) {
-        let due = std::mem::take(&mut self.due);
-        if due.is_empty() {
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            due.iter().for_each(|q| q.flush());
-            return;
-        };
-        let tasks = due.len().div_ceil(Self::PER_TASK);
-        let per_task = due.len().div_ceil(tasks);
-        let mut due = due.into_iter();
-        for _ in 0..tasks {
-            let chunk: Vec<_> = due.by_ref().take(per_task).collect();
-            rt.spawn(async move { chunk.iter().for_each(|q| q.flush()) });
-        }
+        spawn_flushes(std::mem::take(&mut self.due));
     }
+}
+
+/// See [`Flushes::spawn`].
+fn spawn_flushes(mut due: Vec<Arc<SendQueue>>) {
+    if due.is_empty() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        due.iter().for_each(|q| q.flush());
+        return;
+    };
+    let tasks = due.len().div_ceil(Flushes::PER_TASK);
+    let per_task = due.len().div_ceil(tasks);
+    // The last chunk keeps the list itself, so the common single-task fan-out moves it as is.
+    while due.len() > per_task {
+        let chunk = due.split_off(due.len() - per_task);
+        rt.spawn(async move { chunk.iter().for_each(|q| q.flush()) });
+    }
+    rt.spawn(async move { due.iter().for_each(|q| q.flush()) });
 }
 
 impl Default for Flushes {
@@ -449,12 +462,7 @@ impl Default for Flushes {
 impl Drop for Flushes {
     /// A flush that was never run would leave frames queued with nobody to write them.
     fn drop(&mut self) {
-        if !self.due.is_empty() {
-            Flushes {
-                due: std::mem::take(&mut self.due),
-            }
-            .spawn();
-        }
+        spawn_flushes(std::mem::take(&mut self.due));
     }
 }
 

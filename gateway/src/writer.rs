@@ -12,13 +12,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::drain::Drain;
 use crate::frame::{self, OpCode};
-use crate::send_queue::{CloseReason, SendQueue};
+use crate::send_queue::{CloseReason, MAX_SLICES, SendQueue, drop_written, fill_slices};
 
 /// Timing of heartbeats and timeouts.
 #[derive(Clone, Copy, Debug)]
@@ -207,35 +207,17 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
     frames: &mut VecDeque<Bytes>,
     progress: Option<&LastHeard>,
 ) -> io::Result<()> {
-    // Slices live in the writer's future across the await; 16 keeps that small while still sending
-    // a burst in few system calls.
-    const MAX_SLICES: usize = 16;
     while !frames.is_empty() {
         let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let mut count = 0;
-        for (slot, f) in slices.iter_mut().zip(frames.iter()) {
-            *slot = IoSlice::new(f);
-            count += 1;
-        }
-        let mut written = w.write_vectored(&slices[..count]).await?;
+        let count = fill_slices(frames, &mut slices);
+        let written = w.write_vectored(&slices[..count]).await?;
         if written == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         if let Some(p) = progress {
             p.touch();
         }
-        while written > 0 {
-            let front = frames
-                .front_mut()
-                .expect("written bytes came from queued frames");
-            if written >= front.len() {
-                written -= front.len();
-                frames.pop_front();
-            } else {
-                front.advance(written);
-                written = 0;
-            }
-        }
+        drop_written(frames, written);
     }
     w.flush().await
 }
