@@ -155,6 +155,41 @@ fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow::anyhow!("drawing: {e:?}")
 }
 
+/// A labelled curve through `pts`.
+fn draw_line<DB, CT>(
+    chart: &mut ChartContext<'_, DB, CT>,
+    name: String,
+    color: RGBColor,
+    pts: &[(f64, f64)],
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(LineSeries::new(pts.to_vec(), color.stroke_width(2)))
+        .map_err(draw_err)?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    Ok(())
+}
+
+/// A dot on each of `pts`.
+fn draw_dots<DB, CT>(
+    chart: &mut ChartContext<'_, DB, CT>,
+    color: RGBColor,
+    pts: &[(f64, f64)],
+) -> anyhow::Result<()>
+where
+    DB: DrawingBackend,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+        .map_err(draw_err)?;
+    Ok(())
+}
+
 /// Memory per connection against connections (log scale, so 1k per node and 100k across nodes fit
 /// on one chart): RSS and RSS plus the kernel's share, one pair of curves per [`MemSeries`].
 pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
@@ -202,22 +237,17 @@ pub fn memory_chart(path: &Path, mem: &[MemPoint]) -> anyhow::Result<()> {
             ),
         ];
         for (name, color, pts) in series {
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-                .map_err(draw_err)?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-            match g {
-                MemSeries::Nodes(_) => chart
+            draw_line(&mut chart, name, color, &pts)?;
+            if let MemSeries::Nodes(_) = g {
+                chart
                     .draw_series(
                         pts.iter()
                             .map(|&p| TriangleMarker::new(p, 7, color.filled())),
                     )
-                    .map_err(draw_err)?,
-                _ => chart
-                    .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-                    .map_err(draw_err)?,
-            };
+                    .map_err(draw_err)?;
+            } else {
+                draw_dots(&mut chart, color, &pts)?;
+            }
         }
     }
     let refs: [(&str, f64, RGBColor); 3] = [
@@ -289,14 +319,8 @@ pub fn latency_chart(path: &Path, lat: &[LatPoint]) -> anyhow::Result<()> {
         ),
     ];
     for (name, color, pts) in series {
-        chart
-            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
-            .map_err(draw_err)?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
-            .map_err(draw_err)?;
+        draw_line(&mut chart, name, color, &pts)?;
+        draw_dots(&mut chart, color, &pts)?;
     }
     chart
         .draw_series(LineSeries::new(

@@ -48,6 +48,11 @@ fn io_label(stage: &str, e: &std::io::Error) -> String {
     format!("{stage}_{kind}")
 }
 
+/// An I/O error during the upgrade, labelled by its kind.
+fn upgrade_io(e: std::io::Error) -> OpenError {
+    OpenError::new(io_label("upgrade", &e), e)
+}
+
 /// Timings of one connection's setup, in nanoseconds.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OpenTiming {
@@ -118,14 +123,8 @@ async fn send_upgrade<S: AsyncWrite + Unpin>(
         node.ws_path,
         node.host()
     );
-    stream
-        .write_all(req.as_bytes())
-        .await
-        .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| OpenError::new(io_label("upgrade", &e), e))
+    stream.write_all(req.as_bytes()).await.map_err(upgrade_io)?;
+    stream.flush().await.map_err(upgrade_io)
 }
 
 /// Reads exactly the response head from a TCP socket (peek, then read that many bytes, so no frame
@@ -134,10 +133,7 @@ async fn read_head_tcp(stream: &mut TcpStream) -> Result<Vec<u8>, OpenError> {
     let mut buf = [0u8; 2048];
     let mut seen = 0;
     let head_len = loop {
-        let n = stream
-            .peek(&mut buf)
-            .await
-            .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
+        let n = stream.peek(&mut buf).await.map_err(upgrade_io)?;
         if n == 0 {
             return Err(OpenError::new(
                 "upgrade_eof",
@@ -157,10 +153,7 @@ async fn read_head_tcp(stream: &mut TcpStream) -> Result<Vec<u8>, OpenError> {
         seen = n;
     };
     let mut head = vec![0u8; head_len];
-    stream
-        .read_exact(&mut head)
-        .await
-        .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
+    stream.read_exact(&mut head).await.map_err(upgrade_io)?;
     Ok(head)
 }
 
@@ -173,10 +166,7 @@ async fn read_head_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>
         if head.len() >= 2048 {
             return Err(OpenError::new("upgrade_bad", "response head too large"));
         }
-        let n = stream
-            .read(&mut byte)
-            .await
-            .map_err(|e| OpenError::new(io_label("upgrade", &e), e))?;
+        let n = stream.read(&mut byte).await.map_err(upgrade_io)?;
         if n == 0 {
             return Err(OpenError::new(
                 "upgrade_eof",

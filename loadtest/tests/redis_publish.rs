@@ -45,8 +45,9 @@ fn fanout_args<'a>(url: &'a str, pid: &'a str, redis_url: &'a str) -> Vec<&'a st
     ]
 }
 
-#[test]
-fn raw_redis_publishes_are_all_delivered_in_order() {
+/// Starts Redis and a node on it, runs a small `fanout --redis-url` (plus `extra` flags) against
+/// them, and returns the tool's JSON.
+fn fanout_through_redis(name: &str, extra: &[&str]) -> serde_json::Value {
     let redis = Redis::start();
     let server = node_on(&redis);
     let (url, pid, redis_url) = (
@@ -54,9 +55,17 @@ fn raw_redis_publishes_are_all_delivered_in_order() {
         server.pid(),
         redis.url(),
     );
-    let json = tmp("redis-fanout");
-    let r = run_tool(&fanout_args(&url, &pid, &redis_url), &json);
+    let json = tmp(name);
+    let mut args = fanout_args(&url, &pid, &redis_url);
+    args.extend(extra);
+    let r = run_tool(&args, &json);
     let _ = std::fs::remove_file(&json);
+    r
+}
+
+#[test]
+fn raw_redis_publishes_are_all_delivered_in_order() {
+    let r = fanout_through_redis("redis-fanout", &[]);
     assert_eq!(r["params"]["publish_path"], "redis", "{:#}", r["params"]);
     let res = &r["result"];
     assert_eq!(res["subscribers_established"], 30, "{res:#}");
@@ -80,18 +89,7 @@ fn raw_redis_publishes_are_all_delivered_in_order() {
 fn raw_publishes_nobody_hears_are_counted_lost() {
     // The node listens on `pubgate:`; publishing under another prefix reaches no one, and the
     // report must say so: every expected delivery lost, every publish heard by no Redis subscriber.
-    let redis = Redis::start();
-    let server = node_on(&redis);
-    let (url, pid, redis_url) = (
-        format!("ws://{}/ws", server.addr),
-        server.pid(),
-        redis.url(),
-    );
-    let json = tmp("redis-fanout-lost");
-    let mut args = fanout_args(&url, &pid, &redis_url);
-    args.extend(["--broker-prefix", "elsewhere:"]);
-    let r = run_tool(&args, &json);
-    let _ = std::fs::remove_file(&json);
+    let r = fanout_through_redis("redis-fanout-lost", &["--broker-prefix", "elsewhere:"]);
     let p = &r["result"]["phase"];
     assert_eq!(p["publish"]["ok"], 300, "{p:#}");
     assert_eq!(p["publish"]["zero_receivers"], 300, "{p:#}");
