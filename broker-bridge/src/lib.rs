@@ -63,6 +63,17 @@ impl fmt::Display for Epoch {
     }
 }
 
+/// The epoch of a topic that holds no state at all yet (never published to, or forgotten after
+/// being idle): reading a topic never creates it, so every such topic answers this epoch with
+/// offset 0. A subscriber acknowledged at `(EMPTY_EPOCH, 0)` resumes from the first message of
+/// whatever epoch the topic has later.
+pub const EMPTY_EPOCH: &str = "0";
+
+/// The largest offset that Redis's Lua scripts (whose numbers are doubles) hold exactly, 2^53 - 1.
+/// No topic gets near it; a larger `since` is read as this one, which is still beyond any real
+/// topic's latest offset, so the answer (not recovered) stays right.
+pub const MAX_OFFSET: Offset = (1 << 53) - 1;
+
 /// Where a topic stands: its epoch and the offset of its latest message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Position {
@@ -91,6 +102,12 @@ pub struct Message {
 pub trait MessageSink: Send + Sync + 'static {
     /// Takes one message for local fan-out.
     fn deliver(&self, message: Message);
+
+    /// Messages of `message_topic` published before `resume.offset + 1` in epoch `resume.epoch` may
+    /// never reach this node (history could not fill a gap, or the topic's stream was rolled back and
+    /// started a new epoch). Live delivery of the topic continues after `resume`. Called in order with
+    /// `deliver` for the same topic.
+    fn gap(&self, topic: &str, resume: &Position);
 }
 
 /// Hears what happens on a broker's connections, so the embedding node can export it (metrics, logs)
@@ -110,8 +127,25 @@ pub trait BrokerObserver: Send + Sync + 'static {
         let _ = rtt;
     }
 
-    /// After a reconnect, `topics` topics may have lost messages that history could not fill in.
+    /// `topics` topics lost messages that history could not fill in (their subscribers were told).
     fn gap(&self, topics: usize) {
+        let _ = topics;
+    }
+
+    /// A message from the broker was not delivered: `reason` is `forged` (its tag does not
+    /// verify), `header` (a malformed gateway header) or `data` (gateway data that is not JSON).
+    fn rejected(&self, reason: &'static str) {
+        let _ = reason;
+    }
+
+    /// Messages waiting between the broker and the node: how many, and their payload bytes.
+    fn backlog(&self, messages: usize, bytes: usize) {
+        let _ = (messages, bytes);
+    }
+
+    /// The backlog was full and messages of `topics` topics were dropped (they are refilled from
+    /// history).
+    fn backlog_overflow(&self, topics: usize) {
         let _ = topics;
     }
 }
@@ -224,8 +258,10 @@ impl HistoryRead<'_> {
     /// the latest offset). The Redis history script computes the same start.
     pub(crate) fn start(&self, position: &Position) -> (Offset, bool) {
         let last = position.offset;
-        let epoch_ok = self.epoch.is_none_or(|e| e == position.epoch.as_str());
-        match self.since {
+        let epoch_ok = self.epoch.is_none_or(|e| {
+            e == position.epoch.as_str() || (e == EMPTY_EPOCH && self.since == Some(0))
+        });
+        match self.since.map(|s| s.min(MAX_OFFSET)) {
             None => (last.saturating_sub(self.limit as u64), epoch_ok),
             Some(_) if !epoch_ok => (0, false),
             Some(since) => (since, since <= last),

@@ -173,6 +173,11 @@ pub struct BrokerSettings {
     /// epoch).
     #[serde(with = "humantime_serde")]
     pub topic_idle_ttl: Duration,
+    /// Messages from Redis that may wait for the node's fan-out; past this (or `backlog_bytes`)
+    /// a message is dropped and its topic refilled from history.
+    pub backlog_messages: usize,
+    /// Payload bytes from Redis that may wait for the node's fan-out.
+    pub backlog_bytes: usize,
 }
 
 /// `[tls]`
@@ -346,6 +351,8 @@ command_timeout = "1s"
 canary_interval = "1s"
 canary_timeout = "3s"
 topic_idle_ttl = "24h"
+backlog_messages = 65536
+backlog_bytes = 67108864
 
 [tls]
 max_handshakes = 1024
@@ -499,6 +506,15 @@ impl Settings {
         }
         if self.broker.command_timeout.is_zero() {
             return invalid("broker.command_timeout", "must be greater than zero");
+        }
+        if self.broker.backlog_messages == 0 {
+            return invalid("broker.backlog_messages", "must be greater than zero");
+        }
+        if self.broker.backlog_bytes < self.limits.max_message_size {
+            return invalid(
+                "broker.backlog_bytes",
+                "must hold at least one message of limits.max_message_size",
+            );
         }
         if self.broker.canary_interval.is_zero() {
             return invalid("broker.canary_interval", "must be greater than zero");

@@ -41,8 +41,16 @@ pub struct Metrics {
     pub broker_reconnects: IntCounter,
     /// Round trip of the canary a node sends itself through the broker.
     pub broker_roundtrip_seconds: Histogram,
-    /// Topics that may have lost messages across a broker reconnect (history could not fill in).
+    /// Topics that lost messages history could not fill in (their subscribers were told).
     pub broker_gaps: IntCounter,
+    /// Messages from the broker that were not delivered, by reason (`forged`, `header`, `data`).
+    pub broker_rejected: IntCounterVec,
+    /// Messages waiting between the broker and the node's fan-out.
+    pub broker_backlog: IntGauge,
+    /// Payload bytes waiting between the broker and the node's fan-out.
+    pub broker_backlog_bytes: IntGauge,
+    /// Topics that lost messages to a full backlog (refilled from history).
+    pub broker_backlog_overflows: IntCounter,
     /// 1 while the node accepts traffic, 0 while draining.
     pub ready: IntGauge,
     /// Subscribes with `since`, by result (`recovered`, `not_recovered`).
@@ -134,7 +142,28 @@ impl Metrics {
             broker_gaps: counter(
                 r,
                 "broker_gaps_total",
-                "Topics that may have lost messages across a broker reconnect.",
+                "Topics that lost messages history could not fill in (subscribers were told).",
+            ),
+            broker_rejected: counter_vec(
+                r,
+                "broker_rejected_total",
+                "Messages from the broker not delivered, by reason (forged, header, data).",
+                "reason",
+            ),
+            broker_backlog: gauge(
+                r,
+                "broker_backlog",
+                "Messages waiting between the broker and the node's fan-out.",
+            ),
+            broker_backlog_bytes: gauge(
+                r,
+                "broker_backlog_bytes",
+                "Payload bytes waiting between the broker and the node's fan-out.",
+            ),
+            broker_backlog_overflows: counter(
+                r,
+                "broker_backlog_overflows_total",
+                "Topics that lost messages to a full backlog (refilled from history).",
             ),
             ready: gauge(
                 r,
@@ -215,6 +244,19 @@ impl BrokerObserver for Metrics {
 
     fn gap(&self, topics: usize) {
         self.broker_gaps.inc_by(topics as u64);
+    }
+
+    fn rejected(&self, reason: &'static str) {
+        self.broker_rejected.with_label_values(&[reason]).inc();
+    }
+
+    fn backlog(&self, messages: usize, bytes: usize) {
+        self.broker_backlog.set(messages as i64);
+        self.broker_backlog_bytes.set(bytes as i64);
+    }
+
+    fn backlog_overflow(&self, topics: usize) {
+        self.broker_backlog_overflows.inc_by(topics as u64);
     }
 }
 

@@ -78,6 +78,8 @@ impl Node {
                 config.connect_timeout = b.command_timeout;
                 config.canary_interval = b.canary_interval;
                 config.canary_timeout = b.canary_timeout;
+                config.backlog_messages = b.backlog_messages;
+                config.backlog_bytes = b.backlog_bytes;
                 let observer: Arc<dyn BrokerObserver> = metrics.clone();
                 let broker = RedisBroker::connect(config, sink, observer)
                     .map_err(|e| anyhow::anyhow!("broker.url: {e}"))?;

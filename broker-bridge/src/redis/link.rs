@@ -8,19 +8,12 @@ use std::time::{Duration, Instant};
 use redis::RedisError;
 
 use super::conn::{Conn, Target, Timeouts, is_connection_error};
+use super::retry::{backoff, log_attempt};
 use crate::BrokerError;
 
 /// Locks a mutex, ignoring poisoning: every critical section here leaves the data consistent.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// A reconnect delay: exponential from 100 ms up to 5 s, with jitter so a fleet of nodes does not
-/// reconnect in lockstep after a Redis restart.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
-    let jittered = base / 2 + rand::random::<u64>() % (base / 2 + 1);
-    Duration::from_millis(jittered)
 }
 
 /// What readiness is made of. Written by the connection tasks, read by [`Health::is_ready`].
@@ -93,6 +86,10 @@ pub struct CmdLink {
     target: Arc<Target>,
     timeouts: Timeouts,
     name: String,
+    /// What the link is, in log lines.
+    what: String,
+    /// Whether the link's state is the command connection's part of readiness.
+    counts_for_readiness: bool,
     health: Arc<Health>,
     state: Mutex<LinkState>,
 }
@@ -106,12 +103,21 @@ struct LinkState {
 }
 
 impl CmdLink {
-    /// A link that is not connected yet; the first [`CmdLink::get`] starts connecting.
-    pub fn new(target: Arc<Target>, timeouts: Timeouts, name: String, health: Arc<Health>) -> Self {
+    /// A link that is not connected yet; the first [`CmdLink::get`] starts connecting. `name` is
+    /// its `CLIENT SETNAME`; `counts_for_readiness` makes its state part of [`Health::is_ready`].
+    pub fn new(
+        target: Arc<Target>,
+        timeouts: Timeouts,
+        name: String,
+        counts_for_readiness: bool,
+        health: Arc<Health>,
+    ) -> Self {
         CmdLink {
             target,
             timeouts,
+            what: format!("Redis connection {name}"),
             name,
+            counts_for_readiness,
             health,
             state: Mutex::new(LinkState {
                 conn: None,
@@ -141,9 +147,9 @@ impl CmdLink {
         }
         let mut s = lock(&self.state);
         if s.conn.as_ref().is_some_and(|(g, _)| *g == generation) {
-            tracing::warn!(error = ?e.map(|e| e.to_string()), "Redis command connection lost; reconnecting");
+            tracing::warn!(error = ?e.map(|e| e.to_string()), "{} lost; reconnecting", self.what);
             s.conn = None;
-            self.health.cmd_up.store(false, Ordering::Relaxed);
+            self.set_up(false);
             self.start_connecting(&mut s);
         }
     }
@@ -153,9 +159,15 @@ impl CmdLink {
     pub fn reset(self: &Arc<Self>) {
         let mut s = lock(&self.state);
         if s.conn.take().is_some() {
-            self.health.cmd_up.store(false, Ordering::Relaxed);
+            self.set_up(false);
         }
         self.start_connecting(&mut s);
+    }
+
+    fn set_up(&self, up: bool) {
+        if self.counts_for_readiness {
+            self.health.cmd_up.store(up, Ordering::Relaxed);
+        }
     }
 
     fn start_connecting(self: &Arc<Self>, s: &mut LinkState) {
@@ -182,12 +194,12 @@ impl CmdLink {
                     s.generation += 1;
                     s.conn = Some((s.generation, conn));
                     s.connecting = false;
-                    self.health.cmd_up.store(true, Ordering::Relaxed);
-                    tracing::info!("Redis command connection established");
+                    self.set_up(true);
+                    tracing::info!("{} established", self.what);
                     return;
                 }
-                Ok(Err(e)) => log_attempt(attempt, "command", &e.to_string()),
-                Err(_) => log_attempt(attempt, "command", "timed out"),
+                Ok(Err(e)) => log_attempt(attempt, &self.what, &e.to_string()),
+                Err(_) => log_attempt(attempt, &self.what, "timed out"),
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt = attempt.saturating_add(1);
@@ -195,29 +207,9 @@ impl CmdLink {
     }
 }
 
-/// Logs a failed connection attempt: the first and every tenth at `warn` (so a wrong password or
-/// an unreachable Redis is visible without flooding the log), the rest at `debug`.
-pub fn log_attempt(attempt: u32, which: &str, error: &str) {
-    if attempt.is_multiple_of(10) {
-        tracing::warn!(attempt, error, "Redis {which} connection failed; retrying");
-    } else {
-        tracing::debug!(attempt, error, "Redis {which} connection failed; retrying");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 0..20 {
-            let d = backoff(attempt);
-            assert!(d >= Duration::from_millis(50), "{d:?}");
-            assert!(d <= Duration::from_secs(5), "{d:?}");
-        }
-        assert!(backoff(10) >= Duration::from_millis(2_500));
-    }
 
     #[test]
     fn readiness_needs_connections_and_a_fresh_canary() {

@@ -13,16 +13,19 @@
 //!
 //! The wire format is in [`wire`] and `docs/broker.md`.
 
+mod canary;
 mod conn;
+mod fill;
 mod link;
+mod retry;
 mod scripts;
 mod sentinel;
 mod subscriber;
+mod topics;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,12 +35,13 @@ use tokio::task::JoinHandle;
 
 use crate::{
     Broker, BrokerError, BrokerObserver, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
-    MessageSink, Position, Replay,
+    MAX_OFFSET, MessageSink, Position, Replay,
 };
 use conn::{Target, Timeouts, broker_error};
-use link::{CmdLink, Health, lock};
-use scripts::Scripts;
-use subscriber::{Control, Track};
+use link::{CmdLink, Health};
+use scripts::{Salt, Scripts};
+use subscriber::{Backlog, Control, Unsubscribing};
+use topics::Topics;
 use wire::Names;
 
 /// Settings of a Redis broker.
@@ -64,6 +68,11 @@ pub struct RedisConfig {
     /// Not ready (and the subscription connection is replaced) when no canary came back for this
     /// long.
     pub canary_timeout: Duration,
+    /// Messages from Redis that may wait for the node at most; past that (or `backlog_bytes`) a
+    /// message is dropped and its topic refilled from history.
+    pub backlog_messages: usize,
+    /// Payload bytes from Redis that may wait for the node at most.
+    pub backlog_bytes: usize,
 }
 
 impl RedisConfig {
@@ -79,6 +88,8 @@ impl RedisConfig {
             connect_timeout: Duration::from_secs(1),
             canary_interval: Duration::from_secs(1),
             canary_timeout: Duration::from_secs(3),
+            backlog_messages: 65_536,
+            backlog_bytes: 64 << 20,
         }
     }
 
@@ -113,16 +124,22 @@ struct Inner {
     timeouts: Timeouts,
     node_id: String,
     scripts: Scripts,
-    sink: Arc<dyn MessageSink>,
     observer: Arc<dyn BrokerObserver>,
     health: Arc<Health>,
+    /// Publishes, positions and canaries.
     cmd: Arc<CmdLink>,
-    /// Topics this node wants delivered, with what was delivered last (for de-duplication and gap
-    /// filling after a reconnect).
-    topics: Mutex<HashMap<Arc<str>, Track>>,
+    /// History reads (resumes, `GET /v1/history`, gap fills), on their own connection: a long
+    /// read must not hold up the publishes queued behind it.
+    reads: Arc<CmdLink>,
+    /// Topics this node wants delivered, and what was delivered of them.
+    topics: Topics,
     /// The subscription connection; held across subscribe/unsubscribe/resubscribe so they apply in
     /// order.
     control: tokio::sync::Mutex<Control>,
+    /// Unsubscribe confirmations this node expects on the current connection.
+    unsubscribing: Unsubscribing,
+    /// Messages Redis pushed that the node has not handled yet.
+    backlog: Arc<Backlog>,
     /// Generation of the current subscription connection (a copy of `control`'s, readable without
     /// waiting).
     generation: std::sync::atomic::AtomicU64,
@@ -155,10 +172,20 @@ impl RedisBroker {
             target.clone(),
             timeouts,
             format!("pubgate-cmd-{node_id}"),
+            true,
+            health.clone(),
+        ));
+        let reads = Arc::new(CmdLink::new(
+            target.clone(),
+            timeouts,
+            format!("pubgate-read-{node_id}"),
+            false,
             health.clone(),
         ));
         // Start connecting right away; the error only says "not yet".
         let _ = cmd.get();
+        let _ = reads.get();
+        let config_backlog_bytes = config.backlog_bytes;
         let inner = Arc::new(Inner {
             names: Names::new(&config.prefix, target.is_cluster()),
             config,
@@ -166,12 +193,14 @@ impl RedisBroker {
             timeouts,
             node_id,
             scripts: Scripts::new(),
-            sink,
+            topics: Topics::new(sink, observer.clone()),
             observer,
             health,
             cmd,
-            topics: Mutex::new(HashMap::new()),
+            reads,
             control: tokio::sync::Mutex::new(Control::default()),
+            unsubscribing: Default::default(),
+            backlog: Arc::new(Backlog::new(config_backlog_bytes)),
             generation: std::sync::atomic::AtomicU64::new(0),
             next_generation: std::sync::atomic::AtomicU64::new(0),
             kick: tokio::sync::Notify::new(),
@@ -183,8 +212,9 @@ impl RedisBroker {
             tasks.push(tokio::spawn(async move {
                 if let Target::Sentinel(s) = &*watcher.target {
                     s.watch(watcher.timeouts, || {
-                        // Drop both connections now; they reconnect to the new master.
+                        // Drop every connection now; they reconnect to the new master.
                         watcher.cmd.reset();
+                        watcher.reads.reset();
                         watcher.kick.notify_one();
                     })
                     .await;
@@ -218,21 +248,39 @@ impl Inner {
         F: FnOnce(conn::Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, RedisError>>,
     {
-        let (generation, conn) = self.cmd.get()?;
-        match tokio::time::timeout(self.config.command_timeout, f(conn)).await {
+        Self::on_link(&self.cmd, self.config.command_timeout, f).await
+    }
+
+    /// Runs one command on `link` with a time limit; failures that mean the connection broke make
+    /// it reconnect.
+    async fn on_link<T, F, Fut>(
+        link: &Arc<CmdLink>,
+        limit: Duration,
+        f: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnOnce(conn::Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let (generation, conn) = link.get()?;
+        match tokio::time::timeout(limit, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                self.cmd.failed(generation, Some(&e));
+                link.failed(generation, Some(&e));
                 Err(broker_error(e))
             }
             Err(_) => {
-                self.cmd.failed(generation, None);
+                link.failed(generation, None);
                 Err(BrokerError::Unavailable(format!(
-                    "Redis did not answer within {:?}",
-                    self.config.command_timeout
+                    "Redis did not answer within {limit:?}"
                 )))
             }
         }
+    }
+
+    /// A candidate `"<epoch> <salt>"` for a script that may have to start a new epoch.
+    fn candidate() -> String {
+        format!("{} {:016x}", Epoch::random(), rand::random::<u64>())
     }
 
     fn idle_ms(&self) -> u64 {
@@ -243,42 +291,48 @@ impl Inner {
         self.config.history.limits(topic)
     }
 
-    async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
+    async fn position(&self, topic: &str) -> Result<(Position, Salt), BrokerError> {
         let keys = self.names.keys(topic);
-        let candidate = Epoch::random();
+        let candidate = Self::candidate();
         let value = self
             .with_cmd(|mut c| async move {
                 let mut inv = self.scripts.position.prepare_invoke();
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
                     .key(&keys.history)
-                    .arg(candidate.as_str())
+                    .arg(&candidate)
                     .arg(self.idle_ms());
                 c.eval::<redis::Value>(&inv).await
             })
             .await?;
-        scripts::parse_position(value)
+        scripts::parse_head(value)
     }
 
-    /// Reads a page of history (the history script, then [`HistoryRead::page`]).
+    /// Reads a page of history (the history script, then [`HistoryRead::page`]), on the reads
+    /// connection.
     pub(super) async fn history(
         &self,
         topic: &Arc<str>,
         read: HistoryRead<'_>,
-    ) -> Result<Replay, BrokerError> {
+    ) -> Result<(Replay, Salt), BrokerError> {
         let keys = self.names.keys(topic);
-        let candidate = Epoch::random();
+        let candidate = Self::candidate();
         let ttl_ms = self.limits(topic).ttl.as_millis() as u64;
-        let since = read
-            .since
-            .map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX));
-        let value = self
-            .with_cmd(|mut c| async move {
+        // Exact in Lua's doubles; anything larger is beyond every topic's latest offset anyway.
+        let read = HistoryRead {
+            since: read.since.map(|s| s.min(MAX_OFFSET)),
+            ..read
+        };
+        let since = read.since.map_or(-1, |s| s as i64);
+        let value = Self::on_link(
+            &self.reads,
+            self.config.command_timeout,
+            |mut c| async move {
                 let mut inv = self.scripts.history.prepare_invoke();
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
                     .key(&keys.history)
-                    .arg(candidate.as_str())
+                    .arg(&candidate)
                     .arg(self.idle_ms())
                     .arg(read.epoch.unwrap_or(""))
                     .arg(since)
@@ -286,8 +340,9 @@ impl Inner {
                     .arg(ttl_ms)
                     .arg(if read.whole { "1" } else { "0" });
                 c.eval::<redis::Value>(&inv).await
-            })
-            .await?;
+            },
+        )
+        .await?;
         scripts::parse_history(value, topic, &read)
     }
 }
@@ -298,7 +353,7 @@ impl Broker for RedisBroker {
         let inner = &self.inner;
         let keys = inner.names.keys(topic);
         let channel = inner.names.channel(topic);
-        let candidate = Epoch::random();
+        let candidate = Inner::candidate();
         let command = if inner.names.is_cluster() {
             "SPUBLISH"
         } else {
@@ -311,7 +366,7 @@ impl Broker for RedisBroker {
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
                     .key(&keys.history)
-                    .arg(candidate.as_str())
+                    .arg(&candidate)
                     .arg(inner.idle_ms())
                     .arg(&channel)
                     .arg(&data[..])
@@ -333,18 +388,19 @@ impl Broker for RedisBroker {
     }
 
     async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
-        let position = self.inner.position(topic).await?;
-        self.inner.hint(topic, &position);
+        let (position, salt) = self.inner.position(topic).await?;
+        self.inner.topics.hint(topic, &position, &salt);
         Ok(position)
     }
 
     async fn history(&self, topic: &str, read: HistoryRead<'_>) -> Result<Replay, BrokerError> {
-        let name: Arc<str> = lock(&self.inner.topics)
-            .get_key_value(topic)
-            .map(|(k, _)| k.clone())
+        let name = self
+            .inner
+            .topics
+            .name(topic)
             .unwrap_or_else(|| topic.into());
-        let page = self.inner.history(&name, read).await?;
-        self.inner.hint(topic, &page.position);
+        let (page, salt) = self.inner.history(&name, read).await?;
+        self.inner.topics.hint(topic, &page.position, &salt);
         Ok(page)
     }
 

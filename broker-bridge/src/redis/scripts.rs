@@ -1,32 +1,63 @@
 //! The Lua scripts that keep a topic's epoch, offset and history consistent in Redis.
 //!
 //! Each script runs atomically and touches only the topic's three keys (one hash slot on a cluster).
-//! Keys, in order: `KEYS[1]` epoch, `KEYS[2]` offset, `KEYS[3]` history stream. All three begin with
-//! the same preamble: if the epoch or the offset key is missing (first use, `FLUSHALL`, expiry,
-//! eviction), a new epoch (`ARGV[1]`, made by the caller) starts at offset 0 with empty history.
-//! `ARGV[2]` is how long, in ms, the epoch and offset keys live after the topic was last used.
+//! Keys, in order: `KEYS[1]` epoch, `KEYS[2]` offset, `KEYS[3]` history stream. `ARGV[1]` is a
+//! candidate `"<epoch> <salt>"` made by the caller, used when a new epoch must start; `ARGV[2]` is how
+//! long, in ms, the epoch and offset keys live after the topic was last used.
+//!
+//! The epoch key holds `"<epoch> <run_id> <salt>"`:
+//! * `run_id` is the Redis server's `run_id` when the epoch was written. It changes on every restart
+//!   and differs on a promoted replica, which are exactly the moments a topic's offset can go back
+//!   (a restart from an older RDB snapshot, AOF `everysec` losing its last second, an asynchronous
+//!   replica taking over). A script that finds another `run_id` starts a new epoch, so clients that
+//!   saw the lost future get `recovered:false` or a gap frame, never a silently reused offset. The
+//!   price is that a clean restart also starts new epochs (see `docs/recovery.md`).
+//! * `salt` is a random secret of the epoch. Messages carry a tag made from it, so a raw publisher,
+//!   who can `PUBLISH` but not read keys, cannot forge a gateway message ([`super::wire`]).
+//!
+//! Reads (position, history) never create keys: a topic that was never published to answers the
+//! empty position (epoch [`EMPTY_EPOCH`], offset 0), so scanning made-up topic names cannot fill
+//! Redis. A read does rotate an existing topic whose `run_id` changed.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use redis::{Script, Value};
 
-use crate::{BrokerError, Epoch, HistoryRead, Position, Replay};
+use crate::{BrokerError, EMPTY_EPOCH, Epoch, HistoryRead, Position, Replay};
 
+/// The part every script starts with. `WRITER` is replaced by `true` in the publish script: only a
+/// publish creates a topic that does not exist.
 const PREAMBLE: &str = r#"
-local epoch = redis.call('GET', KEYS[1])
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+local stored = redis.call('GET', KEYS[1])
 local last = redis.call('GET', KEYS[2])
-if (not epoch) or (not last) then
-  epoch = ARGV[1]
+local epoch, owner, salt
+if stored then
+  epoch, owner, salt = string.match(stored, '^(%w+) ?(%x*) ?(%x*)$')
+end
+local fresh = (not epoch) or (not last)
+local rolled = (not fresh) and owner ~= '' and owner ~= run
+local empty = fresh and not WRITER
+if empty then
+  -- A read of a topic that does not exist: answer the empty position, write nothing.
+  epoch, last, salt = EMPTY, 0, ''
+elseif fresh or rolled then
+  epoch, salt = string.match(ARGV[1], '^(%w+) (%x+)$')
   last = 0
-  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[1], epoch .. ' ' .. run .. ' ' .. salt)
   redis.call('SET', KEYS[2], 0)
   redis.call('DEL', KEYS[3])
 else
   last = tonumber(last)
+  if owner == '' or salt == '' then
+    -- Written by an older pubgate: adopt the epoch (its offsets are still valid).
+    if salt == '' then salt = string.match(ARGV[1], ' (%x+)$') end
+    redis.call('SET', KEYS[1], epoch .. ' ' .. run .. ' ' .. salt)
+  end
 end
 local idle = tonumber(ARGV[2])
-if idle > 0 then
+if idle > 0 and not empty then
   redis.call('PEXPIRE', KEYS[1], idle)
   redis.call('PEXPIRE', KEYS[2], idle)
 end
@@ -70,43 +101,46 @@ if size > 0 then
     redis.call('PEXPIRE', KEYS[3], ttl)
   end
 end
-redis.call(ARGV[7], ARGV[3], 'pg1 ' .. epoch .. ' ' .. string.format('%d', offset) .. '\n' .. ARGV[4])
+local off = string.format('%d', offset)
+local tag = string.sub(redis.sha1hex(salt .. ' ' .. off .. '\n' .. ARGV[4]), 1, 16)
+redis.call(ARGV[7], ARGV[3], 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4])
 return {epoch, offset}
 "#;
 
-/// Position. Returns `{epoch, offset}`.
+/// Position. Returns `{epoch, offset, salt}`.
 const POSITION: &str = r#"
-return {epoch, last}
+return {epoch, last, salt}
 "#;
 
 /// History (a resume's replay, `GET /v1/history`). `ARGV[3]` the epoch the reader's `since`
 /// belongs to (empty: the current one), `ARGV[4]` `since` (negative: the newest `ARGV[5]`
 /// messages), `ARGV[5]` most messages to return, `ARGV[6]` history TTL in ms (0: none), `ARGV[7]`
-/// `1` for an all-or-nothing read. Returns `{epoch, offset, start, offset₁, data₁, offset₂, …}`: the
-/// effective start (messages after it are wanted) and the stream entries after it that are not
+/// `1` for an all-or-nothing read. Returns `{epoch, offset, start, salt, offset₁, data₁, offset₂, …}`:
+/// the effective start (messages after it are wanted) and the stream entries after it that are not
 /// older than the TTL, oldest first, at most `ARGV[5]`. Whether that is complete is decided by the
 /// caller (`HistoryRead::page`), which computes the same start.
 const HISTORY: &str = r#"
 local since = tonumber(ARGV[4])
 local limit = tonumber(ARGV[5])
-local epoch_ok = ARGV[3] == '' or ARGV[3] == epoch
+-- A reader acknowledged on a topic that did not exist yet resumes from its first message.
+local epoch_ok = ARGV[3] == '' or ARGV[3] == epoch or (ARGV[3] == EMPTY and since == 0)
 if since < 0 then
   since = math.max(0, last - limit)
 elseif not epoch_ok then
   since = 0
 end
 if since >= last or limit <= 0 then
-  return {epoch, last, since}
+  return {epoch, last, since, salt}
 end
 if ARGV[7] == '1' and ((not epoch_ok) or last - since > limit) then
   -- A resume that cannot be served whole: do not read what would be thrown away.
-  return {epoch, last, since}
+  return {epoch, last, since, salt}
 end
 local entries = redis.call('XRANGE', KEYS[3], string.format('%d-0', since + 1), '+', 'COUNT', math.min(limit, last - since))
 local ttl = tonumber(ARGV[6])
 local cutoff = 0
 if ttl > 0 then cutoff = now_ms() - ttl end
-local out = {epoch, last, since}
+local out = {epoch, last, since, salt}
 for _, e in ipairs(entries) do
   if tonumber(field(e, 't') or '0') >= cutoff then
     out[#out + 1] = tonumber(string.match(e[1], '^(%d+)'))
@@ -129,10 +163,20 @@ pub struct Scripts {
 impl Scripts {
     /// Prepares the scripts.
     pub fn new() -> Self {
+        let preamble = |writer: bool| {
+            PREAMBLE
+                .replace("WRITER", if writer { "true" } else { "false" })
+                .replace("EMPTY", &format!("'{EMPTY_EPOCH}'"))
+        };
+        let empty = format!("'{EMPTY_EPOCH}'");
         Scripts {
-            publish: Script::new(&format!("{PREAMBLE}{PUBLISH}")),
-            position: Script::new(&format!("{PREAMBLE}{POSITION}")),
-            history: Script::new(&format!("{PREAMBLE}{HISTORY}")),
+            publish: Script::new(&format!("{}{PUBLISH}", preamble(true))),
+            position: Script::new(&format!("{}{POSITION}", preamble(false))),
+            history: Script::new(&format!(
+                "{}{}",
+                preamble(false),
+                HISTORY.replace("EMPTY", &empty)
+            )),
         }
     }
 }
@@ -179,9 +223,25 @@ fn position_of(items: &[Value]) -> Result<Position, BrokerError> {
     })
 }
 
-/// Reads the `{epoch, offset}` reply of the publish and position scripts.
+/// Reads the `{epoch, offset}` reply of the publish script.
 pub fn parse_position(v: Value) -> Result<Position, BrokerError> {
     position_of(&items(v)?)
+}
+
+/// Reads the `{epoch, offset, salt}` reply of the position script.
+pub fn parse_head(v: Value) -> Result<(Position, Salt), BrokerError> {
+    let items = items(v)?;
+    Ok((position_of(&items)?, salt_of(items.get(2))?))
+}
+
+/// The secret of a topic's epoch that message tags are made with (empty for the empty position).
+pub type Salt = Arc<str>;
+
+fn salt_of(v: Option<&Value>) -> Result<Salt, BrokerError> {
+    v.and_then(as_bytes)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .map(Arc::from)
+        .ok_or_else(|| protocol("no salt"))
 }
 
 /// Reads the reply of the history script and builds the page.
@@ -189,7 +249,7 @@ pub fn parse_history(
     v: Value,
     topic: &Arc<str>,
     read: &HistoryRead<'_>,
-) -> Result<Replay, BrokerError> {
+) -> Result<(Replay, Salt), BrokerError> {
     let items = items(v)?;
     let position = position_of(&items)?;
     let start = items
@@ -199,8 +259,9 @@ pub fn parse_history(
     if start != read.start(&position).0 {
         return Err(protocol("history start differs from the request"));
     }
-    let mut held = Vec::with_capacity(items.len().saturating_sub(3) / 2);
-    let mut rest = items.into_iter().skip(3);
+    let salt = salt_of(items.get(3))?;
+    let mut held = Vec::with_capacity(items.len().saturating_sub(4) / 2);
+    let mut rest = items.into_iter().skip(4);
     while let Some(offset) = rest.next() {
         let offset = as_u64(&offset).ok_or_else(|| protocol("entry offset"))?;
         let data = match rest.next() {
@@ -212,5 +273,5 @@ pub fn parse_history(
         };
         held.push((offset, data));
     }
-    Ok(read.page(topic, position, held))
+    Ok((read.page(topic, position, held), salt))
 }

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use redis::{Client, ConnectionInfo, IntoConnectionInfo, RedisError, RedisResult};
 
 use super::conn::{Target, Timeouts, config_error, connect_single};
-use super::link::backoff;
+use super::retry::backoff;
 use crate::BrokerError;
 
 /// The parts of a Sentinel URL.

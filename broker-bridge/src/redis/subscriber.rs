@@ -1,29 +1,35 @@
 //! The subscription side: one dedicated connection that carries every topic this node subscribed
 //! to, kept alive by one task.
 //!
-//! The task reads the connection's pushes and hands messages to the sink in order, sends a canary
-//! to itself every `canary_interval`, and replaces the connection whenever it breaks (a disconnect
-//! push), stops carrying canaries for `canary_timeout` (wedged), or a subscribe on it failed. After
-//! a replacement every wanted topic is subscribed again and history fills the messages published in
-//! between; what history cannot fill is reported as a gap.
+//! The connection's pushes reach the task through two channels: messages through a bounded one
+//! (so a node that cannot keep up holds a bounded backlog, never an unbounded one), everything else
+//! (confirmations, disconnect notices, canaries) through its own, so neither waits behind a backlog
+//! of messages. A message that does not fit is dropped on the spot and its topic is marked: the task
+//! then fills that topic from history ([`super::fill`]), so the drop costs latency, not messages.
+//!
+//! The task replaces the connection when it breaks, when canaries stop coming back (wedged), or when
+//! a subscribe on it failed; after that every topic fills what it missed. A subscription that Redis
+//! drops on its own is restored for that topic alone; an `UNSUBSCRIBE` confirmation this node asked
+//! for is expected and ignored (a client that unsubscribes and subscribes again at once must not
+//! cost the node its connection).
 
-use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
+use super::canary::Canaries;
 use super::conn::{Conn, PushFn, broker_error, is_connection_error};
-use super::link::{backoff, lock, log_attempt};
-use super::{Inner, wire};
-use crate::{BrokerError, HistoryRead, Message, Position};
+use super::link::lock;
+use super::retry::{backoff, log_attempt};
+use super::topics::Handled;
+use super::{Inner, fill, wire};
+use crate::BrokerError;
 
-/// How many messages a gap fill asks history for, per topic.
-const MAX_FILL: usize = 10_000;
 /// How often the task checks canaries and readiness.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -34,17 +40,89 @@ pub struct Control {
     conn: Option<Conn>,
 }
 
-/// What the node knows about one wanted topic.
-#[derive(Default)]
-pub struct Track {
-    /// The last gateway message delivered.
-    last: Option<Position>,
-    /// The topic's position as last read (subscribe ack), the fill start when nothing was delivered.
-    hint: Option<Position>,
-}
+/// `UNSUBSCRIBE`s sent on the current connection whose confirmation the task has not seen, by
+/// channel. A plain lock, not the control lock: the task must not wait for a command in flight.
+pub(super) type Unsubscribing = Mutex<HashMap<Vec<u8>, u32>>;
 
 /// A push from the subscription connection, tagged with that connection's generation.
 type Tagged = (u64, PushInfo);
+
+/// Messages pushed by Redis that the task has not handled yet, and those dropped for lack of room.
+pub(super) struct Backlog {
+    /// Bytes of message payloads waiting in the channel.
+    bytes: AtomicUsize,
+    max_bytes: usize,
+    /// Set when `dropped` has entries.
+    overflowed: AtomicBool,
+    /// Channels that lost a message, and whether one of them was a raw message (which history
+    /// never holds).
+    dropped: Mutex<HashMap<Vec<u8>, bool>>,
+}
+
+impl Backlog {
+    pub(super) fn new(max_bytes: usize) -> Self {
+        Backlog {
+            bytes: AtomicUsize::new(0),
+            max_bytes,
+            overflowed: AtomicBool::new(false),
+            dropped: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a message push that did not fit.
+    fn drop_push(&self, data: &[Value]) {
+        if let Some((channel, payload)) = message_parts_ref(data) {
+            let raw = !payload.starts_with(wire::MAGIC);
+            *lock(&self.dropped).entry(channel.to_vec()).or_default() |= raw;
+        }
+        self.overflowed.store(true, Ordering::Release);
+    }
+
+    /// Takes the channels that lost messages since the last call.
+    fn take_dropped(&self) -> Option<HashMap<Vec<u8>, bool>> {
+        if !self.overflowed.swap(false, Ordering::Acquire) {
+            return None;
+        }
+        Some(std::mem::take(&mut *lock(&self.dropped)))
+    }
+}
+
+/// The sending ends a connection's push callback uses.
+#[derive(Clone)]
+struct PushRoute {
+    messages: mpsc::Sender<Tagged>,
+    control: mpsc::UnboundedSender<Tagged>,
+    canary_channel: Arc<[u8]>,
+    backlog: Arc<Backlog>,
+}
+
+impl PushRoute {
+    /// Routes one push; called on the connection's own task, so it never waits.
+    fn route(&self, generation: u64, info: PushInfo) -> Result<(), ()> {
+        let is_message = matches!(info.kind, PushKind::Message | PushKind::SMessage);
+        let is_canary = is_message
+            && message_parts_ref(&info.data).is_some_and(|(c, _)| c == &*self.canary_channel);
+        if !is_message || is_canary {
+            return self.control.send((generation, info)).map_err(|_| ());
+        }
+        let size = message_parts_ref(&info.data).map_or(0, |(_, p)| p.len());
+        let before = self.backlog.bytes.fetch_add(size, Ordering::AcqRel);
+        if before + size > self.backlog.max_bytes {
+            self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
+            self.backlog.drop_push(&info.data);
+            return Ok(());
+        }
+        match self.messages.try_send((generation, info)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full((_, info))) => {
+                self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
+                self.backlog.drop_push(&info.data);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
+    }
+}
 
 impl Inner {
     /// Adds `topic` to the wanted set and subscribes it on the current connection.
@@ -55,7 +133,7 @@ impl Inner {
                 "no subscription connection to Redis (reconnecting)".into(),
             ));
         };
-        lock(&self.topics).entry(topic.into()).or_default();
+        self.topics.want(topic);
         let channel = self.names.channel(topic);
         let result =
             tokio::time::timeout(self.config.command_timeout, conn.subscribe(&channel)).await;
@@ -63,7 +141,7 @@ impl Inner {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if !is_connection_error(&e) => {
                 // Refused (e.g. an ACL without this channel): the connection itself is fine.
-                lock(&self.topics).remove(topic);
+                self.topics.forget(topic);
                 return Err(broker_error(e));
             }
             Ok(Err(e)) => broker_error(e),
@@ -71,7 +149,7 @@ impl Inner {
                 BrokerError::Unavailable("Redis did not confirm the subscription in time".into())
             }
         };
-        lock(&self.topics).remove(topic);
+        self.topics.forget(topic);
         // The connection is suspect: make the task replace it, and fail fast meanwhile.
         control.conn = None;
         self.health.sub_up.store(false, Ordering::Relaxed);
@@ -82,12 +160,15 @@ impl Inner {
     /// Removes `topic` from the wanted set and unsubscribes it.
     pub(super) async fn unsubscribe(&self, topic: &str) -> Result<(), BrokerError> {
         let mut control = self.control.lock().await;
-        lock(&self.topics).remove(topic);
+        self.topics.forget(topic);
+        let channel = self.names.channel(topic);
         let Some(conn) = control.conn.as_mut() else {
             // The next connection will not subscribe it.
             return Ok(());
         };
-        let channel = self.names.channel(topic);
+        *lock(&self.unsubscribing)
+            .entry(channel.as_bytes().to_vec())
+            .or_default() += 1;
         match tokio::time::timeout(self.config.command_timeout, conn.unsubscribe(&channel)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(broker_error(e)),
@@ -97,73 +178,58 @@ impl Inner {
         }
     }
 
-    /// Remembers a freshly read position of a wanted topic, as the start of a gap fill.
-    ///
-    /// The first position read after subscribing is kept (a later one only replaces it in a new
-    /// epoch): a later read may come after messages that never arrived because the subscription
-    /// connection broke unnoticed, and filling from there would skip them. Filling from the
-    /// earlier position is always safe: what was already delivered is dropped as a duplicate
-    /// (`Track::last`) and the registry's cursors skip what a subscriber's ack already covers.
-    pub(super) fn hint(&self, topic: &str, position: &Position) {
-        if let Some(track) = lock(&self.topics).get_mut(topic)
-            && track
-                .hint
-                .as_ref()
-                .is_none_or(|h| h.epoch != position.epoch)
-        {
-            track.hint = Some(position.clone());
-        }
-    }
-
-    /// Hands one message push to the sink, dropping duplicates of what was already delivered.
-    fn on_message(&self, channel: &[u8], payload: Bytes, canaries: &mut Canaries) {
-        let Ok(channel) = std::str::from_utf8(channel) else {
-            return;
-        };
-        if channel == canaries.channel {
-            if let Some(rtt) = canaries.arrived(&payload) {
-                self.health.canary_arrived();
-                self.observer.canary_roundtrip(rtt);
+    /// Whether an unsubscribe confirmation for `channel` is one this node asked for (and so not a
+    /// subscription Redis dropped on its own).
+    fn expected_unsubscribe(&self, channel: &[u8]) -> bool {
+        let mut unsubscribing = lock(&self.unsubscribing);
+        match unsubscribing.get_mut(channel) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                true
             }
-            return;
+            Some(_) => {
+                unsubscribing.remove(channel);
+                true
+            }
+            None => false,
         }
-        let Some(topic) = self.names.topic_of(channel) else {
-            return;
-        };
-        let decoded = wire::decode(payload);
-        self.deliver(topic, decoded.position, decoded.data);
     }
 
-    /// Delivers one message of a wanted topic, unless it repeats what was already delivered.
-    fn deliver(&self, topic: &str, position: Option<Position>, data: Bytes) {
-        let name = {
-            let mut topics = lock(&self.topics);
-            let Some((name, _)) = topics.get_key_value(topic) else {
+    /// Redis dropped the subscription of a topic this node still wants (a slot moved, an operator
+    /// ran `CLIENT KILL`-like surgery): subscribe it again and fill what it missed, without
+    /// touching any other topic.
+    async fn restore(self: Arc<Self>, topic: Arc<str>) {
+        let start = self.topics.fill_one(&topic, false);
+        let channel = self.names.channel(&topic);
+        let mut attempt = 0u32;
+        loop {
+            if self.health.is_closed() || !self.topics.is_wanted(&topic) {
+                return;
+            }
+            let mut control = self.control.lock().await;
+            let Some(conn) = control.conn.as_mut() else {
+                // A new connection is coming; it subscribes and fills every topic.
                 return;
             };
-            let name = name.clone();
-            if let (Some(p), Some(track)) = (&position, topics.get_mut(topic)) {
-                if track
-                    .last
-                    .as_ref()
-                    .is_some_and(|l| l.epoch == p.epoch && p.offset <= l.offset)
-                {
-                    return;
-                }
-                track.last = Some(p.clone());
+            match tokio::time::timeout(self.config.command_timeout, conn.subscribe(&channel)).await
+            {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => log_attempt(attempt, "restoring a subscription", &e.to_string()),
+                Err(_) => log_attempt(attempt, "restoring a subscription", "timed out"),
             }
-            name
-        };
-        self.sink.deliver(Message {
-            topic: name,
-            position,
-            data,
-        });
+            drop(control);
+            tokio::time::sleep(backoff(attempt)).await;
+            attempt = attempt.saturating_add(1);
+        }
+        tracing::warn!(%topic, "Redis dropped a subscription; restored it and filling the gap");
+        if start {
+            fill::fill(self, topic).await;
+        }
     }
 
     /// Opens a new subscription connection and subscribes everything wanted on it, retrying with
     /// backoff until it works or the broker is dropped. Returns false when dropped.
-    async fn connect_subscription(&self, tx: &mpsc::UnboundedSender<Tagged>) -> bool {
+    async fn connect_subscription(&self, route: &PushRoute) -> bool {
         let mut attempt = 0u32;
         loop {
             if self.health.is_closed() {
@@ -172,9 +238,8 @@ impl Inner {
             // Connect without holding the control lock, so subscribes meanwhile fail fast.
             self.control.lock().await.conn = None;
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-            let push_tx = tx.clone();
-            let push: PushFn =
-                Box::new(move |info| push_tx.send((generation, info)).map_err(|_| ()));
+            let push_route = route.clone();
+            let push: PushFn = Box::new(move |info| push_route.route(generation, info));
             let name = format!("pubgate-sub-{}", self.node_id);
             let budget = self.timeouts.connect + self.timeouts.response * 3;
             let connected = tokio::time::timeout(
@@ -188,12 +253,13 @@ impl Inner {
                     // a concurrent subscribe either is in the snapshot or sees the new connection.
                     let mut control = self.control.lock().await;
                     let mut channels = vec![self.names.canary_channel(&self.node_id)];
-                    channels.extend(lock(&self.topics).keys().map(|t| self.names.channel(t)));
+                    channels.extend(self.topics.all().iter().map(|t| self.names.channel(t)));
                     let subscribed =
                         tokio::time::timeout(budget, conn.subscribe_all(&channels)).await;
                     match subscribed {
                         Ok(Ok(())) => {
                             control.conn = Some(conn);
+                            lock(&self.unsubscribing).clear();
                             self.generation.store(generation, Ordering::Relaxed);
                             return true;
                         }
@@ -201,58 +267,11 @@ impl Inner {
                         Err(_) => tracing::warn!("Redis resubscribe timed out"),
                     }
                 }
-                Ok(Err(e)) => log_attempt(attempt, "subscription", &e.to_string()),
-                Err(_) => log_attempt(attempt, "subscription", "timed out"),
+                Ok(Err(e)) => log_attempt(attempt, "Redis subscription connection", &e.to_string()),
+                Err(_) => log_attempt(attempt, "Redis subscription connection", "timed out"),
             }
             tokio::time::sleep(backoff(attempt)).await;
             attempt = attempt.saturating_add(1);
-        }
-    }
-
-    /// After a reconnect: asks history for everything published after what each topic last saw, and
-    /// delivers what was missed. Topics whose gap history cannot cover are reported to the observer.
-    async fn fill_gaps(&self) {
-        let wanted: Vec<(Arc<str>, Position)> = lock(&self.topics)
-            .iter()
-            .filter_map(|(t, tr)| Some((t.clone(), tr.last.clone().or_else(|| tr.hint.clone())?)))
-            .collect();
-        if wanted.is_empty() {
-            return;
-        }
-        let mut gaps = 0usize;
-        let mut fills =
-            futures_util::stream::iter(wanted.into_iter().map(|(topic, from)| async move {
-                let read = HistoryRead {
-                    epoch: Some(from.epoch.as_str()),
-                    since: Some(from.offset),
-                    limit: MAX_FILL,
-                    whole: true,
-                };
-                let r = self.history(&topic, read).await;
-                (topic, from, r)
-            }))
-            .buffer_unordered(16);
-        while let Some((topic, from, result)) = fills.next().await {
-            match result {
-                Ok(replay) if replay.complete => {
-                    for m in replay.messages {
-                        self.deliver(&topic, m.position, m.data);
-                    }
-                }
-                Ok(replay) => {
-                    if replay.position != from {
-                        gaps += 1;
-                        tracing::warn!(%topic, from = from.offset, now = replay.position.offset, "messages may have been lost during the reconnect");
-                    }
-                }
-                Err(e) => {
-                    gaps += 1;
-                    tracing::warn!(%topic, error = %e, "could not fill the reconnect gap");
-                }
-            }
-        }
-        if gaps > 0 {
-            self.observer.gap(gaps);
         }
     }
 
@@ -270,38 +289,16 @@ impl Inner {
     }
 }
 
-/// Canaries in flight: what was sent when, to measure the round trip.
-struct Canaries {
-    channel: String,
-    next: u64,
-    sent: VecDeque<(u64, Instant)>,
-}
-
-impl Canaries {
-    fn new(channel: String) -> Self {
-        Canaries {
-            channel,
-            next: 1,
-            sent: VecDeque::new(),
+/// `(channel, payload)` of a message push, borrowed.
+fn message_parts_ref(data: &[Value]) -> Option<(&[u8], &[u8])> {
+    fn bytes(v: &Value) -> Option<&[u8]> {
+        match v {
+            Value::BulkString(b) => Some(b),
+            Value::SimpleString(s) => Some(s.as_bytes()),
+            _ => None,
         }
     }
-
-    fn send(&mut self) -> u64 {
-        let seq = self.next;
-        self.next += 1;
-        self.sent.push_back((seq, Instant::now()));
-        while self.sent.len() > 32 {
-            self.sent.pop_front();
-        }
-        seq
-    }
-
-    fn arrived(&mut self, payload: &[u8]) -> Option<Duration> {
-        let seq: u64 = std::str::from_utf8(payload).ok()?.parse().ok()?;
-        let i = self.sent.iter().position(|(s, _)| *s == seq)?;
-        let (_, at) = self.sent.remove(i)?;
-        Some(at.elapsed())
-    }
+    Some((bytes(data.first()?)?, bytes(data.get(1)?)?))
 }
 
 /// Extracts `(channel, payload)` from a message push.
@@ -317,101 +314,225 @@ fn message_parts(data: Vec<Value>) -> Option<(Vec<u8>, Vec<u8>)> {
     Some((channel, payload))
 }
 
-fn first_channel(data: &[Value]) -> Option<&[u8]> {
-    match data.first()? {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
+/// What the subscription task keeps between events.
+struct Task {
+    inner: Arc<Inner>,
+    route: PushRoute,
+    canaries: Canaries,
+    was_ready: bool,
+    connected_at: Instant,
+    last_canary_sent: Option<Instant>,
+}
+
+impl Task {
+    /// Replaces the subscription connection; every topic fills what it may have missed. Returns
+    /// false when the broker was dropped.
+    async fn reconnect(&mut self, first: bool) -> bool {
+        let inner = &self.inner;
+        inner.health.sub_up.store(false, Ordering::Relaxed);
+        inner.health.reset_canary();
+        inner.report(&mut self.was_ready);
+        // From here until its fill is done, each topic holds its live messages back.
+        let to_fill = if first {
+            Vec::new()
+        } else {
+            inner.topics.fill_all()
+        };
+        if !inner.connect_subscription(&self.route).await {
+            return false;
+        }
+        self.connected_at = Instant::now();
+        inner.health.sub_up.store(true, Ordering::Relaxed);
+        self.last_canary_sent = None;
+        if !first {
+            tracing::info!("Redis subscription connection re-established");
+            inner.observer.reconnected();
+            fill::spawn(inner, to_fill);
+        }
+        true
+    }
+
+    /// Handles one message push (not a canary).
+    fn on_message(&mut self, data: Vec<Value>) {
+        let Some((channel, payload)) = message_parts(data) else {
+            return;
+        };
+        self.inner
+            .backlog
+            .bytes
+            .fetch_sub(payload.len(), Ordering::AcqRel);
+        self.take_dropped();
+        let Some(topic) = std::str::from_utf8(&channel)
+            .ok()
+            .and_then(|c| self.inner.names.topic_of(c))
+        else {
+            return;
+        };
+        if self.inner.topics.on_wire(topic, Bytes::from(payload)) == Handled::StartFill
+            && let Some(name) = self.inner.topics.name(topic)
+        {
+            fill::spawn(&self.inner, vec![name]);
+        }
+    }
+
+    /// Starts fills for the topics that lost pushes to a full backlog.
+    fn take_dropped(&self) {
+        let Some(dropped) = self.inner.backlog.take_dropped() else {
+            return;
+        };
+        let inner = &self.inner;
+        inner.observer.backlog_overflow(dropped.len());
+        let mut start = Vec::new();
+        for (channel, raw) in dropped {
+            let Some(topic) = std::str::from_utf8(&channel)
+                .ok()
+                .and_then(|c| inner.names.topic_of(c))
+            else {
+                continue;
+            };
+            if inner.topics.fill_one(topic, raw)
+                && let Some(name) = inner.topics.name(topic)
+            {
+                start.push(name);
+            }
+        }
+        tracing::warn!(
+            topics = start.len(),
+            "the node fell behind Redis and dropped messages; filling them from history"
+        );
+        fill::spawn(inner, start);
+    }
+
+    /// Handles a control push; returns true when the connection must be replaced.
+    fn on_control(&mut self, generation: u64, push: PushInfo) -> bool {
+        let inner = &self.inner;
+        let current = generation == inner.generation.load(Ordering::Relaxed);
+        match push.kind {
+            PushKind::Message | PushKind::SMessage => {
+                if let Some((_, payload)) = message_parts(push.data)
+                    && let Some(rtt) = self.canaries.arrived(&payload)
+                {
+                    inner.health.canary_arrived();
+                    inner.observer.canary_roundtrip(rtt);
+                }
+                false
+            }
+            PushKind::Disconnection if current => {
+                tracing::warn!("Redis subscription connection lost; reconnecting");
+                true
+            }
+            PushKind::Unsubscribe | PushKind::SUnsubscribe if current => {
+                let Some(Value::BulkString(channel)) = push.data.first() else {
+                    return false;
+                };
+                if inner.expected_unsubscribe(channel) {
+                    return false;
+                }
+                let wanted = std::str::from_utf8(channel)
+                    .ok()
+                    .and_then(|c| inner.names.topic_of(c))
+                    .and_then(|t| inner.topics.name(t));
+                if let Some(topic) = wanted {
+                    tokio::spawn(inner.clone().restore(topic));
+                }
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The periodic work: a canary, the wedge check, readiness and backlog reports.
+    fn tick(&mut self) -> bool {
+        let inner = &self.inner;
+        let now = Instant::now();
+        self.take_dropped();
+        inner.observer.backlog(
+            self.route.messages.max_capacity() - self.route.messages.capacity(),
+            inner.backlog.bytes.load(Ordering::Relaxed),
+        );
+        if self
+            .last_canary_sent
+            .is_none_or(|at| now.duration_since(at) >= inner.config.canary_interval)
+        {
+            self.last_canary_sent = Some(now);
+            let seq = self.canaries.send();
+            let inner2 = inner.clone();
+            let channel = self.canaries.channel.clone();
+            tokio::spawn(async move {
+                let command = if inner2.names.is_cluster() {
+                    "SPUBLISH"
+                } else {
+                    "PUBLISH"
+                };
+                let sent = inner2
+                    .with_cmd(|mut c| async move {
+                        c.query::<()>(redis::cmd(command).arg(&channel).arg(seq))
+                            .await
+                    })
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!(error = %e, "canary not sent");
+                }
+            });
+        }
+        let since = inner
+            .health
+            .canary_age()
+            .unwrap_or_else(|| now.duration_since(self.connected_at));
+        let wedged = since > inner.config.canary_timeout
+            && now.duration_since(self.connected_at) > inner.config.canary_timeout;
+        if wedged {
+            tracing::warn!(silent_for = ?since, "no canary came back through Redis; replacing the subscription connection");
+        }
+        inner.report(&mut self.was_ready);
+        wedged
     }
 }
 
 /// The subscription task.
 pub(super) async fn run(inner: Arc<Inner>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Tagged>();
+    let (msg_tx, mut msg_rx) = mpsc::channel::<Tagged>(inner.config.backlog_messages.max(1));
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel::<Tagged>();
     let canary_channel = inner.names.canary_channel(&inner.node_id);
-    let mut canaries = Canaries::new(canary_channel.clone());
-    let mut was_ready = false;
-    let mut first = true;
-    let mut reconnect = true;
-    let mut connected_at = Instant::now();
-    let mut last_canary_sent: Option<Instant> = None;
+    let mut task = Task {
+        route: PushRoute {
+            messages: msg_tx,
+            control: ctl_tx,
+            canary_channel: canary_channel.as_bytes().into(),
+            backlog: inner.backlog.clone(),
+        },
+        canaries: Canaries::new(canary_channel),
+        inner,
+        was_ready: false,
+        connected_at: Instant::now(),
+        last_canary_sent: None,
+    };
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconnect = true;
+    let mut first = true;
     loop {
         if reconnect {
-            inner.health.sub_up.store(false, Ordering::Relaxed);
-            inner.health.reset_canary();
-            inner.report(&mut was_ready);
-            if !inner.connect_subscription(&tx).await {
+            if !task.reconnect(first).await {
                 return;
             }
+            first = false;
             reconnect = false;
-            connected_at = Instant::now();
-            inner.health.sub_up.store(true, Ordering::Relaxed);
-            last_canary_sent = None;
-            if first {
-                first = false;
-            } else {
-                tracing::info!("Redis subscription connection re-established");
-                inner.observer.reconnected();
-                inner.fill_gaps().await;
-            }
         }
         tokio::select! {
-            pushed = rx.recv() => {
+            biased;
+            pushed = ctl_rx.recv() => {
                 let Some((generation, push)) = pushed else { return };
-                let current = generation == inner.generation.load(Ordering::Relaxed);
-                match push.kind {
-                    PushKind::Message | PushKind::SMessage => {
-                        if let Some((channel, payload)) = message_parts(push.data) {
-                            inner.on_message(&channel, Bytes::from(payload), &mut canaries);
-                        }
-                    }
-                    PushKind::Disconnection if current => {
-                        tracing::warn!("Redis subscription connection lost; reconnecting");
-                        reconnect = true;
-                    }
-                    PushKind::Unsubscribe | PushKind::SUnsubscribe if current => {
-                        // The server dropped a subscription we still want (e.g. a slot moved).
-                        let wanted = first_channel(&push.data)
-                            .and_then(|c| std::str::from_utf8(c).ok())
-                            .and_then(|c| inner.names.topic_of(c))
-                            .is_some_and(|t| lock(&inner.topics).contains_key(t));
-                        if wanted {
-                            tracing::warn!("Redis dropped a wanted subscription; resubscribing everything");
-                            reconnect = true;
-                        }
-                    }
-                    _ => {}
-                }
+                reconnect = task.on_control(generation, push);
+            }
+            pushed = msg_rx.recv() => {
+                let Some((_, push)) = pushed else { return };
+                task.on_message(push.data);
             }
             _ = tick.tick() => {
-                let now = Instant::now();
-                if last_canary_sent.is_none_or(|at| now.duration_since(at) >= inner.config.canary_interval) {
-                    last_canary_sent = Some(now);
-                    let seq = canaries.send();
-                    let inner2 = inner.clone();
-                    let channel = canary_channel.clone();
-                    tokio::spawn(async move {
-                        let command = if inner2.names.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
-                        let sent = inner2
-                            .with_cmd(|mut c| async move {
-                                c.query::<()>(redis::cmd(command).arg(&channel).arg(seq)).await
-                            })
-                            .await;
-                        if let Err(e) = sent {
-                            tracing::debug!(error = %e, "canary not sent");
-                        }
-                    });
-                }
-                let since = inner.health.canary_age().unwrap_or_else(|| now.duration_since(connected_at));
-                if since > inner.config.canary_timeout && now.duration_since(connected_at) > inner.config.canary_timeout {
-                    tracing::warn!(silent_for = ?since, "no canary came back through Redis; replacing the subscription connection");
-                    reconnect = true;
-                }
-                inner.report(&mut was_ready);
+                reconnect = task.tick();
             }
-            _ = inner.kick.notified() => {
+            _ = task.inner.kick.notified() => {
                 reconnect = true;
             }
         }

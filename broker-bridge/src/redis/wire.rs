@@ -8,8 +8,9 @@
 //!   and the history stream of a topic share one slot.
 //! * Keys of a topic: the channel name plus `:epoch` (string), `:offset` (integer string) and
 //!   `:history` (stream).
-//! * A message published through a gateway is `pg1 <epoch> <offset>\n<data>`; anything else on a
-//!   topic channel is a raw publish and is delivered as `data` without an offset.
+//! * A message published through a gateway is `pg1 <epoch> <offset> <tag>\n<data>` (see [`tag`]);
+//!   anything else on a topic channel is a raw publish and is delivered as `data` without an
+//!   offset. Payloads starting with `pg1 ` are reserved: one that does not verify is dropped.
 
 use bytes::Bytes;
 
@@ -88,71 +89,152 @@ impl Names {
     }
 }
 
+/// How many hex digits of the SHA-1 a message tag keeps (64 bits).
+pub const TAG_LEN: usize = 16;
+
+/// A message tag: the first [`TAG_LEN`] hex digits of `sha1(salt + " " + offset + "\n" + data)`,
+/// where `salt` is the secret of the topic's epoch, kept in its epoch key. Only someone who can read
+/// the topic's keys can make one, so a raw publisher (who may `PUBLISH`) cannot forge a position.
+pub type Tag = [u8; TAG_LEN];
+
+/// Computes the tag of a gateway message (the publish script computes the same in Lua).
+pub fn tag(salt: &str, offset: Offset, data: &[u8]) -> Tag {
+    use sha1::{Digest, Sha1};
+    let offset = offset.to_string();
+    let digest = Sha1::new()
+        .chain_update(salt.as_bytes())
+        .chain_update(b" ")
+        .chain_update(offset.as_bytes())
+        .chain_update(b"\n")
+        .chain_update(data)
+        .finalize();
+    let mut out = [0u8; TAG_LEN];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in digest.iter().take(TAG_LEN / 2).enumerate() {
+        out[2 * i] = HEX[(byte >> 4) as usize];
+        out[2 * i + 1] = HEX[(byte & 0xf) as usize];
+    }
+    out
+}
+
 /// One decoded channel payload.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded {
-    /// Epoch and offset, for messages published through a gateway.
-    pub position: Option<Position>,
-    /// The JSON `data`.
+    /// Epoch, offset and tag, for messages published through a gateway. The tag is not checked
+    /// here: that needs the epoch's salt.
+    pub position: Option<(Position, Tag)>,
+    /// The JSON `data` (valid JSON, valid UTF-8).
     pub data: Bytes,
+}
+
+/// Why a channel payload is not delivered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// It starts like a gateway message (`pg1 `) but its header is malformed (or from an older
+    /// pubgate without a tag).
+    #[error("malformed gateway header")]
+    Header,
+    /// A gateway message whose data is not valid JSON.
+    #[error("gateway message data is not JSON")]
+    Data,
+    /// A gateway message whose tag does not match: forged, or of an epoch that is gone.
+    #[error("gateway message tag does not verify")]
+    Forged,
+}
+
+impl Rejected {
+    /// The label of the rejection in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejected::Header => "header",
+            Rejected::Data => "data",
+            Rejected::Forged => "forged",
+        }
+    }
 }
 
 /// Decodes a payload read from a topic channel.
 ///
-/// A gateway message (`pg1 <epoch> <offset>\n<data>`) yields its position and data, without copying.
-/// Anything else is a raw publish: valid JSON is passed through unchanged, and a payload that is not
-/// valid JSON becomes a JSON string of its text (invalid UTF-8 replaced by U+FFFD), so subscribers
-/// always receive valid JSON.
-pub fn decode(payload: Bytes) -> Decoded {
-    if let Some((position, start)) = parse_header(&payload) {
-        return Decoded {
-            position: Some(position),
-            data: payload.slice(start..),
-        };
+/// A gateway message (`pg1 <epoch> <offset> <tag>\n<data>`) yields its position, tag and data,
+/// without copying; its data must be valid JSON. A payload that starts with `pg1 ` is reserved for
+/// gateway messages and rejected when malformed. Anything else is a raw publish: valid JSON is
+/// passed through unchanged, and a payload that is not valid JSON becomes a JSON string of its text
+/// (invalid UTF-8 replaced by U+FFFD), so subscribers always receive valid JSON in a text frame.
+pub fn decode(payload: Bytes) -> Result<Decoded, Rejected> {
+    if payload.starts_with(MAGIC) {
+        let (position, tag, start) = parse_header(&payload).ok_or(Rejected::Header)?;
+        let data = payload.slice(start..);
+        if !is_json(&data) {
+            return Err(Rejected::Data);
+        }
+        return Ok(Decoded {
+            position: Some((position, tag)),
+            data,
+        });
     }
-    if serde_json::from_slice::<&serde_json::value::RawValue>(&payload).is_ok() {
-        return Decoded {
+    if is_json(&payload) {
+        return Ok(Decoded {
             position: None,
             data: payload,
-        };
+        });
     }
     let text = String::from_utf8_lossy(&payload);
     // Serializing a string into a Vec cannot fail.
     let json = serde_json::to_vec(&*text).unwrap_or_else(|_| b"null".to_vec());
-    Decoded {
+    Ok(Decoded {
         position: None,
         data: Bytes::from(json),
-    }
+    })
 }
 
-/// Parses `pg1 <epoch> <offset>\n`; returns the position and where `data` starts.
-fn parse_header(payload: &[u8]) -> Option<(Position, usize)> {
-    let rest = payload.strip_prefix(MAGIC)?;
-    let space = rest.iter().position(|&b| b == b' ')?;
-    let epoch = std::str::from_utf8(&rest[..space]).ok()?;
-    if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+/// Whether `data` is one valid JSON value in valid UTF-8.
+fn is_json(data: &[u8]) -> bool {
+    serde_json::from_slice::<&serde_json::value::RawValue>(data).is_ok()
+}
+
+/// Parses `pg1 <epoch> <offset> <tag>\n`; returns the position, the tag and where `data` starts.
+fn parse_header(payload: &[u8]) -> Option<(Position, Tag, usize)> {
+    let newline = payload.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&payload[MAGIC.len()..newline]).ok()?;
+    let mut parts = header.split(' ');
+    let epoch = parts.next()?;
+    let offset = parts.next()?;
+    let tag = parts.next()?;
+    if parts.next().is_some()
+        || epoch.is_empty()
+        || epoch.len() > 64
+        || !epoch.bytes().all(|b| b.is_ascii_alphanumeric())
+        || offset.is_empty()
+        || offset.len() > 20
+        || !offset.bytes().all(|b| b.is_ascii_digit())
+        || tag.len() != TAG_LEN
+        || !tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return None;
     }
-    let after = &rest[space + 1..];
-    let newline = after.iter().position(|&b| b == b'\n')?;
-    let offset: Offset = std::str::from_utf8(&after[..newline]).ok()?.parse().ok()?;
-    let start = MAGIC.len() + space + 1 + newline + 1;
+    let offset: Offset = offset.parse().ok()?;
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(tag.as_bytes());
     Some((
         Position {
             epoch: Epoch::new(epoch),
             offset,
         },
-        start,
+        t,
+        newline + 1,
     ))
 }
 
 /// Encodes a gateway message the way the publish script does (used by tests and tools).
-pub fn encode(epoch: &str, offset: Offset, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(MAGIC.len() + epoch.len() + 24 + data.len());
+pub fn encode(epoch: &str, offset: Offset, salt: &str, data: &[u8]) -> Vec<u8> {
+    let tag = tag(salt, offset, data);
+    let mut out = Vec::with_capacity(MAGIC.len() + epoch.len() + 48 + data.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(epoch.as_bytes());
     out.push(b' ');
     out.extend_from_slice(offset.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(&tag);
     out.push(b'\n');
     out.extend_from_slice(data);
     out
@@ -185,29 +267,63 @@ mod tests {
 
     #[test]
     fn gateway_messages_round_trip() {
-        let raw = encode("00ab", 42, br#"{"home":3}"#);
-        let d = decode(Bytes::from(raw));
-        let p = d.position.unwrap();
+        let raw = encode("00ab", 42, "5a17", br#"{"home":3}"#);
+        let d = decode(Bytes::from(raw)).unwrap();
+        let (p, t) = d.position.unwrap();
         assert_eq!(p.epoch.as_str(), "00ab");
         assert_eq!(p.offset, 42);
+        assert_eq!(t, tag("5a17", 42, br#"{"home":3}"#));
+        assert_ne!(
+            t,
+            tag("5a18", 42, br#"{"home":3}"#),
+            "another salt, another tag"
+        );
+        assert_ne!(
+            t,
+            tag("5a17", 43, br#"{"home":3}"#),
+            "another offset, another tag"
+        );
         assert_eq!(&d.data[..], br#"{"home":3}"#);
         // Data may itself contain newlines and spaces.
-        let d = decode(Bytes::from(encode("e", 1, b"[1,\n 2]")));
+        let d = decode(Bytes::from(encode("e", 1, "00", b"[1,\n 2]"))).unwrap();
         assert_eq!(&d.data[..], b"[1,\n 2]");
     }
 
     #[test]
+    fn tag_matches_the_lua_formula() {
+        // What Redis answers to `EVAL "return redis.sha1hex('s 7\nnull')" 0`.
+        assert_eq!(&tag("s", 7, b"null")[..], b"a09cd4ae6d08ecac");
+    }
+
+    #[test]
+    fn forged_and_malformed_gateway_payloads_are_rejected() {
+        assert_eq!(
+            decode(Bytes::from_static(b"pg1 bad header")),
+            Err(Rejected::Header)
+        );
+        assert_eq!(
+            decode(Bytes::from_static(b"pg1 e1 5\n{}")),
+            Err(Rejected::Header),
+            "no tag (an older pubgate, or a forgery)"
+        );
+        let not_json = encode("e1", 5, "00", b"{not json");
+        assert_eq!(decode(Bytes::from(not_json)), Err(Rejected::Data));
+        let bad_utf8 = encode("e1", 5, "00", b"\"\xff\"");
+        assert_eq!(decode(Bytes::from(bad_utf8)), Err(Rejected::Data));
+        let huge = b"pg1 e1 99999999999999999999999 0123456789abcdef\n1".to_vec();
+        assert_eq!(decode(Bytes::from(huge)), Err(Rejected::Header));
+    }
+
+    #[test]
     fn raw_json_passes_through_and_other_payloads_become_strings() {
-        let d = decode(Bytes::from_static(br#" {"home":3} "#));
+        let d = decode(Bytes::from_static(br#" {"home":3} "#)).unwrap();
         assert_eq!(d.position, None);
         assert_eq!(&d.data[..], br#" {"home":3} "#);
-        let d = decode(Bytes::from_static(b"hello \"world\""));
+        let d = decode(Bytes::from_static(b"hello \"world\"")).unwrap();
         assert_eq!(&d.data[..], br#""hello \"world\"""#);
-        let d = decode(Bytes::from_static(b"pg1 bad header"));
-        assert_eq!(&d.data[..], br#""pg1 bad header""#);
-        let d = decode(Bytes::from_static(b"\xff"));
+        let d = decode(Bytes::from_static(b"\xff")).unwrap();
         assert_eq!(&d.data[..], "\"\u{fffd}\"".as_bytes());
-        let d = decode(Bytes::from_static(b"42"));
+        let d = decode(Bytes::from_static(b"42")).unwrap();
         assert_eq!(&d.data[..], b"42");
     }
 }
