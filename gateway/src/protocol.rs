@@ -280,6 +280,12 @@ pub fn message(msg: &Message) -> Bytes {
     b.put(b"{\"op\":\"message\",\"topic\":");
     b.put_json_str(&msg.topic);
     if let Some(p) = &msg.position {
+        // The first message of an epoch names it: a subscriber acknowledged on a topic that did
+        // not exist yet (epoch "0") learns the epoch to resume with from here.
+        if p.offset == 1 {
+            b.put(b",\"epoch\":");
+            b.put_json_str(p.epoch.as_str());
+        }
         b.put(b",\"offset\":");
         b.put_u64(p.offset);
     }

@@ -32,16 +32,23 @@ async fn resume_on_another_node_gets_exactly_the_missed_messages_in_order_then_l
     let mut ws = a.ws().await;
     let ack = ws.subscribe(topic).await;
     assert_eq!(ack["offset"], json!(0), "{ack}");
-    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    // The topic does not exist yet: the ack names the empty epoch; message 1 names the real one.
+    assert_eq!(ack["epoch"], json!("0"), "{ack}");
     for i in 1..=5 {
         publish(&b, topic, &json!({"n": i}).to_string()).await;
     }
+    let mut epoch = String::new();
     for i in 1..=5u64 {
         let m = ws.next_message(WAIT).await.expect("live message");
         assert_eq!(
             (m["offset"].as_u64(), &m["data"]),
             (Some(i), &json!({"n": i}))
         );
+        if i == 1 {
+            epoch = m["epoch"].as_str().expect("message 1 names its epoch").into();
+        } else {
+            assert!(m.get("epoch").is_none(), "only message 1 names it: {m}");
+        }
     }
     ws.close().await;
 
@@ -137,6 +144,11 @@ fn start_publishers(
 /// Reads one message frame of `topic` and checks it continues `last` by exactly one.
 fn take_next(m: &Value, topic: &str, last: &mut u64, got: &mut Vec<(u64, Value)>, when: &str) {
     assert_eq!(m["op"], "message", "{when}: {m}");
+    assert_eq!(
+        m.get("epoch").is_some(),
+        m["offset"] == json!(1),
+        "{when}: the first message of an epoch, and only it, names the epoch: {m}"
+    );
     assert_eq!(m["topic"], topic, "{when}: {m}");
     let offset = m["offset"].as_u64().expect("offset");
     assert_eq!(
@@ -183,7 +195,7 @@ async fn seam_rounds(nodes: &[&Node], topic: &str, rounds: usize, witness: Optio
 
     let mut ws = nodes[0].ws().await;
     let ack = ws.subscribe(topic).await;
-    let epoch = ack["epoch"].as_str().expect("epoch").to_string();
+    let mut epoch = ack["epoch"].as_str().expect("epoch").to_string();
     let mut last = ack["offset"].as_u64().expect("offset");
     assert_eq!(last, 0);
     let publishers = start_publishers(&addrs, topic, stop.clone(), published.clone());
@@ -202,6 +214,9 @@ async fn seam_rounds(nodes: &[&Node], topic: &str, rounds: usize, witness: Optio
             match ws.next_frame(if n == 0 { WAIT } else { left }).await {
                 Frame::Json(m) => {
                     take_next(&m, topic, &mut last, &mut got, "live");
+                    if let Some(e) = m["epoch"].as_str() {
+                        epoch = e.to_string();
+                    }
                     n += 1;
                 }
                 Frame::Timeout if n > 0 => break,
@@ -300,13 +315,12 @@ async fn seam_between_replay_and_live_has_no_gap_or_duplicate_on_the_memory_brok
 /// continue from that position.
 async fn not_recovered_cases(node: &Node, topic: &str) -> String {
     let mut live = node.ws().await;
-    let epoch = live.subscribe(topic).await["epoch"]
-        .as_str()
-        .expect("epoch")
-        .to_string();
+    live.subscribe(topic).await;
     for i in 1..=10 {
         publish(node, topic, &json!({"n": i}).to_string()).await;
     }
+    let first = live.next_message(WAIT).await.expect("message 1");
+    let epoch = first["epoch"].as_str().expect("epoch").to_string();
     // History holds 6..=10: resuming from 5 works ...
     let mut ws = node.ws().await;
     let ack = resume(&mut ws, topic, &epoch, 5).await;

@@ -268,6 +268,11 @@ fn on_message(log: &Mutex<ClientLog>, m: &Value) {
     let data = m["data"].to_string();
     let mut l = log.lock().unwrap();
     let seen = l.topics.get_mut(topic).expect("a subscribed topic");
+    // The first message of an epoch names it (the ack of a topic that did not exist yet has the
+    // empty epoch "0"): a client resumes with the epoch it learnt last.
+    if let Some(epoch) = m["epoch"].as_str() {
+        seen.epoch = Some(epoch.to_string());
+    }
     if offset != seen.last + 1 {
         seen.violations.push((seen.last + 1, offset));
     }

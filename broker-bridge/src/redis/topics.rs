@@ -242,9 +242,9 @@ impl Topics {
         if !salt.is_empty() {
             track.salt = Some((replay.position.epoch.clone(), salt));
         }
-        if from.is_none() && track.hint.is_none() {
-            track.hint = Some(replay.position.clone());
-        }
+        // A read made without a start (`from` is `None`) only learns the salt. Its position is not
+        // a hint: a subscriber's own ack may have read an earlier one, and the held messages in
+        // between are exactly what it needs.
         let mut read_again = false;
         if replay.complete {
             for m in replay.messages {
