@@ -78,6 +78,7 @@ const NODE_ACL: &[&str] = &[
     "-@all",
     "+hello",
     "+auth",
+    "+info",
     "+ping",
     "+client|setname",
     "+role",
@@ -221,13 +222,14 @@ async fn tls_to_redis_with_rediss_urls() {
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     round_trip(&a, &b, &redis, "tls.demo").await;
-    // Both of each node's connections really are TLS ones (on the TLS port).
+    // All three of each node's connections (commands, history reads, subscriptions) really are
+    // TLS ones (on the TLS port).
     let clients = redis.cli(&["CLIENT", "LIST"]);
     let ours: Vec<&str> = clients
         .lines()
         .filter(|l| l.contains("name=pubgate-"))
         .collect();
-    assert_eq!(ours.len(), 4, "{clients}");
+    assert_eq!(ours.len(), 6, "{clients}");
     assert!(
         ours.iter()
             .all(|l| l.contains(&format!("laddr=127.0.0.1:{tls_port}"))),

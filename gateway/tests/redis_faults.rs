@@ -1,0 +1,335 @@
+//! Redis misbehaving under a live node, and what a client is told: a restart from an older snapshot
+//! (rollback), a restart without data, an outage that leaves the node's command connections stale,
+//! a node that falls behind Redis, forged gateway headers from a raw publisher, reads of made-up
+//! topics, and a client churning its subscriptions. Each test asserts exactly which messages
+//! arrived (offsets and data), what the client was told instead, or exact metric values.
+//!
+//! Needs `redis-server` on PATH.
+
+mod common;
+mod redis_support;
+
+use std::time::Duration;
+
+use redis_support::history::{READY, WAIT, expect_silence, publish, redis_node, resume};
+use redis_support::{Frame, Node, Redis, Ws, eventually};
+use serde_json::{Value, json};
+
+/// The next frame, which must be JSON.
+async fn next_json(ws: &mut Ws, what: &str) -> Value {
+    match ws.next_frame(WAIT).await {
+        Frame::Json(v) => v,
+        other => panic!("{what}: {other:?}"),
+    }
+}
+
+/// Reads `n` message frames and returns `(offset, data)` of each (any other frame fails).
+async fn messages(ws: &mut Ws, n: usize, what: &str) -> Vec<(u64, Value)> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let m = next_json(ws, what).await;
+        assert_eq!(m["op"], "message", "{what}: {m}");
+        got.push((m["offset"].as_u64().expect("offset"), m["data"].clone()));
+    }
+    got
+}
+
+fn numbered(range: std::ops::RangeInclusive<u64>) -> Vec<(u64, Value)> {
+    range.map(|i| (i, json!({ "n": i }))).collect()
+}
+
+/// Subscribes a fresh client and publishes `1..=n` through `via`; the client gets them all.
+/// Returns the client and the topic's epoch (named by message 1).
+async fn live_client(node: &Node, via: &Node, topic: &str, n: u64) -> (Ws, String) {
+    let mut ws = node.ws().await;
+    assert_eq!(ws.subscribe(topic).await["op"], "ack");
+    for i in 1..=n {
+        assert_eq!(publish(via, topic, &json!({ "n": i }).to_string()).await, i);
+    }
+    let first = next_json(&mut ws, "message 1").await;
+    let epoch = first["epoch"].as_str().expect("message 1 names the epoch");
+    assert_eq!(
+        messages(&mut ws, n as usize - 1, "live").await,
+        numbered(2..=n)
+    );
+    (ws, epoch.to_string())
+}
+
+/// Redis restarts from a snapshot older than what clients saw. Before, offsets 6..8 were handed
+/// out again in the same epoch: the live client dropped them as duplicates and a resume from 5
+/// answered `recovered:true` with the wrong messages. Now the rollback starts a new epoch: the live
+/// client is told of the gap and gets the new stream, and resumes answer `recovered:false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_an_older_snapshot_starts_a_new_epoch_and_says_so() {
+    let mut redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    let topic = "rollback.rdb";
+    let (mut ws, epoch) = live_client(&node, &node, topic, 5).await;
+    assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    for i in 6..=8 {
+        assert_eq!(publish(&node, topic, &json!({ "n": i }).to_string()).await, i);
+    }
+    assert_eq!(messages(&mut ws, 3, "after the snapshot").await, numbered(6..=8));
+
+    // Killed (what SHUTDOWN NOSAVE leaves): it comes back from the snapshot, at offset 5.
+    redis.restart();
+    assert!(redis.cli(&["GET", &format!("pubgate:{topic}:epoch")]).starts_with(&epoch));
+    assert_eq!(redis.cli(&["GET", &format!("pubgate:{topic}:offset")]).trim(), "5");
+    node.wait_ready(READY).await;
+
+    let gap = next_json(&mut ws, "gap after the rollback").await;
+    assert_eq!(gap["op"], "gap", "{gap}");
+    assert_eq!(gap["topic"], topic, "{gap}");
+    let new_epoch = gap["epoch"].as_str().expect("gap epoch").to_string();
+    assert_ne!(new_epoch, epoch, "{gap}");
+    assert_eq!(gap["offset"], json!(0), "{gap}");
+
+    let (status, body) = node.publish(topic, r#"{"n":9}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let reply: Value = serde_json::from_str(&body).expect("reply");
+    assert_eq!((&reply["epoch"], &reply["offset"]), (&json!(new_epoch), &json!(1)));
+    let m = next_json(&mut ws, "the new stream").await;
+    assert_eq!(
+        (&m["op"], &m["epoch"], &m["offset"], &m["data"]),
+        (&json!("message"), &json!(new_epoch), &json!(1), &json!({"n": 9}))
+    );
+
+    // Whoever saw 6..8 (or only 5) cannot resume silently.
+    for since in [8, 5] {
+        let mut late = node.ws().await;
+        let ack = resume(&mut late, topic, &epoch, since).await;
+        assert_eq!(
+            (&ack["recovered"], &ack["epoch"], &ack["offset"]),
+            (&json!(false), &json!(new_epoch), &json!(1)),
+            "since {since}: {ack}"
+        );
+        expect_silence(&mut late, "nothing replayed").await;
+    }
+    assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
+}
+
+/// Redis restarts empty (no persistence, or `SHUTDOWN NOSAVE` without a snapshot): the live client
+/// is told of the gap, then gets the new epoch from offset 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_without_data_is_a_gap_then_a_fresh_stream() {
+    let mut redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    let topic = "rollback.empty";
+    let (mut ws, epoch) = live_client(&node, &node, topic, 3).await;
+    redis.restart();
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
+    node.wait_ready(READY).await;
+    let gap = next_json(&mut ws, "gap after the restart").await;
+    assert_eq!(
+        (&gap["op"], &gap["topic"], &gap["offset"]),
+        (&json!("gap"), &json!(topic), &json!(0)),
+        "{gap}"
+    );
+    assert_ne!(gap["epoch"], json!(epoch), "{gap}");
+    assert_eq!(publish(&node, topic, r#"{"n":"new"}"#).await, 1);
+    let m = next_json(&mut ws, "new stream").await;
+    assert_eq!((&m["offset"], &m["data"]), (&json!(1), &json!({"n": "new"})), "{m}");
+    assert_ne!(m["epoch"], json!(epoch), "{m}");
+    assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
+}
+
+/// Node A is cut off from Redis (its ACL user disabled and its connections killed) while node B
+/// keeps publishing. When A may connect again, its first commands run into connections that died
+/// during the outage; the gap fill retries until history answers, and A's client gets exactly
+/// the messages it missed, with no gap reported. Before, the first failed read counted a gap and
+/// the messages were never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_fill_retries_until_history_answers() {
+    let redis = Redis::start();
+    redis.cli(&["ACL", "SETUSER", "nodea", "on", ">pa", "~*", "&*", "+@all"]);
+    let url = format!("redis://nodea:pa@127.0.0.1:{}", redis.port);
+    let a = Node::redis("redis", &url, &[]).await;
+    a.wait_ready(READY).await;
+    let b = redis_node(&redis, &[]).await;
+    let topic = "outage.fill";
+    let (mut ws, _) = live_client(&a, &b, topic, 3).await;
+
+    redis.cli(&["ACL", "SETUSER", "nodea", "off"]);
+    redis.cli(&["CLIENT", "KILL", "USER", "nodea"]);
+    assert!(
+        eventually(Duration::from_secs(10), async || !a.is_ready().await).await,
+        "A notices the outage"
+    );
+    for i in 4..=40 {
+        assert_eq!(publish(&b, topic, &json!({ "n": i }).to_string()).await, i);
+    }
+    redis.cli(&["ACL", "SETUSER", "nodea", "on"]);
+    a.wait_ready(READY).await;
+    assert_eq!(
+        messages(&mut ws, 37, "filled from history").await,
+        numbered(4..=40),
+        "log:\n{}",
+        a.log()
+    );
+    assert_eq!(publish(&b, topic, r#"{"n":41}"#).await, 41);
+    assert_eq!(messages(&mut ws, 1, "live again").await, numbered(41..=41));
+    assert_eq!(a.metric("pubgate_broker_gaps_total").await, Some(0.0));
+}
+
+/// Node A stops (SIGSTOP) while node B publishes 600 messages; when A goes on, Redis's pushes
+/// arrive in a burst far larger than A's backlog (8 messages). A drops what does not fit, refills
+/// the topic from history, and its client gets exactly 1..600 in order; the backlog is empty
+/// afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_falls_behind_refills_from_history_instead_of_growing() {
+    let redis = Redis::start();
+    let a = redis_node(&redis, &[("PUBGATE__BROKER__BACKLOG_MESSAGES", "8".into())]).await;
+    let b = redis_node(&redis, &[]).await;
+    let topic = "burst";
+    let mut ws = a.ws().await;
+    assert_eq!(ws.subscribe(topic).await["op"], "ack");
+    let pid = a.pid().expect("pid") as i32;
+    // SAFETY: signalling our own child process by its PID.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let batch: Vec<Value> = (1..=600u64)
+        .map(|i| json!({"topic": topic, "data": {"n": i}}))
+        .collect();
+    let (status, body) = redis_support::http(
+        b.addr,
+        "POST",
+        "/v1/publish",
+        &json!({ "messages": batch }).to_string(),
+    )
+    .await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert_eq!(status, 200, "{body}");
+    let got = messages(&mut ws, 600, "after the burst").await;
+    assert_eq!(got, numbered(1..=600), "log:\n{}", a.log());
+    let overflows = a
+        .metric("pubgate_broker_backlog_overflows_total")
+        .await
+        .expect("metric");
+    assert!(overflows >= 1.0, "the burst overflowed the backlog: {overflows}");
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            a.metric("pubgate_broker_backlog").await == Some(0.0)
+        })
+        .await
+    );
+    assert_eq!(a.metric("pubgate_broker_gaps_total").await, Some(0.0));
+}
+
+/// A raw publisher imitates the gateway's header: a wrong tag, a tag-less header, data that is not
+/// JSON. None of it is delivered, none of it moves the topic's position (the real next message
+/// still arrives), and each is counted by reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gateway_headers_are_dropped_and_move_nothing() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    let topic = "forged";
+    let (mut ws, epoch) = live_client(&node, &node, topic, 2).await;
+    let channel = format!("pubgate:{topic}");
+    for payload in [
+        format!("pg1 {epoch} 3 0123456789abcdef\n{{\"forged\":3}}"),
+        format!("pg1 {epoch} 999999 0123456789abcdef\n{{\"forged\":999999}}"),
+        format!("pg1 {epoch} 3\n{{\"old\":\"no tag\"}}"),
+        format!("pg1 {epoch} 3 0123456789abcdef\nnot json"),
+        format!("pg1 {epoch} 3 0123456789abcdef\n\"\u{fffd}"),
+    ] {
+        assert_eq!(redis.cli(&["PUBLISH", &channel, &payload]).trim(), "1");
+    }
+    // A raw message that is not JSON is still delivered, as a JSON string.
+    redis.cli(&["PUBLISH", &channel, "plain text"]);
+    let m = next_json(&mut ws, "raw text").await;
+    assert_eq!((&m["data"], m.get("offset")), (&json!("plain text"), None), "{m}");
+    assert_eq!(publish(&node, topic, r#"{"n":3}"#).await, 3);
+    assert_eq!(messages(&mut ws, 1, "the real 3").await, numbered(3..=3));
+    for (reason, n) in [("forged", 2.0), ("header", 1.0), ("data", 2.0)] {
+        assert_eq!(
+            node.metric(&format!("pubgate_broker_rejected_total{{reason=\"{reason}\"}}"))
+                .await,
+            Some(n),
+            "{reason}"
+        );
+    }
+}
+
+/// Subscribing to, unsubscribing from and reading the history of made-up topics leaves no key in
+/// Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_made_up_topics_create_no_keys() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    assert_eq!(publish(&node, "real", "1").await, 1);
+    let before = redis.cli(&["DBSIZE"]);
+    assert_eq!(before.trim(), "3", "epoch, offset and history of the real topic");
+    let mut ws = node.ws().await;
+    for i in 0..50 {
+        let topic = format!("scan.{i}");
+        let ack = ws.subscribe(&topic).await;
+        assert_eq!((&ack["epoch"], &ack["offset"]), (&json!("0"), &json!(0)), "{ack}");
+        let (status, body) =
+            redis_support::http(node.addr, "GET", &format!("/v1/history/made.up.{i}"), "").await;
+        assert_eq!(status, 200, "{body}");
+        let page: Value = serde_json::from_str(&body).expect("page");
+        assert_eq!((&page["epoch"], &page["offset"]), (&json!("0"), &json!(0)), "{page}");
+        let mut resumer = node.ws().await;
+        let ack = resume(&mut resumer, &format!("resume.{i}"), "deadbeef", 7).await;
+        assert_eq!(ack["recovered"], json!(false), "{ack}");
+        resumer.close().await;
+    }
+    ws.close().await;
+    assert_eq!(redis.cli(&["DBSIZE"]), before);
+    // A subscriber acknowledged before the first message resumes from the topic's start.
+    let mut early = node.ws().await;
+    assert_eq!(early.subscribe("later").await["epoch"], json!("0"));
+    early.close().await;
+    for i in 1..=3 {
+        publish(&node, "later", &json!({ "n": i }).to_string()).await;
+    }
+    let mut back = node.ws().await;
+    let ack = resume(&mut back, "later", "0", 0).await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    assert_eq!(messages(&mut back, 3, "from the start").await, numbered(1..=3));
+}
+
+/// A client pipelines unsubscribe + subscribe of one topic thousands of times on node A while a
+/// victim on A reads another topic. Redis's unsubscribe confirmations race the new subscribes; the
+/// node must not take them for dropped subscriptions: its subscription connection is never
+/// rebuilt, and the victim gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_churn_of_one_client_never_rebuilds_the_node_link() {
+    let redis = Redis::start();
+    let a = redis_node(&redis, &[]).await;
+    let mut victim = a.ws().await;
+    assert_eq!(victim.subscribe("victim").await["op"], "ack");
+    let mut churner = a.ws().await;
+    let publisher = {
+        let addr = a.addr;
+        tokio::spawn(async move {
+            for i in 1..=300u64 {
+                let (status, body) = redis_support::http(
+                    addr,
+                    "POST",
+                    "/v1/publish/victim",
+                    &json!({ "n": i }).to_string(),
+                )
+                .await;
+                assert_eq!(status, 200, "{body}");
+            }
+        })
+    };
+    for round in 0..1500u64 {
+        churner
+            .send(json!({"op":"subscribe","topic":"churn","id":round * 2}))
+            .await;
+        churner
+            .send(json!({"op":"unsubscribe","topic":"churn","id":round * 2 + 1}))
+            .await;
+    }
+    publisher.await.expect("publisher");
+    assert_eq!(
+        messages(&mut victim, 300, "victim").await,
+        numbered(1..=300),
+        "log:\n{}",
+        a.log()
+    );
+    assert_eq!(a.metric("pubgate_broker_reconnects_total").await, Some(0.0));
+    assert!(a.is_ready().await);
+}
