@@ -329,18 +329,25 @@ impl Topics {
             });
             return Applied::Done;
         };
-        match &track.salt {
-            Some((epoch, salt)) if *epoch == position.epoch => {
+        match (&track.salt, tag) {
+            (Some((epoch, salt)), Some(tag)) if *epoch == position.epoch => {
                 if wire::tag(salt, position.offset, &d.data) != *tag {
                     self.reject(name, Rejected::Forged);
                     return Applied::Done;
                 }
+            }
+            (_, None) if after_fill => {
+                // History was read after it and did not vouch for it.
+                self.reject(name, Rejected::Header);
+                return Applied::Done;
             }
             _ if after_fill => {
                 // Not the epoch history has now: a message of a replaced epoch, or a forgery.
                 self.reject(name, Rejected::Forged);
                 return Applied::Done;
             }
+            // An epoch whose salt is unknown, or an untagged message (from a pubgate older than
+            // tags, during a rolling upgrade): history says what it really holds.
             _ => return Applied::Hole(d),
         }
         let base = track.last.as_ref().or(track.hint.as_ref());

@@ -121,8 +121,8 @@ pub fn tag(salt: &str, offset: Offset, data: &[u8]) -> Tag {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Decoded {
     /// Epoch, offset and tag, for messages published through a gateway. The tag is not checked
-    /// here: that needs the epoch's salt.
-    pub position: Option<(Position, Tag)>,
+    /// here: that needs the epoch's salt. A message of a pubgate older than tags has none.
+    pub position: Option<(Position, Option<Tag>)>,
     /// The JSON `data` (valid JSON, valid UTF-8).
     pub data: Bytes,
 }
@@ -130,8 +130,7 @@ pub struct Decoded {
 /// Why a channel payload is not delivered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Rejected {
-    /// It starts like a gateway message (`pg1 `) but its header is malformed (or from an older
-    /// pubgate without a tag).
+    /// It starts like a gateway message (`pg1 `) but its header is malformed.
     #[error("malformed gateway header")]
     Header,
     /// A gateway message whose data is not valid JSON.
@@ -192,14 +191,15 @@ fn is_json(data: &[u8]) -> bool {
     serde_json::from_slice::<&serde_json::value::RawValue>(data).is_ok()
 }
 
-/// Parses `pg1 <epoch> <offset> <tag>\n`; returns the position, the tag and where `data` starts.
-fn parse_header(payload: &[u8]) -> Option<(Position, Tag, usize)> {
+/// Parses `pg1 <epoch> <offset> <tag>\n` (or `pg1 <epoch> <offset>\n`, as pubgate wrote it
+/// before tags); returns the position, the tag and where `data` starts.
+fn parse_header(payload: &[u8]) -> Option<(Position, Option<Tag>, usize)> {
     let newline = payload.iter().position(|&b| b == b'\n')?;
     let header = std::str::from_utf8(&payload[MAGIC.len()..newline]).ok()?;
     let mut parts = header.split(' ');
     let epoch = parts.next()?;
     let offset = parts.next()?;
-    let tag = parts.next()?;
+    let tag = parts.next();
     if parts.next().is_some()
         || epoch.is_empty()
         || epoch.len() > 64
@@ -207,20 +207,28 @@ fn parse_header(payload: &[u8]) -> Option<(Position, Tag, usize)> {
         || offset.is_empty()
         || offset.len() > 20
         || !offset.bytes().all(|b| b.is_ascii_digit())
-        || tag.len() != TAG_LEN
-        || !tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     {
         return None;
     }
+    let tag = match tag {
+        None => None,
+        Some(tag)
+            if tag.len() == TAG_LEN
+                && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            let mut t = [0u8; TAG_LEN];
+            t.copy_from_slice(tag.as_bytes());
+            Some(t)
+        }
+        Some(_) => return None,
+    };
     let offset: Offset = offset.parse().ok()?;
-    let mut t = [0u8; TAG_LEN];
-    t.copy_from_slice(tag.as_bytes());
     Some((
         Position {
             epoch: Epoch::new(epoch),
             offset,
         },
-        t,
+        tag,
         newline + 1,
     ))
 }
@@ -272,15 +280,15 @@ mod tests {
         let (p, t) = d.position.unwrap();
         assert_eq!(p.epoch.as_str(), "00ab");
         assert_eq!(p.offset, 42);
-        assert_eq!(t, tag("5a17", 42, br#"{"home":3}"#));
+        assert_eq!(t, Some(tag("5a17", 42, br#"{"home":3}"#)));
         assert_ne!(
             t,
-            tag("5a18", 42, br#"{"home":3}"#),
+            Some(tag("5a18", 42, br#"{"home":3}"#)),
             "another salt, another tag"
         );
         assert_ne!(
             t,
-            tag("5a17", 43, br#"{"home":3}"#),
+            Some(tag("5a17", 43, br#"{"home":3}"#)),
             "another offset, another tag"
         );
         assert_eq!(&d.data[..], br#"{"home":3}"#);
@@ -301,10 +309,15 @@ mod tests {
             decode(Bytes::from_static(b"pg1 bad header")),
             Err(Rejected::Header)
         );
+        let untagged = decode(Bytes::from_static(b"pg1 e1 5\n{}")).unwrap();
         assert_eq!(
-            decode(Bytes::from_static(b"pg1 e1 5\n{}")),
-            Err(Rejected::Header),
-            "no tag (an older pubgate, or a forgery)"
+            untagged.position.map(|(p, t)| (p.offset, t)),
+            Some((5, None)),
+            "no tag: an older pubgate (or a forgery), checked against history"
+        );
+        assert_eq!(
+            decode(Bytes::from_static(b"pg1 e1 5 xyz\n{}")),
+            Err(Rejected::Header)
         );
         let not_json = encode("e1", 5, "00", b"{not json");
         assert_eq!(decode(Bytes::from(not_json)), Err(Rejected::Data));
