@@ -1,8 +1,11 @@
 //! The server-to-client half of a connection: one task that owns the socket's write side.
 //!
 //! It drains the connection's [`SendQueue`] in batches with vectored writes, sends heartbeat pings,
-//! enforces the idle timeout, reacts to drain, and writes the final close frame. It is the only
-//! writer of the socket, so frames never interleave.
+//! enforces the idle timeout, reacts to drain, and writes the final close frame.
+//!
+//! It is not the socket's only writer: on plain TCP, whoever queues a frame while this task is idle
+//! writes it straight to the socket, and this task takes over only when the socket would block (see
+//! [`crate::send_queue`]). The queue lets one of them write at a time, so frames never interleave.
 
 use std::collections::VecDeque;
 use std::future::Future;
