@@ -36,8 +36,9 @@
 //!   it waiting for the socket as long as needed, and takes again; when a take finds the queue
 //!   empty, `writer_busy` turns false and the next push flushes directly again. Pushes while the
 //!   writer is busy only queue: the writer's next take picks them up.
-//! - **Partly written frames.** Once a flush has written part of a frame (`head_sent`), that frame
-//!   is finished before anything else: the `drop_oldest` policy does not drop it.
+//! - **No frame is ever cut.** Once the socket has taken part of a frame (`head_sent`), that frame
+//!   is finished before anything else: neither the `drop_oldest` policy nor a close that discards
+//!   the queue drops it. A close frame always starts on a frame boundary.
 
 mod direct;
 mod flushes;
@@ -86,6 +87,11 @@ impl CloseReason {
         reason: "idle timeout",
         discard_queued: false,
     };
+
+    /// Whether this close sends nothing more at all (the peer is gone).
+    pub fn is_peer_gone(&self) -> bool {
+        self.code == CloseReason::PEER_GONE.code
+    }
 }
 
 /// What a push did.

@@ -38,12 +38,26 @@ pub(super) struct State {
     pub(super) direct: Option<Arc<dyn DirectWrite>>,
 }
 
+impl State {
+    /// Drops every queued frame but a partly written head, which must still be finished so that the
+    /// close frame after it starts on a frame boundary.
+    fn discard_queued(&mut self) {
+        let keep = usize::from(self.head_sent);
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(Bytes::len).sum();
+    }
+}
+
 /// What the writer takes out of the queue in one go.
+#[derive(Debug, Default)]
 pub struct Batch {
     /// Frames to write, in order.
     pub frames: VecDeque<Bytes>,
     /// Set when the connection must be closed after writing `frames`.
     pub close: Option<CloseReason>,
+    /// Whether the socket already took part of the first frame (a direct flush began it): it must
+    /// be finished, even when the rest is discarded.
+    pub head_sent: bool,
 }
 
 impl SendQueue {
@@ -107,8 +121,12 @@ impl SendQueue {
             match self.policy {
                 SlowConsumerPolicy::Disconnect => {
                     st.close = Some(CloseReason::SLOW_CONSUMER);
+                    // Freed now rather than when the writer gets to them: a consumer that is stuck
+                    // may keep the writer waiting on its socket for a while.
+                    st.discard_queued();
                     drop(st);
                     self.ready.wake();
+                    self.taken.notify_waiters();
                     return (Pushed::Overflow, false);
                 }
                 SlowConsumerPolicy::DropOldest => {
@@ -159,10 +177,14 @@ impl SendQueue {
         st.head_sent = false;
     }
 
-    /// Asks the writer to close the connection. The first reason wins.
+    /// Asks the writer to close the connection. The first reason wins; when it discards the queue,
+    /// queued frames are dropped at once (but a partly written one).
     pub fn close(&self, reason: CloseReason) {
         let mut st = self.lock();
         if st.close.is_none() {
+            if reason.discard_queued {
+                st.discard_queued();
+            }
             st.close = Some(reason);
         }
         drop(st);
@@ -173,6 +195,11 @@ impl SendQueue {
     /// Whether a close was requested.
     pub fn is_closing(&self) -> bool {
         self.lock().close.is_some()
+    }
+
+    /// The close requested, if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close.clone()
     }
 
     /// Waits until there is something for the writer: frames or a close request. Cancel-safe.
@@ -229,34 +256,33 @@ impl SendQueue {
 
     /// Takes everything queued, and the close request if any.
     pub fn take(&self) -> Batch {
-        let mut frames = VecDeque::new();
-        let close = self.take_into(&mut frames);
-        Batch { frames, close }
+        let mut batch = Batch::default();
+        self.take_batch(&mut batch);
+        batch
     }
 
-    /// Moves everything queued into `frames` (which must be empty) by swapping buffers, so the
-    /// queue keeps the caller's spare capacity and pushes do not allocate. Returns the close request,
-    /// if any.
+    /// Moves everything queued into `batch` (whose `frames` must be empty) by swapping buffers, so
+    /// the queue keeps the caller's spare capacity and pushes do not allocate. Sets the batch's
+    /// close request and whether its first frame is partly written.
     ///
     /// From here until a take finds the queue empty, the caller is the connection's only writer
     /// (see the module's invariants).
-    pub fn take_into(&self, frames: &mut VecDeque<Bytes>) -> Option<CloseReason> {
-        debug_assert!(frames.is_empty());
+    pub fn take_batch(&self, batch: &mut Batch) {
+        debug_assert!(batch.frames.is_empty());
         let mut st = self.lock();
-        let close = st.close.clone();
+        batch.close = st.close.clone();
         st.bytes = 0;
-        std::mem::swap(&mut st.frames, frames);
+        std::mem::swap(&mut st.frames, &mut batch.frames);
         // While the writer holds frames, nobody else may write: they would overtake them.
-        st.writer_busy = !frames.is_empty();
-        let head_sent = std::mem::take(&mut st.head_sent);
+        st.writer_busy = !batch.frames.is_empty();
+        batch.head_sent = std::mem::take(&mut st.head_sent);
         drop(st);
-        if close.as_ref().is_some_and(|c| c.discard_queued) {
+        if batch.close.as_ref().is_some_and(|c| c.discard_queued) {
             // Even when discarding, a partly written frame is finished before the close frame.
-            frames.truncate(usize::from(head_sent));
+            batch.frames.truncate(usize::from(batch.head_sent));
         }
-        if !frames.is_empty() {
+        if !batch.frames.is_empty() {
             self.taken.notify_waiters();
         }
-        close
     }
 }

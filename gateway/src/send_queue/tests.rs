@@ -308,3 +308,62 @@ async fn discarding_close_finishes_a_partly_written_frame() {
     assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1008);
     assert_eq!(close.len(), 2 + usize::from(close[1]));
 }
+
+/// An overflow frees what is queued at once, not when the writer gets to it (a stuck consumer can
+/// keep the writer waiting for a long time); only the partly written head stays.
+#[tokio::test]
+async fn overflow_drops_the_queue_at_once_but_a_partly_written_head() {
+    let (q, _w, _client, _big) =
+        queue_with_a_partly_written_head(3, SlowConsumerPolicy::Disconnect).await;
+    let head_left = q.lock().bytes;
+    assert!(head_left > 0);
+    let pushed: Vec<Pushed> = (0..3).map(|_| q.push(Bytes::from_static(b"xx"))).collect();
+    assert_eq!(pushed, [Pushed::Queued, Pushed::Queued, Pushed::Overflow]);
+    let st = q.lock();
+    assert_eq!(st.frames.len(), 1);
+    assert_eq!(st.bytes, head_left);
+    assert_eq!(st.close, Some(CloseReason::SLOW_CONSUMER));
+}
+
+/// The writer holds a batch it cannot write (the peer stopped reading) when the queue overflows:
+/// it drops the frames of its batch the socket has not begun, finishes the one it has, and sends
+/// the close frame, waiting for the peer as long as bytes keep moving (here the peer reads again
+/// only after 1.5 s; a discarding close used to give up after one second, mid-frame).
+#[tokio::test]
+async fn a_close_during_a_stalled_write_finishes_only_the_begun_frame_then_sends_1008() {
+    use tokio::io::AsyncReadExt;
+    let (q, w, mut client, big) =
+        queue_with_a_partly_written_head(4, SlowConsumerPolicy::Disconnect).await;
+    q.push(Bytes::from_static(b"in the writer's batch"));
+    let writer = spawn_writer(w, &q);
+    let mut waited = 0;
+    while !q.lock().writer_busy {
+        assert!(waited < 1000, "the writer never took the queue");
+        waited += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let pushed: Vec<Pushed> = (0..5).map(|_| q.push(Bytes::from_static(b"q"))).collect();
+    assert_eq!(pushed[4], Pushed::Overflow);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        client.read_to_end(&mut got),
+    )
+    .await
+    .expect("the connection is closed")
+    .unwrap();
+    let end = writer.await.unwrap();
+    assert!(
+        matches!(end, crate::writer::WriterEnd::Closed(ref c) if c.code == 1008),
+        "{end:?}"
+    );
+    assert!(got[..big.len()].iter().all(|&b| b == b'A'), "head intact");
+    let close = &got[big.len()..];
+    assert_eq!(
+        close[..2],
+        [0x88, 2 + CloseReason::SLOW_CONSUMER.reason.len() as u8]
+    );
+    assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1008);
+    assert_eq!(&close[4..], CloseReason::SLOW_CONSUMER.reason.as_bytes());
+}
