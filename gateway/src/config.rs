@@ -134,6 +134,8 @@ pub struct Limits {
     pub max_batch_messages: usize,
     /// Bytes of one batch publish body at most.
     pub max_batch_bytes: usize,
+    /// Levels of nesting a published `data` value may have at most (`[[1]]` has 2).
+    pub max_json_depth: usize,
 }
 
 /// Broker implementations a node can use.
@@ -338,6 +340,7 @@ send_queue_bytes = 4194304
 slow_consumer = "disconnect"
 max_batch_messages = 1000
 max_batch_bytes = 1048576
+max_json_depth = 128
 
 [broker]
 kind = "memory"
@@ -458,6 +461,9 @@ impl Settings {
                 "limits.max_batch_bytes",
                 "must be at least limits.max_message_size",
             );
+        }
+        if self.limits.max_json_depth == 0 {
+            return invalid("limits.max_json_depth", "must be at least 1");
         }
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");

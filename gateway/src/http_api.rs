@@ -161,7 +161,11 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let data = match check_json(&body) {
+    let max_depth = node.settings.limits.max_json_depth;
+    let data = match check_json(&body).and_then(|raw| {
+        crate::json_depth::check(raw.get().as_bytes(), max_depth)?;
+        Ok(raw)
+    }) {
         Ok(raw) => Bytes::copy_from_slice(raw.get().as_bytes()),
         Err(e) => return protocol_error(e),
     };
@@ -342,6 +346,11 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
     }
     for (i, m) in batch.messages.iter().enumerate() {
         if let Err(mut e) = check_topic(&m.topic) {
+            e.message = format!("messages[{i}]: {}", e.message);
+            return protocol_error(e);
+        }
+        if let Err(mut e) = crate::json_depth::check(m.data.get().as_bytes(), limits.max_json_depth)
+        {
             e.message = format!("messages[{i}]: {}", e.message);
             return protocol_error(e);
         }
