@@ -201,7 +201,8 @@ fn history_query(query: Option<&str>) -> Result<HistoryQuery<'_>, ProtocolError>
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "since" => {
-                q.since = Some(value.parse().map_err(|_| {
+                // Clamped like a resume's offset (see `parse_offset`).
+                q.since = Some(crate::protocol::parse_offset(value).ok_or_else(|| {
                     bad(format!(
                         "since must be an offset (a non-negative integer), got {value:?}"
                     ))
