@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 use crate::topic::Pattern;
 
+mod env;
+
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
 #[derive(Debug, Default, Parser)]
@@ -371,25 +373,25 @@ level = "info"
 "#;
 
 impl Settings {
-    /// Loads the layers in order and validates the result.
+    /// Loads the layers in order, with the process's environment, and validates the result.
     pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
-        use config::{Config, Environment, File, FileFormat};
+        Settings::load_with_env(cli, std::env::vars_os())
+    }
+
+    /// Like [`Settings::load`], with the environment layer read from `vars` instead of the
+    /// process's environment.
+    pub fn load_with_env(
+        cli: &Cli,
+        vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Settings, ConfigError> {
+        use config::{Config, File, FileFormat};
 
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
-        builder = builder.add_source(
-            Environment::with_prefix("PUBGATE")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("auth.api_keys")
-                .with_list_parse_key("auth.anonymous_subscribe")
-                .with_list_parse_key("auth.anonymous_publish")
-                .with_list_parse_key("server.allowed_origins"),
-        );
+        let (plain, lists) = env::sources(vars)?;
+        builder = builder.add_source(plain).add_source(lists);
         let flags = [
             ("server.listen", cli.listen.clone()),
             ("server.metrics_listen", cli.metrics_listen.clone()),

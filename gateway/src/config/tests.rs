@@ -11,9 +11,16 @@ fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
         config: Some(path),
         ..Cli::default()
     };
-    let r = Settings::load(&cli);
+    // Not the test process's environment: only what a test passes.
+    let r = Settings::load_with_env(&cli, []);
     std::fs::remove_dir_all(&dir).unwrap();
     r
+}
+
+/// Loads the defaults with `vars` as the environment.
+fn load_env(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let vars = vars.iter().map(|(k, v)| ((*k).into(), (*v).into()));
+    Settings::load_with_env(&Cli::default(), vars.collect::<Vec<_>>())
 }
 
 #[test]
@@ -215,4 +222,59 @@ fn flags_override_file() {
     let s = Settings::load(&cli).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(s.server.listen.port(), 2000);
+}
+
+#[test]
+fn env_lists_are_split_on_commas_trimmed_and_kept_as_strings() {
+    let s = load_env(&[
+        ("PUBGATE__AUTH__API_KEYS", "k1, k2 ,,  k3,"),
+        ("PUBGATE__AUTH__ANONYMOUS_SUBSCRIBE", " public.>, scores.* "),
+        ("PUBGATE__AUTH__ANONYMOUS_PUBLISH", ""),
+        (
+            "pubgate__server__allowed_origins",
+            "https://a.example,https://b.example",
+        ),
+    ])
+    .unwrap();
+    assert_eq!(s.auth.api_keys, ["k1", "k2", "k3"]);
+    assert_eq!(
+        s.auth.anonymous_subscribe.as_deref(),
+        Some(&["public.>".to_string(), "scores.*".to_string()][..])
+    );
+    assert_eq!(s.auth.anonymous_publish.as_deref(), Some(&[][..]));
+    assert_eq!(
+        s.server.allowed_origins,
+        ["https://a.example", "https://b.example"]
+    );
+    // Entries that look like numbers or booleans stay strings.
+    for (value, keys) in [
+        ("12345", vec!["12345"]),
+        ("true", vec!["true"]),
+        ("1.5, 007", vec!["1.5", "007"]),
+        ("", vec![]),
+        (" , ", vec![]),
+    ] {
+        let s = load_env(&[("PUBGATE__AUTH__API_KEYS", value)]).unwrap();
+        assert_eq!(s.auth.api_keys, keys, "{value:?}");
+        assert_eq!(s.has_credentials(), !keys.is_empty(), "{value:?}");
+    }
+}
+
+#[test]
+fn env_plain_keys_still_take_their_types_and_name_their_key() {
+    let s = load_env(&[
+        ("PUBGATE__SERVER__LISTEN", "127.0.0.1:9000"),
+        ("PUBGATE__LIMITS__MAX_SUBSCRIPTIONS", "7"),
+        ("PUBGATE__AUTH__ANONYMOUS", "true"),
+        ("OTHER__AUTH__API_KEYS", "ignored"),
+    ])
+    .unwrap();
+    assert_eq!(s.server.listen.port(), 9000);
+    assert_eq!(s.limits.max_subscriptions, 7);
+    assert_eq!(s.auth.anonymous, Some(true));
+    assert!(s.auth.api_keys.is_empty());
+    let e = load_env(&[("PUBGATE__LIMITS__MAX_SUBSCRIPTIONS", "many")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.max_subscriptions"), "{e}");
 }
