@@ -237,17 +237,30 @@ fn history_query(query: Option<&str>) -> Result<HistoryQuery<'_>, ProtocolError>
 
 /// `GET /v1/history/{topic}?since=<offset>&epoch=<epoch>&limit=<n>`: the messages after `since`
 /// that history still holds (without `since`: the newest `limit`), oldest first, with the topic's
-/// position and whether the page reaches back to `since + 1` in that epoch. Same auth as
-/// publishing. `data` goes out byte for byte as it was published.
+/// position and whether the page reaches back to `since + 1` in that epoch. Who may read is who
+/// may subscribe (`Access::may_subscribe`): any topic with an API key, the topics of
+/// `auth.anonymous_subscribe` without one. `data` goes out byte for byte as it was published.
 pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return method_not_allowed();
     }
-    if let Err(r) = authorize(node, &req) {
-        return *r;
-    }
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let who = match node.access.identify_http(auth) {
+        Ok(who) => who,
+        Err(d) => return error(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, d.0),
+    };
     if let Err(e) = check_topic(topic) {
         return protocol_error(e);
+    }
+    if !node.access.may_subscribe(who, topic) {
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("not allowed to read {topic}"),
+        );
     }
     let query = match history_query(req.uri().query()) {
         Ok(q) => q,
