@@ -16,11 +16,14 @@ pub struct Access {
     api_keys: Vec<Vec<u8>>,
 }
 
-/// Who is on a connection.
+/// Who is on a connection, or sent an HTTP request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Identity {
     /// No credentials.
     Anonymous,
+    /// A backend with one of `auth.api_keys` (HTTP API only): it may publish to and read every
+    /// topic.
+    ApiKey,
 }
 
 /// A refused request, with the reason to report.
@@ -63,10 +66,29 @@ impl Access {
         }
     }
 
-    /// Whether `who` may subscribe to `topic`.
+    /// Identifies the sender of an HTTP read (`GET /v1/history`) from its `Authorization` header:
+    /// a configured API key, or an anonymous client where those are allowed (`auth.anonymous`).
+    /// Refused (401) when a credential is required and missing, or when one is sent but is not a
+    /// configured key. Without configured keys a bearer token means nothing and is not checked.
+    pub fn identify_http(&self, authorization: Option<&str>) -> Result<Identity, Denied> {
+        if self.api_keys.is_empty() || authorization.is_none() {
+            return if self.anonymous {
+                Ok(Identity::Anonymous)
+            } else {
+                Err(Denied("missing Authorization: Bearer <api key>"))
+            };
+        }
+        self.check_api_key(authorization)?;
+        Ok(Identity::ApiKey)
+    }
+
+    /// Whether `who` may read `topic`: subscribe to it over WebSocket (live, or resuming with
+    /// `since`), or read its history over HTTP. One rule for both, so that no path shows a topic's
+    /// messages to a client the other refuses.
     pub fn may_subscribe(&self, who: Identity, topic: &str) -> bool {
         match who {
             Identity::Anonymous => any_matches(&self.anonymous_subscribe, topic),
+            Identity::ApiKey => true,
         }
     }
 
@@ -74,6 +96,7 @@ impl Access {
     pub fn may_publish(&self, who: Identity, topic: &str) -> bool {
         match who {
             Identity::Anonymous => any_matches(&self.anonymous_publish, topic),
+            Identity::ApiKey => true,
         }
     }
 

@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 use crate::topic::Pattern;
 
+mod env;
+
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
 #[derive(Debug, Default, Parser)]
@@ -134,6 +136,8 @@ pub struct Limits {
     pub max_batch_messages: usize,
     /// Bytes of one batch publish body at most.
     pub max_batch_bytes: usize,
+    /// Levels of nesting a published `data` value may have at most (`[[1]]` has 2).
+    pub max_json_depth: usize,
 }
 
 /// Broker implementations a node can use.
@@ -343,6 +347,7 @@ send_queue_bytes = 4194304
 slow_consumer = "disconnect"
 max_batch_messages = 1000
 max_batch_bytes = 1048576
+max_json_depth = 128
 
 [broker]
 kind = "memory"
@@ -375,25 +380,25 @@ level = "info"
 "#;
 
 impl Settings {
-    /// Loads the layers in order and validates the result.
+    /// Loads the layers in order, with the process's environment, and validates the result.
     pub fn load(cli: &Cli) -> Result<Settings, ConfigError> {
-        use config::{Config, Environment, File, FileFormat};
+        Settings::load_with_env(cli, std::env::vars_os())
+    }
+
+    /// Like [`Settings::load`], with the environment layer read from `vars` instead of the
+    /// process's environment.
+    pub fn load_with_env(
+        cli: &Cli,
+        vars: impl IntoIterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+    ) -> Result<Settings, ConfigError> {
+        use config::{Config, File, FileFormat};
 
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = &cli.config {
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
-        builder = builder.add_source(
-            Environment::with_prefix("PUBGATE")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("auth.api_keys")
-                .with_list_parse_key("auth.anonymous_subscribe")
-                .with_list_parse_key("auth.anonymous_publish")
-                .with_list_parse_key("server.allowed_origins"),
-        );
+        let (plain, lists) = env::sources(vars)?;
+        builder = builder.add_source(plain).add_source(lists);
         let flags = [
             ("server.listen", cli.listen.clone()),
             ("server.metrics_listen", cli.metrics_listen.clone()),
@@ -465,6 +470,9 @@ impl Settings {
                 "limits.max_batch_bytes",
                 "must be at least limits.max_message_size",
             );
+        }
+        if self.limits.max_json_depth == 0 {
+            return invalid("limits.max_json_depth", "must be at least 1");
         }
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");
@@ -573,221 +581,4 @@ fn path_string(p: &Option<PathBuf>) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load_toml(toml: &str) -> Result<Settings, ConfigError> {
-        let dir = std::env::temp_dir().join(format!("pubgate-cfg-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, toml).unwrap();
-        let cli = Cli {
-            config: Some(path),
-            ..Cli::default()
-        };
-        let r = Settings::load(&cli);
-        std::fs::remove_dir_all(&dir).unwrap();
-        r
-    }
-
-    #[test]
-    fn defaults_load() {
-        let s = load_toml("").unwrap();
-        assert_eq!(s.server.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(s.broker.kind, BrokerKind::Memory);
-        assert_eq!(s.drain.grace, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn bad_values_name_their_key() {
-        let e = load_toml("[server]\nlisten = \"nope\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("server.listen"), "{e}");
-        let e = load_toml("[limits]\nmax_subscriptions = \"x\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("limits.max_subscriptions"), "{e}");
-        let e = load_toml("[drain]\ngrace = \"soon\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("drain.grace"), "{e}");
-        let e = load_toml("[server]\nlisten_typo = 1")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("listen_typo"), "{e}");
-        let e = load_toml("[limits]\nslow_consumer = \"ignore\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("limits.slow_consumer"), "{e}");
-        let e = load_toml("[server]\nmax_connections = 0")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("server.max_connections"), "{e}");
-        let e = load_toml("[tls]\nmax_handshakes = 0")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("tls.max_handshakes"), "{e}");
-    }
-
-    #[test]
-    fn redis_kinds_need_a_url() {
-        let e = load_toml("[broker]\nkind = \"redis\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("broker.url"), "{e}");
-        let e = load_toml("[broker]\nkind = \"redis-cluster\"\nurl = \"\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("broker.url"), "{e}");
-        let e = load_toml("[broker]\nkind = \"redis\"\nurl = \"redis+sentinel://h:1\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("broker.url") && e.contains("master"), "{e}");
-        let s = load_toml("[broker]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6390\"").unwrap();
-        assert_eq!(s.broker.kind, BrokerKind::Redis);
-        let s = load_toml(
-            "[broker]\nkind = \"redis-cluster\"\nurl = \"redis://127.0.0.1:7000,127.0.0.1:7001\"",
-        )
-        .unwrap();
-        assert_eq!(s.broker.kind, BrokerKind::RedisCluster);
-        let e = load_toml("[broker]\ncanary_timeout = \"1s\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("broker.canary_timeout"), "{e}");
-    }
-
-    #[test]
-    fn history_rules_pick_the_first_match_and_inherit_defaults() {
-        let s = load_toml(
-            r#"
-[history]
-size = 50
-ttl = "2m"
-
-[[history.rules]]
-pattern = "chat.>"
-size = 100
-ttl = "1m"
-
-[[history.rules]]
-pattern = "chat.noisy"
-size = 1
-
-[[history.rules]]
-pattern = "ticks.*"
-size = 0
-
-[[history.rules]]
-pattern = "scores.*"
-ttl = "10m"
-"#,
-        )
-        .unwrap();
-        let policy = s.history.policy();
-        let limits = |size, secs| HistoryLimits {
-            size,
-            ttl: Duration::from_secs(secs),
-        };
-        assert_eq!(policy.limits("chat.r1"), limits(100, 60));
-        assert_eq!(
-            policy.limits("chat.noisy"),
-            limits(100, 60),
-            "the first matching rule wins"
-        );
-        assert_eq!(policy.limits("ticks.btc"), limits(0, 120));
-        assert_eq!(policy.limits("scores.nba"), limits(50, 600));
-        assert_eq!(policy.limits("other"), limits(50, 120));
-        assert_eq!(load_toml("").unwrap().history.policy().limits("x").size, 0);
-    }
-
-    #[test]
-    fn bad_history_rules_name_their_key() {
-        let e = load_toml("[[history.rules]]\npattern = \"a.>.b\"\nsize = 1")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("history.rules[0].pattern"), "{e}");
-        let e = load_toml(
-            "[[history.rules]]\npattern = \"a\"\n[[history.rules]]\npattern = \"b\"\nttl = \"0s\"",
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("history.rules[1].ttl"), "{e}");
-        let e = load_toml("[[history.rules]]\npattern = \"a\"\nsize = 2000000")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("history.rules[0].size"), "{e}");
-        let e = load_toml("[[history.rules]]\npattern = \"a\"\nsise = 2")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("sise"), "{e}");
-        let e = load_toml("[[history.rules]]\nsize = 2")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("pattern"), "{e}");
-        let e = load_toml("[history]\nttl = \"0s\"")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("history.ttl"), "{e}");
-    }
-
-    #[test]
-    fn example_file_loads_and_matches_defaults() {
-        let example = include_str!("../../deploy/pubgate.example.toml");
-        let from_example = load_toml(example).unwrap();
-        let defaults = load_toml("").unwrap();
-        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
-    }
-
-    #[test]
-    fn example_history_rules_load_when_uncommented() {
-        let example = include_str!("../../deploy/pubgate.example.toml");
-        let mut in_history = false;
-        let uncommented: Vec<&str> = example
-            .lines()
-            .map(|line| {
-                if line.starts_with('[') {
-                    in_history = line == "[history]";
-                }
-                match line.strip_prefix("# ") {
-                    Some(rest)
-                        if in_history
-                            && ["[[history.rules]]", "pattern", "size", "ttl"]
-                                .iter()
-                                .any(|k| rest.starts_with(k)) =>
-                    {
-                        rest
-                    }
-                    _ => line,
-                }
-            })
-            .collect();
-        let s = load_toml(&uncommented.join("\n")).unwrap();
-        assert_eq!(s.history.rules.len(), 2);
-        let policy = s.history.policy();
-        assert_eq!(
-            policy.limits("chat.r1"),
-            HistoryLimits {
-                size: 100,
-                ttl: Duration::from_secs(60)
-            }
-        );
-        assert_eq!(policy.limits("ticks.btc").size, 0);
-    }
-
-    #[test]
-    fn flags_override_file() {
-        let dir = std::env::temp_dir().join(format!("pubgate-cfg-{}", rand::random::<u64>()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("c.toml");
-        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:1000\"\n").unwrap();
-        let cli = Cli {
-            config: Some(path),
-            listen: Some("127.0.0.1:2000".into()),
-            ..Cli::default()
-        };
-        let s = Settings::load(&cli).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(s.server.listen.port(), 2000);
-    }
-}
+mod tests;

@@ -161,7 +161,11 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let data = match check_json(&body) {
+    let max_depth = node.settings.limits.max_json_depth;
+    let data = match check_json(&body).and_then(|raw| {
+        crate::json_depth::check(raw.get().as_bytes(), max_depth)?;
+        Ok(raw)
+    }) {
         Ok(raw) => Bytes::copy_from_slice(raw.get().as_bytes()),
         Err(e) => return protocol_error(e),
     };
@@ -197,7 +201,8 @@ fn history_query(query: Option<&str>) -> Result<HistoryQuery<'_>, ProtocolError>
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "since" => {
-                q.since = Some(value.parse().map_err(|_| {
+                // Clamped like a resume's offset (see `parse_offset`).
+                q.since = Some(crate::protocol::parse_offset(value).ok_or_else(|| {
                     bad(format!(
                         "since must be an offset (a non-negative integer), got {value:?}"
                     ))
@@ -232,17 +237,30 @@ fn history_query(query: Option<&str>) -> Result<HistoryQuery<'_>, ProtocolError>
 
 /// `GET /v1/history/{topic}?since=<offset>&epoch=<epoch>&limit=<n>`: the messages after `since`
 /// that history still holds (without `since`: the newest `limit`), oldest first, with the topic's
-/// position and whether the page reaches back to `since + 1` in that epoch. Same auth as
-/// publishing. `data` goes out byte for byte as it was published.
+/// position and whether the page reaches back to `since + 1` in that epoch. Who may read is who
+/// may subscribe (`Access::may_subscribe`): any topic with an API key, the topics of
+/// `auth.anonymous_subscribe` without one. `data` goes out byte for byte as it was published.
 pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return method_not_allowed();
     }
-    if let Err(r) = authorize(node, &req) {
-        return *r;
-    }
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let who = match node.access.identify_http(auth) {
+        Ok(who) => who,
+        Err(d) => return error(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, d.0),
+    };
     if let Err(e) = check_topic(topic) {
         return protocol_error(e);
+    }
+    if !node.access.may_subscribe(who, topic) {
+        return error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!("not allowed to read {topic}"),
+        );
     }
     let query = match history_query(req.uri().query()) {
         Ok(q) => q,
@@ -342,6 +360,11 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
     }
     for (i, m) in batch.messages.iter().enumerate() {
         if let Err(mut e) = check_topic(&m.topic) {
+            e.message = format!("messages[{i}]: {}", e.message);
+            return protocol_error(e);
+        }
+        if let Err(mut e) = crate::json_depth::check(m.data.get().as_bytes(), limits.max_json_depth)
+        {
             e.message = format!("messages[{i}]: {}", e.message);
             return protocol_error(e);
         }

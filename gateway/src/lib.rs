@@ -7,6 +7,7 @@ pub mod drain;
 pub mod frame;
 pub mod frame_read;
 pub mod http_api;
+pub mod json_depth;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

@@ -101,8 +101,46 @@ impl ProtocolError {
 pub struct Since {
     /// The epoch of the last message the client has.
     pub epoch: String,
-    /// The offset of the last message the client has.
+    /// The offset of the last message the client has, at most [`MAX_EXACT_OFFSET`] (see
+    /// [`parse_offset`]).
+    #[serde(deserialize_with = "offset_from_json")]
     pub offset: Offset,
+}
+
+/// The largest offset the Redis broker's scripts hold exactly: Lua numbers are doubles, exact up to
+/// 2^53 - 1.
+pub const MAX_EXACT_OFFSET: Offset = (1 << 53) - 1;
+
+/// Reads an offset a client sent (a resume's `since.offset`, the `since` of `GET /v1/history`): a
+/// non-negative integer in decimal digits, anything else is `None`.
+///
+/// Offsets past [`MAX_EXACT_OFFSET`], up to any number of digits, come back as that value. No topic
+/// gets that far (it is 285 years at a million messages a second), so such an offset is beyond the
+/// topic's latest one and the answer is the same as for any offset the topic never reached
+/// (`recovered:false`, an incomplete history page); clamped, it is also a number the broker's
+/// scripts compare exactly, where 2^53 + 10 or 2^64 - 1 came back from Lua changed and failed the
+/// read as `broker_unavailable`.
+pub fn parse_offset(text: &str) -> Option<Offset> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // Digits only: parsing fails only past u64::MAX, which is past the limit as well.
+    Some(
+        text.parse::<Offset>()
+            .map_or(MAX_EXACT_OFFSET, |o| o.min(MAX_EXACT_OFFSET)),
+    )
+}
+
+/// `since.offset` as [`parse_offset`] reads it, from its JSON text (so `41.0`, `-1`, `"41"` and
+/// `1e3` are refused, and integers past u64 are clamped rather than refused).
+fn offset_from_json<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Offset, D::Error> {
+    let raw = Box::<RawValue>::deserialize(d)?;
+    parse_offset(raw.get()).ok_or_else(|| {
+        serde::de::Error::custom(format!(
+            "since.offset must be a non-negative integer, got {}",
+            truncate(raw.get(), 64)
+        ))
+    })
 }
 
 /// A parsed client request.
@@ -149,7 +187,9 @@ struct Envelope<'a> {
     topic: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
-    since: Option<Since>,
+    // Read in `build_request`, so that a bad `since` is answered with the request's id.
+    #[serde(borrow)]
+    since: Option<&'a RawValue>,
 }
 
 /// Parses one text frame.
@@ -184,10 +224,18 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
         Ok::<_, ProtocolError>(topic)
     };
     match &*op {
-        "subscribe" => Ok(Request::Subscribe {
-            topic: topic()?,
-            since: env.since.clone(),
-        }),
+        "subscribe" => {
+            let topic = topic()?;
+            let since = match env.since {
+                None => None,
+                Some(raw) => Some(serde_json::from_str::<Since>(raw.get()).map_err(|e| {
+                    bad(&format!(
+                        "since must be {{\"epoch\":…,\"offset\":…}} with a non-negative integer offset: {e}"
+                    ))
+                })?),
+            };
+            Ok(Request::Subscribe { topic, since })
+        }
         "unsubscribe" => Ok(Request::Unsubscribe { topic: topic()? }),
         "publish" => {
             let topic = topic()?;
@@ -357,6 +405,44 @@ mod tests {
             ErrorCode::BadRequest
         );
         assert_eq!(parse(r#"{"op":"fly","id":7}"#).id.unwrap().get(), "7");
+    }
+
+    #[test]
+    fn resume_offsets_past_2_pow_53_are_clamped_and_non_integers_refused() {
+        let since = |offset: &str| {
+            let text = format!(
+                r#"{{"op":"subscribe","topic":"a","id":3,"since":{{"epoch":"e","offset":{offset}}}}}"#
+            );
+            let p = parse(&text);
+            assert_eq!(p.id.map(|id| id.get()), Some("3"), "{offset}");
+            match p.request {
+                Ok(Request::Subscribe { since, .. }) => Ok(since.map(|s| s.offset)),
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => Err(e.code),
+            }
+        };
+        let max = Ok(Some(MAX_EXACT_OFFSET));
+        assert_eq!(since("0"), Ok(Some(0)));
+        assert_eq!(since("41"), Ok(Some(41)));
+        assert_eq!(since("9007199254740991"), max);
+        assert_eq!(since("9007199254741002"), max);
+        assert_eq!(since("18446744073709551615"), max);
+        assert_eq!(since("123456789012345678901234567890"), max);
+        for bad in [
+            "-1", "-0", "1.5", "41.0", "1e3", "\"41\"", "[]", "true", "null",
+        ] {
+            assert_eq!(since(bad), Err(ErrorCode::BadRequest), "{bad}");
+        }
+        let p = parse(r#"{"op":"subscribe","topic":"a","id":4,"since":{"epoch":"e"}}"#);
+        assert_eq!(p.request.unwrap_err().code, ErrorCode::BadRequest);
+        let p = parse(r#"{"op":"subscribe","topic":"a","since":null}"#);
+        assert!(matches!(
+            p.request,
+            Ok(Request::Subscribe { since: None, .. })
+        ));
+        assert_eq!(parse_offset("007"), Some(7));
+        assert_eq!(parse_offset(""), None);
+        assert_eq!(parse_offset("+1"), None);
     }
 
     #[test]

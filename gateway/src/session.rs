@@ -298,6 +298,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         format!("not allowed to publish to {topic}"),
                     ));
                 }
+                crate::json_depth::check(
+                    data.get().as_bytes(),
+                    node.settings.limits.max_json_depth,
+                )?;
                 let data = Bytes::copy_from_slice(data.get().as_bytes());
                 let pos = node.publish(&topic, data, "ws").await?;
                 self.reply(protocol::ack(id, &topic, &pos, None));

@@ -1,8 +1,12 @@
 //! The server-to-client half of a connection: one task that owns the socket's write side.
 //!
 //! It drains the connection's [`SendQueue`] in batches with vectored writes, sends heartbeat pings,
-//! enforces the idle timeout, reacts to drain, and writes the final close frame. It is the only
-//! writer of the socket, so frames never interleave.
+//! enforces the idle timeout, reacts to drain, and writes the final close frame.
+//!
+//! It is not the socket's only writer: on plain TCP, whoever queues a frame while this task is idle
+//! writes it straight to the socket, and this task takes over only when the socket would block (see
+//! [`crate::send_queue`]). The queue lets one of them write at a time, and only on a frame
+//! boundary, so frames never interleave and are never cut.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -18,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::drain::Drain;
 use crate::frame::{self, OpCode};
-use crate::send_queue::{CloseReason, MAX_SLICES, SendQueue, drop_written, fill_slices};
+use crate::send_queue::{Batch, CloseReason, MAX_SLICES, SendQueue, drop_written, fill_slices};
 
 /// Timing of heartbeats and timeouts.
 #[derive(Clone, Copy, Debug)]
@@ -87,7 +91,7 @@ pub async fn run<W: AsyncWrite + Unpin>(
     tokio::pin!(ping_timer);
     let mut close_at: Option<Instant> = None;
     // Swapped with the queue's buffer on every take, so neither side allocates per message.
-    let mut frames = VecDeque::new();
+    let mut batch = Batch::default();
     loop {
         let now = Instant::now();
         // Checked on every pass, not only when idle, so a busy connection still drains and pings.
@@ -106,8 +110,8 @@ pub async fn run<W: AsyncWrite + Unpin>(
                 queue.push(frame::frame(OpCode::Ping, b""));
             }
         }
-        let close = queue.take_into(&mut frames);
-        if frames.is_empty() && close.is_none() {
+        queue.take_batch(&mut batch);
+        if batch.frames.is_empty() && batch.close.is_none() {
             tokio::select! {
                 _ = queue.ready() => {}
                 _ = &mut ping_timer => {}
@@ -116,31 +120,40 @@ pub async fn run<W: AsyncWrite + Unpin>(
             }
             continue;
         }
-        if !frames.is_empty()
-            && let Err(e) = write_watched(&mut w, &mut frames, &queue, heartbeat.idle_timeout).await
+        if !batch.frames.is_empty()
+            && let Err(e) = write_watched(&mut w, &mut batch, &queue, heartbeat.idle_timeout).await
         {
             return WriterEnd::Failed(e);
         }
         // A burst may have grown the buffer; an idle connection should not keep it.
-        frames.shrink_to(4);
-        if let Some(reason) = close {
-            if reason.code != CloseReason::PEER_GONE.code {
+        batch.frames.shrink_to(4);
+        if let Some(reason) = batch.close.take() {
+            if !reason.is_peer_gone() {
                 // Boxed: this runs once per connection, and keeping its state out of the writer's
                 // future keeps every idle connection smaller.
-                Box::pin(send_close(&mut w, &reason)).await;
+                Box::pin(send_close(&mut w, &reason, heartbeat.idle_timeout)).await;
             }
             return WriterEnd::Closed(reason);
         }
     }
 }
 
-/// Sends the close frame and shuts the write side down, best effort: a peer that does not take it
-/// within a second is dropped.
-async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, reason: &CloseReason) {
+/// Sends the close frame and shuts the write side down, best effort.
+///
+/// A close that discards the queue was brought on by the peer: it overflowed its queue (slow
+/// consumer), or sent a close frame itself. Its socket may still be full of what it has not read
+/// yet, so the close frame waits for room like any write, up to `stall_limit`. Other closes (drain,
+/// idle timeout, protocol violation) give the peer a second: a drain must stay bounded.
+async fn send_close<W: AsyncWrite + Unpin>(w: &mut W, reason: &CloseReason, stall_limit: Duration) {
+    let deadline = if reason.discard_queued {
+        stall_limit
+    } else {
+        Duration::from_secs(1)
+    };
     let mut close = VecDeque::from([frame::close(reason.code, reason.reason)]);
-    let deadline = Duration::from_secs(1);
-    let _ = tokio::time::timeout(deadline, write_frames(w, &mut close, None)).await;
-    let _ = tokio::time::timeout(deadline, w.shutdown()).await;
+    let mut head_sent = false;
+    let _ = tokio::time::timeout(deadline, write_frames(w, &mut close, &mut head_sent, None)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), w.shutdown()).await;
 }
 
 /// Sleeps until `at`, or forever when there is no deadline.
@@ -151,60 +164,82 @@ async fn sleep_until_some(at: Option<Instant>) {
     }
 }
 
-/// Writes a batch, giving up when the connection is told to drop its queue (slow consumer) or no
-/// byte moves for `stall_limit`.
+/// Writes a batch, giving up when no byte moves for `stall_limit`, and reacting to a close
+/// requested meanwhile:
+///
+/// - the peer is gone: the rest of the batch is dropped;
+/// - a close that discards the queue (slow consumer, the client's own close): the frames not begun
+///   are dropped, and a frame the socket already took part of is finished (the stall limit still
+///   applies), so that the close frame after it starts on a frame boundary;
+/// - any other close (drain, idle, protocol violation): the frames in flight get a second.
 async fn write_watched<W: AsyncWrite + Unpin>(
     w: &mut W,
-    frames: &mut VecDeque<Bytes>,
+    batch: &mut Batch,
     queue: &SendQueue,
     stall_limit: Duration,
 ) -> io::Result<()> {
-    // When a byte last moved. The stall timer measures silence, not the whole batch: a big batch to
-    // a client that reads steadily but slowly takes longer than `stall_limit` and must not be cut
-    // off for it.
-    //
     // Most batches go out in one non-blocking write: try that first, without arming a timer or
-    // reading the clock. Dropping the attempt while it is pending loses nothing: `frames` only
-    // changes after bytes were written.
+    // reading the clock. Dropping a write while it is pending loses nothing: the batch only changes
+    // after bytes were written.
     {
-        let attempt = write_frames(w, frames, None);
+        let attempt = write_frames(w, &mut batch.frames, &mut batch.head_sent, None);
         tokio::pin!(attempt);
         let mut cx = Context::from_waker(Waker::noop());
         if let Poll::Ready(r) = attempt.as_mut().poll(&mut cx) {
             return r;
         }
     }
+    // When a byte last moved. The stall timer measures silence, not the whole batch: a big batch to
+    // a client that reads steadily but slowly takes longer than `stall_limit` and must not be cut
+    // off for it.
     let progress = LastHeard::new();
-    let write = write_frames(w, frames, Some(&progress));
-    tokio::pin!(write);
     let stall = tokio::time::sleep(stall_limit);
     tokio::pin!(stall);
+    // Set once a discarding close left only a partly written frame to finish.
+    let mut trimmed = false;
     loop {
-        tokio::select! {
-            r = &mut write => return r,
-            _ = queue.closing() => {
-                // Give the frames in flight a moment, so a close frame can follow cleanly.
-                return match tokio::time::timeout(Duration::from_secs(1), &mut write).await {
-                    Ok(r) => r,
-                    Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer not reading")),
-                };
-            }
-            _ = &mut stall => {
-                let quiet = progress.silent_for();
-                if quiet < stall_limit {
-                    stall.as_mut().reset(Instant::now() + (stall_limit - quiet));
-                    continue;
+        {
+            let write = write_frames(w, &mut batch.frames, &mut batch.head_sent, Some(&progress));
+            tokio::pin!(write);
+            loop {
+                tokio::select! {
+                    r = &mut write => return r,
+                    _ = queue.closing(), if !trimmed => break,
+                    _ = &mut stall => {
+                        let quiet = progress.silent_for();
+                        if quiet < stall_limit {
+                            stall.as_mut().reset(Instant::now() + (stall_limit - quiet));
+                            continue;
+                        }
+                        return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
+                    }
                 }
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
             }
         }
+        let reason = queue.close_reason().unwrap_or(CloseReason::PEER_GONE);
+        if reason.is_peer_gone() {
+            batch.frames.clear();
+            return Ok(());
+        }
+        if reason.discard_queued {
+            batch.frames.truncate(usize::from(batch.head_sent));
+            trimmed = true;
+            continue;
+        }
+        let rest = write_frames(w, &mut batch.frames, &mut batch.head_sent, Some(&progress));
+        return match tokio::time::timeout(Duration::from_secs(1), rest).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "peer not reading")),
+        };
     }
 }
 
-/// Writes every frame, several per system call, touching `progress` whenever bytes were written.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
+/// Writes every frame, several per system call, touching `progress` whenever bytes were written and
+/// keeping `head_sent` true while the first frame left is partly written.
+async fn write_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
     frames: &mut VecDeque<Bytes>,
+    head_sent: &mut bool,
     progress: Option<&LastHeard>,
 ) -> io::Result<()> {
     while !frames.is_empty() {
@@ -217,7 +252,7 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
         if let Some(p) = progress {
             p.touch();
         }
-        drop_written(frames, written);
+        *head_sent = drop_written(frames, written);
     }
     w.flush().await
 }

@@ -104,3 +104,52 @@ async fn anonymous_subscribe_patterns_limit_topics() {
     assert_eq!(m["data"], json!({"h":1}), "{m}");
     c.ping_pong(8).await;
 }
+
+/// The status of an HTTP publish with `key` as its bearer token (none without).
+async fn publish_status(server: &Server, key: Option<&str>) -> u16 {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    let r = HttpClient::connect(server.addr)
+        .await
+        .request("POST", "/v1/publish/env.keys", &headers, "1")
+        .await;
+    r.status
+}
+
+#[tokio::test]
+async fn api_keys_from_the_environment_are_split_trimmed_and_kept_as_strings() {
+    // Written the way people write lists: both keys work, without the space.
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__API_KEYS", "k1, k2")
+        .start()
+        .await;
+    for (key, status) in [
+        (Some("k1"), 200),
+        (Some("k2"), 200),
+        (Some("k3"), 401),
+        (Some("k1,"), 401),
+        (None, 401),
+    ] {
+        assert_eq!(publish_status(&server, key).await, status, "key {key:?}");
+    }
+    drop(server);
+
+    // A key of digits only is a string like any other (it used to stop start-up).
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__API_KEYS", "12345")
+        .start()
+        .await;
+    for (key, status) in [(Some("12345"), 200), (Some("1234"), 401), (None, 401)] {
+        assert_eq!(publish_status(&server, key).await, status, "key {key:?}");
+    }
+    drop(server);
+
+    // An empty value is no key at all (it used to be one empty key, refused at start-up): the node
+    // is open, for HTTP publishers and anonymous WebSockets alike.
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__API_KEYS", "")
+        .start()
+        .await;
+    assert_eq!(publish_status(&server, None).await, 200);
+    server.ws().await.ping_pong(1).await;
+}

@@ -859,6 +859,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "slow_consumer",
             "max_batch_messages",
             "max_batch_bytes",
+            "max_json_depth",
         ],
     ),
     ("broker", &["kind", "url", "prefix"]),
@@ -934,6 +935,7 @@ fn check_config(dir: &std::path::Path, text: &str) -> Result<(), TestCaseError> 
             prop_assert!(s.limits.max_message_size >= 64);
             prop_assert!(s.limits.send_queue_bytes >= s.limits.max_message_size);
             prop_assert!(s.limits.max_batch_bytes >= s.limits.max_message_size);
+            prop_assert!(s.limits.max_json_depth >= 1);
             prop_assert!(s.auth.api_keys.iter().all(|k| !k.trim().is_empty()));
         }
         Err(e) => prop_assert!(e.starts_with("config: ") && e.len() > 10, "{}", e),

@@ -10,7 +10,7 @@ mod redis_support;
 use std::time::Duration;
 
 use redis_support::history::*;
-use redis_support::{Node, Redis, TempDir, http, http_with};
+use redis_support::{Frame, Node, Redis, TempDir, http, http_with};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------------------------
@@ -242,6 +242,74 @@ async fn history_api_needs_the_publish_api_key() {
         (&json!(0), &json!(true)),
         "{page}"
     );
+}
+
+/// `GET /v1/history` answers who may subscribe: with no API key configured, anonymous readers get
+/// the topics of `auth.anonymous_subscribe` and a 403 for the others, like an anonymous WebSocket
+/// subscribe; with a key configured, the key reads every topic, and anonymous readers (where
+/// `auth.anonymous` lets them in) the same topics as without.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_reads_follow_the_subscribe_rules() {
+    let open = memory_node(&[("PUBGATE__AUTH__ANONYMOUS_SUBSCRIBE", "public.>".to_string())]).await;
+    publish(&open, "private.x", r#"{"secret":1}"#).await;
+    publish(&open, "public.news", r#"{"news":1}"#).await;
+    let (status, page, raw) = get_history(&open, "private.x", "").await;
+    assert_eq!(status, 403, "{raw}");
+    assert_eq!(
+        page,
+        json!({"code":"forbidden","message":"not allowed to read private.x"})
+    );
+    let (status, page, raw) = get_history(&open, "public.news", "").await;
+    assert_eq!(status, 200, "{raw}");
+    assert_eq!(page_offsets(&page), vec![1], "{raw}");
+    assert_eq!(page["messages"][0]["data"], json!({"news":1}));
+    // The same rule on the WebSocket side.
+    let mut ws = open.ws().await;
+    for (id, topic, op) in [(1, "private.x", "error"), (2, "public.news", "ack")] {
+        ws.send(json!({"op":"subscribe","topic":topic,"id":id}))
+            .await;
+        match ws.next_frame(WAIT).await {
+            Frame::Json(v) => assert_eq!((&v["op"], &v["id"]), (&json!(op), &json!(id)), "{v}"),
+            other => panic!("subscribe {topic}: {other:?}"),
+        }
+    }
+
+    let keyed = memory_node(&[
+        ("PUBGATE__AUTH__API_KEYS", "k1".to_string()),
+        ("PUBGATE__AUTH__ANONYMOUS", "true".to_string()),
+        ("PUBGATE__AUTH__ANONYMOUS_SUBSCRIBE", "public.>".to_string()),
+    ])
+    .await;
+    let cases: [(&str, Option<&str>, u16); 6] = [
+        ("private.x", Some("Bearer k1"), 200),
+        ("public.news", Some("Bearer k1"), 200),
+        ("public.news", None, 200),
+        ("private.x", None, 403),
+        ("private.x", Some("Bearer nope"), 401),
+        ("public.news", Some("Bearer nope"), 401),
+    ];
+    for (topic, auth, status) in cases {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
+        let (got, body) = http_with(
+            keyed.addr,
+            "GET",
+            &format!("/v1/history/{topic}"),
+            &headers,
+            "",
+        )
+        .await;
+        assert_eq!(got, status, "{topic} with {auth:?}: {body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        if status == 200 {
+            assert_eq!(
+                (&v["topic"], &v["offset"]),
+                (&json!(topic), &json!(0)),
+                "{v}"
+            );
+        } else {
+            assert_eq!(v["code"], json!("forbidden"), "{topic} with {auth:?}: {v}");
+        }
+    }
 }
 
 /// Entries older than the history TTL are trimmed from the stream by later publishes, and are no

@@ -1,9 +1,10 @@
 //! Malformed client frames get `error` replies with the documented codes and the echoed `id`, and the
-//! connection keeps working afterwards; the `ping` op.
+//! connection keeps working afterwards; the `ping` op; `data` nested past `limits.max_json_depth`
+//! (WebSocket and HTTP).
 
 mod common;
 
-use common::{Server, raw_fields};
+use common::{HttpClient, RECV_TIMEOUT, Server, WsClient, raw_fields};
 use serde_json::{Value, json};
 
 /// Sends `frame`, expects an `error` with `code` (and `id` when given), then proves the connection
@@ -205,4 +206,115 @@ async fn ping_op_gets_pong_with_the_id_echoed_verbatim() {
     // Without an id the pong has none.
     let reply = c.request(&json!({"op":"ping"})).await;
     assert_eq!(reply, json!({"op":"pong"}), "pong without id");
+}
+
+/// `data` nested `levels` deep in objects: `{"a":{"a":1}}` for 2.
+fn nested_objects(levels: usize) -> String {
+    format!("{}1{}", "{\"a\":".repeat(levels), "}".repeat(levels))
+}
+
+/// `data` nested `levels` deep in arrays: `[[]]` for 2.
+fn nested_arrays(levels: usize) -> String {
+    format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+}
+
+/// Reads the next `message` and checks its offset and that `data` came byte for byte (compared as
+/// raw text: a deep `data` inside the frame may be deeper than the test's own parser accepts).
+async fn expect_raw_message(sub: &mut WsClient, offset: u64, data: &str) {
+    let text = sub.recv_text(RECV_TIMEOUT).await;
+    let fields = raw_fields(&text);
+    let field = |k: &str| fields.get(k).map(|v| v.get().to_string());
+    assert_eq!(field("op").as_deref(), Some("\"message\""), "{text:.200}");
+    assert_eq!(field("offset"), Some(offset.to_string()), "{text:.200}");
+    assert_eq!(field("data").as_deref(), Some(data), "{text:.200}");
+}
+
+#[tokio::test]
+async fn data_nested_deeper_than_max_json_depth_is_refused_on_every_publish_path() {
+    const TOPIC: &str = "deep.t";
+    const TOO_DEEP: &str = "data is nested deeper than limits.max_json_depth (128 levels)";
+    let server = Server::start().await;
+    let mut sub = server.ws().await;
+    let base = sub.subscribe(TOPIC, 1).await["offset"]
+        .as_u64()
+        .expect("offset");
+    let too_deep = [nested_objects(129), nested_arrays(30_000)];
+
+    // WebSocket publish: an error reply with the id, and the connection stays open.
+    let mut c = server.ws().await;
+    for (id, data) in too_deep.iter().enumerate() {
+        c.send_text(&format!(
+            r#"{{"op":"publish","topic":"{TOPIC}","data":{data},"id":{id}}}"#
+        ))
+        .await;
+        assert_eq!(
+            c.recv().await,
+            json!({"op":"error","id":id,"code":"bad_request","message":TOO_DEEP})
+        );
+    }
+    c.ping_pong(10).await;
+
+    // HTTP publish, single and batch (where one item refuses the whole batch).
+    let mut http = HttpClient::connect(server.addr).await;
+    for data in &too_deep {
+        let r = http
+            .post(&format!("/v1/publish/{TOPIC}"), data.clone())
+            .await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert_eq!(r.json(), json!({"code":"bad_request","message":TOO_DEEP}));
+    }
+    let batch = format!(
+        r#"{{"messages":[{{"topic":"{TOPIC}","data":1}},{{"topic":"{TOPIC}","data":{}}}]}}"#,
+        too_deep[0]
+    );
+    let r = http.post("/v1/publish", batch).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"code":"bad_request","message":format!("messages[1]: {TOO_DEEP}")})
+    );
+    assert_eq!(
+        server
+            .metric("pubgate_client_errors_total{code=\"bad_request\"}")
+            .await,
+        2.0
+    );
+
+    // At the limit, and with brackets and escaped quotes inside strings (which do not nest), data
+    // passes on every path; nothing refused above took an offset.
+    let at_limit = nested_objects(128);
+    let in_strings = format!(r#"{{"s":"\"{}","t":["]]]"]}}"#, "[{".repeat(300));
+    c.send_text(&format!(
+        r#"{{"op":"publish","topic":"{TOPIC}","data":{at_limit},"id":"ok"}}"#
+    ))
+    .await;
+    assert_eq!(c.recv().await["offset"], json!(base + 1));
+    assert_eq!(http.publish(TOPIC, in_strings.clone()).await.1, base + 2);
+    let r = http
+        .post(
+            "/v1/publish",
+            format!(r#"{{"messages":[{{"topic":"{TOPIC}","data":{at_limit}}}]}}"#),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    expect_raw_message(&mut sub, base + 1, &at_limit).await;
+    expect_raw_message(&mut sub, base + 2, &in_strings).await;
+    expect_raw_message(&mut sub, base + 3, &at_limit).await;
+}
+
+#[tokio::test]
+async fn max_json_depth_is_configurable() {
+    let server = Server::builder()
+        .env("PUBGATE__LIMITS__MAX_JSON_DEPTH", "2")
+        .start()
+        .await;
+    let mut http = HttpClient::connect(server.addr).await;
+    let r = http.post("/v1/publish/deep.cfg", "[[1],{\"a\":2}]").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http.post("/v1/publish/deep.cfg", "[[1],{\"a\":[]}]").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"code":"bad_request","message":"data is nested deeper than limits.max_json_depth (2 levels)"})
+    );
 }

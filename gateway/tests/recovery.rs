@@ -452,3 +452,111 @@ async fn a_replay_longer_than_the_send_queue_is_paced_on_redis() {
     let node = redis_node(&redis, &[("PUBGATE__HISTORY__SIZE", "10000".to_string())]).await;
     long_replay_is_paced(&node, "long.redis").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Offsets no topic reaches
+// ---------------------------------------------------------------------------------------------
+
+/// Past 2^53 - 1 an offset is not exact in the Redis scripts (Lua numbers are doubles), but no
+/// topic ever gets there: a resume from such an offset is from beyond the latest one and gets
+/// `recovered:false` with the current position, as any offset the topic never reached; a history
+/// page after it is empty and incomplete. Offsets that are not non-negative integers are
+/// `bad_request`.
+async fn offsets_past_2_pow_53_cases(node: &Node, prefix: &str) {
+    let huge = [
+        ((1u64 << 53) + 10).to_string(),
+        u64::MAX.to_string(),
+        // Past u64 too: only the history query can carry it as is.
+        "123456789012345678901234567890".to_string(),
+    ];
+    for (n, since) in huge.iter().enumerate() {
+        let topic = format!("{prefix}.{n}");
+        let mut live = node.ws().await;
+        let epoch = live.subscribe(&topic).await["epoch"]
+            .as_str()
+            .expect("epoch")
+            .to_string();
+        for i in 1..=3 {
+            publish(node, &topic, &json!({"n": i}).to_string()).await;
+        }
+        let mut latest = 3;
+        if let Ok(since) = since.parse::<u64>() {
+            let mut ws = node.ws().await;
+            let ack = resume(&mut ws, &topic, &epoch, since).await;
+            assert_eq!(
+                (&ack["recovered"], &ack["epoch"], &ack["offset"]),
+                (&json!(false), &json!(epoch), &json!(3)),
+                "since {since}: {ack}"
+            );
+            expect_silence(&mut ws, "nothing replayed").await;
+            assert_eq!(publish(node, &topic, r#"{"live":true}"#).await, 4);
+            let m = ws.next_message(WAIT).await.expect("live");
+            assert_eq!(
+                (m["offset"].clone(), m["data"].clone()),
+                (json!(4), json!({"live":true})),
+                "live continues from the ack"
+            );
+            latest = 4;
+        }
+        let (status, page, raw) = get_history(node, &topic, &format!("?since={since}")).await;
+        assert_eq!(status, 200, "since={since}: {raw}");
+        assert_eq!(
+            (&page["epoch"], &page["offset"]),
+            (&json!(epoch), &json!(latest)),
+            "since={since}: {raw}"
+        );
+        assert_eq!(
+            (&page["complete"], &page["messages"]),
+            (&json!(false), &json!([])),
+            "since={since}: {raw}"
+        );
+    }
+    let topic = format!("{prefix}.0");
+    let (_, page, _) = get_history(node, &topic, "").await;
+    let epoch = page["epoch"].as_str().expect("epoch").to_string();
+    for (i, bad) in [json!(-1), json!(1.5), json!("7"), json!(2.0)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut ws = node.ws().await;
+        ws.send(
+            json!({"op":"subscribe","topic":topic,"id":i,"since":{"epoch":epoch,"offset":bad}}),
+        )
+        .await;
+        match ws.next_frame(WAIT).await {
+            Frame::Json(v) => assert_eq!(
+                (&v["op"], &v["id"], &v["code"]),
+                (&json!("error"), &json!(i), &json!("bad_request")),
+                "offset {bad}: {v}"
+            ),
+            other => panic!("offset {bad}: {other:?}"),
+        }
+    }
+    for bad in [
+        "?since=1.5",
+        "?since=1e3",
+        "?since=-0",
+        "?since=+1",
+        "?since=",
+    ] {
+        let (status, page, raw) = get_history(node, &topic, bad).await;
+        assert_eq!(
+            (status, &page["code"]),
+            (400, &json!("bad_request")),
+            "{bad}: {raw}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_past_2_pow_53_are_beyond_the_latest_on_redis() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    offsets_past_2_pow_53_cases(&node, "huge.redis").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_past_2_pow_53_are_beyond_the_latest_on_memory() {
+    let node = memory_node(&[]).await;
+    offsets_past_2_pow_53_cases(&node, "huge.mem").await;
+}

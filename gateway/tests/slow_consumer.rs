@@ -337,3 +337,125 @@ async fn a_client_that_stops_reading_is_dropped_after_the_stall_limit() {
         "the queue never overflowed; the stall limit closed the connection"
     );
 }
+
+/// Publishes `payload(i)` messages to `topic` until the server has cut one slow consumer off;
+/// returns how many it published. Panics if 2000 were not enough.
+async fn publish_until_cut_off(server: &Server, topic: &str) -> u64 {
+    let mut http = HttpClient::connect(server.addr).await;
+    for i in 0..2000 {
+        http.publish(topic, payload(i)).await;
+        let cut = server
+            .metrics()
+            .await
+            .value_or_zero("pubgate_slow_consumer_disconnects_total");
+        if cut >= 1.0 {
+            return i + 1;
+        }
+    }
+    panic!("2000 messages of {PAYLOAD} bytes did not overflow the send queue");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_slow_consumer_gets_whole_frames_then_close_1008() {
+    // The client stops reading (4 KiB receive window) while messages keep coming: the socket takes
+    // part of one frame, the queue overflows and the client is cut off. It then stays stuck for two
+    // seconds more (a phone app in the background, a paused tab) before it reads everything. Every
+    // frame it gets must be whole, and the last one the close frame 1008: the frame the socket had
+    // begun is finished, the rest of the queue dropped. The server used to give that frame one
+    // second, then drop the socket mid-frame: a torn message and a bare EOF (1006).
+    const STUCK_AFTER_CUT: Duration = Duration::from_secs(2);
+    let server = Server::builder()
+        .env(
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (256u32 << 10).to_string(),
+        )
+        .start()
+        .await;
+    let mut slow = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    let ack = slow.subscribe(TOPIC, 1).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let base = ack["offset"].as_u64().expect("offset");
+
+    let published = publish_until_cut_off(&server, TOPIC).await;
+    tokio::time::sleep(STUCK_AFTER_CUT).await;
+
+    let mut offsets = Vec::new();
+    let close = loop {
+        let frame = slow
+            .read_frame(common::RECV_TIMEOUT)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the connection ended without a close frame after {} whole messages: {e:?}",
+                    offsets.len()
+                )
+            });
+        match frame.opcode {
+            common::op::PING => continue,
+            common::op::CLOSE => break frame,
+            common::op::TEXT => {}
+            _ => panic!("unexpected frame {frame:?}"),
+        }
+        assert!(frame.fin, "a fragment: {frame:?}");
+        let v: serde_json::Value = serde_json::from_slice(&frame.payload)
+            .unwrap_or_else(|e| panic!("message {} is not whole JSON: {e}", offsets.len() + 1));
+        let i = offsets.len() as u64;
+        assert_eq!(v["op"], "message");
+        assert_eq!(v["offset"], json!(base + 1 + i));
+        assert_eq!(v["data"]["i"], json!(i));
+        assert_eq!(
+            v["data"]["pad"].as_str().map(str::len),
+            Some(PAYLOAD - format!(r#"{{"i":{i},"pad":""}}"#).len())
+        );
+        offsets.push(base + 1 + i);
+    };
+    assert_eq!(close.close_code(), Some(1008), "{close:?}");
+    assert_eq!(&close.payload[2..], b"slow consumer: send queue full");
+    assert!(
+        !offsets.is_empty() && (offsets.len() as u64) < published,
+        "{} of {published} messages before the close",
+        offsets.len()
+    );
+    // Nothing after the close frame: the server ends the connection.
+    match slow.read_frame(common::RECV_TIMEOUT).await {
+        Err(common::RawReadError::Eof | common::RawReadError::Io(_)) => {}
+        other => panic!("expected the end of the connection after the close frame: {other:?}"),
+    }
+    assert_eq!(
+        server
+            .metric("pubgate_slow_consumer_disconnects_total")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_slow_consumer_that_never_reads_again_is_dropped_after_the_stall_limit() {
+    // The frame the socket had begun can never be finished, nor the close frame sent: the
+    // connection is dropped once no byte moved for server.idle_timeout (3 s here).
+    let server = Server::builder()
+        .env(
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (256u32 << 10).to_string(),
+        )
+        .env("PUBGATE__SERVER__IDLE_TIMEOUT", "3s")
+        .env("PUBGATE__SERVER__PING_INTERVAL", "500ms")
+        .start()
+        .await;
+    let mut stuck = RawWs::connect_small_rcvbuf(server.addr, 4096).await;
+    assert_eq!(stuck.subscribe(TOPIC, 1).await["op"], "ack");
+    let published = publish_until_cut_off(&server, TOPIC).await;
+    server
+        .wait_metric("pubgate_connections", Duration::from_secs(15), |v| v == 0.0)
+        .await;
+    let got = stuck
+        .expect_eof(Duration::from_secs(10), published as usize * PAYLOAD)
+        .await;
+    assert!(got > 0, "the stuck client got nothing at all");
+    assert_eq!(
+        server
+            .metric("pubgate_slow_consumer_disconnects_total")
+            .await,
+        1.0
+    );
+}

@@ -1,0 +1,288 @@
+//! The queue itself: bounded in frames and bytes, with the slow-consumer policy applied at push
+//! time, close requests, and the batches the writer task takes out of it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use tokio::sync::Notify;
+
+use super::{CloseReason, DirectWrite, Pushed};
+use crate::config::SlowConsumerPolicy;
+
+/// The bounded per-connection frame queue.
+pub struct SendQueue {
+    pub(super) state: Mutex<State>,
+    /// Wakes the writer (the queue's only consumer) when frames arrive or a close is requested.
+    /// Cheaper than a `Notify` on the fan-out path: waking is one atomic swap.
+    pub(super) ready: AtomicWaker,
+    /// Wakes a reader waiting in [`SendQueue::room`] when the writer takes the queue or a close is
+    /// requested.
+    pub(super) taken: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+    policy: SlowConsumerPolicy,
+}
+
+pub(super) struct State {
+    pub(super) frames: VecDeque<Bytes>,
+    pub(super) bytes: usize,
+    pub(super) close: Option<CloseReason>,
+    /// The writer has taken frames it has not finished writing: only it may write now.
+    pub(super) writer_busy: bool,
+    /// The first frame was partly written by a flush: it cannot be dropped.
+    pub(super) head_sent: bool,
+    /// Where frames go while the writer is idle; `None` on TLS, and once the session ended.
+    pub(super) direct: Option<Arc<dyn DirectWrite>>,
+}
+
+impl State {
+    /// Drops every queued frame but a partly written head, which must still be finished so that the
+    /// close frame after it starts on a frame boundary.
+    fn discard_queued(&mut self) {
+        let keep = usize::from(self.head_sent);
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(Bytes::len).sum();
+    }
+}
+
+/// What the writer takes out of the queue in one go.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Frames to write, in order.
+    pub frames: VecDeque<Bytes>,
+    /// Set when the connection must be closed after writing `frames`.
+    pub close: Option<CloseReason>,
+    /// Whether the socket already took part of the first frame (a direct flush began it): it must
+    /// be finished, even when the rest is discarded.
+    pub head_sent: bool,
+}
+
+impl SendQueue {
+    /// Makes an empty queue. An empty queue holds no heap memory.
+    pub fn new(max_frames: usize, max_bytes: usize, policy: SlowConsumerPolicy) -> Self {
+        Self::with_direct(max_frames, max_bytes, policy, None)
+    }
+
+    /// Makes an empty queue whose frames are written through `direct` while the writer is idle.
+    pub fn with_direct(
+        max_frames: usize,
+        max_bytes: usize,
+        policy: SlowConsumerPolicy,
+        direct: Option<Arc<dyn DirectWrite>>,
+    ) -> Self {
+        SendQueue {
+            state: Mutex::new(State {
+                frames: VecDeque::new(),
+                bytes: 0,
+                close: None,
+                writer_busy: false,
+                head_sent: false,
+                direct,
+            }),
+            ready: AtomicWaker::new(),
+            taken: Notify::new(),
+            max_frames,
+            max_bytes,
+            policy,
+        }
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a frame without waiting, applying the slow-consumer policy when full, and writes it
+    /// right away when it is this queue's turn to be flushed (see [`SendQueue::enqueue`]).
+    pub fn push(&self, frame: Bytes) -> Pushed {
+        let (pushed, flush) = self.enqueue(frame);
+        if flush {
+            self.flush();
+        }
+        pushed
+    }
+
+    /// Queues a frame without waiting and without writing, applying the slow-consumer policy when
+    /// full. Returns, besides what it did, whether the caller must [`flush`](SendQueue::flush) the
+    /// queue: true for the push that finds the queue empty while the writer is idle on a
+    /// direct-write connection. Until that flush, later pushes only queue.
+    pub fn enqueue(&self, frame: Bytes) -> (Pushed, bool) {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return (Pushed::Closed, false);
+        }
+        let fits = |st: &State| {
+            st.frames.len() < self.max_frames && st.bytes + frame.len() <= self.max_bytes
+        };
+        let mut dropped = 0;
+        if !fits(&st) {
+            match self.policy {
+                SlowConsumerPolicy::Disconnect => {
+                    st.close = Some(CloseReason::SLOW_CONSUMER);
+                    // Freed now rather than when the writer gets to them: a consumer that is stuck
+                    // may keep the writer waiting on its socket for a while.
+                    st.discard_queued();
+                    drop(st);
+                    self.ready.wake();
+                    self.taken.notify_waiters();
+                    return (Pushed::Overflow, false);
+                }
+                SlowConsumerPolicy::DropOldest => {
+                    // A frame the socket has taken part of must be finished, or the stream breaks.
+                    let keep = usize::from(st.head_sent);
+                    while !fits(&st) && st.frames.len() > keep {
+                        if let Some(old) = st.frames.remove(keep) {
+                            st.bytes -= old.len();
+                            dropped += 1;
+                        }
+                    }
+                }
+            }
+        }
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        // A busy writer takes the queue again when its write is done; otherwise the first frame into
+        // an empty queue is flushed directly, or wakes the writer.
+        let first = st.frames.len() == 1 && !st.writer_busy;
+        let flush = first && st.direct.is_some();
+        drop(st);
+        if first && !flush {
+            self.ready.wake();
+        }
+        let pushed = if dropped > 0 {
+            Pushed::DroppedOldest(dropped)
+        } else {
+            Pushed::Queued
+        };
+        (pushed, flush)
+    }
+
+    /// Whether a reader may be waiting in [`SendQueue::room`].
+    pub(super) fn is_half_full(&self, st: &State) -> bool {
+        st.frames.len() * 2 >= self.max_frames || st.bytes * 2 >= self.max_bytes
+    }
+
+    /// Marks the connection as ended: no more frames are taken, and the socket handle is released
+    /// so the connection's file descriptor closes even while others still hold the queue.
+    pub fn detach(&self) {
+        let mut st = self.lock();
+        st.direct = None;
+        if st.close.is_none() {
+            st.close = Some(CloseReason::PEER_GONE);
+        }
+        st.frames = VecDeque::new();
+        st.bytes = 0;
+        st.head_sent = false;
+    }
+
+    /// Asks the writer to close the connection. The first reason wins; when it discards the queue,
+    /// queued frames are dropped at once (but a partly written one).
+    pub fn close(&self, reason: CloseReason) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            if reason.discard_queued {
+                st.discard_queued();
+            }
+            st.close = Some(reason);
+        }
+        drop(st);
+        self.ready.wake();
+        self.taken.notify_waiters();
+    }
+
+    /// Whether a close was requested.
+    pub fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// The close requested, if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lock().close.clone()
+    }
+
+    /// Waits until there is something for the writer: frames or a close request. Cancel-safe.
+    /// Only the writer may wait here (one waker is kept).
+    pub async fn ready(&self) {
+        std::future::poll_fn(|cx| {
+            self.ready.register(cx.waker());
+            let st = self.lock();
+            if st.frames.is_empty() && st.close.is_none() {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    /// Waits until a close is requested. Cancel-safe; for the writer only, like [`Self::ready`].
+    pub async fn closing(&self) {
+        std::future::poll_fn(|cx| {
+            self.ready.register(cx.waker());
+            if self.lock().close.is_some() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Waits until the queue is less than half full (in frames and in bytes), or closing.
+    /// Cancel-safe.
+    ///
+    /// A connection's reader calls this before it reads the client's next request, so that replies
+    /// to a client's own requests (pongs, acks, errors, echoes) wait for the writer instead of
+    /// overflowing the queue: a client that pipelines requests faster than its replies are written
+    /// is slowed down by TCP (its requests stay unread) rather than closed as a slow consumer, and
+    /// half the queue stays free for fan-out. Fan-out never waits (see [`SendQueue::push`]).
+    pub async fn room(&self) {
+        loop {
+            let taken = self.taken.notified();
+            tokio::pin!(taken);
+            // Registered before the check, so a take() in between is not missed.
+            taken.as_mut().enable();
+            {
+                let st = self.lock();
+                if st.close.is_some() || !self.is_half_full(&st) {
+                    return;
+                }
+            }
+            taken.await;
+        }
+    }
+
+    /// Takes everything queued, and the close request if any.
+    pub fn take(&self) -> Batch {
+        let mut batch = Batch::default();
+        self.take_batch(&mut batch);
+        batch
+    }
+
+    /// Moves everything queued into `batch` (whose `frames` must be empty) by swapping buffers, so
+    /// the queue keeps the caller's spare capacity and pushes do not allocate. Sets the batch's
+    /// close request and whether its first frame is partly written.
+    ///
+    /// From here until a take finds the queue empty, the caller is the connection's only writer
+    /// (see the module's invariants).
+    pub fn take_batch(&self, batch: &mut Batch) {
+        debug_assert!(batch.frames.is_empty());
+        let mut st = self.lock();
+        batch.close = st.close.clone();
+        st.bytes = 0;
+        std::mem::swap(&mut st.frames, &mut batch.frames);
+        // While the writer holds frames, nobody else may write: they would overtake them.
+        st.writer_busy = !batch.frames.is_empty();
+        batch.head_sent = std::mem::take(&mut st.head_sent);
+        drop(st);
+        if batch.close.as_ref().is_some_and(|c| c.discard_queued) {
+            // Even when discarding, a partly written frame is finished before the close frame.
+            batch.frames.truncate(usize::from(batch.head_sent));
+        }
+        if !batch.frames.is_empty() {
+            self.taken.notify_waiters();
+        }
+    }
+}
