@@ -1,24 +1,30 @@
 //! pubgate's gateway: WebSocket sessions, the local topic registry, fan-out, the HTTP API,
 //! metrics and configuration. The `pubgate` binary only parses flags and calls [`server::run`].
+//!
+//! Only what the binary, the integration tests and the fuzz targets use is public; everything
+//! else is `pub(crate)`, so the compiler points out code nothing calls.
 
-pub mod auth;
 pub mod config;
-pub mod drain;
-pub mod frame;
-pub mod frame_read;
-pub mod http_api;
-pub mod json_depth;
-pub mod metrics;
-pub mod node;
+mod error;
+pub mod logging;
 pub mod protocol;
-pub mod registry;
-pub mod send_queue;
 pub mod server;
-pub mod session;
-pub mod tcp;
 pub mod tls;
 pub mod topic;
-pub mod writer;
 pub mod ws_read;
 
-pub mod logging;
+pub(crate) mod auth;
+pub(crate) mod drain;
+pub(crate) mod frame;
+pub(crate) mod frame_read;
+pub(crate) mod http_api;
+pub(crate) mod json_depth;
+pub(crate) mod metrics;
+pub(crate) mod node;
+pub(crate) mod registry;
+pub(crate) mod send_queue;
+pub(crate) mod session;
+pub(crate) mod tcp;
+pub(crate) mod writer;
+
+pub use error::Error;

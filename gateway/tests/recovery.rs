@@ -45,7 +45,10 @@ async fn resume_on_another_node_gets_exactly_the_missed_messages_in_order_then_l
             (Some(i), &json!({"n": i}))
         );
         if i == 1 {
-            epoch = m["epoch"].as_str().expect("message 1 names its epoch").into();
+            epoch = m["epoch"]
+                .as_str()
+                .expect("message 1 names its epoch")
+                .into();
         } else {
             assert!(m.get("epoch").is_none(), "only message 1 names it: {m}");
         }

@@ -67,14 +67,29 @@ async fn a_restart_from_an_older_snapshot_starts_a_new_epoch_and_says_so() {
     let (mut ws, epoch) = live_client(&node, &node, topic, 5).await;
     assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
     for i in 6..=8 {
-        assert_eq!(publish(&node, topic, &json!({ "n": i }).to_string()).await, i);
+        assert_eq!(
+            publish(&node, topic, &json!({ "n": i }).to_string()).await,
+            i
+        );
     }
-    assert_eq!(messages(&mut ws, 3, "after the snapshot").await, numbered(6..=8));
+    assert_eq!(
+        messages(&mut ws, 3, "after the snapshot").await,
+        numbered(6..=8)
+    );
 
     // Killed (what SHUTDOWN NOSAVE leaves): it comes back from the snapshot, at offset 5.
     redis.restart();
-    assert!(redis.cli(&["GET", &format!("pubgate:{topic}:epoch")]).starts_with(&epoch));
-    assert_eq!(redis.cli(&["GET", &format!("pubgate:{topic}:offset")]).trim(), "5");
+    assert!(
+        redis
+            .cli(&["GET", &format!("pubgate:{topic}:epoch")])
+            .starts_with(&epoch)
+    );
+    assert_eq!(
+        redis
+            .cli(&["GET", &format!("pubgate:{topic}:offset")])
+            .trim(),
+        "5"
+    );
     node.wait_ready(READY).await;
 
     let gap = next_json(&mut ws, "gap after the rollback").await;
@@ -87,11 +102,19 @@ async fn a_restart_from_an_older_snapshot_starts_a_new_epoch_and_says_so() {
     let (status, body) = node.publish(topic, r#"{"n":9}"#).await;
     assert_eq!(status, 200, "{body}");
     let reply: Value = serde_json::from_str(&body).expect("reply");
-    assert_eq!((&reply["epoch"], &reply["offset"]), (&json!(new_epoch), &json!(1)));
+    assert_eq!(
+        (&reply["epoch"], &reply["offset"]),
+        (&json!(new_epoch), &json!(1))
+    );
     let m = next_json(&mut ws, "the new stream").await;
     assert_eq!(
         (&m["op"], &m["epoch"], &m["offset"], &m["data"]),
-        (&json!("message"), &json!(new_epoch), &json!(1), &json!({"n": 9}))
+        (
+            &json!("message"),
+            &json!(new_epoch),
+            &json!(1),
+            &json!({"n": 9})
+        )
     );
 
     // Whoever saw 6..8 (or only 5) cannot resume silently.
@@ -128,7 +151,11 @@ async fn a_restart_without_data_is_a_gap_then_a_fresh_stream() {
     assert_ne!(gap["epoch"], json!(epoch), "{gap}");
     assert_eq!(publish(&node, topic, r#"{"n":"new"}"#).await, 1);
     let m = next_json(&mut ws, "new stream").await;
-    assert_eq!((&m["offset"], &m["data"]), (&json!(1), &json!({"n": "new"})), "{m}");
+    assert_eq!(
+        (&m["offset"], &m["data"]),
+        (&json!(1), &json!({"n": "new"})),
+        "{m}"
+    );
     assert_ne!(m["epoch"], json!(epoch), "{m}");
     assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
 }
@@ -205,7 +232,10 @@ async fn a_node_that_falls_behind_refills_from_history_instead_of_growing() {
         .metric("pubgate_broker_backlog_overflows_total")
         .await
         .expect("metric");
-    assert!(overflows >= 1.0, "the burst overflowed the backlog: {overflows}");
+    assert!(
+        overflows >= 1.0,
+        "the burst overflowed the backlog: {overflows}"
+    );
     assert!(
         eventually(Duration::from_secs(5), async || {
             a.metric("pubgate_broker_backlog").await == Some(0.0)
@@ -237,13 +267,19 @@ async fn forged_gateway_headers_are_dropped_and_move_nothing() {
     // A raw message that is not JSON is still delivered, as a JSON string.
     redis.cli(&["PUBLISH", &channel, "plain text"]);
     let m = next_json(&mut ws, "raw text").await;
-    assert_eq!((&m["data"], m.get("offset")), (&json!("plain text"), None), "{m}");
+    assert_eq!(
+        (&m["data"], m.get("offset")),
+        (&json!("plain text"), None),
+        "{m}"
+    );
     assert_eq!(publish(&node, topic, r#"{"n":3}"#).await, 3);
     assert_eq!(messages(&mut ws, 1, "the real 3").await, numbered(3..=3));
     for (reason, n) in [("forged", 2.0), ("header", 1.0), ("data", 2.0)] {
         assert_eq!(
-            node.metric(&format!("pubgate_broker_rejected_total{{reason=\"{reason}\"}}"))
-                .await,
+            node.metric(&format!(
+                "pubgate_broker_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await,
             Some(n),
             "{reason}"
         );
@@ -258,17 +294,29 @@ async fn reads_of_made_up_topics_create_no_keys() {
     let node = redis_node(&redis, &[]).await;
     assert_eq!(publish(&node, "real", "1").await, 1);
     let before = redis.cli(&["DBSIZE"]);
-    assert_eq!(before.trim(), "3", "epoch, offset and history of the real topic");
+    assert_eq!(
+        before.trim(),
+        "3",
+        "epoch, offset and history of the real topic"
+    );
     let mut ws = node.ws().await;
     for i in 0..50 {
         let topic = format!("scan.{i}");
         let ack = ws.subscribe(&topic).await;
-        assert_eq!((&ack["epoch"], &ack["offset"]), (&json!("0"), &json!(0)), "{ack}");
+        assert_eq!(
+            (&ack["epoch"], &ack["offset"]),
+            (&json!("0"), &json!(0)),
+            "{ack}"
+        );
         let (status, body) =
             redis_support::http(node.addr, "GET", &format!("/v1/history/made.up.{i}"), "").await;
         assert_eq!(status, 200, "{body}");
         let page: Value = serde_json::from_str(&body).expect("page");
-        assert_eq!((&page["epoch"], &page["offset"]), (&json!("0"), &json!(0)), "{page}");
+        assert_eq!(
+            (&page["epoch"], &page["offset"]),
+            (&json!("0"), &json!(0)),
+            "{page}"
+        );
         let mut resumer = node.ws().await;
         let ack = resume(&mut resumer, &format!("resume.{i}"), "deadbeef", 7).await;
         assert_eq!(ack["recovered"], json!(false), "{ack}");
@@ -286,7 +334,10 @@ async fn reads_of_made_up_topics_create_no_keys() {
     let mut back = node.ws().await;
     let ack = resume(&mut back, "later", "0", 0).await;
     assert_eq!(ack["recovered"], json!(true), "{ack}");
-    assert_eq!(messages(&mut back, 3, "from the start").await, numbered(1..=3));
+    assert_eq!(
+        messages(&mut back, 3, "from the start").await,
+        numbered(1..=3)
+    );
 }
 
 /// A client pipelines unsubscribe + subscribe of one topic thousands of times on node A while a

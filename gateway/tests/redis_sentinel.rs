@@ -98,12 +98,19 @@ async fn nodes_follow_a_sentinel_failover_and_deliver_again() {
     // (replication is asynchronous), so the topic starts a new epoch rather than risk handing
     // out an offset twice. Subscribers are told (a gap frame), then get the new stream.
     let reply: serde_json::Value = serde_json::from_str(&body).expect("reply");
-    assert_eq!(reply["offset"], json!(1), "a new epoch on the new master: {body}");
+    assert_eq!(
+        reply["offset"],
+        json!(1),
+        "a new epoch on the new master: {body}"
+    );
     let new_epoch = reply["epoch"].clone();
     for ws in [&mut on_a, &mut on_b] {
         let mut frames = Vec::new();
         loop {
-            let v = ws.recv(Duration::from_secs(10)).await.expect("after failover");
+            let v = ws
+                .recv(Duration::from_secs(10))
+                .await
+                .expect("after failover");
             let done = v["op"] == "message";
             frames.push(v);
             if done {
