@@ -91,6 +91,12 @@ pub struct Message {
 pub trait MessageSink: Send + Sync + 'static {
     /// Takes one message for local fan-out.
     fn deliver(&self, message: Message);
+
+    /// Messages of `message_topic` published before `resume.offset + 1` in epoch `resume.epoch` may
+    /// never reach this node (history could not fill a gap, or the topic's stream was rolled back and
+    /// started a new epoch). Live delivery of the topic continues after `resume`. Called in order with
+    /// `deliver` for the same topic.
+    fn gap(&self, topic: &str, resume: &Position);
 }
 
 /// Hears what happens on a broker's connections, so the embedding node can export it (metrics, logs)

@@ -219,6 +219,10 @@ mod tests {
         fn deliver(&self, message: Message) {
             self.0.lock().unwrap().push(message);
         }
+
+        fn gap(&self, _topic: &str, _resume: &Position) {
+            unreachable!("the memory broker never signals a gap");
+        }
     }
 
     fn broker(history_size: usize) -> (MemoryBroker, Arc<Collect>) {

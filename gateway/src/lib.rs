@@ -14,6 +14,7 @@ pub mod registry;
 pub mod send_queue;
 pub mod server;
 pub mod session;
+pub mod subscribe;
 pub mod tcp;
 pub mod tls;
 pub mod topic;

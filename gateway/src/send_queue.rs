@@ -251,7 +251,8 @@ impl SendQueue {
     }
 
     /// Marks the connection as ended: no more frames are taken, and the socket handle is released
-    /// so the connection's file descriptor closes even while others still hold the queue.
+    /// so the connection's file descriptor closes even while others still hold the queue. A reader
+    /// waiting in [`SendQueue::room`] (a resume's replay, for one) wakes up and sees it closing.
     pub fn detach(&self) {
         let mut st = self.lock();
         st.direct = None;
@@ -261,6 +262,8 @@ impl SendQueue {
         st.frames = VecDeque::new();
         st.bytes = 0;
         st.head_sent = false;
+        drop(st);
+        self.taken.notify_waiters();
     }
 
     /// Asks the writer to close the connection. The first reason wins.
