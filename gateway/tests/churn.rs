@@ -113,7 +113,10 @@ async fn a_subscribe_flood_is_rate_limited_costs_redis_nothing_and_disturbs_nobo
     let allowed = 2 * ROUNDS - limited;
     let budget = 200 + (50.0 * flood_time.as_secs_f64()).ceil() as usize;
     assert!(limited > 0, "{codes:?}");
-    assert!(allowed <= budget, "{allowed} allowed, over {budget}: {codes:?}");
+    assert!(
+        allowed <= budget,
+        "{allowed} allowed, over {budget}: {codes:?}"
+    );
     assert_eq!(
         metric(&node, "pubgate_client_errors_total{code=\"rate_limited\"}").await,
         limited as f64
@@ -166,7 +169,11 @@ async fn a_topic_keeps_its_broker_subscription_for_the_cool_down_only() {
     assert_eq!(m["offset"], json!(1));
     // Left for longer than the delay: unsubscribed in Redis.
     ws.close().await;
-    assert!(eventually(Duration::from_secs(10), async || numsub(&redis, channel) == 0).await);
+    assert!(
+        eventually(Duration::from_secs(10), async || numsub(&redis, channel)
+            == 0)
+        .await
+    );
     assert_eq!(metric(&node, "pubgate_broker_topics").await, 0.0);
     assert_eq!(command_calls(&redis, "unsubscribe"), 1);
 }

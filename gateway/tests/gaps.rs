@@ -47,7 +47,10 @@ async fn a_live_subscriber_is_told_of_a_new_epoch_with_a_gap_frame() {
         json!({"op":"gap","topic":topic,"epoch":reply["epoch"],"offset":0}),
         "offsets 1.. of the new epoch follow; whatever came before may be lost"
     );
-    let m = ws.next_message(WAIT).await.expect("message of the new epoch");
+    let m = ws
+        .next_message(WAIT)
+        .await
+        .expect("message of the new epoch");
     assert_eq!(
         (&m["offset"], &m["data"]),
         (&json!(1), &json!({"after":"flush"}))
@@ -132,7 +135,10 @@ async fn next_json(ws: &mut RawWs) -> Value {
 fn trim_env() -> Vec<(&'static str, String)> {
     vec![
         ("PUBGATE__HISTORY__SIZE", KEPT.to_string()),
-        ("PUBGATE__LIMITS__SEND_QUEUE_BYTES", (1u32 << 20).to_string()),
+        (
+            "PUBGATE__LIMITS__SEND_QUEUE_BYTES",
+            (1u32 << 20).to_string(),
+        ),
     ]
 }
 

@@ -362,7 +362,11 @@ async fn a_raw_message_over_the_size_limit_is_dropped_by_every_node_and_nothing_
     for (i, ws) in clients.iter_mut().enumerate() {
         let first = ws.next_message(Duration::from_secs(10)).await;
         let first = first.unwrap_or_else(|| panic!("client {i}: nothing arrived"));
-        assert_eq!(first["data"]["i"], json!(1), "the largest allowed one arrives");
+        assert_eq!(
+            first["data"]["i"],
+            json!(1),
+            "the largest allowed one arrives"
+        );
         assert_eq!(first["data"]["pad"].as_str().map(str::len), Some(MAX - 16));
         let next = ws.next_message(Duration::from_secs(10)).await;
         assert_eq!(
@@ -381,5 +385,9 @@ async fn a_raw_message_over_the_size_limit_is_dropped_by_every_node_and_nothing_
             Some(0.0)
         );
     }
-    assert!(nodes[0].log().contains("larger than limits.max_message_size"));
+    assert!(
+        nodes[0]
+            .log()
+            .contains("larger than limits.max_message_size")
+    );
 }
