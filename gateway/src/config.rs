@@ -138,6 +138,10 @@ pub struct Limits {
     pub max_batch_bytes: usize,
     /// Levels of nesting a published `data` value may have at most (`[[1]]` has 2).
     pub max_json_depth: usize,
+    /// Subscribe and unsubscribe requests one connection may make per second, on average.
+    pub subscribe_rate: u32,
+    /// Subscribe and unsubscribe requests one connection may make in a burst, above the rate.
+    pub subscribe_burst: u32,
 }
 
 /// Broker implementations a node can use.
@@ -182,6 +186,10 @@ pub struct BrokerSettings {
     pub backlog_messages: usize,
     /// Payload bytes from Redis that may wait for the node's fan-out.
     pub backlog_bytes: usize,
+    /// How long the node keeps a topic's broker subscription after its last local subscriber left,
+    /// so a client that comes back (or churns) does not cost a broker unsubscribe and subscribe.
+    #[serde(with = "humantime_serde")]
+    pub unsubscribe_delay: Duration,
 }
 
 /// `[tls]`
@@ -329,6 +337,11 @@ pub enum ConfigError {
 /// The most messages `history.size` (or a rule's `size`) may keep per topic.
 const MAX_HISTORY: usize = 1_000_000;
 
+/// What a message frame adds to its `data` at most: the WebSocket frame header (14 bytes), a topic
+/// name of 200 characters (they never need escaping) and the JSON envelope around them (`op`,
+/// `offset` up to 20 digits, quotes and commas: under 100 bytes).
+pub const MESSAGE_FRAME_OVERHEAD: usize = 14 + 200 + 100;
+
 /// Built-in defaults, the lowest layer. Kept as TOML so it reads like the example file.
 const DEFAULTS: &str = r#"
 [server]
@@ -348,6 +361,8 @@ slow_consumer = "disconnect"
 max_batch_messages = 1000
 max_batch_bytes = 1048576
 max_json_depth = 128
+subscribe_rate = 50
+subscribe_burst = 200
 
 [broker]
 kind = "memory"
@@ -358,6 +373,7 @@ canary_timeout = "3s"
 topic_idle_ttl = "24h"
 backlog_messages = 65536
 backlog_bytes = 67108864
+unsubscribe_delay = "1s"
 
 [tls]
 max_handshakes = 1024
@@ -456,11 +472,19 @@ impl Settings {
         if self.limits.send_queue_frames < 2 {
             return invalid("limits.send_queue_frames", "must be at least 2");
         }
-        if self.limits.send_queue_bytes < self.limits.max_message_size + 64 {
-            return invalid(
-                "limits.send_queue_bytes",
-                "must hold at least one message of limits.max_message_size",
-            );
+        // A message is never larger than limits.max_message_size (publishes are refused past it and
+        // the registry drops bigger ones from the broker), so an empty queue always takes it.
+        if self.limits.send_queue_bytes < self.limits.max_message_size + MESSAGE_FRAME_OVERHEAD {
+            return Err(ConfigError::Invalid {
+                key: "limits.send_queue_bytes".into(),
+                message: format!(
+                    "must hold one message frame of limits.max_message_size ({}) plus {} bytes of \
+                     frame header, topic and envelope: at least {}",
+                    self.limits.max_message_size,
+                    MESSAGE_FRAME_OVERHEAD,
+                    self.limits.max_message_size + MESSAGE_FRAME_OVERHEAD
+                ),
+            });
         }
         if self.limits.max_batch_messages == 0 {
             return invalid("limits.max_batch_messages", "must be at least 1");
@@ -473,6 +497,12 @@ impl Settings {
         }
         if self.limits.max_json_depth == 0 {
             return invalid("limits.max_json_depth", "must be at least 1");
+        }
+        if self.limits.subscribe_rate == 0 {
+            return invalid("limits.subscribe_rate", "must be at least 1");
+        }
+        if self.limits.subscribe_burst == 0 {
+            return invalid("limits.subscribe_burst", "must be at least 1");
         }
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");

@@ -24,6 +24,7 @@ pub(crate) mod node;
 pub(crate) mod registry;
 pub(crate) mod send_queue;
 pub(crate) mod session;
+pub(crate) mod subscribe;
 pub(crate) mod tcp;
 pub(crate) mod writer;
 

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub resumes: IntCounterVec,
     /// Messages replayed from history to resuming subscribers.
     pub replayed: IntCounter,
+    /// Gap frames queued to subscribers.
+    pub gaps_signalled: IntCounter,
+    /// Topics the node holds a broker subscription for, cooling down ones included.
+    pub broker_topics: IntGauge,
+    /// Messages from the broker dropped before fan-out (once per message), by reason.
+    pub broker_dropped: IntCounterVec,
 }
 
 impl Metrics {
@@ -186,6 +192,26 @@ impl Metrics {
                 "messages_replayed_total",
                 "Messages replayed from history to resuming subscribers.",
             ),
+            gaps_signalled: counter(
+                r,
+                "gaps_signalled_total",
+                "Gap frames sent to subscribers (messages they may have missed for good).",
+            ),
+            broker_topics: gauge(
+                r,
+                "broker_topics",
+                "Topics the node is subscribed to in the broker, including those cooling down.",
+            ),
+            broker_dropped: {
+                let v = counter_vec(
+                    r,
+                    "broker_messages_dropped_total",
+                    "Messages from the broker dropped before fan-out, once per message.",
+                    "reason",
+                );
+                v.with_label_values(&["too_large"]);
+                v
+            },
             registry,
         };
         #[cfg(target_os = "linux")]

@@ -343,6 +343,21 @@ pub fn message(msg: &Message) -> Bytes {
     b.finish(OpCode::Text)
 }
 
+/// `{"op":"gap","topic":…,"epoch":…,"offset":…}`: messages of the topic before `offset + 1` in
+/// `epoch` that the subscriber has not received may be lost; its live stream continues with
+/// `offset + 1`. The subscriber resubscribes with `since` to fetch what history still holds.
+pub fn gap(topic: &str, resume: &Position) -> Bytes {
+    let mut b = FrameBuilder::with_capacity(topic.len() + resume.epoch.as_str().len() + 64);
+    b.put(b"{\"op\":\"gap\",\"topic\":");
+    b.put_json_str(topic);
+    b.put(b",\"epoch\":");
+    b.put_json_str(resume.epoch.as_str());
+    b.put(b",\"offset\":");
+    b.put_u64(resume.offset);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
 /// JSON body `{"code":…,"message":…}` for HTTP error responses.
 pub fn http_error_body(err: &ProtocolError) -> String {
     serde_json::json!({"code": err.code.as_str(), "message": err.message}).to_string()
@@ -469,5 +484,10 @@ mod tests {
         let f = message(&msg);
         assert!(f.ends_with(b"\"data\":{\"x\": 1}}"));
         assert_eq!(payload(&f)["offset"], 42 - 1);
+        let v = payload(&gap("t.a", msg.position.as_ref().unwrap()));
+        assert_eq!(
+            v,
+            serde_json::json!({"op":"gap","topic":"t.a","epoch":"ab","offset":41})
+        );
     }
 }

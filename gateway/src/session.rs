@@ -6,7 +6,7 @@
 //! of its own because frame reads are not cancel-safe.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -15,7 +15,7 @@ use crate::auth::Identity;
 use crate::frame::{self, OpCode};
 use crate::node::{Admission, Node};
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
-use crate::registry::ConnId;
+use crate::registry::{ConnId, Subscription};
 use crate::send_queue::{CloseReason, DirectWrite, SendQueue};
 use crate::writer::{self, Heartbeat, LastHeard, WriterEnd};
 use crate::ws_read::{Incoming, ReadError, WsReader};
@@ -79,8 +79,12 @@ pub async fn run<R, W>(
         subs: Subscriptions {
             node: node.clone(),
             conn,
-            topics: Vec::new(),
+            list: Vec::new(),
         },
+        churn: TokenBucket::new(
+            node.settings.limits.subscribe_rate,
+            node.settings.limits.subscribe_burst,
+        ),
         route,
     };
     let mut reader = tokio::spawn(reader.run());
@@ -112,33 +116,52 @@ pub async fn run<R, W>(
     drop(admission);
 }
 
-/// The topics a connection is subscribed to. Dropping it (when the reader ends or is aborted)
-/// unsubscribes them all.
+/// The subscriptions of a connection, each a guard ([`Subscription`]) recorded before the first
+/// await of its subscribe. Dropping them (when the reader ends, or its task is aborted in the middle
+/// of a subscribe or a replay) releases every one.
 struct Subscriptions {
     node: Arc<Node>,
     conn: ConnId,
-    topics: Vec<Arc<str>>,
+    list: Vec<Subscription>,
 }
 
 impl Subscriptions {
     fn position(&self, topic: &str) -> Option<usize> {
-        self.topics.iter().position(|t| &**t == topic)
+        self.list.iter().position(|s| &**s.topic() == topic)
     }
 }
 
-impl Drop for Subscriptions {
-    fn drop(&mut self) {
-        if self.topics.is_empty() {
-            return;
+/// Bounds how fast one connection subscribes and unsubscribes: `rate` per second on average, up to
+/// `burst` at once. Each costs the node a registry change and possibly broker commands; a client
+/// churning thousands per second must not turn into broker traffic for everyone.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        TokenBucket {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: Instant::now(),
         }
-        let topics = std::mem::take(&mut self.topics);
-        let (node, conn) = (self.node.clone(), self.conn);
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                for topic in topics {
-                    node.unsubscribe(&topic, conn).await;
-                }
-            });
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -148,6 +171,7 @@ struct Reader<R> {
     queue: Arc<SendQueue>,
     heard: Arc<LastHeard>,
     subs: Subscriptions,
+    churn: TokenBucket,
     route: Route,
 }
 
@@ -252,6 +276,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         request: Request<'_>,
     ) -> Result<(), ProtocolError> {
         let node = self.subs.node.clone();
+        if matches!(
+            request,
+            Request::Subscribe { .. } | Request::Unsubscribe { .. }
+        ) && !self.churn.take()
+        {
+            let l = &node.settings.limits;
+            return Err(ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} subscribes and unsubscribes per second (bursts of {})",
+                    l.subscribe_rate, l.subscribe_burst
+                ),
+            ));
+        }
         match request {
             Request::Subscribe { topic, since } => {
                 if !node.access.may_subscribe(who, &topic) {
@@ -267,17 +305,23 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     ));
                 }
                 let max = node.settings.limits.max_subscriptions;
-                if self.subs.topics.len() >= max {
+                if self.subs.list.len() >= max {
                     return Err(ProtocolError::new(
                         ErrorCode::TooManySubscriptions,
                         format!("at most {max} subscriptions per connection"),
                     ));
                 }
-                let name = node
-                    .subscribe(self.subs.conn, &self.queue, &topic, id, since)
-                    .await?;
-                self.subs.topics.push(name);
-                Ok(())
+                // Recorded before anything is awaited: if this task is aborted from here on, the
+                // guard goes with `self.subs`.
+                let i = self.subs.list.len();
+                self.subs
+                    .list
+                    .push(node.join(self.subs.conn, &self.queue, &topic));
+                let started = node.start(&self.subs.list[i], id, since).await;
+                if started.is_err() {
+                    self.subs.list.swap_remove(i);
+                }
+                started
             }
             Request::Unsubscribe { topic } => {
                 let Some(i) = self.subs.position(&topic) else {
@@ -286,8 +330,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         format!("not subscribed to {topic}"),
                     ));
                 };
-                self.subs.topics.swap_remove(i);
-                node.unsubscribe(&topic, self.subs.conn).await;
+                // Leaves the topic now: nothing of it is queued after the ack.
+                drop(self.subs.list.swap_remove(i));
                 self.reply(protocol::unsubscribe_ack(id, &topic));
                 Ok(())
             }

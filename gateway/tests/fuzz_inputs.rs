@@ -860,9 +860,11 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "max_batch_messages",
             "max_batch_bytes",
             "max_json_depth",
+            "subscribe_rate",
+            "subscribe_burst",
         ],
     ),
-    ("broker", &["kind", "url", "prefix"]),
+    ("broker", &["kind", "url", "prefix", "unsubscribe_delay"]),
     ("tls", &["cert", "key"]),
     (
         "auth",
@@ -933,7 +935,11 @@ fn check_config(dir: &std::path::Path, text: &str) -> Result<(), TestCaseError> 
             prop_assert!(!s.server.ping_interval.is_zero());
             prop_assert!(s.server.idle_timeout > s.server.ping_interval);
             prop_assert!(s.limits.max_message_size >= 64);
-            prop_assert!(s.limits.send_queue_bytes >= s.limits.max_message_size);
+            prop_assert!(
+                s.limits.send_queue_bytes
+                    >= s.limits.max_message_size + gateway::config::MESSAGE_FRAME_OVERHEAD
+            );
+            prop_assert!(s.limits.subscribe_rate >= 1 && s.limits.subscribe_burst >= 1);
             prop_assert!(s.limits.max_batch_bytes >= s.limits.max_message_size);
             prop_assert!(s.limits.max_json_depth >= 1);
             prop_assert!(s.auth.api_keys.iter().all(|k| !k.trim().is_empty()));

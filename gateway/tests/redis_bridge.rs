@@ -336,3 +336,58 @@ async fn history_is_bounded_by_age_and_a_flush_starts_a_new_epoch() {
     let ack = resume(&node, topic, &epoch, 4).await;
     assert_eq!(ack["recovered"], json!(false), "old epoch: {ack}");
 }
+
+/// A raw `PUBLISH` is bounded by nobody but the node: one over `limits.max_message_size` would fill
+/// (or overflow) every subscriber's send queue. Each node drops it, counts it once, and delivers
+/// the messages around it; its subscribers stay connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_message_over_the_size_limit_is_dropped_by_every_node_and_nothing_else_is() {
+    const MAX: usize = 65536; // limits.max_message_size, the default
+    let redis = Redis::start();
+    let nodes = nodes(&redis, 2).await;
+    let topic = "big.raw";
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let mut ws = node.ws().await;
+        assert_eq!(ws.subscribe(topic).await["op"], "ack");
+        clients.push(ws);
+    }
+    let channel = format!("pubgate:{topic}");
+    let largest = redis_support::faults::payload(1, MAX);
+    let too_large = redis_support::faults::payload(2, MAX + 1);
+    assert_eq!((largest.len(), too_large.len()), (MAX, MAX + 1));
+    for data in [largest.as_str(), too_large.as_str(), r#"{"small":true}"#] {
+        redis.cli(&["PUBLISH", &channel, data]);
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let first = ws.next_message(Duration::from_secs(10)).await;
+        let first = first.unwrap_or_else(|| panic!("client {i}: nothing arrived"));
+        assert_eq!(
+            first["data"]["i"],
+            json!(1),
+            "the largest allowed one arrives"
+        );
+        assert_eq!(first["data"]["pad"].as_str().map(str::len), Some(MAX - 16));
+        let next = ws.next_message(Duration::from_secs(10)).await;
+        assert_eq!(
+            next.map(|m| m["data"].clone()),
+            Some(json!({"small":true})),
+            "client {i}: the one after the dropped message"
+        );
+        assert!(ws.next_message(Duration::from_millis(300)).await.is_none());
+    }
+    let dropped = "pubgate_broker_messages_dropped_total{reason=\"too_large\"}";
+    for node in &nodes {
+        assert_eq!(node.metric(dropped).await, Some(1.0));
+        assert_eq!(node.metric("pubgate_connections").await, Some(1.0));
+        assert_eq!(
+            node.metric("pubgate_slow_consumer_disconnects_total").await,
+            Some(0.0)
+        );
+    }
+    assert!(
+        nodes[0]
+            .log()
+            .contains("larger than limits.max_message_size")
+    );
+}

@@ -61,6 +61,33 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("tls.max_handshakes"), "{e}");
+    let e = load_toml("[limits]\nsubscribe_rate = 0")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("limits.subscribe_rate"), "{e}");
+    let e = load_toml("[broker]\nunsubscribe_delay = \"soon\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broker.unsubscribe_delay"), "{e}");
+    let e = load_toml("[broker]\nbacklog_messages = 0")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broker.backlog_messages"), "{e}");
+}
+
+#[test]
+fn the_send_queue_must_hold_one_largest_message_frame() {
+    // 65536 + 314 fits exactly; one byte less names both keys.
+    let ok = load_toml("[limits]\nsend_queue_bytes = 65850").unwrap();
+    assert_eq!(ok.limits.send_queue_bytes, 65536 + MESSAGE_FRAME_OVERHEAD);
+    let e = load_toml("[limits]\nsend_queue_bytes = 65849")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("limits.send_queue_bytes") && e.contains("limits.max_message_size"),
+        "{e}"
+    );
+    assert!(e.contains("65850"), "{e}");
 }
 
 #[test]

@@ -176,6 +176,9 @@ impl SendQueue {
         st.frames = VecDeque::new();
         st.bytes = 0;
         st.head_sent = false;
+        drop(st);
+        // A reader waiting in `room` (a resume's replay, for one) wakes up and sees it closing.
+        self.taken.notify_waiters();
     }
 
     /// Asks the writer to close the connection. The first reason wins; when it discards the queue,

@@ -169,6 +169,18 @@ impl RawWs {
         read_frame_from(&mut self.stream, &mut self.buf, timeout).await
     }
 
+    /// Resets the connection: `SO_LINGER` 0, then close, so the server gets an RST instead of a
+    /// FIN (a client that crashed or lost its network).
+    pub fn reset(self) {
+        // tokio deprecates set_linger because a non-zero linger blocks the thread on drop; a zero
+        // linger never does.
+        #[allow(deprecated)]
+        self.stream
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER");
+        drop(self);
+    }
+
     /// Splits the connection so that one task can keep writing while another reads (floods from a
     /// client that does read).
     pub fn into_split(self) -> (RawWsReader, tokio::net::tcp::OwnedWriteHalf) {

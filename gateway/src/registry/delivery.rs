@@ -1,0 +1,340 @@
+//! Fan-out: the registry as the broker's [`MessageSink`], and what each subscriber gets.
+//!
+//! A live subscriber has a [`Cursor`], the last position it was sent. A message at or below it is a
+//! duplicate and skipped. A message of another epoch means the broker lost the topic's sequence (a
+//! Redis flush or rollback, a restarted broker): offsets restart there, so the message is delivered,
+//! after a gap frame telling the client that what came before it in the new epoch may be lost
+//! (unless nothing can have been: the subscriber was at offset 0 and the message is the new epoch's
+//! first). The broker's own [`MessageSink::gap`] becomes a gap frame the same way.
+//!
+//! A pending subscriber holds its messages (and gap signals) back, in a bounded list, until it
+//! turns live (see [`Registry::try_activate`]).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
+use bytes::Bytes;
+
+use crate::protocol;
+use crate::send_queue::{Flushes, SendQueue};
+
+use super::Registry;
+
+/// What a subscriber is.
+pub(super) enum SubState {
+    /// Subscribe not yet acknowledged, or a resume's replay still being sent: messages held back.
+    Pending(Pending),
+    /// Acknowledged (and replayed): messages after the cursor are delivered.
+    Live(Cursor),
+}
+
+/// What a pending subscriber holds back.
+#[derive(Default)]
+pub(super) struct Pending {
+    held: Vec<Held>,
+    /// Bytes of the held frames.
+    bytes: usize,
+    /// Set when the held list overflowed and was dropped: the newest position dropped since (`None`
+    /// if only raw messages were). Nothing is held while it is set.
+    dropped: Option<Option<Position>>,
+}
+
+/// One thing a pending subscriber held back.
+pub(super) struct Held {
+    /// The message's position (`None` for a raw message), or where a gap signal resumes.
+    position: Option<Position>,
+    /// The encoded frame (a message, or a gap frame).
+    frame: Bytes,
+    /// Whether it is a gap signal rather than a message.
+    gap: bool,
+}
+
+impl Pending {
+    /// Holds `held` back, or drops the whole list when it would pass `max_frames` or `max_bytes`.
+    fn hold(&mut self, held: Held, max_frames: usize, max_bytes: usize) {
+        if let Some(newest) = &mut self.dropped {
+            if held.position.is_some() {
+                *newest = held.position;
+            }
+            return;
+        }
+        if self.held.len() < max_frames && self.bytes + held.frame.len() <= max_bytes {
+            self.bytes += held.frame.len();
+            self.held.push(held);
+            return;
+        }
+        // Rather than close a subscriber whose replay takes long, forget what it held and let it
+        // read that from history before it turns live.
+        let newest = held
+            .position
+            .or_else(|| self.held.iter().rev().find_map(|h| h.position.clone()));
+        self.held = Vec::new();
+        self.bytes = 0;
+        self.dropped = Some(newest);
+    }
+
+    /// After everything up to `cursor` was sent: when the held list overflowed and dropped
+    /// messages after `cursor`, the newest of them, and the subscriber starts holding again (the
+    /// caller reads history up to it). `None` when the held list is all it needs.
+    pub(super) fn behind(&mut self, cursor: &Position) -> Option<Position> {
+        let newest = self.dropped.take()?;
+        newest.filter(|n| is_after(n, cursor))
+    }
+
+    /// The newest position the overflowed held list dropped, if it comes after `resume`.
+    pub(super) fn dropped_after(&self, resume: &Position) -> Option<&Position> {
+        self.dropped
+            .as_ref()?
+            .as_ref()
+            .filter(|n| is_after(n, resume))
+    }
+
+    /// What it held, in order.
+    pub(super) fn into_held(self) -> Vec<Held> {
+        self.held
+    }
+}
+
+/// Whether `p` comes after `cursor`: a later offset in the same epoch, or another epoch.
+fn is_after(p: &Position, cursor: &Position) -> bool {
+    p.epoch != cursor.epoch || p.offset > cursor.offset
+}
+
+/// Where a live subscriber stands in its topic.
+#[derive(Debug)]
+pub(super) struct Cursor {
+    epoch: Epoch,
+    offset: Offset,
+}
+
+/// What to do with one message for one subscriber.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Step {
+    /// Already sent (or from before the subscription): skip it.
+    Skip,
+    /// Send it.
+    Deliver,
+    /// Send a gap frame resuming at the message's offset - 1 in its (new) epoch, then the message.
+    GapThenDeliver,
+}
+
+impl Cursor {
+    pub(super) fn at(position: &Position) -> Self {
+        Cursor {
+            epoch: position.epoch.clone(),
+            offset: position.offset,
+        }
+    }
+
+    /// Decides about a message at `position` and moves the cursor past it when it is sent.
+    pub(super) fn step(&mut self, position: Option<&Position>) -> Step {
+        let Some(p) = position else {
+            // A raw message has no place in the sequence: always delivered.
+            return Step::Deliver;
+        };
+        if p.epoch == self.epoch {
+            if p.offset <= self.offset {
+                return Step::Skip;
+            }
+            self.offset = p.offset;
+            return Step::Deliver;
+        }
+        let lossless = self.offset == 0 && p.offset == 1;
+        self.epoch = p.epoch.clone();
+        self.offset = p.offset;
+        if lossless {
+            Step::Deliver
+        } else {
+            Step::GapThenDeliver
+        }
+    }
+
+    /// Takes a gap signal resuming at `resume`: true (and the cursor moves there) unless the
+    /// subscriber is at or past it already, in which case it missed nothing.
+    pub(super) fn gap(&mut self, resume: &Position) -> bool {
+        if resume.epoch == self.epoch && resume.offset <= self.offset {
+            return false;
+        }
+        self.epoch = resume.epoch.clone();
+        self.offset = resume.offset;
+        true
+    }
+}
+
+/// The position a gap frame in front of a message at `p` resumes at: the offset before it.
+fn before(p: &Position) -> Position {
+    Position {
+        epoch: p.epoch.clone(),
+        offset: p.offset.saturating_sub(1),
+    }
+}
+
+/// Logs at most one warning per period, counting the ones it kept quiet.
+#[derive(Default)]
+pub(super) struct WarnLimiter {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl WarnLimiter {
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    /// `Some(n)` when a warning may be logged now, `n` being how many were suppressed before it.
+    fn allow(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if st
+            .0
+            .is_some_and(|last| now.duration_since(last) < Self::PERIOD)
+        {
+            st.1 += 1;
+            return None;
+        }
+        st.0 = Some(now);
+        Some(std::mem::take(&mut st.1))
+    }
+}
+
+impl Registry {
+    /// Queues what a pending subscriber of `topic` held, after `cursor`, moving the cursor.
+    pub(super) fn release(
+        &self,
+        flushes: &mut Flushes,
+        topic: &str,
+        queue: &Arc<SendQueue>,
+        cursor: &mut Cursor,
+        held: Vec<Held>,
+    ) {
+        for h in held {
+            if h.gap {
+                if let Some(resume) = &h.position
+                    && cursor.gap(resume)
+                {
+                    self.push_gap(flushes, queue, h.frame);
+                }
+                continue;
+            }
+            match cursor.step(h.position.as_ref()) {
+                Step::Skip => {}
+                Step::Deliver => {
+                    self.push(flushes, queue, h.frame);
+                }
+                Step::GapThenDeliver => {
+                    if let Some(p) = &h.position {
+                        self.push_gap(flushes, queue, protocol::gap(topic, &before(p)));
+                    }
+                    self.push(flushes, queue, h.frame);
+                }
+            }
+        }
+    }
+
+    /// Counts and logs (rate-limited) a broker message too large to deliver.
+    pub(super) fn drop_too_large(&self, message: &Message) {
+        self.metrics
+            .broker_dropped
+            .with_label_values(&["too_large"])
+            .inc();
+        if let Some(suppressed) = self.too_large.allow() {
+            tracing::warn!(
+                topic = %message.topic,
+                bytes = message.data.len(),
+                max = self.limits.max_message_size,
+                suppressed,
+                "message from the broker larger than limits.max_message_size dropped"
+            );
+        }
+    }
+}
+
+impl MessageSink for Registry {
+    fn deliver(&self, message: Message) {
+        // A raw publish into the broker is not bounded by anyone else: one larger than any queue
+        // would close every subscriber of the topic as a slow consumer.
+        if message.data.len() > self.limits.max_message_size {
+            self.drop_too_large(&message);
+            return;
+        }
+        let started = Instant::now();
+        let mut shard = self.shard(&message.topic);
+        let Some(entry) = shard.get_mut(&*message.topic) else {
+            return;
+        };
+        if entry.subs.is_empty() {
+            // Cooling down.
+            return;
+        }
+        let frame = protocol::message(&message);
+        let position = message.position.as_ref();
+        // Every live subscriber that needs one gets the same gap frame: encoded once.
+        let mut gap_frame = None;
+        let mut delivered = 0u64;
+        let mut flushes = Flushes::new();
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        for sub in &mut entry.subs {
+            match &mut sub.state {
+                SubState::Live(cursor) => {
+                    let step = cursor.step(position);
+                    if step == Step::GapThenDeliver
+                        && let Some(p) = position
+                    {
+                        let gap = gap_frame
+                            .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
+                        self.push_gap(&mut flushes, &sub.queue, gap.clone());
+                    }
+                    if step != Step::Skip && self.push(&mut flushes, &sub.queue, frame.clone()) {
+                        delivered += 1;
+                    }
+                }
+                SubState::Pending(pending) => pending.hold(
+                    Held {
+                        position: message.position.clone(),
+                        frame: frame.clone(),
+                        gap: false,
+                    },
+                    max_frames,
+                    max_bytes,
+                ),
+            }
+        }
+        drop(shard);
+        // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
+        // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
+        flushes.spawn();
+        self.metrics.delivered.inc_by(delivered);
+        self.metrics
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn gap(&self, topic: &str, resume: &Position) {
+        let mut shard = self.shard(topic);
+        let Some(entry) = shard.get_mut(topic) else {
+            return;
+        };
+        let frame = protocol::gap(topic, resume);
+        let mut flushes = Flushes::new();
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        for sub in &mut entry.subs {
+            match &mut sub.state {
+                SubState::Live(cursor) => {
+                    if cursor.gap(resume) {
+                        self.push_gap(&mut flushes, &sub.queue, frame.clone());
+                    }
+                }
+                SubState::Pending(pending) => pending.hold(
+                    Held {
+                        position: Some(resume.clone()),
+                        frame: frame.clone(),
+                        gap: true,
+                    },
+                    max_frames,
+                    max_bytes,
+                ),
+            }
+        }
+        drop(shard);
+        flushes.spawn();
+    }
+}
