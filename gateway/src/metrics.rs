@@ -210,6 +210,7 @@ impl Metrics {
                     "reason",
                 );
                 v.with_label_values(&["too_large"]);
+                v.with_label_values(&["too_deep"]);
                 v
             },
             registry,

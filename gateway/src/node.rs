@@ -55,6 +55,7 @@ impl Node {
                 max_held_frames: settings.limits.send_queue_frames,
                 max_held_bytes: settings.limits.send_queue_bytes,
                 max_message_size: settings.limits.max_message_size,
+                max_json_depth: settings.limits.max_json_depth,
                 unsubscribe_delay: settings.broker.unsubscribe_delay,
             },
         ));

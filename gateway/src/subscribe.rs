@@ -244,6 +244,7 @@ mod tests {
             max_batch_bytes: 1 << 20,
             subscribe_rate: 50,
             subscribe_burst: 200,
+            max_json_depth: 128,
         }
     }
 

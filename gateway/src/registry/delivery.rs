@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
+use crate::json_depth;
 use crate::protocol;
 use crate::send_queue::{Flushes, SendQueue};
 
@@ -230,30 +231,37 @@ impl Registry {
         }
     }
 
-    /// Counts and logs (rate-limited) a broker message too large to deliver.
-    pub(super) fn drop_too_large(&self, message: &Message) {
+    /// Whether a broker message may go to clients. A raw publish into the broker is bounded by no
+    /// one else: one larger than any queue would close every subscriber of the topic as a slow
+    /// consumer, and one nested deeper than client parsers take would break them. What may not go
+    /// is counted (`pubgate_broker_messages_dropped_total{reason}`) and logged, rate-limited.
+    pub(super) fn deliverable(&self, message: &Message) -> bool {
+        let (reason, what) = if message.data.len() > self.limits.max_message_size {
+            ("too_large", "larger than limits.max_message_size")
+        } else if json_depth::exceeds(&message.data, self.limits.max_json_depth) {
+            ("too_deep", "nested deeper than limits.max_json_depth")
+        } else {
+            return true;
+        };
         self.metrics
             .broker_dropped
-            .with_label_values(&["too_large"])
+            .with_label_values(&[reason])
             .inc();
-        if let Some(suppressed) = self.too_large.allow() {
+        if let Some(suppressed) = self.refused.allow() {
             tracing::warn!(
                 topic = %message.topic,
                 bytes = message.data.len(),
-                max = self.limits.max_message_size,
                 suppressed,
-                "message from the broker larger than limits.max_message_size dropped"
+                "message from the broker {what} dropped"
             );
         }
+        false
     }
 }
 
 impl MessageSink for Registry {
     fn deliver(&self, message: Message) {
-        // A raw publish into the broker is not bounded by anyone else: one larger than any queue
-        // would close every subscriber of the topic as a slow consumer.
-        if message.data.len() > self.limits.max_message_size {
-            self.drop_too_large(&message);
+        if !self.deliverable(&message) {
             return;
         }
         let started = Instant::now();

@@ -56,6 +56,9 @@ pub struct RegistryLimits {
     pub max_held_bytes: usize,
     /// Messages from the broker with more `data` than this are dropped: `limits.max_message_size`.
     pub max_message_size: usize,
+    /// Messages from the broker whose `data` nests deeper than this are dropped:
+    /// `limits.max_json_depth`.
+    pub max_json_depth: usize,
     /// How long a topic keeps its broker subscription after its last local subscriber left:
     /// `broker.unsubscribe_delay`.
     pub unsubscribe_delay: Duration,
@@ -70,7 +73,8 @@ pub struct Registry {
     /// The broker the topics are subscribed in; set once, right after the broker is built (it needs
     /// the registry as its sink first). Weak, so the two do not keep each other alive.
     broker: OnceLock<Weak<dyn Broker>>,
-    too_large: WarnLimiter,
+    /// Rate-limits the warnings about broker messages that are not deliverable.
+    refused: WarnLimiter,
 }
 
 /// What [`Registry::try_activate`] did.
@@ -94,7 +98,7 @@ impl Registry {
             metrics,
             limits,
             broker: OnceLock::new(),
-            too_large: WarnLimiter::default(),
+            refused: WarnLimiter::default(),
         }
     }
 
@@ -172,14 +176,13 @@ impl Registry {
     }
 
     /// Queues part of a resume's replay for a subscriber that stays pending meanwhile (live
-    /// messages held back). Messages with more `data` than `limits.max_message_size` are dropped,
+    /// messages held back). Messages that are not deliverable (too large, too deep) are dropped,
     /// as live ones are. Returns how many were queued.
     pub fn queue_replay(&self, queue: &Arc<SendQueue>, replay: &[Message]) -> usize {
         let mut flushes = Flushes::new();
         let mut queued = 0;
         for m in replay {
-            if m.data.len() > self.limits.max_message_size {
-                self.drop_too_large(m);
+            if !self.deliverable(m) {
                 continue;
             }
             self.push(&mut flushes, queue, protocol::message(m));

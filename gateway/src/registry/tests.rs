@@ -30,6 +30,7 @@ fn registry(max_held: usize) -> Arc<Registry> {
             max_held_frames: max_held,
             max_held_bytes: 1 << 20,
             max_message_size: 100,
+            max_json_depth: 3,
             unsubscribe_delay: Duration::ZERO,
         },
     ))
@@ -64,6 +65,11 @@ fn taken(q: &SendQueue) -> Vec<Value> {
 
 fn msg(offset: Offset) -> Value {
     json!({"op":"message","topic":TOPIC,"offset":offset,"data":{"n":offset}})
+}
+
+/// The first message of an epoch, which names it.
+fn first(epoch: &str) -> Value {
+    json!({"op":"message","topic":TOPIC,"epoch":epoch,"offset":1,"data":{"n":1}})
 }
 
 fn gap(epoch: &str, offset: Offset) -> Value {
@@ -137,7 +143,7 @@ fn no_gap_frame_when_a_subscriber_at_offset_zero_sees_a_new_epoch_begin() {
     let sub = reg.join(TOPIC, 1, q.clone());
     assert_eq!(reg.try_activate(&sub, &at("e1", 0)), Activation::Live);
     reg.deliver(message("e2", 1));
-    assert_eq!(taken(&q), [msg(1)]);
+    assert_eq!(taken(&q), [first("e2")], "message 1 names its epoch");
     assert_eq!(reg.metrics.gaps_signalled.get(), 0);
 }
 
@@ -236,7 +242,7 @@ fn a_message_larger_than_the_limit_is_dropped_for_everyone() {
         data: Bytes::from(big),
     });
     reg.deliver(message("e1", 1));
-    assert_eq!(taken(&q), [msg(1)]);
+    assert_eq!(taken(&q), [first("e1")]);
     let dropped = reg.metrics.broker_dropped.with_label_values(&["too_large"]);
     assert_eq!(dropped.get(), 1);
     // Replays drop them the same way.
@@ -245,6 +251,21 @@ fn a_message_larger_than_the_limit_is_dropped_for_everyone() {
     assert_eq!(reg.queue_replay(&q, &[m, message("e1", 3)]), 1);
     assert_eq!(taken(&q), [msg(3)]);
     assert_eq!(dropped.get(), 2);
+    // Nested deeper than max_json_depth (3 here): dropped too, live and in replays.
+    let deep = reg.metrics.broker_dropped.with_label_values(&["too_deep"]);
+    let mut m = message("e1", 4);
+    m.data = Bytes::from_static(b"[[[[1]]]]");
+    reg.deliver(m.clone());
+    reg.deliver(Message {
+        data: Bytes::from_static(b"[[[\"[[[[\"]]]"),
+        ..message("e1", 5)
+    });
+    assert_eq!(
+        taken(&q),
+        [json!({"op":"message","topic":TOPIC,"offset":5,"data":[[["[[[["]]]})]
+    );
+    assert_eq!(reg.queue_replay(&q, &[m]), 0);
+    assert_eq!(deep.get(), 2);
 }
 
 #[test]
