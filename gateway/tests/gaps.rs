@@ -85,11 +85,16 @@ async fn trimmed_under_a_replay(node: &Node, topic: &str) {
     publish_range(node, topic, KEPT + 1..=latest, SIZE).await;
 
     let mut last = 0;
+    // The ack of the empty topic named the empty epoch ("0"), message 1 names the real one.
+    let mut real_epoch = epoch.clone();
     let gap = loop {
         let v = next_json(&mut client).await;
         match v["op"].as_str() {
             Some("message") => {
                 let offset = v["offset"].as_u64().expect("offset");
+                if let Some(e) = v["epoch"].as_str() {
+                    real_epoch = e.to_string();
+                }
                 assert_eq!(offset, last + 1, "contiguous until the gap");
                 let want: Value = serde_json::from_str(&payload(offset, SIZE)).expect("JSON");
                 assert_eq!(v["data"], want, "data of offset {offset}");
@@ -105,7 +110,7 @@ async fn trimmed_under_a_replay(node: &Node, topic: &str) {
     );
     assert_eq!(
         gap,
-        json!({"op":"gap","topic":topic,"epoch":epoch,"offset":latest})
+        json!({"op":"gap","topic":topic,"epoch":real_epoch,"offset":latest})
     );
     assert_eq!(publish(node, topic, r#"{"live":true}"#).await, latest + 1);
     let live = next_json(&mut client).await;
