@@ -5,7 +5,7 @@
 # `stop` signals exactly those PIDs and nothing else.
 #
 #   deploy/local-cluster.sh start [N]   start N nodes (default 3); prints the addresses
-#   deploy/local-cluster.sh status      show the state file and which processes are alive
+#   deploy/local-cluster.sh status      each process: name, address, PID, and whether it is up/ready
 #   deploy/local-cluster.sh stop        stop what `start` started
 #
 # Environment:
@@ -54,6 +54,13 @@ wait_for() {
   return 1
 }
 
+# Writes ALL_PIDS into the state being built, once (each phase of `start` adds to the list).
+record_pids() {
+  grep -v '^ALL_PIDS=' "$state.tmp" >"$state.tmp2" || true
+  echo "ALL_PIDS=\"$1\"" >>"$state.tmp2"
+  mv "$state.tmp2" "$state.tmp"
+}
+
 start() {
   local n="${1:-3}"
   [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "N must be a positive number, got '$n'"
@@ -88,7 +95,7 @@ start() {
   all_pids+="$redis_pid "
   echo "REDIS_PID=$redis_pid" >>"$state.tmp"
   echo "REDIS_PORT=$redis_port" >>"$state.tmp"
-  echo "ALL_PIDS=\"$all_pids\"" >>"$state.tmp"; cp "$state.tmp" "$state"
+  record_pids "$all_pids"; cp "$state.tmp" "$state"
   wait_for "redis-cli -h 127.0.0.1 -p $redis_port PING | grep -q PONG" 10 \
     || die "redis-server did not start; see $dir/redis/redis.log"
 
@@ -107,7 +114,7 @@ start() {
     servers+="    server node$i 127.0.0.1:$port check inter 1s fall 2 rise 2"$'\n'
   done
   echo "NODES=$n" >>"$state.tmp"
-  echo "ALL_PIDS=\"$all_pids\"" >>"$state.tmp"; cp "$state.tmp" "$state"
+  record_pids "$all_pids"; cp "$state.tmp" "$state"
 
   local lb_port; lb_port=$(free_port)
   # HAProxy needs two descriptors per proxied connection.
@@ -145,7 +152,7 @@ EOF
   all_pids+="$lb_pid "
   echo "HAPROXY_PID=$lb_pid" >>"$state.tmp"
   echo "HAPROXY_PORT=$lb_port" >>"$state.tmp"
-  echo "ALL_PIDS=\"$all_pids\"" >>"$state.tmp"
+  record_pids "$all_pids"
   mv "$state.tmp" "$state"
 
   for (( i = 1; i <= n; i++ )); do
@@ -168,12 +175,30 @@ EOF
 
 status() {
   [[ -f "$state" ]] || { echo "no stack (no $state)"; return 0; }
-  cat "$state"
   # shellcheck disable=SC1090
   source "$state"
-  for pid in ${ALL_PIDS:-}; do
-    if alive "$pid"; then echo "PID $pid: running"; else echo "PID $pid: gone"; fi
+  # One line per process: what it is, where it listens, its PID, and whether it is up (for a node:
+  # whether /readyz answers 200, i.e. it takes traffic).
+  local i var port pid
+  printf '%-9s %-22s %-8s %s\n' name address pid state
+  row() { # name port pid [ready-url]
+    local st="gone"
+    if alive "$3"; then
+      st="running"
+      if [[ -n "${4:-}" ]]; then
+        if curl -fsS -o /dev/null --max-time 2 "$4" 2>/dev/null; then st="ready"; else st="running, not ready"; fi
+      fi
+    fi
+    printf '%-9s %-22s %-8s %s\n' "$1" "127.0.0.1:$2" "$3" "$st"
+  }
+  [[ -n "${HAPROXY_PID:-}" ]] && row balancer "$HAPROXY_PORT" "$HAPROXY_PID"
+  for (( i = 1; i <= ${NODES:-0}; i++ )); do
+    var="NODE${i}_PID"; pid="${!var:-}"
+    var="NODE${i}_PORT"; port="${!var:-}"
+    row "node$i" "$port" "$pid" "http://127.0.0.1:$port/readyz"
   done
+  [[ -n "${REDIS_PID:-}" ]] && row redis "$REDIS_PORT" "$REDIS_PID"
+  return 0
 }
 
 stop() {

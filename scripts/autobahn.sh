@@ -7,7 +7,8 @@
 #   AUTOBAHN_PROFILE=debug|release   cargo profile to test. Default debug: the run is bound by
 #                                    wstest (Python 2), not by pubgate; a debug pubgate finishes
 #                                    the suite, 16 MiB cases of section 9 included, as fast as a
-#                                    release one (about 20 s), and `cargo test` has built it already,
+#                                    release one (about 20 s), and `cargo test` has built it already
+#                                    (this script reuses that build),
 #                                    while a cold release build costs ~5 min on 2 cores
 #   AUTOBAHN_CASES="1.* 2.*"         case patterns to run (default: 1.*-7.*, 9.*, 10.*)
 #   AUTOBAHN_OUT=DIR                 where the spec, logs and reports go (default target/autobahn)
@@ -56,7 +57,10 @@ command -v python3 >/dev/null 2>&1 || die "python3 is needed to read the report"
 cd "$ROOT"
 case "$PROFILE" in
     release) cargo build --release -p gateway --bin pubgate; BIN="$ROOT/target/release/pubgate" ;;
-    debug) cargo build -p gateway --bin pubgate; BIN="$ROOT/target/debug/pubgate" ;;
+    # The same build the test run made (its features resolved with the tests'): nothing to
+    # rebuild after `cargo test --workspace --all-targets`. `cargo build -p gateway` would resolve
+    # features differently and rebuild a dozen crates.
+    debug) cargo test --workspace --all-targets --no-run -q; BIN="$ROOT/target/debug/pubgate" ;;
     *) die "AUTOBAHN_PROFILE must be debug or release, not $PROFILE" ;;
 esac
 

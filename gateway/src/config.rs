@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::topic::Pattern;
 
 mod env;
+mod source;
 
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
@@ -92,7 +93,8 @@ pub struct Server {
     pub metrics_listen: Option<SocketAddr>,
     /// Diagnostic echo route (e.g. `/echo`); off when unset.
     pub echo_path: Option<String>,
-    /// WebSocket connections this node holds at most; upgrades past it get 503.
+    /// WebSocket connections this node holds at most; upgrades past it get 503. 0 (the default):
+    /// as many as the open-files limit allows.
     pub max_connections: usize,
     /// Time a client has to send its HTTP request head (and, with TLS, finish the TLS handshake), and
     /// again to send a request body.
@@ -109,8 +111,7 @@ pub struct Server {
 }
 
 /// What to do with a subscriber whose send queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlowConsumerPolicy {
     /// Close the connection (1008, "slow consumer"); the client reconnects and resumes.
     Disconnect,
@@ -145,8 +146,7 @@ pub struct Limits {
 }
 
 /// Broker implementations a node can use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BrokerKind {
     /// Embedded, single node.
     Memory,
@@ -299,8 +299,7 @@ impl History {
 }
 
 /// Log output format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     Plain,
@@ -324,6 +323,16 @@ pub enum ConfigError {
     /// A layer could not be read or a value did not fit its key.
     #[error("config: {0}")]
     Load(#[from] config::ConfigError),
+    /// A key's value from one layer cannot be used: the layer, the key and what it takes.
+    #[error("config: {origin}: {}{problem}", if key.is_empty() { String::new() } else { format!("{key}: ") })]
+    Source {
+        /// Where the value came from: `file <path>`, `environment variable <NAME>`, `flag --x`.
+        origin: String,
+        /// The dotted key (empty for the file as a whole).
+        key: String,
+        /// What is wrong, in words.
+        problem: String,
+    },
     /// The values parsed but do not make sense together.
     #[error("config: {key}: {message}")]
     Invalid {
@@ -332,6 +341,38 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+}
+
+// Enum-valued keys name the values they take when given another.
+impl<'de> Deserialize<'de> for BrokerKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use BrokerKind::*;
+        source::one_of(
+            d,
+            &[
+                ("memory", Memory),
+                ("redis", Redis),
+                ("redis-cluster", RedisCluster),
+            ],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for SlowConsumerPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use SlowConsumerPolicy::*;
+        source::one_of(
+            d,
+            &[("disconnect", Disconnect), ("drop_oldest", DropOldest)],
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for LogFormat {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use LogFormat::*;
+        source::one_of(d, &[("plain", Plain), ("json", Json)])
+    }
 }
 
 /// The most messages `history.size` (or a rule's `size`) may keep per topic.
@@ -346,7 +387,7 @@ pub const MESSAGE_FRAME_OVERHEAD: usize = 14 + 200 + 100;
 const DEFAULTS: &str = r#"
 [server]
 listen = "127.0.0.1:8080"
-max_connections = 10000
+max_connections = 0
 handshake_timeout = "10s"
 ping_interval = "25s"
 idle_timeout = "60s"
@@ -386,7 +427,7 @@ grace = "30s"
 delay = "0s"
 
 [history]
-size = 0
+size = 100
 ttl = "5m"
 rules = []
 
@@ -410,9 +451,14 @@ impl Settings {
         use config::{Config, File, FileFormat};
 
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        let mut file_keys = Vec::new();
         if let Some(path) = &cli.config {
+            source::check_file::<Settings>(path, DEFAULTS)?;
+            file_keys = source::file_keys(path);
             builder = builder.add_source(File::from(path.as_path()).format(FileFormat::Toml));
         }
+        let vars: Vec<_> = vars.into_iter().collect();
+        let env_keys = env::keys(&vars);
         let (plain, lists) = env::sources(vars)?;
         builder = builder.add_source(plain).add_source(lists);
         let flags = [
@@ -425,10 +471,33 @@ impl Settings {
             ("tls.cert", path_string(&cli.tls_cert)),
             ("tls.key", path_string(&cli.tls_key)),
         ];
+        let mut flag_keys = Vec::new();
         for (key, value) in flags {
+            if value.is_some() {
+                flag_keys.push(key);
+            }
             builder = builder.set_override_option(key, value)?;
         }
-        let settings: Settings = builder.build()?.try_deserialize()?;
+        // A key, or a section that holds it (an unknown section is reported by its own name).
+        let sets = |set: &str, key: &str| {
+            set == key
+                || set
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.starts_with('.'))
+        };
+        let origin = |key: &str| {
+            if let Some(k) = flag_keys.iter().find(|k| sets(k, key)) {
+                source::Source::Flag(flag_of(k))
+            } else if let Some((_, name)) = env_keys.iter().find(|(k, _)| sets(k, key)) {
+                source::Source::Env(name.clone())
+            } else if let (Some(path), true) = (&cli.config, file_keys.iter().any(|k| sets(k, key)))
+            {
+                source::Source::File(path.display().to_string())
+            } else {
+                source::Source::Defaults
+            }
+        };
+        let settings: Settings = source::deserialize(builder.build()?, origin)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -440,9 +509,6 @@ impl Settings {
                 message: message.to_string(),
             })
         };
-        if self.server.max_connections == 0 {
-            return invalid("server.max_connections", "must be at least 1");
-        }
         if self.tls.max_handshakes == 0 {
             return invalid("tls.max_handshakes", "must be at least 1");
         }
@@ -603,6 +669,21 @@ impl Settings {
         !self.auth.api_keys.is_empty()
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
+    }
+}
+
+/// The flag that sets a key.
+fn flag_of(key: &str) -> &'static str {
+    match key {
+        "server.listen" => "--listen",
+        "server.metrics_listen" => "--metrics-listen",
+        "broker.kind" => "--broker",
+        "broker.url" => "--redis-url",
+        "server.echo_path" => "--echo-path",
+        "log.format" => "--log-format",
+        "tls.cert" => "--tls-cert",
+        "tls.key" => "--tls-key",
+        _ => "--?",
     }
 }
 

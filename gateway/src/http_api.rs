@@ -17,9 +17,14 @@ pub type Body = Full<Bytes>;
 /// A request refused early, with the response that says why.
 type Refusal = Box<Response<Body>>;
 
-/// A JSON response.
+/// A JSON response. The body ends in a newline, so `curl -s` leaves the shell prompt on a line of
+/// its own.
 pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()));
+    let body: Bytes = body.into();
+    let mut text = Vec::with_capacity(body.len() + 1);
+    text.extend_from_slice(&body);
+    text.push(b'\n');
+    let mut r = Response::new(Full::new(Bytes::from(text)));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -408,16 +413,12 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
 pub fn method_not_allowed() -> Response<Body> {
     error(
         StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::BadRequest,
+        ErrorCode::MethodNotAllowed,
         "method not allowed",
     )
 }
 
 /// 404 with a JSON body.
 pub fn not_found() -> Response<Body> {
-    error(
-        StatusCode::NOT_FOUND,
-        ErrorCode::BadRequest,
-        "no such route",
-    )
+    error(StatusCode::NOT_FOUND, ErrorCode::NotFound, "no such route")
 }

@@ -4,6 +4,13 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{Log, LogFormat};
 
+/// Colour only where a person reads it: stderr is a terminal, and `NO_COLOR` is not set
+/// (<https://no-color.org>). Logs in a file or a pipe stay free of escape codes.
+fn colour() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. Logs go to stderr; stdout carries only the "listening" lines.
 pub fn init(log: &Log) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
@@ -15,6 +22,7 @@ pub fn init(log: &Log) -> anyhow::Result<()> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour())
         .with_writer(std::io::stderr);
     let result = match log.format {
         LogFormat::Plain => builder.try_init(),

@@ -82,6 +82,10 @@ impl Node {
                 config.canary_timeout = b.canary_timeout;
                 config.backlog_messages = b.backlog_messages;
                 config.backlog_bytes = b.backlog_bytes;
+                // Half a send queue: a hole that fits is pushed to subscribers with the live
+                // stream; a larger one becomes a gap frame they resume, paced, from history.
+                let l = &settings.limits;
+                config.fill_limit = ((l.send_queue_frames / 2).max(1), l.send_queue_bytes / 2);
                 let observer: Arc<dyn BrokerObserver> = metrics.clone();
                 let broker = RedisBroker::connect(config, sink, observer)
                     .map_err(|e| anyhow::anyhow!("broker.url: {e}"))?;

@@ -39,6 +39,10 @@ pub enum ErrorCode {
     AlreadySubscribed,
     /// The node cannot take this connection now (connection limit, draining): try another node.
     Unavailable,
+    /// No HTTP route at this path.
+    NotFound,
+    /// The route exists, but not for this HTTP method.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -57,6 +61,8 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
             ErrorCode::AlreadySubscribed => "already_subscribed",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -68,6 +74,8 @@ impl ErrorCode {
             ErrorCode::MessageTooLarge => 413,
             ErrorCode::RateLimited => 429,
             ErrorCode::BrokerUnavailable | ErrorCode::Unavailable => 503,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
             ErrorCode::NotSubscribed
             | ErrorCode::TooManySubscriptions
             | ErrorCode::AlreadySubscribed => 409,

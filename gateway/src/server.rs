@@ -138,17 +138,37 @@ fn fd_reserve(limit: u64) -> u64 {
     (limit / 16).clamp(16, 256)
 }
 
-/// Raises the open-files soft limit to the hard limit, and lowers `max_connections` to what the
-/// limit can hold, so a full node answers upgrades with 503 instead of failing accept(2) with
-/// EMFILE and leaving clients to time out.
+/// Raises the open-files soft limit to the hard limit, and fits `max_connections` to what the limit
+/// can hold (0: all of it), so a full node answers upgrades with 503 instead of failing accept(2)
+/// with EMFILE and leaving clients to time out. Logs the figure it settled on.
 fn fit_to_fd_limit(max_connections: usize) -> usize {
+    let (effective, limit) = fitted(max_connections);
+    if max_connections != 0 && effective < max_connections {
+        tracing::warn!(
+            configured = max_connections,
+            open_files_limit = limit,
+            effective,
+            "server.max_connections lowered to fit the open-files limit"
+        );
+    }
+    tracing::info!(
+        max_connections = effective,
+        open_files_limit = limit,
+        "holding up to {effective} WebSocket connections"
+    );
+    effective
+}
+
+/// The connection limit that fits the open-files limit (raised to its hard limit first), and that
+/// limit (0 when it cannot be read).
+fn fitted(max_connections: usize) -> (usize, u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return max_connections;
+        return (max_connections.max(1), 0);
     }
     if lim.rlim_cur < lim.rlim_max {
         let raised = libc::rlimit {
@@ -160,16 +180,11 @@ fn fit_to_fd_limit(max_connections: usize) -> usize {
         }
     }
     let room = lim.rlim_cur.saturating_sub(fd_reserve(lim.rlim_cur)).max(1);
-    if (max_connections as u64) > room {
-        tracing::warn!(
-            configured = max_connections,
-            open_files_limit = lim.rlim_cur,
-            effective = room,
-            "server.max_connections lowered to fit the open-files limit"
-        );
-        return room as usize;
+    let room = usize::try_from(room).unwrap_or(usize::MAX);
+    if max_connections == 0 || max_connections > room {
+        return (room, lim.rlim_cur);
     }
-    max_connections
+    (max_connections, lim.rlim_cur)
 }
 
 /// Registers for SIGTERM and SIGINT now; the future completes when either arrives.

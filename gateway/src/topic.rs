@@ -18,6 +18,11 @@ pub enum TopicError {
     /// An empty level (`a..b`, a leading or trailing `.`).
     #[error("topic levels must not be empty")]
     EmptyLevel,
+    /// `*` or `>`: a pattern, where one topic is needed.
+    #[error(
+        "`*` and `>` are wildcards, and wildcard subscriptions are not supported yet: name one topic"
+    )]
+    Wildcard,
 }
 
 /// Checks a topic name.
@@ -29,6 +34,9 @@ pub fn validate(topic: &str) -> Result<(), TopicError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
     {
+        if topic.bytes().any(|b| matches!(b, b'*' | b'>')) {
+            return Err(TopicError::Wildcard);
+        }
         return Err(TopicError::Character);
     }
     if topic.split('.').any(str::is_empty) {

@@ -159,6 +159,36 @@ async fn local_cluster_script_starts_a_working_stack_and_stops_exactly_it() {
     assert_eq!(m["data"], json!({"hello":"stack"}));
     ws.close().await;
 
+    // `status`: one line per process, name, address, PID and state; nothing of the raw state file.
+    assert_eq!(
+        state.matches("ALL_PIDS=").count(),
+        1,
+        "ALL_PIDS once in the state file: {state}"
+    );
+    let out = run(&["status"]);
+    let status = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{status}");
+    let port = |k: &str| state_value(&state, k).expect(k);
+    let mut want = vec![format!(
+        "{:<9} {:<22} {:<8} {}",
+        "name", "address", "pid", "state"
+    )];
+    for (name, p, pid, st) in [
+        ("balancer", "HAPROXY_PORT", "HAPROXY_PID", "running"),
+        ("node1", "NODE1_PORT", "NODE1_PID", "ready"),
+        ("node2", "NODE2_PORT", "NODE2_PID", "ready"),
+        ("redis", "REDIS_PORT", "REDIS_PID", "running"),
+    ] {
+        want.push(format!(
+            "{:<9} {:<22} {:<8} {}",
+            name,
+            format!("127.0.0.1:{}", port(p)),
+            port(pid),
+            st
+        ));
+    }
+    assert_eq!(status.lines().collect::<Vec<_>>(), want, "{status}");
+
     drop(stop_guard);
     for pid in &pids {
         assert!(

@@ -73,6 +73,10 @@ pub struct RedisConfig {
     pub backlog_messages: usize,
     /// Payload bytes from Redis that may wait for the node at most.
     pub backlog_bytes: usize,
+    /// The most messages, and bytes, a gap fill pushes to the node's subscribers at once; a larger
+    /// hole is signalled as a gap, and subscribers resume it from history at their own pace (set it
+    /// to what a subscriber's send queue takes comfortably).
+    pub fill_limit: (usize, usize),
 }
 
 impl RedisConfig {
@@ -90,6 +94,7 @@ impl RedisConfig {
             canary_timeout: Duration::from_secs(3),
             backlog_messages: 65_536,
             backlog_bytes: 64 << 20,
+            fill_limit: (512, 2 << 20),
         }
     }
 
@@ -186,6 +191,7 @@ impl RedisBroker {
         let _ = cmd.get();
         let _ = reads.get();
         let config_backlog_bytes = config.backlog_bytes;
+        let config_fill_limit = config.fill_limit;
         let inner = Arc::new(Inner {
             names: Names::new(&config.prefix, target.is_cluster()),
             config,
@@ -193,7 +199,7 @@ impl RedisBroker {
             timeouts,
             node_id,
             scripts: Scripts::new(),
-            topics: Topics::new(sink, observer.clone()),
+            topics: Topics::new(sink, observer.clone(), config_fill_limit),
             observer,
             health,
             cmd,
@@ -278,6 +284,44 @@ impl Inner {
         }
     }
 
+    /// Runs one command on the reads connection. That connection may have died unnoticed since its
+    /// last use (after a Redis restart nothing tells until a command fails), so when the command
+    /// fails for want of a connection, it waits for the new one (up to the command timeout) and
+    /// tries once more: a client's resume is not refused for a connection nobody used since.
+    async fn on_reads<T, F, Fut>(&self, f: F) -> Result<T, BrokerError>
+    where
+        F: Fn(conn::Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        let limit = self.config.command_timeout;
+        match Self::on_link(&self.reads, limit, &f).await {
+            Err(BrokerError::Unavailable(first)) => {
+                let deadline = tokio::time::Instant::now() + limit;
+                while self.reads.get().is_err() {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(BrokerError::Unavailable(first));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Self::on_link(&self.reads, limit, &f).await
+            }
+            other => other,
+        }
+    }
+
+    /// Checks the reads connection, so a dead one is replaced before a client needs it.
+    pub(super) async fn ping_reads(&self) {
+        let pinged = Self::on_link(
+            &self.reads,
+            self.config.command_timeout,
+            |mut c| async move { c.query::<()>(&redis::cmd("PING")).await },
+        )
+        .await;
+        if let Err(e) = pinged {
+            tracing::debug!(error = %e, "reads connection ping failed");
+        }
+    }
+
     /// A candidate `"<epoch> <salt>"` for a script that may have to start a new epoch.
     fn candidate() -> String {
         format!("{} {:016x}", Epoch::random(), rand::random::<u64>())
@@ -324,10 +368,9 @@ impl Inner {
             ..read
         };
         let since = read.since.map_or(-1, |s| s as i64);
-        let value = Self::on_link(
-            &self.reads,
-            self.config.command_timeout,
-            |mut c| async move {
+        let (keys, candidate) = (&keys, &candidate);
+        let value = self
+            .on_reads(|mut c| async move {
                 let mut inv = self.scripts.history.prepare_invoke();
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
@@ -340,9 +383,8 @@ impl Inner {
                     .arg(ttl_ms)
                     .arg(if read.whole { "1" } else { "0" });
                 c.eval::<redis::Value>(&inv).await
-            },
-        )
-        .await?;
+            })
+            .await?;
         scripts::parse_history(value, topic, &read)
     }
 }

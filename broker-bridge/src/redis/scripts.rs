@@ -5,13 +5,15 @@
 //! candidate `"<epoch> <salt>"` made by the caller, used when a new epoch must start; `ARGV[2]` is how
 //! long, in ms, the epoch and offset keys live after the topic was last used.
 //!
-//! The epoch key holds `"<epoch> <run_id> <salt>"`:
-//! * `run_id` is the Redis server's `run_id` when the epoch was written. It changes on every restart
-//!   and differs on a promoted replica, which are exactly the moments a topic's offset can go back
-//!   (a restart from an older RDB snapshot, AOF `everysec` losing its last second, an asynchronous
-//!   replica taking over). A script that finds another `run_id` starts a new epoch, so clients that
-//!   saw the lost future get `recovered:false` or a gap frame, never a silently reused offset. The
-//!   price is that a clean restart also starts new epochs (see `docs/recovery.md`).
+//! The epoch key holds `"<epoch> <run> <salt>"`:
+//! * `run` is the Redis server's `run_id` followed by its `master_replid` when the epoch was
+//!   written. The first changes on every restart, the second when the server is promoted or
+//!   resyncs its data from another master; those are exactly the moments a topic's offset can go
+//!   back (a restart from an older RDB snapshot, AOF `everysec` losing its last second, an
+//!   asynchronous replica taking over, a failback to a master that was partitioned away). A script
+//!   that finds another `run` starts a new epoch, so clients that saw the lost future get
+//!   `recovered:false` or a gap frame, never a silently reused offset. The price is that a clean
+//!   restart or failover also starts new epochs (see `docs/recovery.md`).
 //! * `salt` is a random secret of the epoch. Messages carry a tag made from it, so a raw publisher,
 //!   who can `PUBLISH` but not read keys, cannot forge a gateway message ([`super::wire`]).
 //!
@@ -29,7 +31,10 @@ use crate::{BrokerError, EMPTY_EPOCH, Epoch, HistoryRead, Position, Replay};
 /// The part every script starts with. `WRITER` is replaced by `true` in the publish script: only a
 /// publish creates a topic that does not exist.
 const PREAMBLE: &str = r#"
-local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+-- The server run and its replication history: a restart changes run_id; a promotion or a full
+-- resync from another master (a failback) changes master_replid, even within one run.
+local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
+  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
 local stored = redis.call('GET', KEYS[1])
 local last = redis.call('GET', KEYS[2])
 local epoch, owner, salt

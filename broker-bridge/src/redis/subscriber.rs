@@ -473,6 +473,7 @@ impl Task {
                 if let Err(e) = sent {
                     tracing::debug!(error = %e, "canary not sent");
                 }
+                inner2.ping_reads().await;
             });
         }
         let since = inner

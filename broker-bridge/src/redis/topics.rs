@@ -86,19 +86,30 @@ pub(super) enum Handled {
     StartFill,
 }
 
+/// The most a fill hands the sink at once: `(messages, bytes)`. A larger hole would reach every
+/// subscriber's send queue in one go and close them all as slow consumers; its subscribers get a
+/// gap frame instead and read it themselves, paced, with a resume that history serves.
+pub(super) type FillLimit = (usize, usize);
+
 /// The wanted topics.
 pub(super) struct Topics {
     map: Mutex<HashMap<Arc<str>, Track>>,
     sink: Arc<dyn MessageSink>,
     observer: Arc<dyn BrokerObserver>,
+    fill_limit: FillLimit,
 }
 
 impl Topics {
-    pub(super) fn new(sink: Arc<dyn MessageSink>, observer: Arc<dyn BrokerObserver>) -> Self {
+    pub(super) fn new(
+        sink: Arc<dyn MessageSink>,
+        observer: Arc<dyn BrokerObserver>,
+        fill_limit: FillLimit,
+    ) -> Self {
         Topics {
             map: Mutex::new(HashMap::new()),
             sink,
             observer,
+            fill_limit,
         }
     }
 
@@ -246,7 +257,21 @@ impl Topics {
         // a hint: a subscriber's own ack may have read an earlier one, and the held messages in
         // between are exactly what it needs.
         let mut read_again = false;
-        if replay.complete {
+        let bytes: usize = replay.messages.iter().map(|m| m.data.len()).sum();
+        if replay.complete
+            && (replay.messages.len() > self.fill_limit.0 || bytes > self.fill_limit.1)
+        {
+            // History holds the hole, but it is too big to push into every subscriber's queue at
+            // once: they are told, and each resumes from history at its own pace.
+            tracing::info!(
+                topic = %name,
+                messages = replay.messages.len(),
+                bytes,
+                "a filled gap is too large to push; subscribers resume it from history"
+            );
+            self.sink.gap(&name, &replay.position);
+            track.last = Some(replay.position.clone());
+        } else if replay.complete {
             for m in replay.messages {
                 if let Some(p) = &m.position
                     && Self::is_new(track.last.as_ref(), p)
@@ -428,7 +453,7 @@ mod tests {
     fn topics() -> (Topics, Arc<Seen>, Arc<Count>) {
         let seen = Arc::new(Seen::default());
         let count = Arc::new(Count::default());
-        let t = Topics::new(seen.clone(), count.clone());
+        let t = Topics::new(seen.clone(), count.clone(), (5, 1000));
         t.want("t");
         let salt: Salt = "5a17".into();
         t.hint("t", &at("e1", 10), &salt);
@@ -482,6 +507,31 @@ mod tests {
                 "e1:11 2", "raw 9", "e1:12 2", "e1:13 2", "e1:14 2", "e1:15 2"
             ]
         );
+    }
+
+    #[test]
+    fn a_fill_too_large_to_push_becomes_a_gap_the_subscribers_resume() {
+        let (t, seen, _) = topics();
+        assert_eq!(t.on_wire("t", msg("e1", 20, "5a17")), Handled::StartFill);
+        let replay = Replay {
+            position: at("e1", 20),
+            complete: true,
+            messages: (11..=20)
+                .map(|o| Message {
+                    topic: "t".into(),
+                    position: Some(at("e1", o)),
+                    data: Bytes::from_static(b"{}"),
+                })
+                .collect(),
+        };
+        assert!(t.fill_read("t", Some(&at("e1", 10)), replay, "5a17".into()));
+        assert_eq!(
+            *lock(&seen.0),
+            ["gap e1:20"],
+            "10 messages > the limit of 5"
+        );
+        assert_eq!(t.on_wire("t", msg("e1", 21, "5a17")), Handled::Done);
+        assert_eq!(*lock(&seen.0), ["gap e1:20", "e1:21 2"]);
     }
 
     #[test]

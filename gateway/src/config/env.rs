@@ -38,6 +38,22 @@ pub fn split_list(value: &str) -> Vec<String> {
         .collect()
 }
 
+/// The keys the `PUBGATE__…` variables among `vars` set (lowercase, dotted), with each variable's
+/// name, so an error can name the variable a bad value came from.
+pub fn keys(vars: &[(OsString, OsString)]) -> Vec<(String, String)> {
+    let prefix = format!("{PREFIX}{SEPARATOR}").to_lowercase();
+    vars.iter()
+        .filter_map(|(name, _)| {
+            let name = name.to_str()?;
+            let key = name
+                .to_lowercase()
+                .strip_prefix(&prefix)?
+                .replace(SEPARATOR, ".");
+            Some((key, name.to_string()))
+        })
+        .collect()
+}
+
 /// The environment layer read from `vars` (the process's variables, or a test's): the config
 /// crate's [`Environment`] for plain keys, and [`Lists`] for the keys of [`LIST_KEYS`]. Both go in
 /// at the same layer; no key is in both.

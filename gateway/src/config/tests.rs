@@ -53,7 +53,7 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("limits.slow_consumer"), "{e}");
-    let e = load_toml("[server]\nmax_connections = 0")
+    let e = load_toml("[server]\nmax_connections = -1")
         .unwrap_err()
         .to_string();
     assert!(e.contains("server.max_connections"), "{e}");

@@ -153,9 +153,14 @@ impl Cursor {
     }
 
     /// Takes a gap signal resuming at `resume`: true (and the cursor moves there) unless the
-    /// subscriber is at or past it already, in which case it missed nothing.
-    pub(super) fn gap(&mut self, resume: &Position) -> bool {
-        if resume.epoch == self.epoch && resume.offset <= self.offset {
+    /// subscriber is past it already, in which case it missed nothing. A live subscriber exactly at
+    /// it (`live`) is told all the same: what was lost there is raw messages, which have no
+    /// offsets, published after its last one. A subscriber acknowledged at that position had not
+    /// subscribed yet when the loss happened.
+    pub(super) fn gap(&mut self, resume: &Position, live: bool) -> bool {
+        if resume.epoch == self.epoch
+            && (resume.offset < self.offset || !live && resume.offset == self.offset)
+        {
             return false;
         }
         self.epoch = resume.epoch.clone();
@@ -210,7 +215,7 @@ impl Registry {
         for h in held {
             if h.gap {
                 if let Some(resume) = &h.position
-                    && cursor.gap(resume)
+                    && cursor.gap(resume, false)
                 {
                     self.push_gap(flushes, queue, h.frame);
                 }
@@ -327,7 +332,7 @@ impl MessageSink for Registry {
         for sub in &mut entry.subs {
             match &mut sub.state {
                 SubState::Live(cursor) => {
-                    if cursor.gap(resume) {
+                    if cursor.gap(resume, true) {
                         self.push_gap(&mut flushes, &sub.queue, frame.clone());
                     }
                 }

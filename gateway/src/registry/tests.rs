@@ -90,9 +90,12 @@ fn cursor_skips_old_offsets_and_flags_a_new_epoch_as_a_gap() {
     // Nothing can have been lost: at offset 0, the new epoch's first message.
     let mut c = Cursor::at(&at("e1", 0));
     assert_eq!(c.step(Some(&at("e2", 1))), Step::Deliver);
-    assert!(!c.gap(&at("e2", 1)), "already there");
-    assert!(c.gap(&at("e2", 7)));
+    assert!(!c.gap(&at("e2", 1), false), "acknowledged there");
+    assert!(c.gap(&at("e2", 7), true));
     assert_eq!(c.step(Some(&at("e2", 7))), Step::Skip);
+    // Live at the gap's position: raw messages after its last one were lost; it is told.
+    assert!(c.gap(&at("e2", 7), true));
+    assert!(!c.gap(&at("e2", 6), true), "past it");
 }
 
 #[test]
