@@ -375,7 +375,7 @@ impl Inner {
                 inv.key(&keys.epoch)
                     .key(&keys.offset)
                     .key(&keys.history)
-                    .arg(&candidate)
+                    .arg(candidate)
                     .arg(self.idle_ms())
                     .arg(read.epoch.unwrap_or(""))
                     .arg(since)
