@@ -312,6 +312,7 @@ export class PubgateClient extends Emitter {
     if (this._connectTimer !== null) this._clearTimeout(this._connectTimer);
     this._connectTimer = null;
     const wasOpen = this._state === 'open';
+    if (this._state !== 'closed') this._state = 'waiting';
     for (const sub of this._subs.values()) {
       sub.active = false;
       sub.inflight = false;
@@ -319,12 +320,7 @@ export class PubgateClient extends Emitter {
     }
     // Requests sent on this connection are lost with it; queued ones wait for the next.
     this._failPending(new PubgateError('disconnected', 'connection closed before the reply'), (p) => !p.queued && !p.internal);
-    for (const [id, p] of this._pending) {
-      if (p.internal) {
-        this._clearTimeout(p.timer);
-        this._pending.delete(id);
-      }
-    }
+    this._failPending(new PubgateError('disconnected', 'connection closed before the reply'), (p) => p.internal);
     if (this._state === 'closed') return;
     if (wasOpen && this._now() - this._openedAt >= this.opts.stableAfter) this._attempt = 0;
     const code = ev && ev.code;
@@ -393,10 +389,12 @@ export class PubgateClient extends Emitter {
     }
   }
 
-  _request(frame, kind, { queue = false, internal = false, onReply = null } = {}) {
+  _request(frame, kind, { queue = false, internal = false, onReply = null, onError = null } = {}) {
     const id = this._nextId++;
-    return new Promise((resolve, reject) => {
-      const p = { resolve, reject, kind, frame, queued: false, internal, onReply, timer: null };
+    const promise = new Promise((res, rej) => {
+      const resolve = onReply || res;
+      const reject = onError || rej;
+      const p = { resolve, reject, kind, frame, queued: false, internal, timer: null };
       p.timer = this._setTimeout(() => {
         if (this._pending.get(id) === p) {
           this._pending.delete(id);
@@ -412,6 +410,7 @@ export class PubgateClient extends Emitter {
         reject(new PubgateError('disconnected', 'not connected'));
       }
     });
+    return promise;
   }
 
   _failPending(err, which) {
@@ -430,40 +429,45 @@ export class PubgateClient extends Emitter {
     if (since) frame.since = since;
     sub.inflight = true;
     sub.resyncing = true;
-    this._request(frame, 'subscribe', { internal: true }).then(
-      (ack) => {
-        if (this._subs.get(sub.topic) !== sub) return;
-        this._onSubscribeAck(sub, ack, since);
+    // The reply is handled synchronously (not in a promise job): the messages right behind the ack
+    // may be dispatched in the same task.
+    this._request(frame, 'subscribe', {
+      internal: true,
+      onReply: (ack) => {
+        if (this._subs.get(sub.topic) === sub) this._onSubscribeAck(sub, ack, since);
       },
-      (err) => {
-        if (this._subs.get(sub.topic) !== sub) return;
-        sub.inflight = false;
-        if (err.code === 'disconnected' || err.code === 'closed') return; // resent on reconnect
-        if (RETRYABLE.has(err.code)) {
-          const ws = this._ws;
-          this._setTimeout(() => {
-            if (this._ws === ws && this._subs.get(sub.topic) === sub && !sub.active && !sub.inflight) this._sendSubscribe(sub);
-          }, backoffDelay(1, this.opts.backoffBase, this.opts.backoffMax, this._random) + 50);
-          return;
-        }
-        if (err.code === 'timeout' && this._ws) {
-          // The connection is not answering: start over on a fresh one.
-          this.emit('error', err);
-          const ws = this._ws;
-          try {
-            ws.close(4000, 'ack timeout');
-          } catch {
-            /* ignore */
-          }
-          this._onClose(ws, { code: 4000, reason: 'ack timeout' });
-          return;
-        }
-        this._subs.delete(sub.topic);
-        if (sub.first) sub.first.reject(err);
-        else this.emit('error', err);
-        sub.first = null;
+      onError: (err) => {
+        if (this._subs.get(sub.topic) === sub) this._onSubscribeError(sub, err);
       },
-    );
+    });
+  }
+
+  _onSubscribeError(sub, err) {
+    sub.inflight = false;
+    if (err.code === 'disconnected' || err.code === 'closed') return; // resent on reconnect
+    if (RETRYABLE.has(err.code)) {
+      const ws = this._ws;
+      this._setTimeout(() => {
+        if (this._ws === ws && this._subs.get(sub.topic) === sub && !sub.active && !sub.inflight) this._sendSubscribe(sub);
+      }, backoffDelay(1, this.opts.backoffBase, this.opts.backoffMax, this._random) + 50);
+      return;
+    }
+    if (err.code === 'timeout' && this._ws) {
+      // The connection is not answering: start over on a fresh one.
+      this.emit('error', err);
+      const ws = this._ws;
+      try {
+        ws.close(4000, 'ack timeout');
+      } catch {
+        /* ignore */
+      }
+      this._onClose(ws, { code: 4000, reason: 'ack timeout' });
+      return;
+    }
+    this._subs.delete(sub.topic);
+    if (sub.first) sub.first.reject(err);
+    else this.emit('error', err);
+    sub.first = null;
   }
 
   _onSubscribeAck(sub, ack, since) {
@@ -572,11 +576,10 @@ export class PubgateClient extends Emitter {
     if (this._state !== 'open' || sub.resyncing) return;
     sub.resyncing = true;
     sub.active = false;
-    this._request({ op: 'unsubscribe', topic: sub.topic }, 'unsubscribe', { internal: true })
-      .catch(() => undefined)
-      .then(() => {
-        if (this._subs.get(sub.topic) === sub && this._state === 'open' && !sub.inflight) this._sendSubscribe(sub);
-      });
+    const again = () => {
+      if (this._subs.get(sub.topic) === sub && this._state === 'open' && !sub.inflight) this._sendSubscribe(sub);
+    };
+    this._request({ op: 'unsubscribe', topic: sub.topic }, 'unsubscribe', { internal: true, onReply: again, onError: again });
   }
 }
 
