@@ -111,10 +111,10 @@ async function subscribe(topic) {
         row(s.list, 'note', [['data', `history could not cover the outage: continuing live from offset ${info.offset}`]]);
       },
     });
-    row(s.list, 'note', [['data', `subscribed at offset ${ack.offset ?? '?'}`]]);
+    row(s.list, 'note info', [['data', `subscribed at offset ${ack.offset ?? '?'}`]]);
     s.el.dataset.subscribed = 'true';
   } catch (e) {
-    row(s.list, 'note', [['data', `subscribe failed: ${e.code || ''} ${e.message}`]]);
+    row(s.list, 'note bad', [['data', `subscribe failed: ${e.code || ''} ${e.message}`]]);
   }
 }
 
