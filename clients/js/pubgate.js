@@ -369,7 +369,10 @@ export class PubgateClient extends Emitter {
         this._token = await this._getToken();
         this._tokenStale = false;
         if (this._state === 'open') {
-          this._request({ op: 'refresh', token: this._token }, 'refresh').catch((e) => this.emit('error', e));
+          // A gateway without the refresh op answers unknown_op: the new token is used at the next connect.
+          this._request({ op: 'refresh', token: this._token }, 'refresh').catch((e) => {
+            if (e.code !== 'unknown_op') this.emit('error', e);
+          });
           this._scheduleRefresh();
         }
       } catch (e) {

@@ -167,6 +167,8 @@ async function restartScenario(label, page, topic, node, other, redisUrl, before
   const dups = checkExactlyOnce(label, offsets, total);
   const shown = await rows(page, topic);
   if (shown !== total) throw new Error(`${label}: ${shown} rows on the page, expected ${total}`);
+  const failedNotes = await page.locator(`.stream[data-topic="${topic}"] .messages li.note`, { hasText: 'could not cover' }).count();
+  if (failedNotes) throw new Error(`${label}: the resume was not recovered from history`);
   const connectedAfter = await page.evaluate(() => window.pubgatePage.events.filter((e) => e === 'connected').length);
   if (connectedAfter <= connectedBefore) throw new Error(`${label}: the page never reconnected`);
   const r = { publishedDuringOutage: duringOutage, publishedWhileNodeDown: whileDown, received: offsets.length - before, duplicated: dups, reconnects: connectedAfter - connectedBefore };
