@@ -23,7 +23,7 @@ function hub(url, options, port) {
       asker.postMessage({ t: 'getToken', id });
     });
   h.client = new PubgateClient(url, { ...options, window: null, getToken: port.hasToken ? getToken : undefined });
-  for (const event of ['connected', 'disconnected', 'error']) {
+  for (const event of ['connected', 'disconnected', 'error', 'resumed']) {
     h.client.on(event, (arg) => {
       const payload = event === 'error' ? errorOf(arg) : arg;
       for (const p of h.ports) p.postMessage({ t: 'event', event, arg: payload });

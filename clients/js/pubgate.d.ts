@@ -89,8 +89,20 @@ export interface ClientOptions {
 
 export type ClientState = 'idle' | 'connecting' | 'open' | 'waiting' | 'closed';
 
+export interface ResumedEvent {
+  topic: string;
+  /** The position the client resumed from. */
+  since: Position;
+  /** The ack's epoch and offset: `since` when recovered, else the topic's current epoch and latest offset. */
+  epoch: string;
+  offset: number;
+  /** True when history covered the outage (the missed messages follow). */
+  recovered: boolean;
+}
+
 export interface ClientEvents {
   connected: { url: string };
+  resumed: ResumedEvent;
   disconnected: DisconnectedEvent;
   error: Error;
 }

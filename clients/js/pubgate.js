@@ -136,7 +136,8 @@ export class PubgateClient extends Emitter {
     if (options.connect) this.connect();
   }
 
-  /** `idle`, `connecting`, `open`, `waiting` (to reconnect) or `closed`. */
+  /** `idle`, `connecting`, `open`, `waiting` (to reconnect) or `closed`. Events: `connected`,
+   * `disconnected`, `error`, and `resumed` ({topic, since, epoch, offset, recovered}) after each resume. */
   get state() {
     return this._state;
   }
@@ -488,6 +489,7 @@ export class PubgateClient extends Emitter {
       sub.offset = ack.offset;
     }
     // recovered:true: the missed messages follow from sub.offset + 1; the state stays where it was.
+    if (since) this.emit('resumed', { ...info, recovered: ack.recovered !== false });
     if (sub.first) {
       sub.first.resolve({ topic: sub.topic, epoch: ack.epoch, offset: ack.offset, recovered: ack.recovered });
       sub.first = null;

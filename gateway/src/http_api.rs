@@ -44,9 +44,21 @@ fn protocol_error(e: ProtocolError) -> Response<Body> {
 
 /// The live page and the JavaScript client, embedded in the binary: (path, content type, body).
 const PAGE_ASSETS: &[(&str, &str, &str)] = &[
-    ("/", "text/html; charset=utf-8", include_str!("page/index.html")),
-    ("/_pubgate/page.css", "text/css; charset=utf-8", include_str!("page/page.css")),
-    ("/_pubgate/page.js", "text/javascript; charset=utf-8", include_str!("page/page.js")),
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("page/index.html"),
+    ),
+    (
+        "/_pubgate/page.css",
+        "text/css; charset=utf-8",
+        include_str!("page/page.css"),
+    ),
+    (
+        "/_pubgate/page.js",
+        "text/javascript; charset=utf-8",
+        include_str!("page/page.js"),
+    ),
     (
         "/_pubgate/pubgate.js",
         "text/javascript; charset=utf-8",

@@ -9,7 +9,10 @@ async fn the_page_and_the_client_are_served_from_the_binary() {
     let server = Server::builder().start().await;
     let page = http_get(server.addr, "/").await;
     assert_eq!(page.status, 200, "{}", page.body);
-    assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
+    assert_eq!(
+        page.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
     assert!(page.body.contains("<title>pubgate"), "{}", page.body);
     assert!(page.body.contains("/_pubgate/page.js"));
     for (path, needle) in [
@@ -40,6 +43,9 @@ async fn server_page_false_turns_the_page_off() {
         .start()
         .await;
     assert_eq!(http_get(server.addr, "/").await.status, 404);
-    assert_eq!(http_get(server.addr, "/_pubgate/pubgate.js").await.status, 404);
+    assert_eq!(
+        http_get(server.addr, "/_pubgate/pubgate.js").await.status,
+        404
+    );
     assert_eq!(http_get(server.addr, "/healthz").await.status, 200);
 }

@@ -169,6 +169,8 @@ async function restartScenario(label, page, topic, node, other, redisUrl, before
   if (shown !== total) throw new Error(`${label}: ${shown} rows on the page, expected ${total}`);
   const failedNotes = await page.locator(`.stream[data-topic="${topic}"] .messages li.note`, { hasText: 'could not cover' }).count();
   if (failedNotes) throw new Error(`${label}: the resume was not recovered from history`);
+  const resumedNotes = await page.locator(`.stream[data-topic="${topic}"] .messages li.note`, { hasText: 'resumed after offset' }).count();
+  if (resumedNotes < 1) throw new Error(`${label}: no resume shown on the page`);
   const connectedAfter = await page.evaluate(() => window.pubgatePage.events.filter((e) => e === 'connected').length);
   if (connectedAfter <= connectedBefore) throw new Error(`${label}: the page never reconnected`);
   const r = { publishedDuringOutage: duringOutage, publishedWhileNodeDown: whileDown, received: offsets.length - before, duplicated: dups, reconnects: connectedAfter - connectedBefore };

@@ -15,7 +15,7 @@ function setup(options = {}) {
     ...options,
   });
   const events = [];
-  for (const e of ['connected', 'disconnected', 'error']) client.on(e, (a) => events.push([e, a]));
+  for (const e of ['connected', 'disconnected', 'error', 'resumed']) client.on(e, (a) => events.push([e, a]));
   return { clock, sockets, client, events };
 }
 
@@ -162,6 +162,8 @@ test('resume: every topic resubscribes with since = last (epoch, offset) process
   ws2.recv({ op: 'message', topic: 'a', offset: 8, data: 3 });
   ws2.recv({ op: 'message', topic: 'a', offset: 9, data: 4 });
   assert.deepEqual(got, [6, 7, 8, 9]);
+  const resumed = ctx.events.filter(([e]) => e === 'resumed').map(([, a]) => [a.topic, a.since.offset, a.recovered]);
+  assert.deepEqual(resumed, [['a', 7, true]]);
   assert.deepEqual(ctx.client.position('a'), { epoch: 'E1', offset: 9 });
   ctx.client.close();
 });

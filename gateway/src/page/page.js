@@ -32,6 +32,10 @@ client.on('disconnected', (d) => {
   setStatus('waiting', d && d.willReconnect === false ? 'closed' + code : 'reconnecting' + code + '…');
 });
 client.on('error', (e) => page.events.push('error: ' + (e && e.message)));
+client.on('resumed', (r) => {
+  const s = streams.get(r.topic);
+  if (s && r.recovered) row(s.list, 'note info', [['data', `reconnected: resumed after offset ${r.since.offset}; what was missed follows from history`]]);
+});
 if (client.state === 'open') setStatus('open', 'connected');
 
 function time() {
