@@ -5,6 +5,7 @@ cd "$(dirname "$0")/.."
 
 scripts/test-deps.sh
 cargo test --workspace --all-targets
+scripts/e2e-browser.sh
 if [[ -x scripts/autobahn.sh ]]; then
   scripts/autobahn.sh
 fi

@@ -108,6 +108,8 @@ pub struct Server {
     pub idle_timeout: Duration,
     /// Origins allowed to open WebSockets (`Origin` header); empty allows any.
     pub allowed_origins: Vec<String>,
+    /// Serve the live page at `/` and its assets under `/_pubgate/`.
+    pub page: bool,
 }
 
 /// What to do with a subscriber whose send queue is full.
@@ -392,6 +394,7 @@ handshake_timeout = "10s"
 ping_interval = "25s"
 idle_timeout = "60s"
 allowed_origins = []
+page = true
 
 [limits]
 max_message_size = 65536

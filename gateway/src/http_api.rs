@@ -47,6 +47,58 @@ fn protocol_error(e: ProtocolError) -> Response<Body> {
     json(status, http_error_body(&e))
 }
 
+/// The live page and the JavaScript client, embedded in the binary: (path, content type, body).
+const PAGE_ASSETS: &[(&str, &str, &str)] = &[
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("page/index.html"),
+    ),
+    (
+        "/_pubgate/page.css",
+        "text/css; charset=utf-8",
+        include_str!("page/page.css"),
+    ),
+    (
+        "/_pubgate/page.js",
+        "text/javascript; charset=utf-8",
+        include_str!("page/page.js"),
+    ),
+    (
+        "/_pubgate/pubgate.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../clients/js/pubgate.js"),
+    ),
+    (
+        "/_pubgate/pubgate-worker.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../clients/js/pubgate-worker.js"),
+    ),
+];
+
+/// `GET /` and `GET /_pubgate/…`: the live page (when `server.page` is on).
+pub fn page_asset(path: &str, method: &Method) -> Response<Body> {
+    let Some((_, content_type, body)) = PAGE_ASSETS.iter().find(|(p, _, _)| *p == path) else {
+        return not_found();
+    };
+    if method != Method::GET && method != Method::HEAD {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::BadRequest,
+            "the page takes GET only",
+        );
+    }
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let headers = r.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
+    r
+}
+
 /// `GET /healthz`: the process is alive.
 pub fn healthz() -> Response<Body> {
     json(StatusCode::OK, r#"{"status":"ok"}"#)

@@ -336,6 +336,9 @@ async fn route<T: Transport>(
         "/metrics" if exposes_metrics => http_api::metrics(&node),
         _ if which == Listener::Metrics => http_api::not_found(),
         "/ws" => upgrade::<T>(node, req, WsRoute::PubSub),
+        p if node.settings.server.page && (p == "/" || p.starts_with("/_pubgate/")) => {
+            http_api::page_asset(p, req.method())
+        }
         p if node.settings.server.echo_path.as_deref() == Some(p) => {
             upgrade::<T>(node, req, WsRoute::Echo)
         }

@@ -1,0 +1,342 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { PubgateClient, backoffDelay, tokenExpiry, refreshDelay, DEFAULTS } from '../pubgate.js';
+import { FakeClock, fakeSocketClass, flush } from './fakes.js';
+
+function setup(options = {}) {
+  const clock = new FakeClock();
+  const { FakeWS, sockets } = fakeSocketClass();
+  const client = new PubgateClient('ws://gw/ws', {
+    WebSocket: FakeWS,
+    setTimeout: clock.setTimeout,
+    clearTimeout: clock.clearTimeout,
+    now: () => clock.now,
+    window: null,
+    ...options,
+  });
+  const events = [];
+  for (const e of ['connected', 'disconnected', 'error', 'resumed']) client.on(e, (a) => events.push([e, a]));
+  return { clock, sockets, client, events };
+}
+
+function jwt(claims) {
+  const b = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  return `${b({ alg: 'HS256' })}.${b(claims)}.sig`;
+}
+
+/** Connects, subscribes `topic` and acks it at (epoch, offset); returns the socket and what was delivered. */
+async function subscribed(ctx, topic = 't', epoch = 'E1', offset = 5, extra = {}) {
+  const got = [];
+  const gaps = [];
+  const failed = [];
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  const p = ctx.client.subscribe(topic, {
+    onMessage: (d, m) => got.push(m.offset ?? d),
+    onGap: (g) => gaps.push(g),
+    onRecoverFailed: (i) => failed.push(i),
+    ...extra,
+  });
+  const sub = ws.last('subscribe');
+  assert.equal(sub.since, undefined, 'first subscribe has no since');
+  ws.recv({ op: 'ack', id: sub.id, topic, epoch, offset });
+  const ack = await p;
+  assert.equal(ack.offset, offset);
+  return { ws, got, gaps, failed };
+}
+
+test('backoff: full jitter within [0, min(max, base*2^n)), capped, and spread', () => {
+  for (let n = 0; n < 20; n++) {
+    const cap = Math.min(10000, 100 * 2 ** n);
+    assert.equal(backoffDelay(n, 100, 10000, () => 0), 0);
+    assert.ok(backoffDelay(n, 100, 10000, () => 0.999999) < cap);
+    assert.ok(backoffDelay(n, 100, 10000, () => 0.999999) >= cap - 1);
+  }
+  assert.ok(backoffDelay(1000, 100, 10000, () => 0.999999) < 10000, 'huge attempts stay capped');
+  // Spread: 1000 clients at attempt 6 land all over [0, 6400), not in one instant.
+  const d = Array.from({ length: 1000 }, () => backoffDelay(6, 100, 10000));
+  const buckets = new Array(8).fill(0);
+  for (const x of d) buckets[Math.floor(x / 800)]++;
+  for (const b of buckets) assert.ok(b > 60 && b < 200, `uneven jitter: ${buckets}`);
+});
+
+test('reconnect delays grow, reset after a stable connection, and a drain spreads the return', async () => {
+  const ctx = setup({ random: () => 0.999, backoffBase: 100, backoffMax: 1000, stableAfter: 5000, drainSpread: 7000 });
+  ctx.client.connect();
+  await flush();
+  const delays = [];
+  for (let i = 0; i < 6; i++) {
+    ctx.sockets.at(-1).serverClose(1006);
+    delays.push(ctx.events.at(-1)[1].delay);
+    await ctx.clock.advance(delays.at(-1));
+    assert.equal(ctx.sockets.length, i + 2, 'one new socket per retry');
+  }
+  assert.deepEqual(delays, [99, 199, 399, 799, 999, 999]);
+  // A connection that stayed up 5 s resets the backoff.
+  ctx.sockets.at(-1).open();
+  await ctx.clock.advance(5000);
+  ctx.sockets.at(-1).serverClose(1006);
+  assert.equal(ctx.events.at(-1)[1].delay, 99);
+  await ctx.clock.advance(99);
+  // A short-lived connection does not.
+  ctx.sockets.at(-1).open();
+  await ctx.clock.advance(100);
+  ctx.sockets.at(-1).serverClose(1006);
+  assert.equal(ctx.events.at(-1)[1].delay, 199);
+  await ctx.clock.advance(199);
+  // A drain (1001): a random moment within drainSpread.
+  ctx.sockets.at(-1).open();
+  await ctx.clock.advance(6000);
+  ctx.sockets.at(-1).serverClose(1001);
+  assert.equal(ctx.events.at(-1)[1].delay, 6993);
+  ctx.client.close();
+});
+
+test('drain reconnects of many clients are spread over drainSpread', async () => {
+  const clients = [];
+  for (let i = 0; i < 200; i++) {
+    const ctx = setup({ drainSpread: 5000 });
+    ctx.client.connect();
+    clients.push(ctx);
+  }
+  await flush();
+  const out = [];
+  for (const ctx of clients) {
+    ctx.sockets[0].open();
+    await ctx.clock.advance(6000);
+    ctx.sockets[0].serverClose(1001);
+    out.push(ctx.events.at(-1)[1].delay);
+    ctx.client.close();
+  }
+  const min = Math.min(...out);
+  const max = Math.max(...out);
+  const firstSecond = out.filter((d) => d < 1000).length;
+  assert.ok(min < 500 && max > 4500 && max < 5000, `spread ${min}..${max}`);
+  assert.ok(firstSecond < 80, `${firstSecond} of 200 came back within the first second`);
+});
+
+test('online event reconnects at once', async () => {
+  const listeners = {};
+  const win = { addEventListener: (e, f) => (listeners[e] = f), removeEventListener: () => {} };
+  const ctx = setup({ window: win, random: () => 0.999, backoffBase: 10000, backoffMax: 10000 });
+  ctx.client.connect();
+  await flush();
+  ctx.sockets[0].serverClose(1006);
+  assert.equal(ctx.client.state, 'waiting');
+  listeners.online();
+  await flush();
+  assert.equal(ctx.sockets.length, 2);
+  ctx.client.close();
+});
+
+test('resume: every topic resubscribes with since = last (epoch, offset) processed', async () => {
+  const ctx = setup({ random: () => 0 });
+  const { ws, got } = await subscribed(ctx, 'a', 'E1', 5);
+  const pb = ctx.client.subscribe('b', () => {});
+  ws.recv({ op: 'ack', id: ws.last('subscribe').id, topic: 'b', epoch: '0', offset: 0 });
+  await pb;
+  ws.recv({ op: 'message', topic: 'a', offset: 6, data: 1 });
+  ws.recv({ op: 'message', topic: 'a', offset: 7, data: 2 });
+  // b is empty: message 1 names its epoch, which the client learns.
+  ws.recv({ op: 'message', topic: 'b', epoch: 'B9', offset: 1, data: 'x' });
+  assert.deepEqual(ctx.client.position('a'), { epoch: 'E1', offset: 7 });
+  assert.deepEqual(ctx.client.position('b'), { epoch: 'B9', offset: 1 });
+  ws.serverClose(1006);
+  await ctx.clock.advance(1);
+  const ws2 = ctx.sockets.at(-1);
+  assert.notEqual(ws2, ws);
+  ws2.open();
+  const subs = ws2.sent.filter((f) => f.op === 'subscribe');
+  assert.deepEqual(
+    subs.map((f) => [f.topic, f.since]),
+    [
+      ['a', { epoch: 'E1', offset: 7 }],
+      ['b', { epoch: 'B9', offset: 1 }],
+    ],
+  );
+  // recovered:true then the replay, with one duplicate at the seam that must not be delivered.
+  ws2.recv({ op: 'ack', id: subs[0].id, topic: 'a', epoch: 'E1', offset: 7, recovered: true });
+  ws2.recv({ op: 'message', topic: 'a', offset: 7, data: 2 });
+  ws2.recv({ op: 'message', topic: 'a', offset: 8, data: 3 });
+  ws2.recv({ op: 'message', topic: 'a', offset: 9, data: 4 });
+  assert.deepEqual(got, [6, 7, 8, 9]);
+  const resumed = ctx.events.filter(([e]) => e === 'resumed').map(([, a]) => [a.topic, a.since.offset, a.recovered]);
+  assert.deepEqual(resumed, [['a', 7, true]]);
+  assert.deepEqual(ctx.client.position('a'), { epoch: 'E1', offset: 9 });
+  ctx.client.close();
+});
+
+test('a topic acked at the empty epoch "0" resumes from "0" before message 1 and learns the epoch after', async () => {
+  const ctx = setup({ random: () => 0 });
+  const { ws, got } = await subscribed(ctx, 'e', '0', 0);
+  ws.serverClose(1006);
+  await ctx.clock.advance(1);
+  let ws2 = ctx.sockets.at(-1);
+  ws2.open();
+  const s = ws2.last('subscribe');
+  assert.deepEqual(s.since, { epoch: '0', offset: 0 });
+  ws2.recv({ op: 'ack', id: s.id, topic: 'e', epoch: '0', offset: 0, recovered: true });
+  ws2.recv({ op: 'message', topic: 'e', epoch: 'N1', offset: 1, data: 1 });
+  ws2.recv({ op: 'message', topic: 'e', offset: 2, data: 2 });
+  assert.deepEqual(got, [1, 2]);
+  assert.deepEqual(ctx.client.position('e'), { epoch: 'N1', offset: 2 });
+  ctx.client.close();
+});
+
+test('dedupe: an offset already delivered is never delivered again; raw messages pass', async () => {
+  const ctx = setup();
+  const { ws, got } = await subscribed(ctx, 't', 'E', 10);
+  for (const o of [11, 12, 11, 12, 10, 3, 13]) ws.recv({ op: 'message', topic: 't', offset: o, data: o });
+  ws.recv({ op: 'message', topic: 't', data: 'raw' });
+  assert.deepEqual(got, [11, 12, 13, 'raw']);
+  ctx.client.close();
+});
+
+test('a hole in the offsets resubscribes with since (history first), messages in between dropped', async () => {
+  const ctx = setup();
+  const { ws, got, failed } = await subscribed(ctx, 't', 'E', 10);
+  ws.recv({ op: 'message', topic: 't', offset: 11, data: 0 });
+  ws.recv({ op: 'message', topic: 't', offset: 14, data: 0 });
+  ws.recv({ op: 'message', topic: 't', offset: 15, data: 0 });
+  const un = ws.last('unsubscribe');
+  assert.equal(un.topic, 't');
+  ws.recv({ op: 'ack', id: un.id, topic: 't' });
+  await flush();
+  const re = ws.last('subscribe');
+  assert.deepEqual(re.since, { epoch: 'E', offset: 11 });
+  ws.recv({ op: 'ack', id: re.id, topic: 't', epoch: 'E', offset: 11, recovered: true });
+  for (const o of [12, 13, 14, 15]) ws.recv({ op: 'message', topic: 't', offset: o, data: o });
+  assert.deepEqual(got, [11, 12, 13, 14, 15]);
+  assert.equal(failed.length, 0);
+  ctx.client.close();
+});
+
+test('gap frame: onGap, then unsubscribe + subscribe with since; recovered:false calls onRecoverFailed and goes on live', async () => {
+  const ctx = setup();
+  const { ws, got, gaps, failed } = await subscribed(ctx, 't', 'E1', 41);
+  ws.recv({ op: 'message', topic: 't', offset: 42, data: 0 });
+  ws.recv({ op: 'gap', topic: 't', epoch: 'E2', offset: 0 });
+  assert.equal(gaps.length, 1);
+  assert.deepEqual(gaps[0].last, { epoch: 'E1', offset: 42 });
+  // The new epoch's first message right behind the gap frame: not delivered before the resync ends.
+  ws.recv({ op: 'message', topic: 't', epoch: 'E2', offset: 1, data: 0 });
+  const un = ws.last('unsubscribe');
+  ws.recv({ op: 'ack', id: un.id, topic: 't' });
+  await flush();
+  const re = ws.last('subscribe');
+  assert.deepEqual(re.since, { epoch: 'E1', offset: 42 });
+  ws.recv({ op: 'ack', id: re.id, topic: 't', epoch: 'E2', offset: 1, recovered: false });
+  assert.equal(failed.length, 1);
+  assert.equal(failed[0].epoch, 'E2');
+  assert.equal(failed[0].offset, 1);
+  ws.recv({ op: 'message', topic: 't', offset: 2, data: 0 });
+  assert.deepEqual(got, [42, 2]);
+  assert.deepEqual(ctx.client.position('t'), { epoch: 'E2', offset: 2 });
+  ctx.client.close();
+});
+
+test('per-topic handlers; unsubscribe stops delivery at once', async () => {
+  const ctx = setup();
+  const { ws, got } = await subscribed(ctx, 'a', 'E', 0);
+  const other = [];
+  const pb = ctx.client.subscribe('b', (d) => other.push(d));
+  ws.recv({ op: 'ack', id: ws.last('subscribe').id, topic: 'b', epoch: 'F', offset: 0 });
+  await pb;
+  ws.recv({ op: 'message', topic: 'a', offset: 1, data: 'a1' });
+  ws.recv({ op: 'message', topic: 'b', offset: 1, data: 'b1' });
+  const p = ctx.client.unsubscribe('a');
+  ws.recv({ op: 'message', topic: 'a', offset: 2, data: 'a2' });
+  ws.recv({ op: 'ack', id: ws.last('unsubscribe').id, topic: 'a' });
+  await p;
+  assert.deepEqual(got, [1]);
+  assert.deepEqual(other, ['b1']);
+  ctx.client.close();
+});
+
+test('publish resolves with the ack, rejects on an error reply and on timeout; subscribe refusal rejects', async () => {
+  const ctx = setup({ ackTimeout: 1000 });
+  const { ws } = await subscribed(ctx, 't', 'E', 0);
+  const p1 = ctx.client.publish('t', { x: 1 });
+  const f = ws.last('publish');
+  assert.deepEqual(f.data, { x: 1 });
+  ws.recv({ op: 'ack', id: f.id, topic: 't', epoch: 'E', offset: 1 });
+  assert.deepEqual(await p1, { epoch: 'E', offset: 1 });
+  const p2 = ctx.client.publish('t', 1);
+  ws.recv({ op: 'error', id: ws.last('publish').id, code: 'forbidden', message: 'no' });
+  await assert.rejects(p2, { code: 'forbidden' });
+  const p3 = assert.rejects(ctx.client.publish('t', 1), { code: 'timeout' });
+  await ctx.clock.advance(1000);
+  await p3;
+  const p4 = ctx.client.subscribe('secret', () => {});
+  ws.recv({ op: 'error', id: ws.last('subscribe').id, code: 'forbidden', message: 'no' });
+  await assert.rejects(p4, { code: 'forbidden' });
+  assert.deepEqual(ctx.client.topics(), ['t']);
+  // A publish sent before a close is rejected, never re-sent (it may have gone out).
+  const p5 = assert.rejects(ctx.client.publish('t', 5), { code: 'disconnected' });
+  ws.serverClose(1006);
+  await p5;
+  ctx.client.close();
+});
+
+test('token: sent as access_token; refreshed with the refresh op before exp; a 4001 close fetches a new one', async () => {
+  const clock0 = Date.now();
+  let n = 0;
+  const tokens = [];
+  const ctx = setup({
+    refreshMargin: 30000,
+    token: async () => {
+      n++;
+      const t = jwt({ sub: 'u', exp: Math.floor((1_000_000 + 3600_000 * n) / 1000), n });
+      tokens.push(t);
+      return t;
+    },
+  });
+  void clock0;
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets[0];
+  assert.ok(ws.url.startsWith('ws://gw/ws?access_token='), ws.url);
+  assert.equal(decodeURIComponent(ws.url.split('=')[1]), tokens[0]);
+  ws.open();
+  // exp is 1 h after the clock's start: the refresh is due 30 s before it.
+  assert.deepEqual(ctx.clock.pending().filter((ms) => ms > 10000), [3600_000 - 30_000]);
+  await ctx.clock.advance(3600_000 - 30_001);
+  assert.equal(ws.last('refresh'), undefined, 'not before its time');
+  await ctx.clock.advance(1);
+  const r = ws.last('refresh');
+  assert.equal(r.token, tokens[1]);
+  ws.recv({ op: 'ack', id: r.id });
+  // The server closes with 4001 (token refused): the next connection uses a freshly fetched token.
+  ws.serverClose(4001, 'token expired');
+  await ctx.clock.advance(DEFAULTS.backoffBase);
+  assert.equal(ctx.sockets.length, 2);
+  assert.equal(decodeURIComponent(ctx.sockets[1].url.split('=')[1]), tokens[2]);
+  assert.equal(n, 3);
+  ctx.client.close();
+});
+
+test('token timing helpers', () => {
+  const now = 1_700_000_000_000;
+  const t = jwt({ exp: now / 1000 + 3600 });
+  assert.equal(tokenExpiry(t), now + 3600_000);
+  assert.equal(refreshDelay(t, now, 30000), 3600_000 - 30000);
+  // A short-lived token (40 s) is refreshed halfway, not 30 s early.
+  assert.equal(refreshDelay(jwt({ exp: now / 1000 + 40 }), now, 30000), 20000);
+  assert.equal(refreshDelay(jwt({ exp: now / 1000 - 5 }), now, 30000), 0);
+  assert.equal(refreshDelay('opaque-api-token', now), null);
+  assert.equal(tokenExpiry(jwt({ sub: 'x' })), null);
+});
+
+test('a static token refused with 4001 stops reconnecting and says why', async () => {
+  const ctx = setup({ token: 'static' });
+  ctx.client.connect();
+  await flush();
+  ctx.sockets[0].open();
+  ctx.sockets[0].serverClose(4001);
+  await ctx.clock.advance(60000);
+  assert.equal(ctx.sockets.length, 1);
+  assert.equal(ctx.client.state, 'closed');
+  assert.ok(ctx.events.some(([e, a]) => e === 'error' && a.code === 'token_expired'));
+});

@@ -1,0 +1,159 @@
+// The live page: subscribe, watch, publish. Uses the pubgate JavaScript client served next to it.
+import { connect } from '/_pubgate/pubgate.js';
+
+const params = new URLSearchParams(location.search);
+const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+const share = params.get('share') === '1';
+const token = params.get('token') || undefined;
+const MAX_ROWS = 500;
+
+const $ = (id) => document.getElementById(id);
+const client = connect(wsUrl, { share, token, drainSpread: Number(params.get('drainSpread') || 2000) });
+const streams = new Map(); // topic -> {el, list, count, times: [], rateEl, countEl}
+// For tests and the curious: what arrived, per topic (offsets), and the client.
+const page = (window.pubgatePage = { client, received: {}, shared: !!client.shared, events: [] });
+
+$('endpoint').textContent = wsUrl + (client.shared ? ' · shared by all tabs' : '');
+$('curl-example').textContent = `curl -d '{"home":3}' ${location.origin}/v1/publish/scores.nba`;
+
+function setStatus(state, text) {
+  const s = $('status');
+  s.className = 'status ' + state;
+  s.dataset.state = state;
+  $('status-text').textContent = text;
+}
+client.on('connected', () => {
+  page.events.push('connected');
+  setStatus('open', 'connected');
+});
+client.on('disconnected', (d) => {
+  page.events.push('disconnected');
+  const code = d && d.code ? ` (${d.code})` : '';
+  setStatus('waiting', d && d.willReconnect === false ? 'closed' + code : 'reconnecting' + code + '…');
+});
+client.on('error', (e) => page.events.push('error: ' + (e && e.message)));
+client.on('resumed', (r) => {
+  const s = streams.get(r.topic);
+  if (s && r.recovered) row(s.list, 'note info', [['data', `reconnected: resumed after offset ${r.since.offset}; what was missed follows from history`]]);
+});
+if (client.state === 'open') setStatus('open', 'connected');
+
+function time() {
+  const d = new Date();
+  return d.toTimeString().slice(0, 8) + '.' + String(d.getMilliseconds()).padStart(3, '0').slice(0, 1);
+}
+
+function row(list, cls, parts) {
+  const li = document.createElement('li');
+  if (cls) li.className = cls;
+  for (const [c, text] of parts) {
+    const span = document.createElement('span');
+    span.className = c;
+    span.textContent = text;
+    li.append(span);
+  }
+  const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  list.append(li);
+  while (list.children.length > MAX_ROWS) list.firstChild.remove();
+  if (atBottom) list.scrollTop = list.scrollHeight;
+}
+
+function addStream(topic) {
+  $('empty').hidden = true;
+  const el = document.createElement('article');
+  el.className = 'stream';
+  el.dataset.topic = topic;
+  el.innerHTML = `<div class="stream-head"><span class="name"></span>
+    <span class="stats"><span class="rate">0.0</span> msg/s · <span class="count">0</span> received</span>
+    <button class="ghost" title="Unsubscribe">✕</button></div><ul class="messages"></ul>`;
+  el.querySelector('.name').textContent = topic;
+  const s = { el, list: el.querySelector('.messages'), count: 0, times: [], rateEl: el.querySelector('.rate'), countEl: el.querySelector('.count') };
+  el.querySelector('button').onclick = () => removeStream(topic);
+  $('streams').append(el);
+  const li = document.createElement('li');
+  li.textContent = topic;
+  li.dataset.topic = topic;
+  const x = document.createElement('button');
+  x.className = 'ghost';
+  x.textContent = '✕';
+  x.title = 'Unsubscribe';
+  x.onclick = () => removeStream(topic);
+  li.append(x);
+  $('topic-list').append(li);
+  s.li = li;
+  streams.set(topic, s);
+  page.received[topic] = [];
+  return s;
+}
+
+function removeStream(topic) {
+  const s = streams.get(topic);
+  if (!s) return;
+  streams.delete(topic);
+  s.el.remove();
+  s.li.remove();
+  client.unsubscribe(topic).catch(() => undefined);
+  if (streams.size === 0) $('empty').hidden = false;
+}
+
+async function subscribe(topic) {
+  if (streams.has(topic)) return;
+  const s = addStream(topic);
+  try {
+    const ack = await client.subscribe(topic, {
+      onMessage(data, msg) {
+        s.count++;
+        s.times.push(performance.now());
+        s.countEl.textContent = s.count;
+        page.received[topic].push(msg.offset);
+        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', JSON.stringify(data)]]);
+      },
+      onGap(g) {
+        row(s.list, 'note', [['data', `gap signalled at offset ${g.offset}: asking history to fill it`]]);
+      },
+      onRecoverFailed(info) {
+        row(s.list, 'note', [['data', `history could not cover the outage: continuing live from offset ${info.offset}`]]);
+      },
+    });
+    row(s.list, 'note info', [['data', `subscribed at offset ${ack.offset ?? '?'}`]]);
+    s.el.dataset.subscribed = 'true';
+  } catch (e) {
+    row(s.list, 'note bad', [['data', `subscribe failed: ${e.code || ''} ${e.message}`]]);
+  }
+}
+
+setInterval(() => {
+  const now = performance.now();
+  for (const s of streams.values()) {
+    while (s.times.length && now - s.times[0] > 5000) s.times.shift();
+    s.rateEl.textContent = (s.times.length / 5).toFixed(1);
+  }
+}, 1000);
+
+$('subscribe-form').onsubmit = (e) => {
+  e.preventDefault();
+  const topic = $('subscribe-topic').value.trim();
+  if (topic) subscribe(topic);
+  $('subscribe-topic').value = '';
+  if (!$('publish-topic').value) $('publish-topic').value = topic;
+};
+
+$('publish-form').onsubmit = async (e) => {
+  e.preventDefault();
+  const out = $('publish-result');
+  let data;
+  try {
+    data = JSON.parse($('publish-data').value);
+  } catch {
+    out.textContent = 'data is not valid JSON';
+    return;
+  }
+  try {
+    const r = await client.publish($('publish-topic').value.trim(), data);
+    out.textContent = `published at offset ${r.offset}`;
+  } catch (err) {
+    out.textContent = `not published: ${err.code || ''} ${err.message}`;
+  }
+};
+
+for (const t of (params.get('topics') || '').split(',')) if (t.trim()) subscribe(t.trim());
