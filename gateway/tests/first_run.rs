@@ -23,14 +23,15 @@ async fn refused(args: &[&str], env: &[(&str, &str)]) -> String {
     }
     let done = b.run_to_exit(EXIT).await;
     assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
-    let line = done
-        .stderr
+    done.stderr
         .lines()
         .find(|l| l.starts_with("pubgate: "))
         .unwrap_or_else(|| panic!("no error line: {}", done.stderr))
-        .to_string();
-    line
+        .to_string()
 }
+
+/// Flags, environment variables, and the error line they must give.
+type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, String);
 
 #[tokio::test]
 async fn config_errors_name_the_source_the_key_and_what_it_takes() {
@@ -44,7 +45,7 @@ async fn config_errors_name_the_source_the_key_and_what_it_takes() {
     let quoted = file("quoted.toml", "[history]\nsize = \"100\"\n");
     let policy = file("policy.toml", "[limits]\nslow_consumer = \"ignore\"\n");
     let broken = file("broken.toml", "[server\n");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, String)> = vec![
+    let cases: Vec<Case> = vec![
         (
             vec![],
             vec![("PUBGATE__SERVER__LISEN", "127.0.0.1:9000")],
