@@ -198,10 +198,10 @@ async fn a_gap_fill_retries_until_history_answers() {
     assert_eq!(a.metric("pubgate_broker_gaps_total").await, Some(0.0));
 }
 
-/// Node A stops (SIGSTOP) while node B publishes 600 messages; when A goes on, Redis's pushes
+/// Node A stops (SIGSTOP) while node B publishes 400 messages; when A goes on, Redis's pushes
 /// arrive in a burst far larger than A's backlog (8 messages). A drops what does not fit, refills
-/// the topic from history, and its client gets exactly 1..600 in order; the backlog is empty
-/// afterwards.
+/// the topic from history (400 fit in half a send queue), and its client gets exactly 1..400 in
+/// order; the backlog is empty afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_falls_behind_refills_from_history_instead_of_growing() {
     let redis = Redis::start();
@@ -213,7 +213,7 @@ async fn a_node_that_falls_behind_refills_from_history_instead_of_growing() {
     let pid = a.pid().expect("pid") as i32;
     // SAFETY: signalling our own child process by its PID.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let batch: Vec<Value> = (1..=600u64)
+    let batch: Vec<Value> = (1..=400u64)
         .map(|i| json!({"topic": topic, "data": {"n": i}}))
         .collect();
     let (status, body) = redis_support::http(
@@ -226,8 +226,8 @@ async fn a_node_that_falls_behind_refills_from_history_instead_of_growing() {
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     assert_eq!(status, 200, "{body}");
-    let got = messages(&mut ws, 600, "after the burst").await;
-    assert_eq!(got, numbered(1..=600), "log:\n{}", a.log());
+    let got = messages(&mut ws, 400, "after the burst").await;
+    assert_eq!(got, numbered(1..=400), "log:\n{}", a.log());
     let overflows = a
         .metric("pubgate_broker_backlog_overflows_total")
         .await
@@ -383,4 +383,177 @@ async fn subscription_churn_of_one_client_never_rebuilds_the_node_link() {
     );
     assert_eq!(a.metric("pubgate_broker_reconnects_total").await, Some(0.0));
     assert!(a.is_ready().await);
+}
+
+/// Stops node A (SIGSTOP) while `burst` runs against Redis, then lets it go on.
+async fn while_stopped(node: &Node, burst: impl AsyncFnOnce()) {
+    let pid = node.pid().expect("pid") as i32;
+    // SAFETY: signalling our own child process by its PID.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    burst().await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+}
+
+/// Raw messages have no offsets and are never in history: when a node that fell behind drops some,
+/// its subscribers are told with a gap frame at their current position (before, the frame was
+/// suppressed because that position had not moved).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_messages_dropped_from_a_full_backlog_are_signalled_as_a_gap() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[("PUBGATE__BROKER__BACKLOG_MESSAGES", "8".into())]).await;
+    let topic = "raw.loss";
+    let (mut ws, epoch) = live_client(&node, &node, topic, 1).await;
+    while_stopped(&node, async || {
+        let script = "for i = 1, 400 do redis.call('PUBLISH', KEYS[1], '{\"raw\":' .. i .. '}') end";
+        redis.cli(&["EVAL", script, "1", &format!("pubgate:{topic}")]);
+    })
+    .await;
+    let mut raw = 0;
+    let gap = loop {
+        let v = next_json(&mut ws, "raw burst").await;
+        match v["op"].as_str() {
+            Some("message") => raw += 1,
+            Some("gap") => break v,
+            _ => panic!("unexpected {v}"),
+        }
+    };
+    assert_eq!(gap, json!({"op":"gap","topic":topic,"epoch":epoch,"offset":1}));
+    assert!(raw < 400, "some were dropped: {raw}");
+    assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
+}
+
+/// A raw publish nested deeper than `limits.max_json_depth` never reaches clients (their parsers
+/// would fail on it); one at the limit does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_publish_nested_too_deep_is_dropped() {
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    let topic = "raw.deep";
+    let mut ws = node.ws().await;
+    assert_eq!(ws.subscribe(topic).await["op"], "ack");
+    let channel = format!("pubgate:{topic}");
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    // 126: the frame adds a level, and this test's own parser (serde_json) stops at 128.
+    for n in [129, 30_000, 126] {
+        redis.cli(&["PUBLISH", &channel, &nested(n)]);
+    }
+    let m = next_json(&mut ws, "one within the limit").await;
+    assert_eq!(m["data"].to_string(), nested(126));
+    expect_silence(&mut ws, "nothing else").await;
+    assert_eq!(
+        node.metric("pubgate_broker_messages_dropped_total{reason=\"too_deep\"}")
+            .await,
+        Some(2.0)
+    );
+}
+
+/// A node cut off from Redis misses more than half a send queue (600 messages > 512): pushing the
+/// whole fill at once closed every subscriber as a slow consumer. Now they get a gap frame, and a
+/// resume from history gives them exactly what they missed, paced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_larger_than_half_a_send_queue_is_resumed_by_the_clients() {
+    let redis = Redis::start();
+    redis.cli(&["ACL", "SETUSER", "nodea", "on", ">pa", "~*", "&*", "+@all"]);
+    let url = format!("redis://nodea:pa@127.0.0.1:{}", redis.port);
+    let a = Node::redis("redis", &url, &[]).await;
+    a.wait_ready(READY).await;
+    let b = redis_node(&redis, &[]).await;
+    let topic = "outage.big";
+    let (mut ws, epoch) = live_client(&a, &b, topic, 3).await;
+    redis.cli(&["ACL", "SETUSER", "nodea", "off"]);
+    redis.cli(&["CLIENT", "KILL", "USER", "nodea"]);
+    assert!(eventually(Duration::from_secs(10), async || !a.is_ready().await).await);
+    let batch: Vec<Value> = (4..=603u64)
+        .map(|i| json!({"topic": topic, "data": {"n": i}}))
+        .collect();
+    let (status, body) = redis_support::http(
+        b.addr,
+        "POST",
+        "/v1/publish",
+        &json!({ "messages": batch }).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    redis.cli(&["ACL", "SETUSER", "nodea", "on"]);
+    a.wait_ready(READY).await;
+    let gap = next_json(&mut ws, "gap instead of a flood").await;
+    assert_eq!(gap, json!({"op":"gap","topic":topic,"epoch":epoch,"offset":603}));
+    ws.send(json!({"op":"unsubscribe","topic":topic,"id":"u"})).await;
+    assert_eq!(next_json(&mut ws, "unsubscribe ack").await["op"], "ack");
+    let ack = resume(&mut ws, topic, &epoch, 3).await;
+    assert_eq!(ack["recovered"], json!(true), "{ack}");
+    assert_eq!(messages(&mut ws, 600, "resumed").await, numbered(4..=603));
+    assert_eq!(a.metric("pubgate_slow_consumer_disconnects_total").await, Some(0.0));
+    assert_eq!(a.metric("pubgate_broker_gaps_total").await, Some(0.0), "nothing was lost");
+}
+
+/// After Redis restarts, the node's reads connection is dead until something uses it; the first
+/// `GET /v1/history` once the node is ready again must not be the one that finds out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_history_read_after_a_redis_restart_works() {
+    let mut redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    assert_eq!(publish(&node, "after.restart", "1").await, 1);
+    let (status, _) = redis_support::http(node.addr, "GET", "/v1/history/after.restart", "").await;
+    assert_eq!(status, 200);
+    redis.restart();
+    node.wait_ready(READY).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, body) =
+        redis_support::http(node.addr, "GET", "/v1/history/after.restart", "").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// A master that was partitioned away and is failed back to (it resyncs from the interim master,
+/// then is promoted again) keeps its `run_id` but has an older dataset. Its offsets must not be
+/// reused in the old epoch: `master_replid` changed, so the topic starts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_to_an_older_dataset_starts_a_new_epoch() {
+    let a = Redis::start();
+    let b = Redis::start();
+    let node = redis_node(&a, &[]).await;
+    let topic = "failback";
+    let offset_key = format!("pubgate:{topic}:offset");
+    // B replicates A from the start, as in any replicated setup.
+    b.cli(&["REPLICAOF", "127.0.0.1", &a.port.to_string()]);
+    assert!(
+        eventually(Duration::from_secs(10), async || b
+            .cli(&["INFO", "replication"])
+            .contains("master_link_status:up"))
+        .await
+    );
+    for i in 1..=8 {
+        publish(&node, topic, &json!({ "n": i }).to_string()).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), async || b.cli(&["GET", &offset_key]).trim() == "8")
+            .await
+    );
+    // A partition: B is promoted while A goes on taking writes.
+    b.cli(&["REPLICAOF", "NO", "ONE"]);
+    let before = publish(&node, topic, r#"{"n":9}"#).await;
+    assert_eq!(before, 9);
+    let (_, body) = node.publish(topic, r#"{"n":10}"#).await;
+    let old_epoch = serde_json::from_str::<Value>(&body).expect("reply")["epoch"].clone();
+    // A follows B (full resync: back to offset 8), then is promoted again.
+    a.cli(&["REPLICAOF", "127.0.0.1", &b.port.to_string()]);
+    assert!(
+        eventually(Duration::from_secs(10), async || a.cli(&["GET", &offset_key]).trim() == "8")
+            .await
+    );
+    a.cli(&["REPLICAOF", "NO", "ONE"]);
+    node.wait_ready(READY).await;
+    let mut reply = Value::Null;
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            let (status, body) = node.publish(topic, r#"{"n":"new"}"#).await;
+            reply = serde_json::from_str(&body).unwrap_or(Value::Null);
+            status == 200
+        })
+        .await,
+        "publishing works after the failback"
+    );
+    assert_eq!(reply["offset"], json!(1), "{reply}");
+    assert_ne!(reply["epoch"], old_epoch, "{reply}");
 }
