@@ -322,8 +322,8 @@ async fn bad_config_fails_start_up_naming_the_key() {
 
     expect_config_error(
         "value that parses but is out of range",
-        Server::builder().env("PUBGATE__SERVER__MAX_CONNECTIONS", "0"),
-        &["server.max_connections"],
+        Server::builder().env("PUBGATE__SERVER__PING_INTERVAL", "0s"),
+        &["server.ping_interval"],
     )
     .await;
 
