@@ -206,7 +206,7 @@ def pubgate_invariants(docs, where):
     if tgps <= pre + grace:
         err(w, f"terminationGracePeriodSeconds {tgps} must exceed preStop {pre}s + drain.grace {grace}s")
     env = {e["name"]: e for e in c.get("env", [])}
-    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
     for var, port in (("PUBGATE__SERVER__LISTEN", "ws"), ("PUBGATE__SERVER__METRICS_LISTEN", "metrics")):
         val = env.get(var, {}).get("value", "")
         if port not in ports or not val.endswith(f":{ports[port]}"):
@@ -261,7 +261,10 @@ def main():
             except kvu.SchemaNotFoundError as e:
                 err(where, f"no schema: {e.message} (unknown kinds fail; list deliberate skips in SKIP_KINDS)")
         if not a.no_pubgate_checks:
-            pubgate_invariants([d for d in docs if isinstance(d, dict) and "kind" in d], f)
+            try:
+                pubgate_invariants([d for d in docs if isinstance(d, dict) and "kind" in d], f)
+            except (KeyError, TypeError, StopIteration, AttributeError) as e:
+                err(f, f"pubgate invariants: the objects do not have the expected shape ({type(e).__name__}: {e})")
     for e in errors:
         print(f"ERROR {e}")
     print(f"k8s_validate: {total} objects in {len(a.files)} files, kubernetes {a.kube_version} "

@@ -75,7 +75,9 @@ Called from the Deployment so every render runs it.
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
 {{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" -}}
 {{- end -}}
-{{- if and (eq (int .Values.strategy.maxSurge) 0) (eq (int .Values.strategy.maxUnavailable) 0) -}}
+{{- $surge := toString .Values.strategy.maxSurge -}}
+{{- $unavail := toString .Values.strategy.maxUnavailable -}}
+{{- if and (has $surge (list "0" "0%")) (has $unavail (list "0" "0%")) -}}
 {{- fail "strategy.maxSurge and strategy.maxUnavailable cannot both be 0" -}}
 {{- end -}}
 {{- end -}}
