@@ -261,6 +261,8 @@ validate_all() {
   local rc=0
   step "helm lint --strict + helm template (kubernetes $kube_version, $("$helm" version --short))"
   render_chart helm/pubgate "$out/rendered" || rc=1
+  step "helm/pubgate/README.md lists every value"
+  "$py" scripts/deploy/check_chart_readme.py helm/pubgate || rc=1
   step "rendered objects against the strict Kubernetes schemas and the chart's invariants"
   validate_rendered "$out/rendered" || rc=1
   step "the chart's PrometheusRule against deploy/prometheus/alerts.test.yml"
@@ -324,6 +326,11 @@ self_test() {
   printf 'drain:\n  preStopSeconds: 5\n  delaySeconds: 60\n  graceSeconds: 60\n  marginSeconds: 10\n' >"$st/values-delay.yaml"
   expect_failure "drain.delay not shorter than drain.grace (template check)" "must be shorter than drain.graceSeconds" \
     render_chart "$st/chart-a" "$st/r-c" "$st/values-delay.yaml"
+
+  sed '/^| `drain.marginSeconds`/d' helm/pubgate/README.md >"$st/README.md"
+  mkdir -p "$st/chart-readme" && cp helm/pubgate/values.yaml "$st/chart-readme/" && cp "$st/README.md" "$st/chart-readme/"
+  expect_failure "a value missing from the chart README" "does not list the value drain.marginSeconds" \
+    "$py" scripts/deploy/check_chart_readme.py "$st/chart-readme"
 
   chart_copy "$st/chart-field"
   sed -i 's/^\(\s*\)containerPort: /\1containerPorts: /' "$st/chart-field/templates/deployment.yaml"
