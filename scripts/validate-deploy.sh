@@ -19,11 +19,17 @@
 #   promtool check config / check rules / test rules on deploy/prometheus, and the same unit tests on
 #   the PrometheusRule the chart renders;
 #   the Grafana dashboard parsed and its queries checked (metric names, PromQL via promtool);
-#   yamllint on the plain YAML files.
+#   yamllint on the plain YAML files;
+#   live (needs the pubgate binary, redis-server, haproxy, prometheus): the rollout rehearsal
+#   (scripts/deploy/rollout_rehearsal.py: a rolling update of local pubgate processes behind HAProxy with
+#   the settings read from the rendered chart, resuming clients and a publisher; 0 lost, 0 duplicated,
+#   no reconnect storm) and a real Prometheus scraping a real node, whose alerts fire and resolve when
+#   Redis stops and starts (scripts/deploy/prometheus_live_test.py).
 #
 # Environment: PUBGATE_BIN (default target/debug/pubgate, else target/release/pubgate; with CI=true a
 # missing binary is an error, else that step is skipped), PUBGATE_KUBE_VERSION (default 1.32.0),
-# PUBGATE_DEPLOY_TOOLS (see scripts/deploy-tools.sh).
+# PUBGATE_DEPLOY_TOOLS (see scripts/deploy-tools.sh), PUBGATE_DEPLOY_QUICK=1 skips the live steps
+# (about two minutes) outside CI.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -281,7 +287,37 @@ validate_all() {
   "$py" deploy/grafana/gen_dashboard.py --check || rc=1
   step "yamllint"
   yaml_lint || rc=1
+  if [[ "${PUBGATE_DEPLOY_QUICK:-}" == "1" && "${CI:-}" != "true" ]]; then
+    step "live steps SKIPPED (PUBGATE_DEPLOY_QUICK=1)"
+  elif have_live; then
+    step "rollout rehearsal with the default values' settings"
+    rehearse "$out/rendered/default.yaml" "$out/rehearsal" || rc=1
+    step "a real Prometheus ($(prometheus --version 2>&1 | head -1 | awk '{print $3}')) scraping a real pubgate; alerts fire and resolve"
+    "$py" scripts/deploy/prometheus_live_test.py --pubgate "$pubgate_bin" --rules deploy/prometheus/alerts.yml \
+      --workdir "$out/prometheus-live" || rc=1
+  else
+    rc=1
+  fi
   return $rc
+}
+
+have_live() {
+  local t missing=()
+  [[ -n "$pubgate_bin" && -x "$pubgate_bin" ]] || missing+=(pubgate)
+  for t in redis-server redis-cli haproxy prometheus; do
+    command -v "$t" >/dev/null || missing+=("$t")
+  done
+  if (( ${#missing[@]} )); then
+    if [[ "${CI:-}" == "true" ]]; then echo "live steps need: ${missing[*]}"; return 1; fi
+    step "live steps SKIPPED: missing ${missing[*]} (scripts/test-deps.sh installs redis and haproxy)"
+    return 0
+  fi
+}
+
+rehearse() {
+  local rendered="$1" work="$2"; shift 2
+  "$py" scripts/deploy/rollout_rehearsal.py --rendered "$rendered" --pubgate "$pubgate_bin" --workdir "$work" "$@" \
+    | tee "$work.log" | grep -v '^  \[' || return 1
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,6 +435,15 @@ self_test() {
   sed -i '0,/sum(pubgate_ready{instance=~\\"$node\\"})/s//sum(pubgate_ready{instance=~\\"$node\\"}/' "$st/grafana/pubgate.json"
   expect_failure "dashboard query with a PromQL syntax error" "unclosed left parenthesis|parse error" \
     check_dashboard "$st/grafana/pubgate.json" deploy/prometheus/alerts.yml
+
+  if [[ -n "$pubgate_bin" && -x "$pubgate_bin" ]] && command -v haproxy >/dev/null && command -v redis-server >/dev/null \
+      && [[ "${PUBGATE_DEPLOY_QUICK:-}" != "1" || "${CI:-}" == "true" ]]; then
+    mkdir -p "$st/r-storm"
+    "$helm" template pubgate helm/pubgate --kube-version "$kube_version" \
+      --set drain.preStopSeconds=0,drain.delaySeconds=0,drain.graceSeconds=1,minReadySeconds=0 >"$st/r-storm/storm.yaml"
+    expect_failure "rollout with a 1-second drain and no preStop (the rehearsal sees the reconnect storm)" "reconnect storm" \
+      rehearse "$st/r-storm/storm.yaml" "$st/rehearsal-storm"
+  fi
 
   if (( self_test_failures )); then
     echo "self-test: $self_test_failures broken inputs were NOT caught"
