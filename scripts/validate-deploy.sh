@@ -139,6 +139,7 @@ for line in text.splitlines():
 open(sys.argv[2], "w").write("\n".join(out) + "\n")
 PY
     local log="$dir/$name.pubgate.log" pid grace
+    : >"$log.out"   # exists before the background job opens it: the loop below reads it at once
     env -u RUST_LOG "$pubgate_bin" --config "$toml" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
       >"$log.out" 2>"$log" &
     pid=$!

@@ -29,6 +29,21 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: pubgate
 {{- end -}}
 
+{{/* The bundled Redis: its own name label, so no pubgate selector (Service, PDB, ServiceMonitor,
+NetworkPolicy) ever matches it. */}}
+{{- define "pubgate.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "pubgate.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pubgate.redisLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "pubgate.redisSelectorLabels" . }}
+app.kubernetes.io/component: redis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pubgate
+{{- end -}}
+
 {{- define "pubgate.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "pubgate.fullname" .) .Values.serviceAccount.name -}}
