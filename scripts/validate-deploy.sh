@@ -364,6 +364,7 @@ self_test() {
   expect_failure "drain.delay not shorter than drain.grace (template check)" "must be shorter than drain.graceSeconds" \
     render_chart "$st/chart-a" "$st/r-c" "$st/values-delay.yaml"
 
+  # shellcheck disable=SC2016 # a literal backquote, not an expansion
   sed '/^| `drain.marginSeconds`/d' helm/pubgate/README.md >"$st/README.md"
   mkdir -p "$st/chart-readme" && cp helm/pubgate/values.yaml "$st/chart-readme/" && cp "$st/README.md" "$st/chart-readme/"
   expect_failure "a value missing from the chart README" "does not list the value drain.marginSeconds" \
@@ -433,6 +434,7 @@ self_test() {
     check_dashboard "$st/grafana/pubgate.json" deploy/prometheus/alerts.yml
 
   cp deploy/grafana/pubgate.json "$st/grafana/"
+  # shellcheck disable=SC2016 # a literal $node of the dashboard
   sed -i '0,/sum(pubgate_ready{instance=~\\"$node\\"})/s//sum(pubgate_ready{instance=~\\"$node\\"}/' "$st/grafana/pubgate.json"
   expect_failure "dashboard query with a PromQL syntax error" "unclosed left parenthesis|parse error" \
     check_dashboard "$st/grafana/pubgate.json" deploy/prometheus/alerts.yml
