@@ -1,0 +1,160 @@
+{{/* Names and labels. */}}
+{{- define "pubgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pubgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pubgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pubgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pubgate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "pubgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pubgate
+{{- end -}}
+
+{{/* The bundled Redis: its own name label, so no pubgate selector (Service, PDB, ServiceMonitor,
+NetworkPolicy) ever matches it. */}}
+{{- define "pubgate.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "pubgate.name" . }}-redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pubgate.redisLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "pubgate.redisSelectorLabels" . }}
+app.kubernetes.io/component: redis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pubgate
+{{- end -}}
+
+{{- define "pubgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pubgate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pubgate.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the chart-managed credentials (api keys, JWT secret/key, Redis URL). */}}
+{{- define "pubgate.secretName" -}}
+{{- printf "%s-auth" (include "pubgate.fullname" .) -}}
+{{- end -}}
+
+{{- define "pubgate.hasInlineSecret" -}}
+{{- if or .Values.auth.apiKeys .Values.auth.jwtSecret .Values.auth.jwtPublicKey -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Checks that the values make a deployable release; `helm template`/`install` fail with the message.
+Called from the Deployment so every render runs it.
+*/}}
+{{- define "pubgate.validate" -}}
+{{- $d := .Values.drain -}}
+{{- if ge (int $d.delaySeconds) (int $d.graceSeconds) -}}
+{{- fail (printf "drain.delaySeconds (%d) must be shorter than drain.graceSeconds (%d): pubgate refuses drain.delay >= drain.grace" (int $d.delaySeconds) (int $d.graceSeconds)) -}}
+{{- end -}}
+{{- if and (not .Values.broker.url) (not .Values.broker.existingSecret.name) (not .Values.redis.enabled) -}}
+{{- fail "broker: set broker.url, broker.existingSecret.name, or redis.enabled=true (the bundled Redis is for trying the chart out)" -}}
+{{- end -}}
+{{- if and .Values.redis.enabled (eq .Values.broker.kind "redis-cluster") -}}
+{{- fail "broker.kind=redis-cluster needs an external Redis Cluster (broker.url); the bundled Redis is a single instance" -}}
+{{- end -}}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" -}}
+{{- end -}}
+{{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
+{{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" -}}
+{{- end -}}
+{{- $surge := toString .Values.strategy.maxSurge -}}
+{{- $unavail := toString .Values.strategy.maxUnavailable -}}
+{{- if and (has $surge (list "0" "0%")) (has $unavail (list "0" "0%")) -}}
+{{- fail "strategy.maxSurge and strategy.maxUnavailable cannot both be 0" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* terminationGracePeriodSeconds: preStop sleep + drain.grace + margin (the one place it is computed). */}}
+{{- define "pubgate.terminationGracePeriodSeconds" -}}
+{{- add .Values.drain.preStopSeconds .Values.drain.graceSeconds .Values.drain.marginSeconds -}}
+{{- end -}}
+
+{{/* The pubgate config map as a dict: values.config plus the keys the chart owns. */}}
+{{- define "pubgate.configDict" -}}
+{{- $c := deepCopy .Values.config -}}
+{{- $_ := set $c "drain" (dict "grace" (printf "%ds" (int .Values.drain.graceSeconds)) "delay" (printf "%ds" (int .Values.drain.delaySeconds))) -}}
+{{- $broker := default (dict) (get $c "broker") -}}
+{{- $_ := set $broker "kind" .Values.broker.kind -}}
+{{- if .Values.broker.url -}}
+{{- $_ := set $broker "url" .Values.broker.url -}}
+{{- else if and .Values.redis.enabled (not .Values.broker.existingSecret.name) -}}
+{{- $_ := set $broker "url" (printf "redis://%s-redis:6379" (include "pubgate.fullname" .)) -}}
+{{- end -}}
+{{- $_ := set $c "broker" $broker -}}
+{{- if .Values.tls.enabled -}}
+{{- $tls := default (dict) (get $c "tls") -}}
+{{- $_ := set $tls "cert" "/etc/pubgate/tls/tls.crt" -}}
+{{- $_ := set $tls "key" "/etc/pubgate/tls/tls.key" -}}
+{{- $_ := set $c "tls" $tls -}}
+{{- end -}}
+{{- if or .Values.auth.jwtPublicKey .Values.auth.existingSecret.jwtPublicKeyKey -}}
+{{- $auth := default (dict) (get $c "auth") -}}
+{{- $_ := set $auth "jwt_public_key" "/etc/pubgate/jwt/jwt-public-key.pem" -}}
+{{- $_ := set $c "auth" $auth -}}
+{{- end -}}
+{{- toJson $c -}}
+{{- end -}}
+
+{{/*
+Renders a two-level map (section -> key -> value) as TOML. Scalars and lists of scalars are written with
+toJson, whose strings, numbers (integers stay integers) and arrays are valid TOML; a list of maps becomes
+an array of tables ([[history.rules]]).
+*/}}
+{{- define "pubgate.toml" -}}
+{{- $c := . -}}
+{{- range $section := keys $c | sortAlpha }}
+{{- $body := get $c $section }}
+[{{ $section }}]
+{{- /* scalars and lists of scalars first: keys after a [[table]] header would belong to it */}}
+{{- range $key := keys $body | sortAlpha }}
+{{- $v := get $body $key }}
+{{- if not (and (kindIs "slice" $v) $v (kindIs "map" (first $v))) }}
+{{ $key }} = {{ $v | toJson }}
+{{- end }}
+{{- end }}
+{{- range $key := keys $body | sortAlpha }}
+{{- $v := get $body $key }}
+{{- if and (kindIs "slice" $v) $v (kindIs "map" (first $v)) }}
+{{- range $t := $v }}
+[[{{ $section }}.{{ $key }}]]
+{{- range $tk := keys $t | sortAlpha }}
+{{ $tk }} = {{ get $t $tk | toJson }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{ end }}
+{{- end -}}

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Strict offline validation of rendered Kubernetes manifests (helm template output).
+
+    k8s_validate.py --kube-version 1.32.0 RENDERED.yaml [...]
+
+For every document:
+  * built-in kinds: kubernetes-validate's bundled *strict* schemas (an unknown field fails), every error
+    reported (not only the first); a kind with no schema is an error;
+  * prometheus-operator kinds (ServiceMonitor, PrometheusRule): a small strict schema of the fields the
+    chart uses (no registry ships the operator's CRDs);
+  * duplicate mapping keys and duplicate objects (kind/namespace/name) are errors;
+  * checks the schemas cannot express: port ranges, enum strings;
+  * the chart's own invariants for pubgate: probes, drain timing agreeing across the Deployment and
+    the config, rollout settings, restricted security context, selectors that match.
+Exit status 1 when anything failed.
+"""
+import argparse
+import re
+import sys
+import tomllib
+
+import jsonschema
+import kubernetes_validate
+from kubernetes_validate import utils as kvu
+import yaml
+from referencing import Registry, Resource
+
+errors = []
+
+
+def err(where, msg):
+    errors.append(f"{where}: {msg}")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """A YAML loader that rejects duplicate keys (PyYAML keeps the last one silently)."""
+
+
+def _mapping(loader, node, deep=False):
+    keys = set()
+    for k, _ in node.value:
+        key = loader.construct_object(k, deep=deep)
+        if key in keys:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", k.start_mark)
+        keys.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+STR = {"type": "string"}
+STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+META = {"type": "object", "required": ["name"], "additionalProperties": False,
+        "properties": {"name": STR, "namespace": STR, "labels": STRMAP, "annotations": STRMAP}}
+DURATION = {"type": "string", "pattern": r"^([0-9]+(ms|s|m|h|d|w|y))+$"}
+CRD_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": STR, "kind": STR, "metadata": META,
+            "spec": {"type": "object", "additionalProperties": False, "required": ["selector", "endpoints"],
+                     "properties": {
+                         "jobLabel": STR,
+                         "selector": {"type": "object", "additionalProperties": False,
+                                      "properties": {"matchLabels": STRMAP}},
+                         "endpoints": {"type": "array", "minItems": 1, "items": {
+                             "type": "object", "additionalProperties": False, "required": ["port"],
+                             "properties": {
+                                 "port": STR, "path": STR, "interval": DURATION, "scrapeTimeout": DURATION,
+                                 "relabelings": {"type": "array", "items": {
+                                     "type": "object", "additionalProperties": False,
+                                     "properties": {"sourceLabels": {"type": "array", "items": STR},
+                                                    "targetLabel": STR, "regex": STR, "replacement": STR,
+                                                    "action": STR, "separator": STR}}}}}}}}}},
+    ("monitoring.coreos.com/v1", "PrometheusRule"): {
+        "type": "object", "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": STR, "kind": STR, "metadata": META,
+            "spec": {"type": "object", "additionalProperties": False, "required": ["groups"],
+                     "properties": {"groups": {"type": "array", "minItems": 1, "items": {
+                         "type": "object", "additionalProperties": False, "required": ["name", "rules"],
+                         "properties": {
+                             "name": STR, "interval": DURATION,
+                             "rules": {"type": "array", "minItems": 1, "items": {
+                                 "type": "object", "additionalProperties": False, "required": ["expr"],
+                                 "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                 "properties": {"alert": STR, "record": STR, "expr": STR, "for": DURATION,
+                                                "labels": STRMAP, "annotations": STRMAP}}}}}}}}}},
+}
+# Kinds deliberately not validated. Keep empty unless a kind truly has no schema anywhere.
+SKIP_KINDS = set()
+
+ENUMS = {
+    "imagePullPolicy": {"Always", "IfNotPresent", "Never"},
+    "protocol": {"TCP", "UDP", "SCTP"},
+    "whenUnsatisfiable": {"DoNotSchedule", "ScheduleAnyway"},
+    "pathType": {"Exact", "Prefix", "ImplementationSpecific"},
+    "restartPolicy": {"Always", "OnFailure", "Never"},
+}
+PORT_KEYS = {"port", "containerPort", "targetPort", "nodePort", "hostPort"}
+
+
+def strict_schema_errors(doc, version):
+    """Every error of the strict built-in schema (kubernetes_validate.validate stops at the first)."""
+    v = version[1:] if version.startswith("v") else version
+    versions = [x for x in kvu.all_versions() if kvu.major_minor(x) <= kvu.major_minor(v)]
+    if not versions:
+        raise kvu.VersionNotSupportedError(v)
+    sv = versions[-1]
+    api = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", doc["apiVersion"])
+    d = f"v{sv}-local-strict"
+    try:
+        schema = kvu.schema_contents(f"kubernetes-json-schema/{d}/{doc['kind'].lower()}-{api}.json", v)
+    except FileNotFoundError:
+        raise kvu.SchemaNotFoundError(version=v, kind=doc["kind"], api_version=doc["apiVersion"])
+    defs = kvu.schema_contents(f"kubernetes-json-schema/{d}/_definitions.json", v)
+    registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
+    validator = jsonschema.validators.Draft202012Validator(schema, registry=registry)
+    return sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+
+
+def walk(node, path, where):
+    if isinstance(node, dict):
+        for k, val in node.items():
+            p = f"{path}.{k}"
+            if k in PORT_KEYS and isinstance(val, int) and not 1 <= val <= 65535:
+                err(where, f"{p}: port {val} out of range 1-65535")
+            if k in ENUMS and isinstance(val, str) and val not in ENUMS[k]:
+                err(where, f"{p}: {val!r} is not one of {sorted(ENUMS[k])}")
+            walk(val, p, where)
+    elif isinstance(node, list):
+        for i, val in enumerate(node):
+            walk(val, f"{path}[{i}]", where)
+
+
+def parse_duration(s):
+    m = re.fullmatch(r"([0-9]+)(ms|s|m|h)", s)
+    if not m:
+        return None
+    n, u = int(m.group(1)), m.group(2)
+    return {"ms": n / 1000, "s": n, "m": n * 60, "h": n * 3600}[u]
+
+
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def pubgate_invariants(docs, where):
+    deps = [d for d in docs if d["kind"] == "Deployment"
+            and any(c["name"] == "pubgate" for c in d["spec"]["template"]["spec"]["containers"])]
+    if len(deps) != 1:
+        err(where, f"expected one pubgate Deployment, found {len(deps)}")
+        return
+    dep = deps[0]
+    w = f"{where} Deployment/{dep['metadata']['name']}"
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    if not selects(spec["selector"]["matchLabels"], labels):
+        err(w, "selector does not match the pod labels")
+    c = next(c for c in pod["containers"] if c["name"] == "pubgate")
+    ru = spec.get("strategy", {}).get("rollingUpdate", {})
+    if spec.get("strategy", {}).get("type") != "RollingUpdate" or ru.get("maxUnavailable") not in (0, "0%"):
+        err(w, "rollouts must use RollingUpdate with maxUnavailable 0 (a pod drains only once its replacement is ready)")
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz"), ("startupProbe", "/healthz")):
+        got = c.get(probe, {}).get("httpGet", {}).get("path")
+        if got != path:
+            err(w, f"{probe} must GET {path}, got {got!r}")
+    sc = c.get("securityContext", {})
+    psc = pod.get("securityContext", {})
+    if not (sc.get("runAsNonRoot") or psc.get("runAsNonRoot")):
+        err(w, "runAsNonRoot must be true")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        err(w, "readOnlyRootFilesystem must be true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        err(w, "allowPrivilegeEscalation must be false")
+    if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+        err(w, "capabilities must drop ALL")
+    if not c.get("resources", {}).get("requests"):
+        err(w, "resources.requests must be set")
+    # Drain timing: the config's drain.grace/delay, the preStop sleep and the grace period agree.
+    cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    cfg_vol = next((v for v in pod.get("volumes", []) if v["name"] == "config"), None)
+    cm = cms.get(cfg_vol["configMap"]["name"]) if cfg_vol else None
+    if not cm or "pubgate.toml" not in cm.get("data", {}):
+        err(w, "no ConfigMap with pubgate.toml mounted as volume `config`")
+        return
+    try:
+        toml = tomllib.loads(cm["data"]["pubgate.toml"])
+    except tomllib.TOMLDecodeError as e:
+        err(w, f"pubgate.toml is not valid TOML: {e}")
+        return
+    drain = toml.get("drain", {})
+    grace = parse_duration(drain.get("grace", "30s"))
+    delay = parse_duration(drain.get("delay", "0s"))
+    if grace is None or delay is None:
+        err(w, f"drain.grace/delay unreadable: {drain}")
+        return
+    if delay >= grace:
+        err(w, f"drain.delay {delay}s must be shorter than drain.grace {grace}s")
+    pre = c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    tgps = pod.get("terminationGracePeriodSeconds", 30)
+    if tgps <= pre + grace:
+        err(w, f"terminationGracePeriodSeconds {tgps} must exceed preStop {pre}s + drain.grace {grace}s")
+    env = {e["name"]: e for e in c.get("env", [])}
+    ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+    for var, port in (("PUBGATE__SERVER__LISTEN", "ws"), ("PUBGATE__SERVER__METRICS_LISTEN", "metrics")):
+        val = env.get(var, {}).get("value", "")
+        if port not in ports or not val.endswith(f":{ports[port]}"):
+            err(w, f"{var}={val!r} does not match container port {port}")
+    for d in docs:
+        k = d["kind"]
+        if k == "Service" and d["spec"].get("selector") == spec["selector"]["matchLabels"]:
+            for p in d["spec"]["ports"]:
+                if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports:
+                    err(f"{where} Service/{d['metadata']['name']}", f"targetPort {p['targetPort']} is no container port")
+        if k == "PodDisruptionBudget" and not selects(d["spec"]["selector"]["matchLabels"], labels):
+            err(f"{where} PodDisruptionBudget/{d['metadata']['name']}", "selector does not match the pods")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kube-version", default="1.32.0")
+    ap.add_argument("--no-pubgate-checks", action="store_true")
+    ap.add_argument("files", nargs="+")
+    a = ap.parse_args()
+    total = 0
+    for f in a.files:
+        try:
+            docs = [d for d in yaml.load_all(open(f), Loader=StrictLoader) if d]
+        except yaml.YAMLError as e:
+            err(f, f"YAML: {e}")
+            continue
+        seen = set()
+        for d in docs:
+            if not isinstance(d, dict) or "kind" not in d or "apiVersion" not in d:
+                err(f, "a document without apiVersion/kind")
+                continue
+            total += 1
+            name = d.get("metadata", {}).get("name", "?")
+            where = f"{f} {d['kind']}/{name}"
+            key = (d["apiVersion"].split("/")[0] if "/" in d["apiVersion"] else "", d["kind"],
+                   d.get("metadata", {}).get("namespace", ""), name)
+            if key in seen:
+                err(where, "duplicate object")
+            seen.add(key)
+            walk(d, "", where)
+            crd = CRD_SCHEMAS.get((d["apiVersion"], d["kind"]))
+            if crd is not None:
+                for e in jsonschema.Draft202012Validator(crd).iter_errors(d):
+                    err(where, f"{'.'.join(map(str, e.absolute_path))}: {e.message}")
+                continue
+            if d["kind"] in SKIP_KINDS:
+                continue
+            try:
+                for e in strict_schema_errors(d, a.kube_version):
+                    err(where, f"{'.'.join(map(str, e.absolute_path))}: {e.message}")
+            except kvu.SchemaNotFoundError as e:
+                err(where, f"no schema: {e.message} (unknown kinds fail; list deliberate skips in SKIP_KINDS)")
+        if not a.no_pubgate_checks:
+            try:
+                pubgate_invariants([d for d in docs if isinstance(d, dict) and "kind" in d], f)
+            except (KeyError, TypeError, StopIteration, AttributeError) as e:
+                err(f, f"pubgate invariants: the objects do not have the expected shape ({type(e).__name__}: {e})")
+    for e in errors:
+        print(f"ERROR {e}")
+    print(f"k8s_validate: {total} objects in {len(a.files)} files, kubernetes {a.kube_version} "
+          f"(kubernetes-validate {kubernetes_validate.__version__}), {len(errors)} errors")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
