@@ -79,8 +79,10 @@ start() {
   if [[ -z "$bin" ]]; then
     if [[ -x "$repo/target/release/pubgate" ]]; then bin="$repo/target/release/pubgate"
     elif [[ -x "$repo/target/debug/pubgate" ]]; then bin="$repo/target/debug/pubgate"
-    else die "no pubgate binary: run 'cargo build -p gateway' or set PUBGATE_BIN"; fi
+    else die "no pubgate binary: run 'cargo build --release -p gateway' or set PUBGATE_BIN"; fi
   fi
+  # Say which one: a stale release build next to a fresh debug one is an easy trap.
+  echo "local-cluster: using $bin" >&2
   mkdir -p "$dir/redis"
   local all_pids=""
   {

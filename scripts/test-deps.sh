@@ -20,6 +20,13 @@ if [[ -z "${WSTEST:-}" ]]; then
   fi
 fi
 
+for tool in cargo node npm; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "test-deps: missing $tool: the tests need a Rust toolchain (cargo) and Node.js with npm." >&2
+    exit 1
+  fi
+done
+
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v haproxy >/dev/null || need_apt+=(haproxy)

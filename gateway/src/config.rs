@@ -608,6 +608,15 @@ impl Settings {
                 }
             }
         }
+        if let Some(bad) = bad_log_directive(&self.log.level) {
+            return Err(ConfigError::Invalid {
+                key: "log.level".into(),
+                message: format!(
+                    "must be a level (error, warn, info, debug, trace, off) or a list of \
+                     target=level, not {bad:?}"
+                ),
+            });
+        }
         if self.broker.prefix.is_empty() {
             return invalid("broker.prefix", "must not be empty");
         }
@@ -673,6 +682,17 @@ impl Settings {
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
     }
+}
+
+/// The first directive of a `log.level` filter that names no level. A bare word that is not a level
+/// parses as a target name at the most verbose level, and matches nothing: a typo such as `verbose`
+/// silenced every log line.
+fn bad_log_directive(filter: &str) -> Option<&str> {
+    const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+    filter.split(',').map(str::trim).find(|d| {
+        let level = d.rsplit_once('=').map_or(*d, |(_, level)| level);
+        !LEVELS.contains(&level.to_ascii_lowercase().as_str())
+    })
 }
 
 /// The flag that sets a key.

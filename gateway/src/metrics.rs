@@ -13,6 +13,8 @@ pub struct Metrics {
     registry: Registry,
     /// Open WebSocket connections.
     pub connections: IntGauge,
+    /// The connection limit in force: `server.max_connections` fitted to the open-files limit.
+    pub max_connections: IntGauge,
     /// WebSocket connections accepted since start.
     pub connections_total: IntCounter,
     /// Upgrades refused because `server.max_connections` was reached.
@@ -73,6 +75,11 @@ impl Metrics {
         let r = &registry;
         let m = Metrics {
             connections: gauge(r, "connections", "Open WebSocket connections."),
+            max_connections: gauge(
+                r,
+                "max_connections",
+                "WebSocket connections the node holds at most (server.max_connections as fitted).",
+            ),
             connections_total: counter(r, "connections_total", "WebSocket connections accepted."),
             connections_refused: counter(
                 r,

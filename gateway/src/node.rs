@@ -96,6 +96,9 @@ impl Node {
         registry.attach_broker(&broker);
         let access = Access::from_settings(&settings)?;
         metrics.ready.set(1);
+        metrics
+            .max_connections
+            .set(i64::try_from(settings.server.max_connections).unwrap_or(i64::MAX));
         metrics.broker_up.set(broker.is_ready() as i64);
         Ok(Arc::new(Node {
             settings,

@@ -106,7 +106,10 @@ async fn config_errors_name_the_source_the_key_and_what_it_takes() {
         (
             vec!["--config", &broken],
             vec![],
-            format!("pubgate: config: file {broken}: not valid TOML: unclosed table, expected `]`"),
+            format!(
+                "pubgate: config: file {broken}: not valid TOML (line 1, column 8): unclosed table, \
+                 expected `]`"
+            ),
         ),
     ];
     for (args, env, want) in cases {

@@ -76,8 +76,15 @@ pub fn file_keys(path: &Path) -> Vec<String> {
 pub fn check_file<T: DeserializeOwned>(path: &Path, defaults: &str) -> Result<(), ConfigError> {
     let source = Source::File(path.display().to_string());
     let text = std::fs::read_to_string(path).map_err(|e| error(&source, "", &e.to_string()))?;
-    let file: toml::Table = toml::from_str(&text)
-        .map_err(|e| error(&source, "", &format!("not valid TOML: {}", e.message())))?;
+    let file: toml::Table = toml::from_str(&text).map_err(|e| {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        });
+        error(&source, "", &format!("not valid TOML{at}: {}", e.message()))
+    })?;
     let mut merged: toml::Table =
         toml::from_str(defaults).map_err(|e| error(&Source::Defaults, "", &e.to_string()))?;
     merge(&mut merged, file);
@@ -155,7 +162,10 @@ fn explain(path: &str, message: &str) -> (String, String) {
             }
         };
         let hint = match candidates.iter().map(|c| (distance(field, c), *c)).min() {
-            Some((d, c)) if d <= 2 => format!(" (did you mean {}?)", full(c)),
+            // Close enough to be a typo, and not just any short word two edits away.
+            Some((d, c)) if d <= 2 && d * 3 <= field.len().max(c.len()) => {
+                format!(" (did you mean {}?)", full(c))
+            }
             _ if candidates.is_empty() => String::new(),
             _ => format!(
                 " (known keys here: {})",
@@ -179,6 +189,19 @@ fn explain(path: &str, message: &str) -> (String, String) {
             "a sequence" => "a list",
             "a string" => "a string",
             other => other,
+        };
+        return (key, format!("must be {wanted}, not {found}"));
+    }
+    if let Some(rest) = message.strip_prefix("invalid value: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        let found = found.replace('`', "");
+        let wanted = match expected {
+            e if e.starts_with('u') && e[1..].parse::<u32>().is_ok() || e == "usize" => {
+                "a whole number, 0 or more".to_string()
+            }
+            "a duration" => "a duration with a unit, such as \"500ms\", \"10s\" or \"5m\"".to_string(),
+            other => other.to_string(),
         };
         return (key, format!("must be {wanted}, not {found}"));
     }
@@ -251,6 +274,19 @@ mod tests {
                 "history.size".into(),
                 "must be an integer, not string \"100\"".into()
             )
+        );
+        assert_eq!(
+            explain("history.size", "invalid value: integer `-1`, expected usize").1,
+            "must be a whole number, 0 or more, not integer -1"
+        );
+        assert_eq!(
+            explain("history.ttl", "invalid value: string \"5\", expected a duration").1,
+            "must be a duration with a unit, such as \"500ms\", \"10s\" or \"5m\", not string \"5\""
+        );
+        assert_eq!(
+            explain("foo", "unknown field `foo`, expected `log` or `tls`").1,
+            "unknown key (known keys here: log, tls)",
+            "no far-fetched suggestion"
         );
         assert_eq!(distance("lisen", "listen"), 1);
         assert_eq!(distance("", "ab"), 2);

@@ -73,6 +73,15 @@ fn bad_values_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("broker.backlog_messages"), "{e}");
+    let e = load_toml("[log]\nlevel = \"verbose\"")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "config: log.level: must be a level (error, warn, info, debug, trace, off) or a list of \
+         target=level, not \"verbose\""
+    );
+    assert!(load_toml("[log]\nlevel = \"info,gateway=debug\"").is_ok());
 }
 
 #[test]
