@@ -405,7 +405,8 @@ async fn raw_messages_dropped_from_a_full_backlog_are_signalled_as_a_gap() {
     let topic = "raw.loss";
     let (mut ws, epoch) = live_client(&node, &node, topic, 1).await;
     while_stopped(&node, async || {
-        let script = "for i = 1, 400 do redis.call('PUBLISH', KEYS[1], '{\"raw\":' .. i .. '}') end";
+        let script =
+            "for i = 1, 400 do redis.call('PUBLISH', KEYS[1], '{\"raw\":' .. i .. '}') end";
         redis.cli(&["EVAL", script, "1", &format!("pubgate:{topic}")]);
     })
     .await;
@@ -418,7 +419,10 @@ async fn raw_messages_dropped_from_a_full_backlog_are_signalled_as_a_gap() {
             _ => panic!("unexpected {v}"),
         }
     };
-    assert_eq!(gap, json!({"op":"gap","topic":topic,"epoch":epoch,"offset":1}));
+    assert_eq!(
+        gap,
+        json!({"op":"gap","topic":topic,"epoch":epoch,"offset":1})
+    );
     assert!(raw < 400, "some were dropped: {raw}");
     assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
 }
@@ -478,14 +482,25 @@ async fn a_fill_larger_than_half_a_send_queue_is_resumed_by_the_clients() {
     redis.cli(&["ACL", "SETUSER", "nodea", "on"]);
     a.wait_ready(READY).await;
     let gap = next_json(&mut ws, "gap instead of a flood").await;
-    assert_eq!(gap, json!({"op":"gap","topic":topic,"epoch":epoch,"offset":603}));
-    ws.send(json!({"op":"unsubscribe","topic":topic,"id":"u"})).await;
+    assert_eq!(
+        gap,
+        json!({"op":"gap","topic":topic,"epoch":epoch,"offset":603})
+    );
+    ws.send(json!({"op":"unsubscribe","topic":topic,"id":"u"}))
+        .await;
     assert_eq!(next_json(&mut ws, "unsubscribe ack").await["op"], "ack");
     let ack = resume(&mut ws, topic, &epoch, 3).await;
     assert_eq!(ack["recovered"], json!(true), "{ack}");
     assert_eq!(messages(&mut ws, 600, "resumed").await, numbered(4..=603));
-    assert_eq!(a.metric("pubgate_slow_consumer_disconnects_total").await, Some(0.0));
-    assert_eq!(a.metric("pubgate_broker_gaps_total").await, Some(0.0), "nothing was lost");
+    assert_eq!(
+        a.metric("pubgate_slow_consumer_disconnects_total").await,
+        Some(0.0)
+    );
+    assert_eq!(
+        a.metric("pubgate_broker_gaps_total").await,
+        Some(0.0),
+        "nothing was lost"
+    );
 }
 
 /// After Redis restarts, the node's reads connection is dead until something uses it; the first
@@ -527,8 +542,11 @@ async fn a_failback_to_an_older_dataset_starts_a_new_epoch() {
         publish(&node, topic, &json!({ "n": i }).to_string()).await;
     }
     assert!(
-        eventually(Duration::from_secs(10), async || b.cli(&["GET", &offset_key]).trim() == "8")
-            .await
+        eventually(Duration::from_secs(10), async || b
+            .cli(&["GET", &offset_key])
+            .trim()
+            == "8")
+        .await
     );
     // A partition: B is promoted while A goes on taking writes.
     b.cli(&["REPLICAOF", "NO", "ONE"]);
@@ -539,8 +557,11 @@ async fn a_failback_to_an_older_dataset_starts_a_new_epoch() {
     // A follows B (full resync: back to offset 8), then is promoted again.
     a.cli(&["REPLICAOF", "127.0.0.1", &b.port.to_string()]);
     assert!(
-        eventually(Duration::from_secs(10), async || a.cli(&["GET", &offset_key]).trim() == "8")
-            .await
+        eventually(Duration::from_secs(10), async || a
+            .cli(&["GET", &offset_key])
+            .trim()
+            == "8")
+        .await
     );
     a.cli(&["REPLICAOF", "NO", "ONE"]);
     node.wait_ready(READY).await;

@@ -200,7 +200,9 @@ fn explain(path: &str, message: &str) -> (String, String) {
             e if e.starts_with('u') && e[1..].parse::<u32>().is_ok() || e == "usize" => {
                 "a whole number, 0 or more".to_string()
             }
-            "a duration" => "a duration with a unit, such as \"500ms\", \"10s\" or \"5m\"".to_string(),
+            "a duration" => {
+                "a duration with a unit, such as \"500ms\", \"10s\" or \"5m\"".to_string()
+            }
             other => other.to_string(),
         };
         return (key, format!("must be {wanted}, not {found}"));
@@ -276,11 +278,19 @@ mod tests {
             )
         );
         assert_eq!(
-            explain("history.size", "invalid value: integer `-1`, expected usize").1,
+            explain(
+                "history.size",
+                "invalid value: integer `-1`, expected usize"
+            )
+            .1,
             "must be a whole number, 0 or more, not integer -1"
         );
         assert_eq!(
-            explain("history.ttl", "invalid value: string \"5\", expected a duration").1,
+            explain(
+                "history.ttl",
+                "invalid value: string \"5\", expected a duration"
+            )
+            .1,
             "must be a duration with a unit, such as \"500ms\", \"10s\" or \"5m\", not string \"5\""
         );
         assert_eq!(

@@ -167,7 +167,10 @@ ttl = "10m"
     assert_eq!(policy.limits("ticks.btc"), limits(0, 120));
     assert_eq!(policy.limits("scores.nba"), limits(50, 600));
     assert_eq!(policy.limits("other"), limits(50, 120));
-    assert_eq!(load_toml("").unwrap().history.policy().limits("x").size, 100);
+    assert_eq!(
+        load_toml("").unwrap().history.policy().limits("x").size,
+        100
+    );
 }
 
 #[test]
