@@ -217,8 +217,17 @@ pub struct Auth {
     pub anonymous_publish: Option<Vec<String>>,
     /// HS256 secret for JWTs.
     pub jwt_secret: Option<String>,
-    /// PEM public key file for RS256/ES256 JWTs.
+    /// PEM public key file for RS256 (RSA key) or ES256 (EC P-256 key) JWTs.
     pub jwt_public_key: Option<PathBuf>,
+    /// JWKS file (`{"keys":[…]}`): several keys, each chosen by the token's `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// When set, a token's `aud` must contain it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
     /// Keys accepted by the HTTP publish API (`Authorization: Bearer <key>`); empty: no key needed.
     pub api_keys: Vec<String>,
 }
@@ -380,6 +389,7 @@ max_handshakes = 1024
 
 [auth]
 api_keys = []
+jwt_leeway = "5s"
 
 [drain]
 grace = "30s"
@@ -563,11 +573,19 @@ impl Settings {
                 "must be longer than broker.canary_interval",
             );
         }
-        if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
+        if self
+            .auth
+            .jwt_secret
+            .as_deref()
+            .is_some_and(|s| s.len() < 32)
+        {
             return invalid(
                 "auth.jwt_secret",
-                "JWT auth is not built yet in this version",
+                "must be at least 32 bytes (HS256 keys shorter than the hash are guessable)",
             );
+        }
+        if self.auth.jwt_leeway > Duration::from_secs(300) {
+            return invalid("auth.jwt_leeway", "must be at most 5m");
         }
         if self.drain.delay >= self.drain.grace {
             return invalid("drain.delay", "must be shorter than drain.grace");
@@ -603,6 +621,7 @@ impl Settings {
         !self.auth.api_keys.is_empty()
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
+            || self.auth.jwks_file.is_some()
     }
 }
 

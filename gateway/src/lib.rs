@@ -6,6 +6,7 @@
 
 pub mod config;
 mod error;
+pub mod jwt;
 pub mod logging;
 pub mod protocol;
 pub mod server;

@@ -33,6 +33,10 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     /// Client frames refused with an error reply, by code.
     pub client_errors: IntCounterVec,
+    /// Presented JWTs refused (upgrade, HTTP or refresh), by reason.
+    pub token_rejections: IntCounterVec,
+    /// Connections closed because their token expired without a refresh.
+    pub token_expiries: IntCounter,
     /// Time to fan one message out to all local subscribers' queues.
     pub fanout_seconds: Histogram,
     /// 1 while the broker path works, else 0.
@@ -112,6 +116,17 @@ impl Metrics {
                 "handshake_failures_total",
                 "Connections that failed before a WebSocket session started.",
                 "reason",
+            ),
+            token_rejections: counter_vec(
+                r,
+                "token_rejections_total",
+                "Presented JWTs refused, by reason (expired, bad_signature, unknown_kid, ...).",
+                "reason",
+            ),
+            token_expiries: counter(
+                r,
+                "token_expiries_total",
+                "Connections closed with 4001 because their token expired without a refresh.",
             ),
             client_errors: counter_vec(
                 r,

@@ -76,6 +76,11 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let drain = settings.drain.clone();
     tls::install_default_provider();
     let node = Node::new(settings)?;
+    if node.access.is_open() {
+        tracing::warn!(
+            "NO AUTHENTICATION CONFIGURED: anyone who reaches this node may subscribe and publish to every topic; set auth.jwt_secret, auth.jwt_public_key, auth.jwks_file or auth.api_keys before exposing it (docs/security.md)"
+        );
+    }
     // Installed before anything is announced: a SIGTERM right after "listening" must drain, not
     // kill the process with the default action.
     let shutdown = shutdown_signal()?;
@@ -399,7 +404,11 @@ fn upgrade<T: Transport>(
             match who {
                 Ok(who) => Route::PubSub(who),
                 Err(denied) => {
-                    return refuse(&node, StatusCode::UNAUTHORIZED, "unauthorized", denied.0);
+                    node.metrics
+                        .handshake_failures
+                        .with_label_values(&["unauthorized"])
+                        .inc();
+                    return http_api::unauthorized(&node, &denied);
                 }
             }
         }
