@@ -142,6 +142,12 @@ pub struct Limits {
     pub subscribe_rate: u32,
     /// Subscribe and unsubscribe requests one connection may make in a burst, above the rate.
     pub subscribe_burst: u32,
+    /// Messages (text or binary, after reassembly) one pub/sub connection may send per second, on
+    /// average; past it each gets `rate_limited`.
+    pub message_rate: u32,
+    /// Messages one connection may send in a burst, above the rate; also how many refused ones it
+    /// may send (refilled at a tenth of the rate) before it is closed with 1008.
+    pub message_burst: u32,
 }
 
 /// Broker implementations a node can use.
@@ -372,6 +378,8 @@ max_batch_bytes = 1048576
 max_json_depth = 128
 subscribe_rate = 50
 subscribe_burst = 200
+message_rate = 1000
+message_burst = 5000
 
 [broker]
 kind = "memory"
@@ -513,6 +521,12 @@ impl Settings {
         }
         if self.limits.subscribe_burst == 0 {
             return invalid("limits.subscribe_burst", "must be at least 1");
+        }
+        if self.limits.message_rate == 0 {
+            return invalid("limits.message_rate", "must be at least 1");
+        }
+        if self.limits.message_burst == 0 {
+            return invalid("limits.message_burst", "must be at least 1");
         }
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");

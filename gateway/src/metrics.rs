@@ -37,6 +37,8 @@ pub struct Metrics {
     pub token_rejections: IntCounterVec,
     /// Connections closed because their token expired without a refresh.
     pub token_expiries: IntCounter,
+    /// Connections closed (1008) for sending past their message rate limit.
+    pub rate_limit_disconnects: IntCounter,
     /// Time to fan one message out to all local subscribers' queues.
     pub fanout_seconds: Histogram,
     /// 1 while the broker path works, else 0.
@@ -127,6 +129,11 @@ impl Metrics {
                 r,
                 "token_expiries_total",
                 "Connections closed with 4001 because their token expired without a refresh.",
+            ),
+            rate_limit_disconnects: counter(
+                r,
+                "rate_limit_disconnects_total",
+                "Connections closed with 1008 for sending past limits.message_rate.",
             ),
             client_errors: counter_vec(
                 r,

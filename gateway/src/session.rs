@@ -40,6 +40,13 @@ pub const TOKEN_EXPIRED: CloseReason = CloseReason {
     discard_queued: false,
 };
 
+/// The close of a connection that kept sending past its message rate limit.
+const RATE_LIMITED: CloseReason = CloseReason {
+    code: 1008,
+    reason: "rate limit exceeded",
+    discard_queued: false,
+};
+
 /// What the connection is for.
 #[derive(Clone, Debug)]
 pub enum Route {
@@ -101,6 +108,14 @@ pub async fn run<R, W>(
         churn: TokenBucket::new(
             node.settings.limits.subscribe_rate,
             node.settings.limits.subscribe_burst,
+        ),
+        messages: TokenBucket::new(
+            node.settings.limits.message_rate,
+            node.settings.limits.message_burst,
+        ),
+        refusals: TokenBucket::new(
+            (node.settings.limits.message_rate / 10).max(1),
+            node.settings.limits.message_burst,
         ),
         route,
         expiry,
@@ -221,6 +236,12 @@ struct Reader<R> {
     heard: Arc<LastHeard>,
     subs: Subscriptions,
     churn: TokenBucket,
+    /// Bounds the messages of the connection (`limits.message_rate`): each costs a parse and
+    /// possibly a publish, and one client must not take the node's time from the others.
+    messages: TokenBucket,
+    /// Bounds the messages refused by `messages`: a client that keeps sending past its limit is
+    /// closed rather than answered with errors forever.
+    refusals: TokenBucket,
     route: Route,
     /// The expiry of the connection's token, for [`expire`].
     expiry: watch::Sender<Option<u64>>,
@@ -237,6 +258,31 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.queue.room().await;
             let incoming = self.ws.next().await;
             self.heard.touch();
+            if matches!(self.route, Route::PubSub(_))
+                && matches!(incoming, Ok(Incoming::Text(_) | Incoming::Binary(_)))
+                && !self.messages.take()
+            {
+                if self.refusals.take() {
+                    let l = &self.subs.node.settings.limits;
+                    let message = format!(
+                        "at most {} messages per second (bursts of {}); this one was not read",
+                        l.message_rate, l.message_burst
+                    );
+                    self.reply_error(None, ProtocolError::new(ErrorCode::RateLimited, message));
+                    continue;
+                }
+                self.subs.node.metrics.rate_limit_disconnects.inc();
+                self.queue.close(RATE_LIMITED);
+                // Keep reading (and dropping) what the flood already sent: closing a socket with
+                // unread data resets it, and the client would lose the close frame and its code.
+                // The session aborts this after its close linger.
+                loop {
+                    match self.ws.next().await {
+                        Ok(Incoming::Close(_)) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            }
             match incoming {
                 Ok(Incoming::Text(data)) => match self.route {
                     Route::Echo => {
