@@ -106,6 +106,10 @@ pub struct Server {
     pub idle_timeout: Duration,
     /// Origins allowed to open WebSockets (`Origin` header); empty allows any.
     pub allowed_origins: Vec<String>,
+    /// WebSocket connections one client address may hold at once; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Proxies (IPs or CIDR ranges) whose `X-Forwarded-For` names the client's address.
+    pub trusted_proxies: Vec<String>,
 }
 
 /// What to do with a subscriber whose send queue is full.
@@ -366,6 +370,8 @@ handshake_timeout = "10s"
 ping_interval = "25s"
 idle_timeout = "60s"
 allowed_origins = []
+max_connections_per_ip = 0
+trusted_proxies = []
 
 [limits]
 max_message_size = 65536
@@ -521,6 +527,14 @@ impl Settings {
         }
         if self.limits.subscribe_burst == 0 {
             return invalid("limits.subscribe_burst", "must be at least 1");
+        }
+        for (i, p) in self.server.trusted_proxies.iter().enumerate() {
+            if let Err(e) = crate::per_ip::Cidr::parse(p) {
+                return Err(ConfigError::Invalid {
+                    key: format!("server.trusted_proxies[{i}]").into(),
+                    message: e.to_string(),
+                });
+            }
         }
         if self.limits.message_rate == 0 {
             return invalid("limits.message_rate", "must be at least 1");

@@ -22,6 +22,7 @@ pub(crate) mod http_api;
 pub(crate) mod json_depth;
 pub(crate) mod metrics;
 pub(crate) mod node;
+pub(crate) mod per_ip;
 pub(crate) mod registry;
 pub(crate) mod send_queue;
 pub(crate) mod session;

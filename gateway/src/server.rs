@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::config::Settings;
 use crate::http_api::{self, Body};
 use crate::node::Node;
+use crate::per_ip;
 use crate::protocol::ErrorCode;
 use crate::send_queue::DirectWrite;
 use crate::session::{self, Route};
@@ -227,17 +228,18 @@ async fn accept_loop(
             _ = node.drain.closing(), if which == Listener::Main => return,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let peer = peer.ip();
                 match &tls {
                     None => {
-                        tokio::spawn(serve(node.clone(), stream, which));
+                        tokio::spawn(serve(node.clone(), stream, which, peer));
                     }
                     Some(tls) => {
                         let (node, tls) = (node.clone(), tls.clone());
                         tokio::spawn(async move {
                             if let Some(stream) = tls.accept(stream).await {
-                                serve(node, stream, which).await;
+                                serve(node, stream, which, peer).await;
                             }
                         });
                     }
@@ -275,11 +277,11 @@ fn accept_error_reason(e: &io::Error) -> &'static str {
 }
 
 /// Serves HTTP/1.1 on one connection, handing upgraded WebSockets to sessions.
-async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
+async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener, peer: IpAddr) {
     let svc_node = node.clone();
     let service = service_fn(move |req| {
         let node = svc_node.clone();
-        async move { Ok::<_, Infallible>(route::<T>(node, req, which).await) }
+        async move { Ok::<_, Infallible>(route::<T>(node, req, which, peer).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -316,6 +318,7 @@ async fn route<T: Transport>(
     node: Arc<Node>,
     req: Request<Incoming>,
     which: Listener,
+    peer: IpAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let exposes_metrics =
@@ -325,9 +328,9 @@ async fn route<T: Transport>(
         "/readyz" => http_api::readyz(&node),
         "/metrics" if exposes_metrics => http_api::metrics(&node),
         _ if which == Listener::Metrics => http_api::not_found(),
-        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub),
+        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub, peer),
         p if node.settings.server.echo_path.as_deref() == Some(p) => {
-            upgrade::<T>(node, req, WsRoute::Echo)
+            upgrade::<T>(node, req, WsRoute::Echo, peer)
         }
         "/v1/publish" => http_api::publish_batch(&node, req).await,
         p if p.starts_with("/v1/publish/") => {
@@ -355,6 +358,7 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
     let code = match status {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ErrorCode::Forbidden,
         StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
         _ => ErrorCode::BadRequest,
     };
     http_api::error(status, code, message)
@@ -365,6 +369,7 @@ fn upgrade<T: Transport>(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     route: WsRoute,
+    peer: IpAddr,
 ) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut r = refuse(
@@ -427,6 +432,18 @@ fn upgrade<T: Transport>(
             );
         }
     };
+    let client = per_ip::client_ip(peer, req.headers(), &node.trusted_proxies);
+    let ip_slot = match node.per_ip.claim(client) {
+        Ok(slot) => slot,
+        Err(_) => {
+            return refuse(
+                &node,
+                StatusCode::TOO_MANY_REQUESTS,
+                "max_connections_per_ip",
+                "too many connections from this address",
+            );
+        }
+    };
     let Some(admission) = node.try_admit() else {
         return refuse(
             &node,
@@ -458,6 +475,7 @@ fn upgrade<T: Transport>(
                 drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, direct, route).await;
+                drop(ip_slot);
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),
         }

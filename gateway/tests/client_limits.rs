@@ -1,10 +1,11 @@
-//! Limits that keep one client from hurting the others: the per-connection message rate.
+//! Limits that keep one client from hurting the others: the per-connection message rate and the
+//! connections per client address (also behind a trusted proxy).
 
 mod common;
 
 use std::time::Duration;
 
-use common::{HttpClient, Server};
+use common::{HttpClient, RawWs, Server, tcp_connect, wait_until};
 use serde_json::json;
 
 #[tokio::test]
@@ -60,5 +61,70 @@ async fn a_flooding_client_gets_rate_limited_then_closed_and_others_are_unaffect
         (m["topic"].clone(), m["data"].clone()),
         (json!("calm.t"), json!(7)),
         "{m}"
+    );
+}
+
+/// Upgrades with `X-Forwarded-For: xff` (when given); the open connection, or the refusal status.
+async fn open(server: &Server, xff: Option<&str>) -> Result<RawWs, u16> {
+    let headers: Vec<(&str, &str)> = xff.map(|v| ("X-Forwarded-For", v)).into_iter().collect();
+    RawWs::handshake_with(tcp_connect(server.addr).await, server.addr, "/ws", &headers)
+        .await
+        .map_err(|r| {
+            assert_eq!(r.json()["code"], "rate_limited", "{r:?}");
+            r.status
+        })
+}
+
+#[tokio::test]
+async fn connections_per_address_are_limited_and_forwarded_for_is_trusted_only_from_proxies() {
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__MAX_CONNECTIONS_PER_IP", "2")
+        .start()
+        .await;
+    let first = open(&server, None).await.expect("first");
+    let _second = open(&server, None).await.expect("second");
+    assert_eq!(
+        open(&server, None).await.err(),
+        Some(429),
+        "third from 127.0.0.1"
+    );
+    // Without trusted proxies the header is the client's own word and changes nothing.
+    assert_eq!(
+        open(&server, Some("3.3.3.3")).await.err(),
+        Some(429),
+        "spoofed header"
+    );
+    drop(first);
+    wait_until("a slot is given back", Duration::from_secs(5), || async {
+        open(&server, None).await.is_ok()
+    })
+    .await;
+
+    let proxied = Server::builder()
+        .env("PUBGATE__SERVER__MAX_CONNECTIONS_PER_IP", "1")
+        .env("PUBGATE__SERVER__TRUSTED_PROXIES", "127.0.0.1,10.0.0.0/8")
+        .start()
+        .await;
+    let _a = open(&proxied, Some("1.1.1.1")).await.expect("1.1.1.1");
+    assert_eq!(
+        open(&proxied, Some("1.1.1.1")).await.err(),
+        Some(429),
+        "1.1.1.1 again"
+    );
+    // The right-most address that is not a trusted proxy counts; what the client wrote further
+    // left does not.
+    assert_eq!(
+        open(&proxied, Some("9.9.9.9, 1.1.1.1, 10.0.0.3"))
+            .await
+            .err(),
+        Some(429),
+        "1.1.1.1 behind two proxies"
+    );
+    let _b = open(&proxied, Some("2.2.2.2")).await.expect("2.2.2.2");
+    let _c = open(&proxied, None).await.expect("the proxy itself, once");
+    assert_eq!(
+        open(&proxied, None).await.err(),
+        Some(429),
+        "the proxy itself, twice"
     );
 }
