@@ -336,3 +336,6 @@ fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     };
     (named == implied).then_some(implied)
 }
+
+#[cfg(test)]
+mod bench;
