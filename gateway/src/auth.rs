@@ -9,6 +9,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use crate::config::Settings;
+use crate::jwt::remote::JwksSource;
 use crate::jwt::{Grant, TokenError, Verifier};
 use crate::topic::{Pattern, any_matches};
 
@@ -19,6 +20,7 @@ pub struct Access {
     anonymous_publish: Vec<Pattern>,
     api_keys: Vec<Vec<u8>>,
     jwt: Option<Arc<Verifier>>,
+    jwks: Option<Arc<JwksSource>>,
 }
 
 /// Who is on a connection, or sent an HTTP request.
@@ -65,6 +67,13 @@ impl Access {
     /// configured, none once one is.
     pub fn from_settings(s: &Settings) -> anyhow::Result<Access> {
         let jwt = Verifier::from_settings(&s.auth)?;
+        let jwks = match &jwt {
+            Some(v) => JwksSource::new(&s.auth, v.clone())?,
+            None => None,
+        };
+        if let Some(source) = &jwks {
+            source.spawn();
+        }
         let open = !s.has_credentials();
         let patterns = |key: &str, list: &Option<Vec<String>>| -> anyhow::Result<Vec<Pattern>> {
             let default = if open { vec![">".to_string()] } else { vec![] };
@@ -85,7 +94,31 @@ impl Access {
                 .map(|k| k.as_bytes().to_vec())
                 .collect(),
             jwt,
+            jwks,
         })
+    }
+
+    /// Runs a check again after fetching `auth.jwks_url` when it failed only because the token
+    /// named an unknown `kid` (the provider may have rotated its keys); the fetch is rate limited
+    /// ([`JwksSource::refetch`]).
+    pub async fn with_fresh_keys<T>(
+        &self,
+        check: impl Fn() -> Result<T, Denied>,
+    ) -> Result<T, Denied> {
+        let first = check();
+        match (&first, &self.jwks) {
+            (
+                Err(Denied {
+                    token: Some(TokenError::UnknownKey),
+                    ..
+                }),
+                Some(source),
+            ) => {
+                source.refetch().await;
+                check()
+            }
+            _ => first,
+        }
     }
 
     /// Whether anyone may connect and do everything without a credential: the out-of-the-box

@@ -231,6 +231,15 @@ pub struct Auth {
     pub jwt_public_key: Option<PathBuf>,
     /// JWKS file (`{"keys":[…]}`): several keys, each chosen by the token's `kid`.
     pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (https, or http to loopback) fetched at start, every `jwks_refresh_interval`, and
+    /// when a token names an unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// How often `jwks_url` is fetched.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+    /// Fetches of `jwks_url` for unknown key ids happen at most this often.
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_interval: Duration,
     /// When set, a token's `aud` must contain it.
     pub jwt_audience: Option<String>,
     /// When set, a token's `iss` must equal it.
@@ -404,6 +413,8 @@ max_handshakes = 1024
 [auth]
 api_keys = []
 jwt_leeway = "5s"
+jwks_refresh_interval = "5m"
+jwks_min_interval = "30s"
 
 [drain]
 grace = "30s"
@@ -612,6 +623,9 @@ impl Settings {
                 "must be at least 32 bytes (HS256 keys shorter than the hash are guessable)",
             );
         }
+        if self.auth.jwks_refresh_interval < Duration::from_secs(1) {
+            return invalid("auth.jwks_refresh_interval", "must be at least 1s");
+        }
         if self.auth.jwt_leeway > Duration::from_secs(300) {
             return invalid("auth.jwt_leeway", "must be at most 5m");
         }
@@ -650,6 +664,7 @@ impl Settings {
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
             || self.auth.jwks_file.is_some()
+            || self.auth.jwks_url.is_some()
     }
 }
 

@@ -118,13 +118,14 @@ async fn read_body(
 }
 
 /// Who sent a publish (an API key or a JWT), or its 401.
-fn authorize(node: &Node, req: &Request<Incoming>) -> Result<Identity, Refusal> {
+async fn authorize(node: &Node, req: &Request<Incoming>) -> Result<Identity, Refusal> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     node.access
-        .identify_publisher(auth)
+        .with_fresh_keys(|| node.access.identify_publisher(auth))
+        .await
         .map_err(|d| Box::new(unauthorized(node, &d)))
 }
 
@@ -172,7 +173,7 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
     if req.method() != Method::POST {
         return method_not_allowed();
     }
-    let who = match authorize(node, &req) {
+    let who = match authorize(node, &req).await {
         Ok(who) => who,
         Err(r) => return *r,
     };
@@ -279,7 +280,11 @@ pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Respon
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let who = match node.access.identify_http(auth) {
+    let who = match node
+        .access
+        .with_fresh_keys(|| node.access.identify_http(auth))
+        .await
+    {
         Ok(who) => who,
         Err(d) => return unauthorized(node, &d),
     };
@@ -354,7 +359,7 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
     if req.method() != Method::POST {
         return method_not_allowed();
     }
-    let who = match authorize(node, &req) {
+    let who = match authorize(node, &req).await {
         Ok(who) => who,
         Err(r) => return *r,
     };

@@ -5,7 +5,7 @@
 //! (`none`, HS256 against an RSA key, …) is refused before any signature check.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
@@ -136,7 +136,10 @@ struct Key {
 
 /// The keys of a node and the claim rules, built once at start.
 pub struct Verifier {
+    /// From `auth.jwt_secret`, `auth.jwt_public_key` and `auth.jwks_file`.
     keys: Vec<Key>,
+    /// From `auth.jwks_url`, replaced by each successful fetch ([`remote`]).
+    remote: RwLock<Arc<Vec<Key>>>,
     audience: Option<String>,
     issuer: Option<String>,
     leeway: Duration,
@@ -159,13 +162,14 @@ impl Verifier {
         }
         if let Some(path) = &auth.jwks_file {
             let text = read("auth.jwks_file", path, MAX_JWKS_BYTES)?;
-            keys.extend(jwks_keys(&text)?);
+            keys.extend(jwks_keys(&text, "auth.jwks_file")?);
         }
-        if keys.is_empty() {
+        if keys.is_empty() && auth.jwks_url.is_none() {
             return Ok(None);
         }
         Ok(Some(Arc::new(Verifier {
             keys,
+            remote: RwLock::new(Arc::new(Vec::new())),
             audience: auth.jwt_audience.clone(),
             issuer: auth.jwt_issuer.clone(),
             leeway: auth.jwt_leeway,
@@ -183,21 +187,22 @@ impl Verifier {
             return Err(TokenError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        let key = match &header.kid {
-            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
-            // Without a kid: the key configured without one (jwt_secret / jwt_public_key) whose
-            // algorithm the token names, or the only key there is.
-            None => self
-                .keys
-                .iter()
-                .find(|k| k.kid.is_none() && k.alg == header.alg)
-                .or(if self.keys.len() == 1 {
-                    self.keys.first()
-                } else {
-                    None
-                }),
-        }
-        .ok_or(TokenError::UnknownKey)?;
+        let remote = self.remote_keys();
+        let all = || self.keys.iter().chain(remote.iter());
+        let key =
+            match &header.kid {
+                Some(kid) => all().find(|k| k.kid.as_deref() == Some(kid)),
+                // Without a kid: the key configured without one (jwt_secret / jwt_public_key) whose
+                // algorithm the token names, or the only key there is.
+                None => all().find(|k| k.kid.is_none() && k.alg == header.alg).or(
+                    if all().count() == 1 {
+                        all().next()
+                    } else {
+                        None
+                    },
+                ),
+            }
+            .ok_or(TokenError::UnknownKey)?;
         if header.alg != key.alg {
             return Err(TokenError::WrongAlgorithm);
         }
@@ -232,6 +237,21 @@ impl Verifier {
             subscribe: patterns(&data.claims.subscribe)?,
             publish: patterns(&data.claims.publish)?,
         })
+    }
+}
+
+impl Verifier {
+    fn remote_keys(&self) -> Arc<Vec<Key>> {
+        // A poisoned lock only means a panic while swapping an Arc; the value is whole.
+        self.remote
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the keys from `auth.jwks_url`.
+    fn set_remote(&self, keys: Vec<Key>) {
+        *self.remote.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
     }
 }
 
@@ -288,9 +308,9 @@ fn pem_key(pem: &str) -> Result<Key, JwtConfigError> {
 /// Reads a JWKS (`{"keys":[…]}`). Every key needs a `kid` (that is how tokens choose it); its
 /// algorithm is the one its `alg` names, or the one its type implies (RSA → RS256, EC P-256 →
 /// ES256, oct → HS256), and the two must agree.
-fn jwks_keys(text: &str) -> Result<Vec<Key>, JwtConfigError> {
+fn jwks_keys(text: &str, setting: &'static str) -> Result<Vec<Key>, JwtConfigError> {
     let bad = |message: String| JwtConfigError::Invalid {
-        key: "auth.jwks_file",
+        key: setting,
         message,
     };
     let set: JwkSet =
@@ -336,6 +356,8 @@ fn jwk_algorithm(jwk: &Jwk) -> Option<Algorithm> {
     };
     (named == implied).then_some(implied)
 }
+
+pub mod remote;
 
 #[cfg(test)]
 mod bench;

@@ -328,9 +328,9 @@ async fn route<T: Transport>(
         "/readyz" => http_api::readyz(&node),
         "/metrics" if exposes_metrics => http_api::metrics(&node),
         _ if which == Listener::Metrics => http_api::not_found(),
-        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub, peer),
+        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub, peer).await,
         p if node.settings.server.echo_path.as_deref() == Some(p) => {
-            upgrade::<T>(node, req, WsRoute::Echo, peer)
+            upgrade::<T>(node, req, WsRoute::Echo, peer).await
         }
         "/v1/publish" => http_api::publish_batch(&node, req).await,
         p if p.starts_with("/v1/publish/") => {
@@ -365,7 +365,7 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
 }
 
 /// Checks an upgrade request and, if it passes, answers 101 and starts the session.
-fn upgrade<T: Transport>(
+async fn upgrade<T: Transport>(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     route: WsRoute,
@@ -404,7 +404,10 @@ fn upgrade<T: Transport>(
         WsRoute::Echo => Route::Echo,
         WsRoute::PubSub => {
             let (parts, body) = req.into_parts();
-            let who = node.access.identify(&parts);
+            let who = node
+                .access
+                .with_fresh_keys(|| node.access.identify(&parts))
+                .await;
             req = Request::from_parts(parts, body);
             match who {
                 Ok(who) => Route::PubSub(who),

@@ -457,29 +457,33 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 self.reply(protocol::pong(id));
                 Ok(())
             }
-            Request::Refresh { token } => self.refresh(who, id, &token),
+            Request::Refresh { token } => self.refresh(who, id, &token).await,
         }
     }
 
     /// Replaces the connection's token. Subscriptions the new token does not allow end first, each
     /// with an `unsubscribed` frame, then the `ack` carries the new expiry. A token that does not
     /// verify, or names another `sub`, changes nothing.
-    fn refresh(
+    async fn refresh(
         &mut self,
         who: &Identity,
         id: Option<&serde_json::value::RawValue>,
         token: &str,
     ) -> Result<(), ProtocolError> {
         let node = self.subs.node.clone();
-        let new = node.access.verify_token(token).map_err(|d| {
-            if let Some(e) = &d.token {
-                node.metrics
-                    .token_rejections
-                    .with_label_values(&[e.label()])
-                    .inc();
-            }
-            ProtocolError::new(ErrorCode::InvalidToken, d.message)
-        })?;
+        let new = node
+            .access
+            .with_fresh_keys(|| node.access.verify_token(token))
+            .await
+            .map_err(|d| {
+                if let Some(e) = &d.token {
+                    node.metrics
+                        .token_rejections
+                        .with_label_values(&[e.label()])
+                        .inc();
+                }
+                ProtocolError::new(ErrorCode::InvalidToken, d.message)
+            })?;
         let Identity::Token(grant) = &new else {
             return Err(ProtocolError::new(
                 ErrorCode::Internal,

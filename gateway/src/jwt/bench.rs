@@ -21,6 +21,7 @@ fn verifier(alg: Algorithm, key: DecodingKey) -> Verifier {
             alg,
             key,
         }],
+        remote: RwLock::new(Arc::new(Vec::new())),
         audience: None,
         issuer: None,
         leeway: Duration::from_secs(5),
@@ -49,11 +50,18 @@ fn token_check_cost() {
     .unwrap();
     time(
         "HS256",
-        &verifier(Algorithm::HS256, DecodingKey::from_secret(secret.as_bytes())),
+        &verifier(
+            Algorithm::HS256,
+            DecodingKey::from_secret(secret.as_bytes()),
+        ),
         &hs,
     );
     for (name, alg, sig) in [
-        ("RS256 (2048-bit)", Algorithm::RS256, &rcgen::PKCS_RSA_SHA256),
+        (
+            "RS256 (2048-bit)",
+            Algorithm::RS256,
+            &rcgen::PKCS_RSA_SHA256,
+        ),
         ("ES256", Algorithm::ES256, &rcgen::PKCS_ECDSA_P256_SHA256),
     ] {
         let pair = rcgen::KeyPair::generate_for(sig).unwrap();
