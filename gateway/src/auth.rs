@@ -18,7 +18,8 @@ pub struct Access {
     anonymous: bool,
     anonymous_subscribe: Vec<Pattern>,
     anonymous_publish: Vec<Pattern>,
-    api_keys: Vec<Vec<u8>>,
+    /// Every API key, with the topics it is limited to (`None`: every topic).
+    api_keys: Vec<(Vec<u8>, Option<Arc<KeyScope>>)>,
     jwt: Option<Arc<Verifier>>,
     jwks: Option<Arc<JwksSource>>,
 }
@@ -33,6 +34,15 @@ pub enum Identity {
     ApiKey,
     /// The holder of a valid JWT, with what it grants.
     Token(Arc<Grant>),
+    /// A backend with one of `auth.scoped_api_keys` (HTTP API only): the topics of its patterns.
+    ScopedKey(Arc<KeyScope>),
+}
+
+/// The topics a scoped API key may publish to and read.
+#[derive(Debug, PartialEq, Eq)]
+pub struct KeyScope {
+    publish: Vec<Pattern>,
+    subscribe: Vec<Pattern>,
 }
 
 /// A refused request, with the reason to report. The text goes to the client, so it never says
@@ -91,8 +101,21 @@ impl Access {
                 .auth
                 .api_keys
                 .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect(),
+                .map(|k| Ok((k.as_bytes().to_vec(), None)))
+                .chain(s.auth.scoped_api_keys.iter().enumerate().map(|(i, k)| {
+                    let scope = KeyScope {
+                        publish: patterns(
+                            &format!("auth.scoped_api_keys[{i}].publish"),
+                            &Some(k.publish.clone()),
+                        )?,
+                        subscribe: patterns(
+                            &format!("auth.scoped_api_keys[{i}].subscribe"),
+                            &Some(k.subscribe.clone()),
+                        )?,
+                    };
+                    Ok((k.key.as_bytes().to_vec(), Some(Arc::new(scope))))
+                }))
+                .collect::<anyhow::Result<_>>()?,
             jwt,
             jwks,
         })
@@ -201,12 +224,16 @@ impl Access {
         };
         let bytes = token.as_bytes();
         // Every key is compared, in constant time, so the time taken says nothing about a key.
-        let matched = self
-            .api_keys
-            .iter()
-            .fold(false, |m, k| m | bool::from(k.as_slice().ct_eq(bytes)));
-        if matched {
-            return Ok(Identity::ApiKey);
+        let mut matched = None;
+        for (key, scope) in &self.api_keys {
+            if bool::from(key.as_slice().ct_eq(bytes)) {
+                matched = Some(scope);
+            }
+        }
+        match matched {
+            Some(None) => return Ok(Identity::ApiKey),
+            Some(Some(scope)) => return Ok(Identity::ScopedKey(scope.clone())),
+            None => {}
         }
         match &self.jwt {
             Some(_) => self.verify_token(token),
@@ -222,6 +249,7 @@ impl Access {
             Identity::Anonymous => any_matches(&self.anonymous_subscribe, topic),
             Identity::ApiKey => true,
             Identity::Token(g) => g.may_subscribe(topic),
+            Identity::ScopedKey(k) => any_matches(&k.subscribe, topic),
         }
     }
 
@@ -231,6 +259,7 @@ impl Access {
             Identity::Anonymous => any_matches(&self.anonymous_publish, topic),
             Identity::ApiKey => true,
             Identity::Token(g) => g.may_publish(topic),
+            Identity::ScopedKey(k) => any_matches(&k.publish, topic),
         }
     }
 }

@@ -250,6 +250,23 @@ pub struct Auth {
     pub jwt_leeway: Duration,
     /// Keys accepted by the HTTP publish API (`Authorization: Bearer <key>`); empty: no key needed.
     pub api_keys: Vec<String>,
+    /// API keys limited to topic patterns (TOML `[[auth.scoped_api_keys]]`).
+    pub scoped_api_keys: Vec<ScopedApiKey>,
+}
+
+/// One `[[auth.scoped_api_keys]]`: a key for the HTTP API that may publish to and read only the
+/// topics of its patterns.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedApiKey {
+    /// The key (`Authorization: Bearer <key>`).
+    pub key: String,
+    /// Topic patterns it may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic patterns whose history it may read.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 /// `[drain]`
@@ -413,6 +430,7 @@ max_handshakes = 1024
 
 [auth]
 api_keys = []
+scoped_api_keys = []
 jwt_leeway = "5s"
 jwks_refresh_interval = "5m"
 jwks_min_interval = "30s"
@@ -472,6 +490,7 @@ impl Settings {
     /// Whether any credential is configured (which turns anonymous defaults off).
     pub fn has_credentials(&self) -> bool {
         !self.auth.api_keys.is_empty()
+            || !self.auth.scoped_api_keys.is_empty()
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
             || self.auth.jwks_file.is_some()

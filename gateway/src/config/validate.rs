@@ -95,6 +95,22 @@ impl Settings {
         if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
             return invalid("auth.api_keys", "keys must not be empty");
         }
+        for (i, k) in self.auth.scoped_api_keys.iter().enumerate() {
+            let bad = |field: &str, message: String| {
+                Err(ConfigError::Invalid {
+                    key: format!("auth.scoped_api_keys[{i}].{field}").into(),
+                    message,
+                })
+            };
+            if k.key.trim().is_empty() {
+                return bad("key", "must not be empty".into());
+            }
+            for (field, list) in [("publish", &k.publish), ("subscribe", &k.subscribe)] {
+                if let Some(e) = list.iter().find_map(|p| Pattern::parse(p).err()) {
+                    return bad(field, e.to_string());
+                }
+            }
+        }
         match (&self.tls.cert, &self.tls.key) {
             (Some(_), None) => return invalid("tls.key", "must be set when tls.cert is set"),
             (None, Some(_)) => return invalid("tls.cert", "must be set when tls.key is set"),
