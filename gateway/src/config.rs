@@ -111,6 +111,8 @@ pub struct Server {
     pub max_connections_per_ip: usize,
     /// Proxies (IPs or CIDR ranges) whose `X-Forwarded-For` names the client's address.
     pub trusted_proxies: Vec<String>,
+    /// Bytes of an HTTP request head (request line and headers) at most; larger ones get 431.
+    pub max_header_bytes: usize,
 }
 
 /// What to do with a subscriber whose send queue is full.
@@ -399,6 +401,7 @@ idle_timeout = "60s"
 allowed_origins = []
 max_connections_per_ip = 0
 trusted_proxies = []
+max_header_bytes = 65536
 
 [limits]
 max_message_size = 65536

@@ -286,7 +286,7 @@ async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener, peer: IpAd
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(node.settings.server.handshake_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(node.settings.server.max_header_bytes)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);

@@ -90,8 +90,11 @@ pub async fn run<R, W>(
         Route::PubSub(Identity::Token(g)) => Some(g.exp),
         _ => None,
     });
-    let leeway = node.access.jwt().map_or(Duration::ZERO, |j| j.leeway());
-    let expirer = tokio::spawn(expire(expiry_rx, queue.clone(), leeway, node.clone()));
+    // Only where tokens exist: an open node's idle connections do not pay for a task each.
+    let expirer = node
+        .access
+        .jwt()
+        .map(|j| tokio::spawn(expire(expiry_rx, queue.clone(), j.leeway(), node.clone())));
     let max_message = match route {
         Route::Echo => ECHO_MAX_MESSAGE,
         Route::PubSub(_) => node.settings.limits.max_message_size,
@@ -126,7 +129,9 @@ pub async fn run<R, W>(
         idle_timeout: node.settings.server.idle_timeout,
     };
     let end = writer::run(write, queue.clone(), heard, heartbeat, node.drain.clone()).await;
-    expirer.abort();
+    if let Some(expirer) = expirer {
+        expirer.abort();
+    }
     // Fan-out may still hold the queue until the unsubscribes run: stop it writing, and let the
     // socket close now.
     queue.detach();

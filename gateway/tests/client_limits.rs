@@ -128,3 +128,25 @@ async fn connections_per_address_are_limited_and_forwarded_for_is_trusted_only_f
         "the proxy itself, twice"
     );
 }
+
+#[tokio::test]
+async fn request_heads_over_max_header_bytes_get_431() {
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__MAX_HEADER_BYTES", "8192")
+        .start()
+        .await;
+    let small = "a".repeat(4000);
+    assert!(
+        open_with(&server, &[("X-Padding", &small)]).await.is_ok(),
+        "4 KB header"
+    );
+    let big = "a".repeat(10_000);
+    let refused = open_with(&server, &[("X-Padding", &big)]).await;
+    assert_eq!(refused.err(), Some(431), "10 KB header");
+}
+
+async fn open_with(server: &Server, headers: &[(&str, &str)]) -> Result<RawWs, u16> {
+    RawWs::handshake_with(tcp_connect(server.addr).await, server.addr, "/ws", headers)
+        .await
+        .map_err(|r| r.status)
+}

@@ -78,6 +78,13 @@ impl Settings {
         if self.limits.subscribe_burst == 0 {
             return invalid("limits.subscribe_burst", "must be at least 1");
         }
+        // hyper's own floor: it refuses (panics on) a smaller read buffer.
+        if !(8192..=1 << 20).contains(&self.server.max_header_bytes) {
+            return invalid(
+                "server.max_header_bytes",
+                "must be between 8192 and 1048576",
+            );
+        }
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {
             if let Err(e) = crate::per_ip::Cidr::parse(p) {
                 return Err(ConfigError::Invalid {
