@@ -113,6 +113,9 @@ pub struct Server {
     pub trusted_proxies: Vec<String>,
     /// Bytes of an HTTP request head (request line and headers) at most; larger ones get 431.
     pub max_header_bytes: usize,
+    /// Every main-listener connection comes from one of `trusted_proxies` and starts with a PROXY
+    /// protocol (v1 or v2) header naming the client.
+    pub proxy_protocol: bool,
 }
 
 /// What to do with a subscriber whose send queue is full.
@@ -402,6 +405,7 @@ allowed_origins = []
 max_connections_per_ip = 0
 trusted_proxies = []
 max_header_bytes = 65536
+proxy_protocol = false
 
 [limits]
 max_message_size = 65536

@@ -23,6 +23,7 @@ pub(crate) mod json_depth;
 pub(crate) mod metrics;
 pub(crate) mod node;
 pub(crate) mod per_ip;
+pub(crate) mod proxy_protocol;
 pub(crate) mod registry;
 pub(crate) mod send_queue;
 pub(crate) mod session;

@@ -22,6 +22,7 @@ use crate::http_api::{self, Body};
 use crate::node::Node;
 use crate::per_ip;
 use crate::protocol::ErrorCode;
+use crate::proxy_protocol;
 use crate::send_queue::DirectWrite;
 use crate::session::{self, Route};
 use crate::tcp;
@@ -230,20 +231,13 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let peer = peer.ip();
-                match &tls {
-                    None => {
-                        tokio::spawn(serve(node.clone(), stream, which, peer));
-                    }
-                    Some(tls) => {
-                        let (node, tls) = (node.clone(), tls.clone());
-                        tokio::spawn(async move {
-                            if let Some(stream) = tls.accept(stream).await {
-                                serve(node, stream, which, peer).await;
-                            }
-                        });
-                    }
-                }
+                tokio::spawn(connection(
+                    node.clone(),
+                    stream,
+                    peer.ip(),
+                    which,
+                    tls.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors (or similar): back off instead of spinning on accept.
@@ -262,6 +256,47 @@ async fn accept_loop(
                     last_logged = Some(tokio::time::Instant::now());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One accepted connection: its PROXY protocol header (when `server.proxy_protocol` is on), its
+/// TLS handshake (when TLS is on), then HTTP.
+async fn connection(
+    node: Arc<Node>,
+    mut stream: TcpStream,
+    peer: IpAddr,
+    which: Listener,
+    tls: Option<Arc<TlsTerminator>>,
+) {
+    let mut client = peer;
+    if which == Listener::Main && node.settings.server.proxy_protocol {
+        let fail = |reason| {
+            node.metrics
+                .handshake_failures
+                .with_label_values(&[reason])
+                .inc();
+        };
+        if !node.trusted_proxies.iter().any(|c| c.contains(peer)) {
+            tracing::debug!(%peer, "connection refused: not from server.trusted_proxies");
+            return fail("proxy_untrusted");
+        }
+        let timeout = node.settings.server.handshake_timeout;
+        match tokio::time::timeout(timeout, proxy_protocol::read_header(&mut stream)).await {
+            Ok(Ok(from)) => client = from.unwrap_or(peer),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "connection refused");
+                return fail("proxy_header");
+            }
+            Err(_) => return fail("proxy_header"),
+        }
+    }
+    match tls {
+        None => serve(node, stream, which, client).await,
+        Some(tls) => {
+            if let Some(stream) = tls.accept(stream).await {
+                serve(node, stream, which, client).await;
             }
         }
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::{HttpClient, RawWs, Server, tcp_connect, wait_until};
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn a_flooding_client_gets_rate_limited_then_closed_and_others_are_unaffected() {
@@ -149,4 +150,62 @@ async fn open_with(server: &Server, headers: &[(&str, &str)]) -> Result<RawWs, u
     RawWs::handshake_with(tcp_connect(server.addr).await, server.addr, "/ws", headers)
         .await
         .map_err(|r| r.status)
+}
+
+/// A connection that starts with a PROXY protocol `header`, then upgrades.
+async fn open_proxied(server: &Server, header: &[u8]) -> Result<RawWs, u16> {
+    let mut tcp = tcp_connect(server.addr).await;
+    tcp.write_all(header).await.expect("write PROXY header");
+    RawWs::handshake_with(tcp, server.addr, "/ws", &[])
+        .await
+        .map_err(|r| r.status)
+}
+
+fn proxy_v2_tcp4(src: [u8; 4]) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend([0x21, 0x11, 0, 12]);
+    h.extend(src);
+    h.extend([127, 0, 0, 1, 0x30, 0x39, 0x1f, 0x90]);
+    h
+}
+
+#[tokio::test]
+async fn proxy_protocol_names_the_client_for_the_per_address_limit() {
+    let server = Server::builder()
+        .env("PUBGATE__SERVER__PROXY_PROTOCOL", "true")
+        .env("PUBGATE__SERVER__TRUSTED_PROXIES", "127.0.0.1")
+        .env("PUBGATE__SERVER__MAX_CONNECTIONS_PER_IP", "1")
+        .start()
+        .await;
+    let v1 = b"PROXY TCP4 1.1.1.1 127.0.0.1 40000 8080\r\n";
+    let _a = open_proxied(&server, v1).await.expect("1.1.1.1 over v1");
+    assert_eq!(
+        open_proxied(&server, v1).await.err(),
+        Some(429),
+        "1.1.1.1 again"
+    );
+    let _b = open_proxied(&server, &proxy_v2_tcp4([2, 2, 2, 2]))
+        .await
+        .expect("2.2.2.2 over v2");
+    assert_eq!(
+        open_proxied(&server, &proxy_v2_tcp4([1, 1, 1, 1]))
+            .await
+            .err(),
+        Some(429),
+        "1.1.1.1 over v2"
+    );
+
+    // Without a header the connection is closed before anything is answered.
+    let mut tcp = tcp_connect(server.addr).await;
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut answer)).await;
+    // Closed (EOF, or a reset since the request was never read), not timed out, and nothing said.
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(
+        answer.is_empty(),
+        "no answer without a PROXY header: {answer:?}"
+    );
 }

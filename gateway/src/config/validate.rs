@@ -85,6 +85,12 @@ impl Settings {
                 "must be between 8192 and 1048576",
             );
         }
+        if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
+            return invalid(
+                "server.trusted_proxies",
+                "must name the load balancers when server.proxy_protocol is on",
+            );
+        }
         for (i, p) in self.server.trusted_proxies.iter().enumerate() {
             if let Err(e) = crate::per_ip::Cidr::parse(p) {
                 return Err(ConfigError::Invalid {
