@@ -137,7 +137,9 @@ impl Access {
                 }),
                 Some(source),
             ) => {
-                source.refetch().await;
+                // Boxed: a fetch's state (TLS, HTTP client) is large and rare, and every HTTP
+                // connection's request future would otherwise reserve room for it.
+                Box::pin(source.refetch()).await;
                 check()
             }
             _ => first,

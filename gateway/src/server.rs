@@ -231,13 +231,21 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
-                    node.clone(),
-                    stream,
-                    peer.ip(),
-                    which,
-                    tls.clone(),
-                ));
+                let peer = peer.ip();
+                if which == Listener::Main && node.settings.server.proxy_protocol {
+                    tokio::spawn(proxied(node.clone(), stream, peer, tls.clone()));
+                    continue;
+                }
+                // Each kind of connection spawns only the future it needs: a task holds its whole
+                // future, and a plain connection must not carry the room of a TLS one.
+                match &tls {
+                    None => {
+                        tokio::spawn(serve(node.clone(), stream, which, peer));
+                    }
+                    Some(tls) => {
+                        tokio::spawn(serve_tls(node.clone(), tls.clone(), stream, which, peer));
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors (or similar): back off instead of spinning on accept.
@@ -261,44 +269,50 @@ async fn accept_loop(
     }
 }
 
-/// One accepted connection: its PROXY protocol header (when `server.proxy_protocol` is on), its
-/// TLS handshake (when TLS is on), then HTTP.
-async fn connection(
+/// The TLS handshake, then HTTP.
+async fn serve_tls(
+    node: Arc<Node>,
+    tls: Arc<TlsTerminator>,
+    stream: TcpStream,
+    which: Listener,
+    client: IpAddr,
+) {
+    if let Some(stream) = tls.accept(stream).await {
+        serve(node, stream, which, client).await;
+    }
+}
+
+/// A connection behind a TCP load balancer (`server.proxy_protocol`): from a trusted proxy, with a
+/// PROXY protocol header naming the client; then TLS (when on) and HTTP.
+async fn proxied(
     node: Arc<Node>,
     mut stream: TcpStream,
     peer: IpAddr,
-    which: Listener,
     tls: Option<Arc<TlsTerminator>>,
 ) {
-    let mut client = peer;
-    if which == Listener::Main && node.settings.server.proxy_protocol {
-        let fail = |reason| {
-            node.metrics
-                .handshake_failures
-                .with_label_values(&[reason])
-                .inc();
-        };
-        if !node.trusted_proxies.iter().any(|c| c.contains(peer)) {
-            tracing::debug!(%peer, "connection refused: not from server.trusted_proxies");
-            return fail("proxy_untrusted");
-        }
-        let timeout = node.settings.server.handshake_timeout;
-        match tokio::time::timeout(timeout, proxy_protocol::read_header(&mut stream)).await {
-            Ok(Ok(from)) => client = from.unwrap_or(peer),
-            Ok(Err(e)) => {
-                tracing::debug!(%peer, error = %e, "connection refused");
-                return fail("proxy_header");
-            }
-            Err(_) => return fail("proxy_header"),
-        }
+    let fail = |reason| {
+        node.metrics
+            .handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    };
+    if !node.trusted_proxies.iter().any(|c| c.contains(peer)) {
+        tracing::debug!(%peer, "connection refused: not from server.trusted_proxies");
+        return fail("proxy_untrusted");
     }
-    match tls {
-        None => serve(node, stream, which, client).await,
-        Some(tls) => {
-            if let Some(stream) = tls.accept(stream).await {
-                serve(node, stream, which, client).await;
-            }
+    let timeout = node.settings.server.handshake_timeout;
+    let client = match tokio::time::timeout(timeout, proxy_protocol::read_header(&mut stream)).await
+    {
+        Ok(Ok(from)) => from.unwrap_or(peer),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection refused");
+            return fail("proxy_header");
         }
+        Err(_) => return fail("proxy_header"),
+    };
+    match tls {
+        None => Box::pin(serve(node, stream, Listener::Main, client)).await,
+        Some(tls) => Box::pin(serve_tls(node, tls, stream, Listener::Main, client)).await,
     }
 }
 
