@@ -250,7 +250,12 @@ impl Access {
         match who {
             Identity::Anonymous => any_matches(&self.anonymous_subscribe, topic),
             Identity::ApiKey => true,
-            Identity::Token(g) => g.may_subscribe(topic),
+            // A token adds to what anyone may do where anonymous clients are let in: a signed-in
+            // client need not open a second, anonymous connection for the public topics.
+            Identity::Token(g) => {
+                g.may_subscribe(topic)
+                    || (self.anonymous && any_matches(&self.anonymous_subscribe, topic))
+            }
             Identity::ScopedKey(k) => any_matches(&k.subscribe, topic),
         }
     }
@@ -260,7 +265,10 @@ impl Access {
         match who {
             Identity::Anonymous => any_matches(&self.anonymous_publish, topic),
             Identity::ApiKey => true,
-            Identity::Token(g) => g.may_publish(topic),
+            Identity::Token(g) => {
+                g.may_publish(topic)
+                    || (self.anonymous && any_matches(&self.anonymous_publish, topic))
+            }
             Identity::ScopedKey(k) => any_matches(&k.publish, topic),
         }
     }

@@ -448,3 +448,44 @@ async fn an_anonymous_node_ignores_tokens_and_a_disallowed_origin_is_refused() {
         "an open node says so at start"
     );
 }
+
+#[tokio::test]
+async fn anonymous_clients_get_the_public_topics_and_a_refresh_adds_a_token() {
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__JWT_SECRET", SECRET)
+        .env("PUBGATE__AUTH__ANONYMOUS", "true")
+        .env("PUBGATE__AUTH__ANONYMOUS_SUBSCRIBE", "public.>")
+        .start()
+        .await;
+    // Without a token: the public topics only, and no publishing (a credential is configured).
+    let mut c = server.ws().await;
+    c.subscribe("public.news", 1).await;
+    let r = c
+        .request(&json!({"op":"subscribe","topic":"private.x","id":2}))
+        .await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let r = c
+        .request(&json!({"op":"publish","topic":"public.news","data":1,"id":3}))
+        .await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    // A token presented at the upgrade must verify, even where anonymous clients are let in.
+    let (status, _) = upgrade(&server, "/ws?access_token=not.a.token", &[]).await;
+    assert_eq!(status, 401);
+
+    // Refreshing into a token keeps the public topics and adds the token's.
+    let token = hs256(SECRET, None, &claims(&["private.>"], &["private.>"]));
+    let ack = c
+        .request(&json!({"op":"refresh","token":token,"id":4}))
+        .await;
+    assert_eq!(
+        (ack["op"].as_str(), ack["id"].as_u64()),
+        (Some("ack"), Some(4)),
+        "{ack}"
+    );
+    c.subscribe("private.x", 5).await;
+    let r = c
+        .request(&json!({"op":"publish","topic":"private.y","data":2,"id":6}))
+        .await;
+    assert_eq!(r["op"], "ack", "{r}");
+    c.ping_pong(7).await;
+}
