@@ -3,6 +3,9 @@
 
 mod common;
 mod jwt_support;
+// Only its throwaway CA is used here; the rest of the module serves the TLS tests.
+#[allow(unused_imports)]
+mod tls_support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,37 +28,32 @@ struct JwksServer {
 
 impl JwksServer {
     async fn start(keys: &[Value]) -> JwksServer {
+        JwksServer::start_with(keys, None).await
+    }
+
+    /// Serves over TLS with `acceptor` when given (the URL is then https://).
+    async fn start_with(keys: &[Value], acceptor: Option<tokio_rustls::TlsAcceptor>) -> JwksServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
         let url = format!(
-            "http://{}/.well-known/jwks.json",
+            "{scheme}://{}/.well-known/jwks.json",
             listener.local_addr().expect("addr")
         );
         let body = Arc::new(Mutex::new(json!({"keys": keys}).to_string()));
         let requests = Arc::new(AtomicUsize::new(0));
         let (b, n) = (body.clone(), requests.clone());
         let task = tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                let (b, n) = (b.clone(), n.clone());
+            while let Ok((s, _)) = listener.accept().await {
+                let (b, n, acceptor) = (b.clone(), n.clone(), acceptor.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                    match acceptor {
+                        None => answer(s, b, n).await,
+                        Some(a) => {
+                            if let Ok(tls) = a.accept(s).await {
+                                answer(tls, b, n).await;
+                            }
                         }
                     }
-                    assert!(
-                        buf.starts_with(b"GET /.well-known/jwks.json "),
-                        "the configured path"
-                    );
-                    n.fetch_add(1, Ordering::SeqCst);
-                    let body = b.lock().expect("lock").clone();
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = s.write_all(resp.as_bytes()).await;
                 });
             }
         });
@@ -74,6 +72,33 @@ impl JwksServer {
     fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+}
+
+/// Reads one request head and answers it with the current key set.
+async fn answer<S>(mut s: S, body: Arc<Mutex<String>>, requests: Arc<AtomicUsize>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+        }
+    }
+    assert!(
+        buf.starts_with(b"GET /.well-known/jwks.json "),
+        "the configured path"
+    );
+    requests.fetch_add(1, Ordering::SeqCst);
+    let body = body.lock().expect("lock").clone();
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
 }
 
 impl Drop for JwksServer {
@@ -191,4 +216,40 @@ async fn a_jwks_url_in_the_clear_to_another_host_is_refused_at_start() {
         .await;
     assert_eq!(done.status.code(), Some(2), "{}", done.stderr);
     assert!(done.stderr.contains("auth.jwks_url"), "{}", done.stderr);
+}
+
+#[tokio::test]
+async fn the_key_set_is_fetched_over_https_checked_against_the_system_cas() {
+    use rustls_pki_types::pem::PemObject;
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let ca = tls_support::Ca::new();
+    let issued = ca.issue("jwks.test", tls_support::KeyKind::EcdsaP256);
+    let chain = rustls_pki_types::CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).expect("key");
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let k1 = KeyPair::ec();
+    let jwks = JwksServer::start_with(&[k1.ec_jwk("k1")], Some(acceptor)).await;
+    // The chain file holds the test CA, which the node then trusts as a system CA.
+    let bundle = common::TempFile::new("ca.pem", &issued.chain_pem);
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__JWKS_URL", &jwks.url)
+        .env("SSL_CERT_FILE", bundle.arg())
+        .start()
+        .await;
+    wait_until("the first fetch", Duration::from_secs(10), || async {
+        jwks.requests() >= 1
+    })
+    .await;
+    let ok = claims(&[">"], &[]);
+    wait_until("k1 verifies", Duration::from_secs(10), || async {
+        upgrade_status(&server, &k1.sign(Algorithm::ES256, Some("k1"), &ok)).await == 101
+    })
+    .await;
 }
