@@ -18,6 +18,7 @@ use crate::topic::Pattern;
 
 mod env;
 mod source;
+mod validate;
 
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
@@ -110,6 +111,15 @@ pub struct Server {
     pub allowed_origins: Vec<String>,
     /// Serve the live page at `/` and its assets under `/_pubgate/`.
     pub page: bool,
+    /// WebSocket connections one client address may hold at once; 0: no limit.
+    pub max_connections_per_ip: usize,
+    /// Proxies (IPs or CIDR ranges) whose `X-Forwarded-For` names the client's address.
+    pub trusted_proxies: Vec<String>,
+    /// Bytes of an HTTP request head (request line and headers) at most; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Every main-listener connection comes from one of `trusted_proxies` and starts with a PROXY
+    /// protocol (v1 or v2) header naming the client.
+    pub proxy_protocol: bool,
 }
 
 /// What to do with a subscriber whose send queue is full.
@@ -145,6 +155,12 @@ pub struct Limits {
     pub subscribe_rate: u32,
     /// Subscribe and unsubscribe requests one connection may make in a burst, above the rate.
     pub subscribe_burst: u32,
+    /// Messages (text or binary, after reassembly) one pub/sub connection may send per second, on
+    /// average; past it each gets `rate_limited`.
+    pub message_rate: u32,
+    /// Messages one connection may send in a burst, above the rate; also how many refused ones it
+    /// may send (refilled at a tenth of the rate) before it is closed with 1008.
+    pub message_burst: u32,
 }
 
 /// Broker implementations a node can use.
@@ -219,10 +235,45 @@ pub struct Auth {
     pub anonymous_publish: Option<Vec<String>>,
     /// HS256 secret for JWTs.
     pub jwt_secret: Option<String>,
-    /// PEM public key file for RS256/ES256 JWTs.
+    /// PEM public key file for RS256 (RSA key) or ES256 (EC P-256 key) JWTs.
     pub jwt_public_key: Option<PathBuf>,
+    /// JWKS file (`{"keys":[…]}`): several keys, each chosen by the token's `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (https, or http to loopback) fetched at start, every `jwks_refresh_interval`, and
+    /// when a token names an unknown `kid`.
+    pub jwks_url: Option<String>,
+    /// How often `jwks_url` is fetched.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_interval: Duration,
+    /// Fetches of `jwks_url` for unknown key ids happen at most this often.
+    #[serde(with = "humantime_serde")]
+    pub jwks_min_interval: Duration,
+    /// When set, a token's `aud` must contain it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
     /// Keys accepted by the HTTP publish API (`Authorization: Bearer <key>`); empty: no key needed.
     pub api_keys: Vec<String>,
+    /// API keys limited to topic patterns (TOML `[[auth.scoped_api_keys]]`).
+    pub scoped_api_keys: Vec<ScopedApiKey>,
+}
+
+/// One `[[auth.scoped_api_keys]]`: a key for the HTTP API that may publish to and read only the
+/// topics of its patterns.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedApiKey {
+    /// The key (`Authorization: Bearer <key>`).
+    pub key: String,
+    /// Topic patterns it may publish to.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic patterns whose history it may read.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
 }
 
 /// `[drain]`
@@ -395,6 +446,10 @@ ping_interval = "25s"
 idle_timeout = "60s"
 allowed_origins = []
 page = true
+max_connections_per_ip = 0
+trusted_proxies = []
+max_header_bytes = 65536
+proxy_protocol = false
 
 [limits]
 max_message_size = 65536
@@ -407,6 +462,8 @@ max_batch_bytes = 1048576
 max_json_depth = 128
 subscribe_rate = 50
 subscribe_burst = 200
+message_rate = 1000
+message_burst = 5000
 
 [broker]
 kind = "memory"
@@ -424,6 +481,10 @@ max_handshakes = 1024
 
 [auth]
 api_keys = []
+scoped_api_keys = []
+jwt_leeway = "5s"
+jwks_refresh_interval = "5m"
+jwks_min_interval = "30s"
 
 [drain]
 grace = "30s"
@@ -505,182 +566,14 @@ impl Settings {
         Ok(settings)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key: &'static str, message: &str| {
-            Err(ConfigError::Invalid {
-                key: key.into(),
-                message: message.to_string(),
-            })
-        };
-        if self.tls.max_handshakes == 0 {
-            return invalid("tls.max_handshakes", "must be at least 1");
-        }
-        if let Some(path) = &self.server.echo_path
-            && (!path.starts_with('/') || path == "/ws" || path.starts_with("/v1/"))
-        {
-            return invalid(
-                "server.echo_path",
-                "must start with '/' and not collide with /ws or /v1/",
-            );
-        }
-        if self.server.ping_interval.is_zero() {
-            return invalid("server.ping_interval", "must be greater than zero");
-        }
-        if self.server.idle_timeout <= self.server.ping_interval {
-            return invalid(
-                "server.idle_timeout",
-                "must be longer than server.ping_interval",
-            );
-        }
-        if self.limits.max_message_size < 64 {
-            return invalid("limits.max_message_size", "must be at least 64 bytes");
-        }
-        if self.limits.max_subscriptions == 0 {
-            return invalid("limits.max_subscriptions", "must be at least 1");
-        }
-        if self.limits.send_queue_frames < 2 {
-            return invalid("limits.send_queue_frames", "must be at least 2");
-        }
-        // A message is never larger than limits.max_message_size (publishes are refused past it and
-        // the registry drops bigger ones from the broker), so an empty queue always takes it.
-        if self.limits.send_queue_bytes < self.limits.max_message_size + MESSAGE_FRAME_OVERHEAD {
-            return Err(ConfigError::Invalid {
-                key: "limits.send_queue_bytes".into(),
-                message: format!(
-                    "must hold one message frame of limits.max_message_size ({}) plus {} bytes of \
-                     frame header, topic and envelope: at least {}",
-                    self.limits.max_message_size,
-                    MESSAGE_FRAME_OVERHEAD,
-                    self.limits.max_message_size + MESSAGE_FRAME_OVERHEAD
-                ),
-            });
-        }
-        if self.limits.max_batch_messages == 0 {
-            return invalid("limits.max_batch_messages", "must be at least 1");
-        }
-        if self.limits.max_batch_bytes < self.limits.max_message_size {
-            return invalid(
-                "limits.max_batch_bytes",
-                "must be at least limits.max_message_size",
-            );
-        }
-        if self.limits.max_json_depth == 0 {
-            return invalid("limits.max_json_depth", "must be at least 1");
-        }
-        if self.limits.subscribe_rate == 0 {
-            return invalid("limits.subscribe_rate", "must be at least 1");
-        }
-        if self.limits.subscribe_burst == 0 {
-            return invalid("limits.subscribe_burst", "must be at least 1");
-        }
-        if self.auth.api_keys.iter().any(|k| k.trim().is_empty()) {
-            return invalid("auth.api_keys", "keys must not be empty");
-        }
-        match (&self.tls.cert, &self.tls.key) {
-            (Some(_), None) => return invalid("tls.key", "must be set when tls.cert is set"),
-            (None, Some(_)) => return invalid("tls.cert", "must be set when tls.key is set"),
-            _ => {}
-        }
-        match self.broker.kind {
-            BrokerKind::Memory => {}
-            BrokerKind::Redis | BrokerKind::RedisCluster => {
-                if self
-                    .broker
-                    .url
-                    .as_deref()
-                    .is_none_or(|u| u.trim().is_empty())
-                {
-                    return invalid(
-                        "broker.url",
-                        "is required when broker.kind is \"redis\" or \"redis-cluster\" (e.g. redis://127.0.0.1:6379)",
-                    );
-                }
-                if let Err(e) = broker_bridge::RedisConfig::new(
-                    self.broker.url.clone().unwrap_or_default(),
-                    self.broker.kind == BrokerKind::RedisCluster,
-                )
-                .validate()
-                {
-                    return Err(ConfigError::Invalid {
-                        key: "broker.url".into(),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
-        if let Some(bad) = bad_log_directive(&self.log.level) {
-            return Err(ConfigError::Invalid {
-                key: "log.level".into(),
-                message: format!(
-                    "must be a level (error, warn, info, debug, trace, off) or a list of \
-                     target=level, not {bad:?}"
-                ),
-            });
-        }
-        if self.broker.prefix.is_empty() {
-            return invalid("broker.prefix", "must not be empty");
-        }
-        if self.broker.command_timeout.is_zero() {
-            return invalid("broker.command_timeout", "must be greater than zero");
-        }
-        if self.broker.backlog_messages == 0 {
-            return invalid("broker.backlog_messages", "must be greater than zero");
-        }
-        if self.broker.backlog_bytes < self.limits.max_message_size {
-            return invalid(
-                "broker.backlog_bytes",
-                "must hold at least one message of limits.max_message_size",
-            );
-        }
-        if self.broker.canary_interval.is_zero() {
-            return invalid("broker.canary_interval", "must be greater than zero");
-        }
-        if self.broker.canary_timeout <= self.broker.canary_interval {
-            return invalid(
-                "broker.canary_timeout",
-                "must be longer than broker.canary_interval",
-            );
-        }
-        if self.auth.jwt_secret.is_some() || self.auth.jwt_public_key.is_some() {
-            return invalid(
-                "auth.jwt_secret",
-                "JWT auth is not built yet in this version",
-            );
-        }
-        if self.drain.delay >= self.drain.grace {
-            return invalid("drain.delay", "must be shorter than drain.grace");
-        }
-        if self.history.size > MAX_HISTORY {
-            return invalid("history.size", "must be at most 1000000");
-        }
-        if self.history.ttl.is_zero() {
-            return invalid("history.ttl", "must be greater than zero");
-        }
-        for (i, rule) in self.history.rules.iter().enumerate() {
-            let bad = |field: &str, message: String| {
-                Err(ConfigError::Invalid {
-                    key: format!("history.rules[{i}].{field}").into(),
-                    message,
-                })
-            };
-            if let Err(e) = Pattern::parse(&rule.pattern) {
-                return bad("pattern", e.to_string());
-            }
-            if rule.size.is_some_and(|n| n > MAX_HISTORY) {
-                return bad("size", "must be at most 1000000".into());
-            }
-            if rule.ttl.is_some_and(|t| t.is_zero()) {
-                return bad("ttl", "must be greater than zero".into());
-            }
-        }
-        Ok(())
-    }
-
     /// Whether any credential is configured (which turns anonymous defaults off).
     pub fn has_credentials(&self) -> bool {
         !self.auth.api_keys.is_empty()
+            || !self.auth.scoped_api_keys.is_empty()
             || self.auth.jwt_secret.is_some()
             || self.auth.jwt_public_key.is_some()
+            || self.auth.jwks_file.is_some()
+            || self.auth.jwks_url.is_some()
     }
 }
 

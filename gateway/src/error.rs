@@ -41,6 +41,8 @@ impl From<anyhow::Error> for Error {
     fn from(e: anyhow::Error) -> Self {
         if e.downcast_ref::<TlsError>().is_some() {
             Error::Tls(e)
+        } else if e.downcast_ref::<crate::jwt::JwtConfigError>().is_some() {
+            Error::Config(format!("{e:#}"))
         } else {
             Error::Runtime(e)
         }

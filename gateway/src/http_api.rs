@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::auth::{Denied, Identity};
 use crate::node::Node;
 use crate::protocol::{ErrorCode, ProtocolError, http_error_body};
 
@@ -173,14 +174,41 @@ async fn read_body(
     }
 }
 
-fn authorize(node: &Node, req: &Request<Incoming>) -> Result<(), Refusal> {
+/// Who sent a publish (an API key or a JWT), or its 401.
+async fn authorize(node: &Node, req: &Request<Incoming>) -> Result<Identity, Refusal> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     node.access
-        .check_api_key(auth)
-        .map_err(|d| Box::new(error(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, d.0)))
+        .with_fresh_keys(|| node.access.identify_publisher(auth))
+        .await
+        .map_err(|d| Box::new(unauthorized(node, &d)))
+}
+
+/// 401 for a missing or refused credential; why a token failed is logged, not told.
+pub fn unauthorized(node: &Node, denied: &Denied) -> Response<Body> {
+    if let Some(e) = &denied.token {
+        node.metrics
+            .token_rejections
+            .with_label_values(&[e.label()])
+            .inc();
+        tracing::debug!(reason = %e, "token refused");
+    }
+    error(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden,
+        denied.message,
+    )
+}
+
+/// 403 for a topic the caller's credential does not cover.
+fn forbidden(what: &str, topic: &str) -> Response<Body> {
+    error(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        format!("not allowed to {what} {topic}"),
+    )
 }
 
 fn check_topic(topic: &str) -> Result<(), ProtocolError> {
@@ -202,11 +230,15 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
     if req.method() != Method::POST {
         return method_not_allowed();
     }
-    if let Err(r) = authorize(node, &req) {
-        return *r;
-    }
+    let who = match authorize(node, &req).await {
+        Ok(who) => who,
+        Err(r) => return *r,
+    };
     if let Err(e) = check_topic(topic) {
         return protocol_error(e);
+    }
+    if !node.access.may_publish(&who, topic) {
+        return forbidden("publish to", topic);
     }
     let body = match read_body(
         req,
@@ -305,19 +337,19 @@ pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Respon
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let who = match node.access.identify_http(auth) {
+    let who = match node
+        .access
+        .with_fresh_keys(|| node.access.identify_http(auth))
+        .await
+    {
         Ok(who) => who,
-        Err(d) => return error(StatusCode::UNAUTHORIZED, ErrorCode::Forbidden, d.0),
+        Err(d) => return unauthorized(node, &d),
     };
     if let Err(e) = check_topic(topic) {
         return protocol_error(e);
     }
-    if !node.access.may_subscribe(who, topic) {
-        return error(
-            StatusCode::FORBIDDEN,
-            ErrorCode::Forbidden,
-            format!("not allowed to read {topic}"),
-        );
+    if !node.access.may_subscribe(&who, topic) {
+        return forbidden("read", topic);
     }
     let query = match history_query(req.uri().query()) {
         Ok(q) => q,
@@ -384,9 +416,10 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
     if req.method() != Method::POST {
         return method_not_allowed();
     }
-    if let Err(r) = authorize(node, &req) {
-        return *r;
-    }
+    let who = match authorize(node, &req).await {
+        Ok(who) => who,
+        Err(r) => return *r,
+    };
     let limits = &node.settings.limits;
     let body = match read_body(
         req,
@@ -419,6 +452,10 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
         if let Err(mut e) = check_topic(&m.topic) {
             e.message = format!("messages[{i}]: {}", e.message);
             return protocol_error(e);
+        }
+        // Checked for every message before any is published: a batch is refused whole.
+        if !node.access.may_publish(&who, &m.topic) {
+            return forbidden(&format!("messages[{i}]: publish to"), &m.topic);
         }
         if let Err(mut e) = crate::json_depth::check(m.data.get().as_bytes(), limits.max_json_depth)
         {

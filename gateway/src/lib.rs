@@ -6,6 +6,7 @@
 
 pub mod config;
 mod error;
+pub mod jwt;
 pub mod logging;
 pub mod protocol;
 pub mod server;
@@ -21,6 +22,8 @@ pub(crate) mod http_api;
 pub(crate) mod json_depth;
 pub(crate) mod metrics;
 pub(crate) mod node;
+pub(crate) mod per_ip;
+pub(crate) mod proxy_protocol;
 pub(crate) mod registry;
 pub(crate) mod send_queue;
 pub(crate) mod session;

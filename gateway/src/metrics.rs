@@ -35,6 +35,12 @@ pub struct Metrics {
     pub handshake_failures: IntCounterVec,
     /// Client frames refused with an error reply, by code.
     pub client_errors: IntCounterVec,
+    /// Presented JWTs refused (upgrade, HTTP or refresh), by reason.
+    pub token_rejections: IntCounterVec,
+    /// Connections closed because their token expired without a refresh.
+    pub token_expiries: IntCounter,
+    /// Connections closed (1008) for sending past their message rate limit.
+    pub rate_limit_disconnects: IntCounter,
     /// Time to fan one message out to all local subscribers' queues.
     pub fanout_seconds: Histogram,
     /// 1 while the broker path works, else 0.
@@ -119,6 +125,22 @@ impl Metrics {
                 "handshake_failures_total",
                 "Connections that failed before a WebSocket session started.",
                 "reason",
+            ),
+            token_rejections: counter_vec(
+                r,
+                "token_rejections_total",
+                "Presented JWTs refused, by reason (expired, bad_signature, unknown_kid, ...).",
+                "reason",
+            ),
+            token_expiries: counter(
+                r,
+                "token_expiries_total",
+                "Connections closed with 4001 because their token expired without a refresh.",
+            ),
+            rate_limit_disconnects: counter(
+                r,
+                "rate_limit_disconnects_total",
+                "Connections closed with 1008 for sending past limits.message_rate.",
             ),
             client_errors: counter_vec(
                 r,

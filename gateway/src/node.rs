@@ -17,6 +17,7 @@ use crate::auth::Access;
 use crate::config::{BrokerKind, Settings};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
+use crate::per_ip::{Cidr, PerIp};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::registry::{ConnId, Registry, RegistryLimits};
 use crate::send_queue::{DirectWrite, SendQueue};
@@ -33,6 +34,10 @@ pub struct Node {
     pub broker: Arc<dyn Broker>,
     /// Who may do what.
     pub access: Access,
+    /// WebSocket connections per client address (`server.max_connections_per_ip`).
+    pub per_ip: Arc<PerIp>,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<Cidr>,
     /// Shutdown state.
     pub drain: Arc<Drain>,
     connections: AtomicUsize,
@@ -95,6 +100,13 @@ impl Node {
         };
         registry.attach_broker(&broker);
         let access = Access::from_settings(&settings)?;
+        let per_ip = PerIp::new(settings.server.max_connections_per_ip);
+        let trusted_proxies = settings
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|p| Cidr::parse(p))
+            .collect::<Result<Vec<_>, _>>()?;
         metrics.ready.set(1);
         metrics
             .max_connections
@@ -106,6 +118,8 @@ impl Node {
             registry,
             broker,
             access,
+            per_ip,
+            trusted_proxies,
             drain: Arc::new(Drain::default()),
             connections: AtomicUsize::new(0),
             next_conn: AtomicU64::new(1),

@@ -43,6 +43,8 @@ pub enum ErrorCode {
     NotFound,
     /// The route exists, but not for this HTTP method.
     MethodNotAllowed,
+    /// A `refresh` carried a token that does not verify; the connection keeps its old one.
+    InvalidToken,
 }
 
 impl ErrorCode {
@@ -63,6 +65,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::InvalidToken => "invalid_token",
         }
     }
 
@@ -80,6 +83,7 @@ impl ErrorCode {
             | ErrorCode::TooManySubscriptions
             | ErrorCode::AlreadySubscribed => 409,
             ErrorCode::Internal => 500,
+            ErrorCode::InvalidToken => 401,
         }
     }
 }
@@ -175,6 +179,11 @@ pub enum Request<'a> {
     },
     /// Liveness check.
     Ping,
+    /// Replace the connection's token (and with it its permissions and expiry).
+    Refresh {
+        /// The new JWT.
+        token: Cow<'a, str>,
+    },
 }
 
 /// A parsed frame: the echoed `id` (raw JSON) and the request, or the error to answer with.
@@ -195,6 +204,8 @@ struct Envelope<'a> {
     topic: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    token: Option<Cow<'a, str>>,
     // Read in `build_request`, so that a bad `since` is answered with the request's id.
     #[serde(borrow)]
     since: Option<&'a RawValue>,
@@ -251,6 +262,9 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
             Ok(Request::Publish { topic, data })
         }
         "ping" => Ok(Request::Ping),
+        "refresh" => Ok(Request::Refresh {
+            token: env.token.ok_or_else(|| bad("missing \"token\""))?,
+        }),
         other => Err(ProtocolError::new(
             ErrorCode::UnknownOp,
             format!("unknown op {:?}", truncate(other, 64)),
@@ -308,6 +322,27 @@ pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
     let mut b = start("ack", id, topic.len());
     b.put(b",\"topic\":");
     b.put_json_str(topic);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"ack","id":…,"exp":…}` for a refresh: the new token's expiry.
+pub fn refresh_ack(id: Option<&RawValue>, exp: u64) -> Bytes {
+    let mut b = start("ack", id, 24);
+    b.put(b",\"exp\":");
+    b.put_u64(exp);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"unsubscribed","topic":…,"reason":…}`: the server ended a subscription (a refreshed
+/// token no longer allows the topic: reason `forbidden`).
+pub fn unsubscribed(topic: &str, reason: &str) -> Bytes {
+    let mut b = start("unsubscribed", None, topic.len() + reason.len() + 24);
+    b.put(b",\"topic\":");
+    b.put_json_str(topic);
+    b.put(b",\"reason\":");
+    b.put_json_str(reason);
     b.put(b"}");
     b.finish(OpCode::Text)
 }

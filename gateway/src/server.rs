@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,9 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use crate::config::Settings;
 use crate::http_api::{self, Body};
 use crate::node::Node;
+use crate::per_ip;
 use crate::protocol::ErrorCode;
+use crate::proxy_protocol;
 use crate::send_queue::DirectWrite;
 use crate::session::{self, Route};
 use crate::tcp;
@@ -76,6 +78,11 @@ pub async fn run(mut settings: Settings) -> anyhow::Result<()> {
     let drain = settings.drain.clone();
     tls::install_default_provider();
     let node = Node::new(settings)?;
+    if node.access.is_open() {
+        tracing::warn!(
+            "NO AUTHENTICATION CONFIGURED: anyone who reaches this node may subscribe and publish to every topic; set auth.jwt_secret, auth.jwt_public_key, auth.jwks_file or auth.api_keys before exposing it (docs/security.md)"
+        );
+    }
     // Installed before anything is announced: a SIGTERM right after "listening" must drain, not
     // kill the process with the default action.
     let shutdown = shutdown_signal()?;
@@ -237,19 +244,21 @@ async fn accept_loop(
             _ = node.drain.closing(), if which == Listener::Main => return,
         };
         match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let peer = peer.ip();
+                if which == Listener::Main && node.settings.server.proxy_protocol {
+                    tokio::spawn(proxied(node.clone(), stream, peer, tls.clone()));
+                    continue;
+                }
+                // Each kind of connection spawns only the future it needs: a task holds its whole
+                // future, and a plain connection must not carry the room of a TLS one.
                 match &tls {
                     None => {
-                        tokio::spawn(serve(node.clone(), stream, which));
+                        tokio::spawn(serve(node.clone(), stream, which, peer));
                     }
                     Some(tls) => {
-                        let (node, tls) = (node.clone(), tls.clone());
-                        tokio::spawn(async move {
-                            if let Some(stream) = tls.accept(stream).await {
-                                serve(node, stream, which).await;
-                            }
-                        });
+                        tokio::spawn(serve_tls(node.clone(), tls.clone(), stream, which, peer));
                     }
                 }
             }
@@ -275,6 +284,53 @@ async fn accept_loop(
     }
 }
 
+/// The TLS handshake, then HTTP.
+async fn serve_tls(
+    node: Arc<Node>,
+    tls: Arc<TlsTerminator>,
+    stream: TcpStream,
+    which: Listener,
+    client: IpAddr,
+) {
+    if let Some(stream) = tls.accept(stream).await {
+        serve(node, stream, which, client).await;
+    }
+}
+
+/// A connection behind a TCP load balancer (`server.proxy_protocol`): from a trusted proxy, with a
+/// PROXY protocol header naming the client; then TLS (when on) and HTTP.
+async fn proxied(
+    node: Arc<Node>,
+    mut stream: TcpStream,
+    peer: IpAddr,
+    tls: Option<Arc<TlsTerminator>>,
+) {
+    let fail = |reason| {
+        node.metrics
+            .handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    };
+    if !node.trusted_proxies.iter().any(|c| c.contains(peer)) {
+        tracing::debug!(%peer, "connection refused: not from server.trusted_proxies");
+        return fail("proxy_untrusted");
+    }
+    let timeout = node.settings.server.handshake_timeout;
+    let client = match tokio::time::timeout(timeout, proxy_protocol::read_header(&mut stream)).await
+    {
+        Ok(Ok(from)) => from.unwrap_or(peer),
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection refused");
+            return fail("proxy_header");
+        }
+        Err(_) => return fail("proxy_header"),
+    };
+    match tls {
+        None => Box::pin(serve(node, stream, Listener::Main, client)).await,
+        Some(tls) => Box::pin(serve_tls(node, tls, stream, Listener::Main, client)).await,
+    }
+}
+
 fn accept_error_reason(e: &io::Error) -> &'static str {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
@@ -285,16 +341,16 @@ fn accept_error_reason(e: &io::Error) -> &'static str {
 }
 
 /// Serves HTTP/1.1 on one connection, handing upgraded WebSockets to sessions.
-async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener) {
+async fn serve<T: Transport>(node: Arc<Node>, io: T, which: Listener, peer: IpAddr) {
     let svc_node = node.clone();
     let service = service_fn(move |req| {
         let node = svc_node.clone();
-        async move { Ok::<_, Infallible>(route::<T>(node, req, which).await) }
+        async move { Ok::<_, Infallible>(route::<T>(node, req, which, peer).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(node.settings.server.handshake_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(node.settings.server.max_header_bytes)
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -326,6 +382,7 @@ async fn route<T: Transport>(
     node: Arc<Node>,
     req: Request<Incoming>,
     which: Listener,
+    peer: IpAddr,
 ) -> Response<Body> {
     let path = req.uri().path().to_string();
     let exposes_metrics =
@@ -335,12 +392,12 @@ async fn route<T: Transport>(
         "/readyz" => http_api::readyz(&node),
         "/metrics" if exposes_metrics => http_api::metrics(&node),
         _ if which == Listener::Metrics => http_api::not_found(),
-        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub),
+        "/ws" => upgrade::<T>(node, req, WsRoute::PubSub, peer).await,
         p if node.settings.server.page && (p == "/" || p.starts_with("/_pubgate/")) => {
             http_api::page_asset(p, req.method())
         }
         p if node.settings.server.echo_path.as_deref() == Some(p) => {
-            upgrade::<T>(node, req, WsRoute::Echo)
+            upgrade::<T>(node, req, WsRoute::Echo, peer).await
         }
         "/v1/publish" => http_api::publish_batch(&node, req).await,
         p if p.starts_with("/v1/publish/") => {
@@ -368,16 +425,18 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
     let code = match status {
         StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => ErrorCode::Forbidden,
         StatusCode::SERVICE_UNAVAILABLE => ErrorCode::Unavailable,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::RateLimited,
         _ => ErrorCode::BadRequest,
     };
     http_api::error(status, code, message)
 }
 
 /// Checks an upgrade request and, if it passes, answers 101 and starts the session.
-fn upgrade<T: Transport>(
+async fn upgrade<T: Transport>(
     node: Arc<Node>,
     mut req: Request<Incoming>,
     route: WsRoute,
+    peer: IpAddr,
 ) -> Response<Body> {
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut r = refuse(
@@ -412,12 +471,19 @@ fn upgrade<T: Transport>(
         WsRoute::Echo => Route::Echo,
         WsRoute::PubSub => {
             let (parts, body) = req.into_parts();
-            let who = node.access.identify(&parts);
+            let who = node
+                .access
+                .with_fresh_keys(|| node.access.identify(&parts))
+                .await;
             req = Request::from_parts(parts, body);
             match who {
                 Ok(who) => Route::PubSub(who),
                 Err(denied) => {
-                    return refuse(&node, StatusCode::UNAUTHORIZED, "unauthorized", denied.0);
+                    node.metrics
+                        .handshake_failures
+                        .with_label_values(&["unauthorized"])
+                        .inc();
+                    return http_api::unauthorized(&node, &denied);
                 }
             }
         }
@@ -433,6 +499,18 @@ fn upgrade<T: Transport>(
                 StatusCode::BAD_REQUEST,
                 "bad_handshake",
                 &format!("invalid WebSocket handshake: {e}"),
+            );
+        }
+    };
+    let client = per_ip::client_ip(peer, req.headers(), &node.trusted_proxies);
+    let ip_slot = match node.per_ip.claim(client) {
+        Ok(slot) => slot,
+        Err(_) => {
+            return refuse(
+                &node,
+                StatusCode::TOO_MANY_REQUESTS,
+                "max_connections_per_ip",
+                "too many connections from this address",
             );
         }
     };
@@ -467,6 +545,7 @@ fn upgrade<T: Transport>(
                 drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
                 session::run(node, admission, r, w, direct, route).await;
+                drop(ip_slot);
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),
         }

@@ -6,10 +6,11 @@
 //! of its own because frame reads are not cancel-safe.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 
 use crate::auth::Identity;
 use crate::frame::{self, OpCode};
@@ -31,8 +32,23 @@ const ECHO_QUEUE_BYTES: usize = ECHO_MAX_MESSAGE + 64;
 /// How long the reader may take to see the client's close reply after the writer finished.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The close code of a connection whose token expired without a refresh: the client should get a
+/// new token before it reconnects, not retry with the old one.
+pub const TOKEN_EXPIRED: CloseReason = CloseReason {
+    code: 4001,
+    reason: "token expired",
+    discard_queued: false,
+};
+
+/// The close of a connection that kept sending past its message rate limit.
+const RATE_LIMITED: CloseReason = CloseReason {
+    code: 1008,
+    reason: "rate limit exceeded",
+    discard_queued: false,
+};
+
 /// What the connection is for.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Route {
     /// The pub/sub protocol, for a client with this identity.
     PubSub(Identity),
@@ -68,6 +84,17 @@ pub async fn run<R, W>(
         Route::PubSub(_) => node.new_queue(direct),
     };
     let heard = Arc::new(LastHeard::new());
+    // The token's expiry, moved by refreshes; a task of its own closes the connection when it
+    // passes, because the reader sits in a frame read that cannot be cancelled.
+    let (expiry, expiry_rx) = watch::channel(match &route {
+        Route::PubSub(Identity::Token(g)) => Some(g.exp),
+        _ => None,
+    });
+    // Only where tokens exist: an open node's idle connections do not pay for a task each.
+    let expirer = node
+        .access
+        .jwt()
+        .map(|j| tokio::spawn(expire(expiry_rx, queue.clone(), j.leeway(), node.clone())));
     let max_message = match route {
         Route::Echo => ECHO_MAX_MESSAGE,
         Route::PubSub(_) => node.settings.limits.max_message_size,
@@ -85,7 +112,16 @@ pub async fn run<R, W>(
             node.settings.limits.subscribe_rate,
             node.settings.limits.subscribe_burst,
         ),
+        messages: TokenBucket::new(
+            node.settings.limits.message_rate,
+            node.settings.limits.message_burst,
+        ),
+        refusals: TokenBucket::new(
+            (node.settings.limits.message_rate / 10).max(1),
+            node.settings.limits.message_burst,
+        ),
         route,
+        expiry,
     };
     let mut reader = tokio::spawn(reader.run());
     let heartbeat = Heartbeat {
@@ -93,6 +129,9 @@ pub async fn run<R, W>(
         idle_timeout: node.settings.server.idle_timeout,
     };
     let end = writer::run(write, queue.clone(), heard, heartbeat, node.drain.clone()).await;
+    if let Some(expirer) = expirer {
+        expirer.abort();
+    }
     // Fan-out may still hold the queue until the unsubscribes run: stop it writing, and let the
     // socket close now.
     queue.detach();
@@ -114,6 +153,36 @@ pub async fn run<R, W>(
         reader.abort();
     }
     drop(admission);
+}
+
+/// Closes the connection with [`TOKEN_EXPIRED`] once the current expiry (plus the configured
+/// leeway, as at the upgrade) has passed. Ends when the reader drops the sender.
+async fn expire(
+    mut expiry: watch::Receiver<Option<u64>>,
+    queue: Arc<SendQueue>,
+    leeway: Duration,
+    node: Arc<Node>,
+) {
+    loop {
+        let Some(exp) = *expiry.borrow_and_update() else {
+            if expiry.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
+        let deadline = UNIX_EPOCH + Duration::from_secs(exp) + leeway;
+        let left = deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = tokio::time::sleep(left) => {
+                node.metrics.token_expiries.inc();
+                queue.close(TOKEN_EXPIRED);
+                return;
+            }
+            changed = expiry.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// The subscriptions of a connection, each a guard ([`Subscription`]) recorded before the first
@@ -172,7 +241,15 @@ struct Reader<R> {
     heard: Arc<LastHeard>,
     subs: Subscriptions,
     churn: TokenBucket,
+    /// Bounds the messages of the connection (`limits.message_rate`): each costs a parse and
+    /// possibly a publish, and one client must not take the node's time from the others.
+    messages: TokenBucket,
+    /// Bounds the messages refused by `messages`: a client that keeps sending past its limit is
+    /// closed rather than answered with errors forever.
+    refusals: TokenBucket,
     route: Route,
+    /// The expiry of the connection's token, for [`expire`].
+    expiry: watch::Sender<Option<u64>>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -186,17 +263,42 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.queue.room().await;
             let incoming = self.ws.next().await;
             self.heard.touch();
+            if matches!(self.route, Route::PubSub(_))
+                && matches!(incoming, Ok(Incoming::Text(_) | Incoming::Binary(_)))
+                && !self.messages.take()
+            {
+                if self.refusals.take() {
+                    let l = &self.subs.node.settings.limits;
+                    let message = format!(
+                        "at most {} messages per second (bursts of {}); this one was not read",
+                        l.message_rate, l.message_burst
+                    );
+                    self.reply_error(None, ProtocolError::new(ErrorCode::RateLimited, message));
+                    continue;
+                }
+                self.subs.node.metrics.rate_limit_disconnects.inc();
+                self.queue.close(RATE_LIMITED);
+                // Keep reading (and dropping) what the flood already sent: closing a socket with
+                // unread data resets it, and the client would lose the close frame and its code.
+                // The session aborts this after its close linger.
+                loop {
+                    match self.ws.next().await {
+                        Ok(Incoming::Close(_)) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            }
             match incoming {
                 Ok(Incoming::Text(data)) => match self.route {
                     Route::Echo => {
                         self.queue.push(frame::frame(OpCode::Text, &data));
                     }
-                    Route::PubSub(who) => {
+                    Route::PubSub(_) => {
                         // WsReader has validated UTF-8 already.
                         let text = std::str::from_utf8(&data).unwrap_or_default();
                         // Boxed: requests are rare next to idle time, and keeping their state out of
                         // the reader's future keeps every idle connection smaller.
-                        Box::pin(self.handle(who, text)).await;
+                        Box::pin(self.handle(text)).await;
                     }
                 },
                 Ok(Incoming::Binary(data)) => match self.route {
@@ -257,12 +359,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.reply(protocol::error(id, &err));
     }
 
-    async fn handle(&mut self, who: Identity, text: &str) {
+    async fn handle(&mut self, text: &str) {
         let parsed = protocol::parse(text);
         let id = parsed.id;
+        // A cheap clone (an Arc at most): a refresh may replace the identity while it is used.
+        let who = match &self.route {
+            Route::PubSub(who) => who.clone(),
+            Route::Echo => return,
+        };
         let result = match parsed.request {
             Err(e) => Err(e),
-            Ok(request) => self.execute(who, id, request).await,
+            Ok(request) => self.execute(&who, id, request).await,
         };
         if let Err(e) = result {
             self.reply_error(id, e);
@@ -271,7 +378,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     async fn execute(
         &mut self,
-        who: Identity,
+        who: &Identity,
         id: Option<&serde_json::value::RawValue>,
         request: Request<'_>,
     ) -> Result<(), ProtocolError> {
@@ -355,6 +462,62 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 self.reply(protocol::pong(id));
                 Ok(())
             }
+            Request::Refresh { token } => self.refresh(who, id, &token).await,
         }
+    }
+
+    /// Replaces the connection's token. Subscriptions the new token does not allow end first, each
+    /// with an `unsubscribed` frame, then the `ack` carries the new expiry. A token that does not
+    /// verify, or names another `sub`, changes nothing.
+    async fn refresh(
+        &mut self,
+        who: &Identity,
+        id: Option<&serde_json::value::RawValue>,
+        token: &str,
+    ) -> Result<(), ProtocolError> {
+        let node = self.subs.node.clone();
+        let new = node
+            .access
+            .with_fresh_keys(|| node.access.verify_token(token))
+            .await
+            .map_err(|d| {
+                if let Some(e) = &d.token {
+                    node.metrics
+                        .token_rejections
+                        .with_label_values(&[e.label()])
+                        .inc();
+                }
+                ProtocolError::new(ErrorCode::InvalidToken, d.message)
+            })?;
+        let Identity::Token(grant) = &new else {
+            return Err(ProtocolError::new(
+                ErrorCode::Internal,
+                "token without grant",
+            ));
+        };
+        if let Identity::Token(old) = who
+            && old.sub != grant.sub
+        {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                "a refreshed token must have the same sub",
+            ));
+        }
+        let mut i = 0;
+        while i < self.subs.list.len() {
+            if node.access.may_subscribe(&new, self.subs.list[i].topic()) {
+                i += 1;
+                continue;
+            }
+            let sub = self.subs.list.swap_remove(i);
+            let topic = sub.topic().clone();
+            // Left before the frame is queued: nothing of the topic follows it.
+            drop(sub);
+            self.reply(protocol::unsubscribed(&topic, "forbidden"));
+        }
+        self.expiry.send_replace(Some(grant.exp));
+        self.reply(protocol::refresh_ack(id, grant.exp));
+        self.route = Route::PubSub(new);
+        Ok(())
     }
 }

@@ -244,6 +244,8 @@ mod tests {
             max_batch_bytes: 1 << 20,
             subscribe_rate: 50,
             subscribe_burst: 200,
+            message_rate: 1000,
+            message_burst: 5000,
             max_json_depth: 128,
         }
     }

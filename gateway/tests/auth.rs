@@ -1,8 +1,9 @@
-//! Access control of this version: HTTP API keys, and what anonymous WebSocket clients may do.
+//! Access control without JWTs: HTTP API keys (full and scoped), and what anonymous WebSocket
+//! clients may do. JWTs are in jwt.rs.
 
 mod common;
 
-use common::{HttpClient, RawWs, Server, WsClient, tcp_connect};
+use common::{HttpClient, RawWs, Server, TempFile, WsClient, tcp_connect};
 use serde_json::json;
 
 /// Extra request headers of one case.
@@ -152,4 +153,49 @@ async fn api_keys_from_the_environment_are_split_trimmed_and_kept_as_strings() {
         .await;
     assert_eq!(publish_status(&server, None).await, 200);
     server.ws().await.ping_pong(1).await;
+}
+
+#[tokio::test]
+async fn scoped_api_keys_publish_and_read_only_their_topics() {
+    let config = TempFile::new(
+        "scoped.toml",
+        r#"
+[auth]
+api_keys = ["full-key"]
+
+[[auth.scoped_api_keys]]
+key = "scores-key"
+publish = ["scores.>"]
+subscribe = ["scores.*"]
+"#,
+    );
+    let server = Server::builder()
+        .args(["--config", &config.arg()])
+        .start()
+        .await;
+    let mut http = HttpClient::connect(server.addr).await;
+    let scoped: Headers = &[("authorization", "Bearer scores-key")];
+    let full: Headers = &[("authorization", "Bearer full-key")];
+    let cases: [(&str, &str, Headers, u16); 6] = [
+        ("POST", "/v1/publish/scores.nba.live", scoped, 200),
+        ("POST", "/v1/publish/news.today", scoped, 403),
+        ("POST", "/v1/publish/news.today", full, 200),
+        ("GET", "/v1/history/scores.nba", scoped, 200),
+        ("GET", "/v1/history/scores.nba.live", scoped, 403),
+        ("GET", "/v1/history/news.today", full, 200),
+    ];
+    for (method, path, headers, status) in cases {
+        let r = http.request(method, path, headers, "1").await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        if status == 403 {
+            assert_eq!(r.json()["code"], "forbidden", "{method} {path}: {}", r.body);
+        }
+    }
+    let batch = r#"{"messages":[{"topic":"scores.a","data":1},{"topic":"news.b","data":2}]}"#;
+    let r = http.request("POST", "/v1/publish", scoped, batch).await;
+    assert_eq!(
+        r.status, 403,
+        "a batch with a topic outside the key: {}",
+        r.body
+    );
 }

@@ -290,6 +290,10 @@ fn seam_env() -> Vec<(&'static str, String)> {
         ("PUBGATE__HISTORY__SIZE", "500000".to_string()),
         ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "65536".to_string()),
         ("PUBGATE__LIMITS__SEND_QUEUE_BYTES", "67108864".to_string()),
+        // Publishers run at full speed on purpose; the per-connection message rate limit (tested in
+        // client_limits.rs) is not what this measures.
+        ("PUBGATE__LIMITS__MESSAGE_RATE", "10000000".to_string()),
+        ("PUBGATE__LIMITS__MESSAGE_BURST", "10000000".to_string()),
     ]
 }
 

@@ -25,6 +25,7 @@ pub const LIST_KEYS: &[&str] = &[
     "auth.anonymous_subscribe",
     "auth.anonymous_publish",
     "server.allowed_origins",
+    "server.trusted_proxies",
 ];
 
 /// Splits a list value from the environment: on commas, each entry trimmed, empty ones dropped.
