@@ -170,7 +170,18 @@ async fn expire(
             }
             continue;
         };
-        let deadline = UNIX_EPOCH + Duration::from_secs(exp) + leeway;
+        // An `exp` too far out to add to the clock (a signed token may say 2^64 - 1) never comes:
+        // wait for the next refresh instead of overflowing (which killed this task, and with it
+        // every later expiry of the connection).
+        let Some(deadline) = UNIX_EPOCH
+            .checked_add(Duration::from_secs(exp))
+            .and_then(|t| t.checked_add(leeway))
+        else {
+            if expiry.changed().await.is_err() {
+                return;
+            }
+            continue;
+        };
         let left = deadline
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);

@@ -424,6 +424,42 @@ async fn refresh_extends_and_narrows_and_expiry_closes_with_4001() {
     assert_eq!(server.metric("pubgate_token_expiries_total").await, 1.0);
 }
 
+/// A signed token may carry an `exp` too far out to add to the clock (2^64 - 1). That overflowed and
+/// killed the connection's expiry task, so a later refresh to a short token never closed it.
+#[tokio::test]
+async fn an_exp_beyond_the_clock_does_not_disarm_later_expiries() {
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__JWT_SECRET", SECRET)
+        .env("PUBGATE__AUTH__JWT_LEEWAY", "0s")
+        .start()
+        .await;
+    let with_exp = |exp: u64| {
+        let mut c = claims(&[">"], &[]);
+        c["exp"] = json!(exp);
+        hs256(SECRET, None, &c)
+    };
+    let mut c = ws_with_token(&server, &with_exp(now() + 60)).await;
+    let r = c
+        .request(&json!({"op":"refresh","token":with_exp(u64::MAX),"id":1}))
+        .await;
+    assert_eq!(
+        (&r["op"], &r["exp"]),
+        (&json!("ack"), &json!(u64::MAX)),
+        "{r}"
+    );
+    let r = c
+        .request(&json!({"op":"refresh","token":with_exp(now() + 1),"id":2}))
+        .await;
+    assert_eq!(r["op"], "ack", "{r}");
+    let reason = c.expect_close(4001, Duration::from_secs(10)).await;
+    assert_eq!(reason, "token expired");
+    assert!(
+        !server.stderr().contains("panicked"),
+        "{}",
+        server.stderr_tail(20)
+    );
+}
+
 #[tokio::test]
 async fn an_anonymous_node_ignores_tokens_and_a_disallowed_origin_is_refused() {
     let server = Server::builder()
