@@ -73,6 +73,12 @@ impl Denied {
 }
 
 impl Access {
+    /// Whether any credential can be presented to this node (API keys or JWTs): then an anonymous
+    /// request that is refused is told to authenticate (401), not that it may never (403).
+    pub fn takes_credentials(&self) -> bool {
+        !self.api_keys.is_empty() || self.jwt.is_some() || self.jwks.is_some()
+    }
+
     /// Applies the defaults of DESIGN.md: anonymous access to everything while no credential is
     /// configured, none once one is.
     pub fn from_settings(s: &Settings) -> anyhow::Result<Access> {

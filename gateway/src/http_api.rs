@@ -202,8 +202,17 @@ pub fn unauthorized(node: &Node, denied: &Denied) -> Response<Body> {
     )
 }
 
-/// 403 for a topic the caller's credential does not cover.
-fn forbidden(what: &str, topic: &str) -> Response<Body> {
+/// A topic the caller may not use: 403 when its credential does not cover it; 401 for an anonymous
+/// caller on a node that takes credentials (one could cover it), with the same body as any refused
+/// credential.
+fn forbidden(node: &Node, who: &Identity, what: &str, topic: &str) -> Response<Body> {
+    if matches!(who, Identity::Anonymous) && node.access.takes_credentials() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Forbidden,
+            "missing or invalid credentials",
+        );
+    }
     error(
         StatusCode::FORBIDDEN,
         ErrorCode::Forbidden,
@@ -238,7 +247,7 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
         return protocol_error(e);
     }
     if !node.access.may_publish(&who, topic) {
-        return forbidden("publish to", topic);
+        return forbidden(node, &who, "publish to", topic);
     }
     let body = match read_body(
         req,
@@ -349,7 +358,7 @@ pub async fn history(node: &Node, topic: &str, req: Request<Incoming>) -> Respon
         return protocol_error(e);
     }
     if !node.access.may_subscribe(&who, topic) {
-        return forbidden("read", topic);
+        return forbidden(node, &who, "read", topic);
     }
     let query = match history_query(req.uri().query()) {
         Ok(q) => q,
@@ -455,7 +464,7 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
         }
         // Checked for every message before any is published: a batch is refused whole.
         if !node.access.may_publish(&who, &m.topic) {
-            return forbidden(&format!("messages[{i}]: publish to"), &m.topic);
+            return forbidden(node, &who, &format!("messages[{i}]: publish to"), &m.topic);
         }
         if let Err(mut e) = crate::json_depth::check(m.data.get().as_bytes(), limits.max_json_depth)
         {

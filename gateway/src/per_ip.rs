@@ -75,7 +75,7 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[Cidr]) -> I
         .flat_map(|v| v.split(','))
         .collect::<Vec<_>>();
     for entry in entries.iter().rev() {
-        let Ok(ip) = entry.trim().parse::<IpAddr>() else {
+        let Some(ip) = forwarded_ip(entry) else {
             break;
         };
         client = ip;
@@ -84,6 +84,23 @@ pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &[Cidr]) -> I
         }
     }
     client.to_canonical()
+}
+
+/// One `X-Forwarded-For` entry as an address: `1.2.3.4`, `2001:db8::1`, and the forms some proxies
+/// write with a port (`1.2.3.4:5678`, `[2001:db8::1]:443`) or brackets (`[2001:db8::1]`).
+fn forwarded_ip(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
+        .or_else(|| {
+            entry
+                .strip_prefix('[')?
+                .strip_suffix(']')?
+                .parse::<IpAddr>()
+                .ok()
+        })
 }
 
 /// Open WebSocket connections per client address.
@@ -180,6 +197,15 @@ mod tests {
         );
         h.insert("x-forwarded-for", "garbage".parse().unwrap());
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip("10.0.0.1"));
+        // Proxies that write a port, or brackets around IPv6 (Azure Application Gateway does).
+        for (xff, want) in [
+            ("1.2.3.4:5678", "1.2.3.4"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+        ] {
+            h.insert("x-forwarded-for", xff.parse().unwrap());
+            assert_eq!(client_ip(ip("10.0.0.1"), &h, &trusted), ip(want), "{xff}");
+        }
     }
 
     #[test]

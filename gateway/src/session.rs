@@ -394,6 +394,18 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         request: Request<'_>,
     ) -> Result<(), ProtocolError> {
         let node = self.subs.node.clone();
+        // A refresh verifies a signature (tens of µs for RS256/ES256): it shares the subscribe
+        // budget, so no client can spend a core on refreshes while inside the message rate.
+        if matches!(request, Request::Refresh { .. }) && !self.churn.take() {
+            let l = &node.settings.limits;
+            return Err(ProtocolError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "at most {} refreshes, subscribes and unsubscribes per second (bursts of {})",
+                    l.subscribe_rate, l.subscribe_burst
+                ),
+            ));
+        }
         if matches!(
             request,
             Request::Subscribe { .. } | Request::Unsubscribe { .. }

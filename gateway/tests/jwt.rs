@@ -460,6 +460,38 @@ async fn an_exp_beyond_the_clock_does_not_disarm_later_expiries() {
     );
 }
 
+/// A refresh verifies a signature: it shares the subscribe budget, so a client cannot spend a core
+/// on refreshes while staying inside the message rate.
+#[tokio::test]
+async fn refreshes_share_the_subscribe_budget() {
+    let server = Server::builder()
+        .env("PUBGATE__AUTH__JWT_SECRET", SECRET)
+        .env("PUBGATE__LIMITS__SUBSCRIBE_RATE", "1")
+        .env("PUBGATE__LIMITS__SUBSCRIBE_BURST", "3")
+        .start()
+        .await;
+    let token = hs256(SECRET, None, &claims(&[">"], &[]));
+    let mut c = ws_with_token(&server, &token).await;
+    let mut replies = Vec::new();
+    for id in 0..5 {
+        let r = c
+            .request(&json!({"op":"refresh","token":token,"id":id}))
+            .await;
+        replies.push((r["op"].clone(), r["code"].clone()));
+    }
+    assert_eq!(
+        replies[..3],
+        [
+            (json!("ack"), Value::Null),
+            (json!("ack"), Value::Null),
+            (json!("ack"), Value::Null)
+        ]
+    );
+    assert_eq!(replies[3], (json!("error"), json!("rate_limited")));
+    assert_eq!(replies[4], (json!("error"), json!("rate_limited")));
+    c.ping_pong(9).await;
+}
+
 #[tokio::test]
 async fn an_anonymous_node_ignores_tokens_and_a_disallowed_origin_is_refused() {
     let server = Server::builder()
