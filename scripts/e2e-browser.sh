@@ -6,27 +6,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-command -v chromium >/dev/null || need_apt+=(chromium)
-command -v redis-server >/dev/null || need_apt+=(redis-server)
-command -v haproxy >/dev/null || need_apt+=(haproxy)
-command -v node >/dev/null || need_apt+=(nodejs npm)
-if ((${#need_apt[@]})); then
-  echo "e2e-browser: installing ${need_apt[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-  chmod +x /usr/sbin/policy-rc.d
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-  rm -f /usr/sbin/policy-rc.d
-fi
+# shellcheck source=scripts/apt-missing.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt-missing.sh"
+apt_missing e2e-browser chromium:chromium redis-server:redis-server haproxy:haproxy "node:nodejs npm"
 
 echo "== js client unit tests"
 (cd clients/js && node --test test/*.test.js)
 
 echo "== browser end to end"
 (cd clients/js && npm ci --no-audit --no-fund --loglevel=error)
-cargo build -q -p gateway --bin pubgate
+# The build the test run made (features resolved with the tests'), not a second one.
+cargo test -q --workspace --all-targets --no-run
 mkdir -p target/e2e
 PUBGATE_BIN="$PWD/target/debug/pubgate" E2E_OUT="$PWD/target/e2e" CHROMIUM=/usr/bin/chromium \
   timeout 180 node clients/js/e2e/browser.mjs

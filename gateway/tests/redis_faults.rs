@@ -160,6 +160,26 @@ async fn a_restart_without_data_is_a_gap_then_a_fresh_stream() {
     assert_eq!(node.metric("pubgate_broker_gaps_total").await, Some(1.0));
 }
 
+/// A node on Redis as its own ACL user `nodea`, ready, so a test can cut it off alone.
+async fn node_as_own_user(redis: &Redis) -> Node {
+    redis.cli(&["ACL", "SETUSER", "nodea", "on", ">pa", "~*", "&*", "+@all"]);
+    let url = format!("redis://nodea:pa@127.0.0.1:{}", redis.port);
+    let node = Node::redis("redis", &url, &[]).await;
+    node.wait_ready(READY).await;
+    node
+}
+
+/// Cuts `node` (see [`node_as_own_user`]) off from Redis: its user may not log in, its connections
+/// are killed; returns once the node noticed. `ACL SETUSER nodea on` lets it back.
+async fn cut_off(redis: &Redis, node: &Node) {
+    redis.cli(&["ACL", "SETUSER", "nodea", "off"]);
+    redis.cli(&["CLIENT", "KILL", "USER", "nodea"]);
+    assert!(
+        eventually(Duration::from_secs(10), async || !node.is_ready().await).await,
+        "the node notices the outage"
+    );
+}
+
 /// Node A is cut off from Redis (its ACL user disabled and its connections killed) while node B
 /// keeps publishing. When A may connect again, its first commands run into connections that died
 /// during the outage; the gap fill retries until history answers, and A's client gets exactly
@@ -168,20 +188,12 @@ async fn a_restart_without_data_is_a_gap_then_a_fresh_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_fill_retries_until_history_answers() {
     let redis = Redis::start();
-    redis.cli(&["ACL", "SETUSER", "nodea", "on", ">pa", "~*", "&*", "+@all"]);
-    let url = format!("redis://nodea:pa@127.0.0.1:{}", redis.port);
-    let a = Node::redis("redis", &url, &[]).await;
-    a.wait_ready(READY).await;
+    let a = node_as_own_user(&redis).await;
     let b = redis_node(&redis, &[]).await;
     let topic = "outage.fill";
     let (mut ws, _) = live_client(&a, &b, topic, 3).await;
 
-    redis.cli(&["ACL", "SETUSER", "nodea", "off"]);
-    redis.cli(&["CLIENT", "KILL", "USER", "nodea"]);
-    assert!(
-        eventually(Duration::from_secs(10), async || !a.is_ready().await).await,
-        "A notices the outage"
-    );
+    cut_off(&redis, &a).await;
     for i in 4..=40 {
         assert_eq!(publish(&b, topic, &json!({ "n": i }).to_string()).await, i);
     }
@@ -458,16 +470,11 @@ async fn a_raw_publish_nested_too_deep_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_larger_than_half_a_send_queue_is_resumed_by_the_clients() {
     let redis = Redis::start();
-    redis.cli(&["ACL", "SETUSER", "nodea", "on", ">pa", "~*", "&*", "+@all"]);
-    let url = format!("redis://nodea:pa@127.0.0.1:{}", redis.port);
-    let a = Node::redis("redis", &url, &[]).await;
-    a.wait_ready(READY).await;
+    let a = node_as_own_user(&redis).await;
     let b = redis_node(&redis, &[]).await;
     let topic = "outage.big";
     let (mut ws, epoch) = live_client(&a, &b, topic, 3).await;
-    redis.cli(&["ACL", "SETUSER", "nodea", "off"]);
-    redis.cli(&["CLIENT", "KILL", "USER", "nodea"]);
-    assert!(eventually(Duration::from_secs(10), async || !a.is_ready().await).await);
+    cut_off(&redis, &a).await;
     let batch: Vec<Value> = (4..=603u64)
         .map(|i| json!({"topic": topic, "data": {"n": i}}))
         .collect();

@@ -80,7 +80,10 @@ impl Backlog {
 
     /// Takes the channels that lost messages since the last call.
     fn take_dropped(&self) -> Option<HashMap<Vec<u8>, bool>> {
-        if !self.overflowed.swap(false, Ordering::Acquire) {
+        // Checked on every message: a plain load in the common case, the swap only after a drop.
+        if !self.overflowed.load(Ordering::Relaxed)
+            || !self.overflowed.swap(false, Ordering::Acquire)
+        {
             return None;
         }
         Some(std::mem::take(&mut *lock(&self.dropped)))
@@ -99,13 +102,14 @@ struct PushRoute {
 impl PushRoute {
     /// Routes one push; called on the connection's own task, so it never waits.
     fn route(&self, generation: u64, info: PushInfo) -> Result<(), ()> {
-        let is_message = matches!(info.kind, PushKind::Message | PushKind::SMessage);
-        let is_canary = is_message
-            && message_parts_ref(&info.data).is_some_and(|(c, _)| c == &*self.canary_channel);
-        if !is_message || is_canary {
-            return self.control.send((generation, info)).map_err(|_| ());
-        }
-        let size = message_parts_ref(&info.data).map_or(0, |(_, p)| p.len());
+        let parts = matches!(info.kind, PushKind::Message | PushKind::SMessage)
+            .then(|| message_parts_ref(&info.data))
+            .flatten();
+        let size = match parts {
+            Some((channel, payload)) if channel != &*self.canary_channel => payload.len(),
+            // Control pushes and canaries never wait behind messages.
+            _ => return self.control.send((generation, info)).map_err(|_| ()),
+        };
         let before = self.backlog.bytes.fetch_add(size, Ordering::AcqRel);
         if before + size > self.backlog.max_bytes {
             self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
