@@ -69,6 +69,10 @@ pub struct Metrics {
     pub gaps_signalled: IntCounter,
     /// Topics the node holds a broker subscription for, cooling down ones included.
     pub broker_topics: IntGauge,
+    /// Wildcard patterns with at least one local subscriber.
+    pub wildcards: IntGauge,
+    /// Messages that arrived on the broker's subscription connection.
+    pub broker_received: IntCounter,
     /// Messages from the broker dropped before fan-out (once per message), by reason.
     pub broker_dropped: IntCounterVec,
 }
@@ -231,6 +235,16 @@ impl Metrics {
                 "broker_topics",
                 "Topics the node is subscribed to in the broker, including those cooling down.",
             ),
+            wildcards: gauge(
+                r,
+                "wildcards",
+                "Wildcard patterns (scores.*, scores.>) with at least one local subscriber.",
+            ),
+            broker_received: counter(
+                r,
+                "broker_messages_received_total",
+                "Messages that arrived on the Redis subscription connection, before any check.",
+            ),
             broker_dropped: {
                 let v = counter_vec(
                     r,
@@ -304,6 +318,10 @@ impl BrokerObserver for Metrics {
 
     fn rejected(&self, reason: &'static str) {
         self.broker_rejected.with_label_values(&[reason]).inc();
+    }
+
+    fn received(&self) {
+        self.broker_received.inc();
     }
 
     fn backlog(&self, messages: usize, bytes: usize) {

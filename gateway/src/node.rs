@@ -46,6 +46,12 @@ pub struct Node {
 
 /// Turns a broker failure into the protocol error clients see.
 pub(crate) fn broker_error(e: BrokerError) -> ProtocolError {
+    if let BrokerError::Unsupported(what) = e {
+        return ProtocolError::new(
+            ErrorCode::Unsupported,
+            format!("this node's broker does not support {what}"),
+        );
+    }
     tracing::warn!(error = %e, "broker operation failed");
     ProtocolError::new(ErrorCode::BrokerUnavailable, e.to_string())
 }

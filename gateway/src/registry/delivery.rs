@@ -29,6 +29,9 @@ pub(super) enum SubState {
     Pending(Pending),
     /// Acknowledged (and replayed): messages after the cursor are delivered.
     Live(Cursor),
+    /// A wildcard subscriber, acknowledged: every message of its topics is delivered (see
+    /// [`super::wildcard`]).
+    Wild,
 }
 
 /// What a pending subscriber holds back.
@@ -270,48 +273,16 @@ impl MessageSink for Registry {
             return;
         }
         let started = Instant::now();
-        let mut shard = self.shard(&message.topic);
-        let Some(entry) = shard.get_mut(&*message.topic) else {
-            return;
+        // Encoded once for the node, when the first subscriber needs it.
+        let mut encoded: Option<Bytes> = None;
+        let mut frame = || {
+            encoded
+                .get_or_insert_with(|| protocol::message(&message))
+                .clone()
         };
-        if entry.subs.is_empty() {
-            // Cooling down.
-            return;
-        }
-        let frame = protocol::message(&message);
-        let position = message.position.as_ref();
-        // Every live subscriber that needs one gets the same gap frame: encoded once.
-        let mut gap_frame = None;
-        let mut delivered = 0u64;
         let mut flushes = Flushes::new();
-        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
-        for sub in &mut entry.subs {
-            match &mut sub.state {
-                SubState::Live(cursor) => {
-                    let step = cursor.step(position);
-                    if step == Step::GapThenDeliver
-                        && let Some(p) = position
-                    {
-                        let gap = gap_frame
-                            .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
-                        self.push_gap(&mut flushes, &sub.queue, gap.clone());
-                    }
-                    if step != Step::Skip && self.push(&mut flushes, &sub.queue, frame.clone()) {
-                        delivered += 1;
-                    }
-                }
-                SubState::Pending(pending) => pending.hold(
-                    Held {
-                        position: message.position.clone(),
-                        frame: frame.clone(),
-                        gap: false,
-                    },
-                    max_frames,
-                    max_bytes,
-                ),
-            }
-        }
-        drop(shard);
+        let mut delivered = self.deliver_exact(&mut flushes, &message, &mut frame);
+        delivered += self.deliver_wild(&mut flushes, &message.topic, &mut frame);
         // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
         // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
         flushes.spawn();
@@ -322,32 +293,82 @@ impl MessageSink for Registry {
     }
 
     fn gap(&self, topic: &str, resume: &Position) {
-        let mut shard = self.shard(topic);
-        let Some(entry) = shard.get_mut(topic) else {
-            return;
-        };
         let frame = protocol::gap(topic, resume);
         let mut flushes = Flushes::new();
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        let mut shard = self.shard(topic);
+        if let Some(entry) = shard.get_mut(topic) {
+            for sub in &mut entry.subs {
+                match &mut sub.state {
+                    SubState::Live(cursor) => {
+                        if cursor.gap(resume, true) {
+                            self.push_gap(&mut flushes, &sub.queue, frame.clone());
+                        }
+                    }
+                    SubState::Pending(pending) => pending.hold(
+                        Held {
+                            position: Some(resume.clone()),
+                            frame: frame.clone(),
+                            gap: true,
+                        },
+                        max_frames,
+                        max_bytes,
+                    ),
+                    SubState::Wild => {}
+                }
+            }
+        }
+        drop(shard);
+        self.gap_wild(&mut flushes, topic, resume);
+        flushes.spawn();
+    }
+}
+
+impl Registry {
+    /// Queues a message to the subscribers of its own topic. Returns how many got it.
+    fn deliver_exact(
+        &self,
+        flushes: &mut Flushes,
+        message: &Message,
+        frame: &mut dyn FnMut() -> Bytes,
+    ) -> u64 {
+        let mut shard = self.shard(&message.topic);
+        let Some(entry) = shard.get_mut(&*message.topic) else {
+            return 0;
+        };
+        let position = message.position.as_ref();
+        // Every live subscriber that needs one gets the same gap frame: encoded once.
+        let mut gap_frame = None;
+        let mut delivered = 0u64;
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        // An entry without subscribers is cooling down: nothing to do.
         for sub in &mut entry.subs {
             match &mut sub.state {
                 SubState::Live(cursor) => {
-                    if cursor.gap(resume, true) {
-                        self.push_gap(&mut flushes, &sub.queue, frame.clone());
+                    let step = cursor.step(position);
+                    if step == Step::GapThenDeliver
+                        && let Some(p) = position
+                    {
+                        let gap = gap_frame
+                            .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
+                        self.push_gap(flushes, &sub.queue, gap.clone());
+                    }
+                    if step != Step::Skip && self.push(flushes, &sub.queue, frame()) {
+                        delivered += 1;
                     }
                 }
                 SubState::Pending(pending) => pending.hold(
                     Held {
-                        position: Some(resume.clone()),
-                        frame: frame.clone(),
-                        gap: true,
+                        position: message.position.clone(),
+                        frame: frame(),
+                        gap: false,
                     },
                     max_frames,
                     max_bytes,
                 ),
+                SubState::Wild => {}
             }
         }
-        drop(shard);
-        flushes.spawn();
+        delivered
     }
 }

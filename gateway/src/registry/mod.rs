@@ -20,6 +20,7 @@
 
 mod delivery;
 mod topic;
+mod wildcard;
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -75,6 +76,8 @@ pub struct Registry {
     broker: OnceLock<Weak<dyn Broker>>,
     /// Rate-limits the warnings about broker messages that are not deliverable.
     refused: WarnLimiter,
+    /// The wildcard patterns in the table, by literal prefix.
+    wild: wildcard::WildIndex,
 }
 
 /// What [`Registry::try_activate`] did.
@@ -99,6 +102,7 @@ impl Registry {
             limits,
             broker: OnceLock::new(),
             refused: WarnLimiter::default(),
+            wild: Default::default(),
         }
     }
 
