@@ -73,6 +73,12 @@ pub struct Metrics {
     pub wildcards: IntGauge,
     /// Messages that arrived on the broker's subscription connection.
     pub broker_received: IntCounter,
+    /// Messages published, by namespace.
+    pub ns_published: IntCounterVec,
+    /// Messages queued to subscribers, by namespace.
+    pub ns_delivered: IntCounterVec,
+    /// Messages a conflating queue replaced with a newer one, by namespace.
+    pub ns_conflated: IntCounterVec,
     /// Messages from the broker dropped before fan-out (once per message), by reason.
     pub broker_dropped: IntCounterVec,
 }
@@ -244,6 +250,24 @@ impl Metrics {
                 r,
                 "broker_messages_received_total",
                 "Messages that arrived on the Redis subscription connection, before any check.",
+            ),
+            ns_published: counter_vec(
+                r,
+                "namespace_messages_published_total",
+                "Messages published through this node, by namespace.",
+                "namespace",
+            ),
+            ns_delivered: counter_vec(
+                r,
+                "namespace_messages_delivered_total",
+                "Messages queued to subscribers on this node, by namespace.",
+                "namespace",
+            ),
+            ns_conflated: counter_vec(
+                r,
+                "namespace_messages_conflated_total",
+                "Queued messages a slow subscriber skipped because a newer one of the same topic (and key) replaced them, by namespace.",
+                "namespace",
             ),
             broker_dropped: {
                 let v = counter_vec(

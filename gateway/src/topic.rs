@@ -151,6 +151,21 @@ impl Pattern {
         theirs.next().is_none()
     }
 
+    /// Whether some topic matches both patterns.
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        fn go(a: &[Level], b: &[Level]) -> bool {
+            match (a.first(), b.first()) {
+                (None, None) => true,
+                // `>` takes one or more levels: all that the other has left, if it has any.
+                (Some(Level::Rest), Some(_)) | (Some(_), Some(Level::Rest)) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                (Some(Level::Exact(x)), Some(Level::Exact(y))) if x != y => false,
+                (Some(_), Some(_)) => go(&a[1..], &b[1..]),
+            }
+        }
+        go(&self.levels, &other.levels)
+    }
+
     /// Whether `topic` (a valid topic name) matches.
     pub fn matches(&self, topic: &str) -> bool {
         let mut parts = topic.split('.');
@@ -234,6 +249,23 @@ mod tests {
         assert_eq!(p("a.b.*.c"), "a.b");
         assert_eq!(p("*.nba"), "");
         assert_eq!(p(">"), "");
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        let overlaps = |a, b| {
+            let (a, b) = (Pattern::parse(a).unwrap(), Pattern::parse(b).unwrap());
+            assert_eq!(a.overlaps(&b), b.overlaps(&a), "symmetric");
+            a.overlaps(&b)
+        };
+        assert!(overlaps(">", "prices.>"));
+        assert!(overlaps("*.eur", "prices.*"));
+        assert!(overlaps("prices.>", "prices.eur.live"));
+        assert!(overlaps("*.*", "a.b"));
+        assert!(!overlaps("prices.>", "scores.>"));
+        assert!(!overlaps("prices.>", "prices"));
+        assert!(!overlaps("*.*", "a.b.c"));
+        assert!(!overlaps("a.*", "b.*"));
     }
 
     #[test]

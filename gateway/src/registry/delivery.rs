@@ -18,8 +18,9 @@ use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
 use crate::json_depth;
+use crate::namespace::Namespace;
 use crate::protocol;
-use crate::send_queue::{Flushes, SendQueue};
+use crate::send_queue::{Flushes, Policy, SendQueue};
 
 use super::Registry;
 
@@ -180,6 +181,25 @@ fn before(p: &Position) -> Position {
     }
 }
 
+/// How a message is queued to its subscribers: its namespace's slow-consumer policy.
+pub(super) struct How<'a> {
+    pub(super) policy: Policy<'a>,
+    pub(super) ns: &'a Namespace,
+}
+
+impl How<'_> {
+    /// Queues `frame` to one subscriber; whether it is queued.
+    pub(super) fn push(
+        &self,
+        reg: &Registry,
+        flushes: &mut Flushes,
+        queue: &Arc<SendQueue>,
+        frame: Bytes,
+    ) -> bool {
+        reg.push_as(flushes, queue, frame, self.policy, Some(self.ns))
+    }
+}
+
 /// Logs at most one warning per period, counting the ones it kept quiet.
 #[derive(Default)]
 pub(super) struct WarnLimiter {
@@ -244,8 +264,9 @@ impl Registry {
     /// consumer, and one nested deeper than client parsers take would break them. What may not go
     /// is counted (`pubgate_broker_messages_dropped_total{reason}`) and logged, rate-limited.
     pub(super) fn deliverable(&self, message: &Message) -> bool {
-        let (reason, what) = if message.data.len() > self.limits.max_message_size {
-            ("too_large", "larger than limits.max_message_size")
+        let max = self.namespaces.of(&message.topic).max_message_size;
+        let (reason, what) = if message.data.len() > max {
+            ("too_large", "larger than its namespace's max_message_size")
         } else if json_depth::exceeds(&message.data, self.limits.max_json_depth) {
             ("too_deep", "nested deeper than limits.max_json_depth")
         } else {
@@ -280,13 +301,20 @@ impl MessageSink for Registry {
                 .get_or_insert_with(|| protocol::message(&message))
                 .clone()
         };
+        let ns = self.namespaces.of(&message.topic);
+        let mut key = None;
+        let how = How {
+            policy: ns.queue_policy(&message.topic, &message.data, &mut key),
+            ns,
+        };
         let mut flushes = Flushes::new();
-        let mut delivered = self.deliver_exact(&mut flushes, &message, &mut frame);
-        delivered += self.deliver_wild(&mut flushes, &message.topic, &mut frame);
+        let mut delivered = self.deliver_exact(&mut flushes, &message, &how, &mut frame);
+        delivered += self.deliver_wild(&mut flushes, &message.topic, &how, &mut frame);
         // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
         // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
         flushes.spawn();
         self.metrics.delivered.inc_by(delivered);
+        ns.delivered.inc_by(delivered);
         self.metrics
             .fanout_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -330,6 +358,7 @@ impl Registry {
         &self,
         flushes: &mut Flushes,
         message: &Message,
+        how: &How<'_>,
         frame: &mut dyn FnMut() -> Bytes,
     ) -> u64 {
         let mut shard = self.shard(&message.topic);
@@ -353,7 +382,7 @@ impl Registry {
                             .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
                         self.push_gap(flushes, &sub.queue, gap.clone());
                     }
-                    if step != Step::Skip && self.push(flushes, &sub.queue, frame()) {
+                    if step != Step::Skip && how.push(self, flushes, &sub.queue, frame()) {
                         delivered += 1;
                     }
                 }

@@ -23,7 +23,7 @@ use crate::protocol;
 use crate::send_queue::Flushes;
 use crate::topic::Pattern;
 
-use super::delivery::SubState;
+use super::delivery::{How, SubState};
 use super::{Registry, Subscription};
 
 /// Whether a subscription name is a pattern rather than a topic.
@@ -102,6 +102,7 @@ impl Registry {
         &self,
         flushes: &mut Flushes,
         topic: &str,
+        how: &How<'_>,
         frame: &mut dyn FnMut() -> Bytes,
     ) -> u64 {
         let mut delivered = 0;
@@ -111,7 +112,9 @@ impl Registry {
                 continue;
             };
             for sub in &mut entry.subs {
-                if matches!(sub.state, SubState::Wild) && self.push(flushes, &sub.queue, frame()) {
+                if matches!(sub.state, SubState::Wild)
+                    && how.push(self, flushes, &sub.queue, frame())
+                {
                     delivered += 1;
                 }
             }
