@@ -408,3 +408,17 @@ fn env_plain_keys_still_take_their_types_and_name_their_key() {
         .to_string();
     assert!(e.contains("limits.max_subscriptions"), "{e}");
 }
+
+#[test]
+fn example_namespace_loads_when_uncommented() {
+    let example = include_str!("../../../deploy/pubgate.example.toml");
+    let start = example.find("# [[namespaces]]").expect("example namespace");
+    let (head, tail) = example.split_at(start);
+    let uncommented: Vec<&str> = tail
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect();
+    let s = load_toml(&format!("{head}{}", uncommented.join("\n"))).unwrap();
+    assert_eq!(s.namespaces.len(), 1);
+    assert_eq!(s.namespaces[0].slow_consumer, Some(NamespacePolicy::Conflate));
+}
