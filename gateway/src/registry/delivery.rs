@@ -264,9 +264,9 @@ impl Registry {
     /// consumer, and one nested deeper than client parsers take would break them. What may not go
     /// is counted (`pubgate_broker_messages_dropped_total{reason}`) and logged, rate-limited.
     pub(super) fn deliverable(&self, message: &Message) -> bool {
-        let max = self.namespaces.of(&message.topic).max_message_size;
-        let (reason, what) = if message.data.len() > max {
-            ("too_large", "larger than its namespace's max_message_size")
+        let ns = self.namespaces.of(&message.topic);
+        let (reason, what) = if message.data.len() > ns.max_message_size {
+            ("too_large", "larger than limits.max_message_size (or its namespace's)")
         } else if json_depth::exceeds(&message.data, self.limits.max_json_depth) {
             ("too_deep", "nested deeper than limits.max_json_depth")
         } else {
@@ -280,6 +280,7 @@ impl Registry {
             tracing::warn!(
                 topic = %message.topic,
                 bytes = message.data.len(),
+                namespace = %ns.name,
                 suppressed,
                 "message from the broker {what} dropped"
             );
