@@ -420,5 +420,8 @@ fn example_namespace_loads_when_uncommented() {
         .collect();
     let s = load_toml(&format!("{head}{}", uncommented.join("\n"))).unwrap();
     assert_eq!(s.namespaces.len(), 1);
-    assert_eq!(s.namespaces[0].slow_consumer, Some(NamespacePolicy::Conflate));
+    assert_eq!(
+        s.namespaces[0].slow_consumer,
+        Some(NamespacePolicy::Conflate)
+    );
 }

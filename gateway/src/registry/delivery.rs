@@ -244,17 +244,16 @@ impl Registry {
                 }
                 continue;
             }
-            match cursor.step(h.position.as_ref()) {
-                Step::Skip => {}
-                Step::Deliver => {
-                    self.push(flushes, queue, h.frame);
-                }
-                Step::GapThenDeliver => {
-                    if let Some(p) = &h.position {
-                        self.push_gap(flushes, queue, protocol::gap(topic, &before(p)));
-                    }
-                    self.push(flushes, queue, h.frame);
-                }
+            let step = cursor.step(h.position.as_ref());
+            if step == Step::GapThenDeliver
+                && let Some(p) = &h.position
+            {
+                self.push_gap(flushes, queue, protocol::gap(topic, &before(p)));
+            }
+            // Held back, then delivered: counted now, as live messages are when queued.
+            if step != Step::Skip && self.push(flushes, queue, h.frame) {
+                self.metrics.delivered.inc();
+                self.namespaces.of(topic).delivered.inc();
             }
         }
     }
@@ -266,7 +265,10 @@ impl Registry {
     pub(super) fn deliverable(&self, message: &Message) -> bool {
         let ns = self.namespaces.of(&message.topic);
         let (reason, what) = if message.data.len() > ns.max_message_size {
-            ("too_large", "larger than limits.max_message_size (or its namespace's)")
+            (
+                "too_large",
+                "larger than limits.max_message_size (or its namespace's)",
+            )
         } else if json_depth::exceeds(&message.data, self.limits.max_json_depth) {
             ("too_deep", "nested deeper than limits.max_json_depth")
         } else {
