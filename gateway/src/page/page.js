@@ -8,10 +8,14 @@ const token = params.get('token') || undefined;
 const MAX_ROWS = 500;
 
 const $ = (id) => document.getElementById(id);
-const client = connect(wsUrl, { share, token, drainSpread: Number(params.get('drainSpread') || 2000) });
+// Options a URL can set, for demos and the browser tests: ?share=1&persist=session&backoffBase=…
+const options = { share, token, drainSpread: Number(params.get('drainSpread') || 2000) };
+if (params.get('persist') === 'session') options.persist = 'session';
+for (const k of ['backoffBase', 'backoffMax']) if (Number(params.get(k)) > 0) options[k] = Number(params.get(k));
+const client = connect(wsUrl, options);
 const streams = new Map(); // topic -> {el, list, count, times: [], rateEl, countEl}
 // For tests and the curious: what arrived, per topic (offsets), and the client.
-const page = (window.pubgatePage = { client, received: {}, shared: !!client.shared, events: [] });
+const page = (window.pubgatePage = { client, received: {}, acks: {}, shared: !!client.shared, events: [] });
 
 $('endpoint').textContent = wsUrl + (client.shared ? ' · shared by all tabs' : '');
 $('curl-example').textContent = `curl -d '{"home":3}' ${location.origin}/v1/publish/scores.nba`;
@@ -106,6 +110,8 @@ async function subscribe(topic) {
         s.times.push(performance.now());
         s.countEl.textContent = s.count;
         page.received[topic].push(msg.offset);
+        // A test that reloads the page watches deliveries from outside it (Playwright's exposeFunction).
+        if (typeof window.pubgateObserve === 'function') window.pubgateObserve(topic, msg.offset);
         row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', JSON.stringify(data)]]);
       },
       onGap(g) {
@@ -115,6 +121,7 @@ async function subscribe(topic) {
         row(s.list, 'note', [['data', `history could not cover the outage: continuing live from offset ${info.offset}`]]);
       },
     });
+    page.acks[topic] = ack;
     row(s.list, 'note info', [['data', `subscribed at offset ${ack.offset ?? '?'}`]]);
     s.el.dataset.subscribed = 'true';
   } catch (e) {
