@@ -122,6 +122,11 @@ export class PubgateClient extends Emitter {
       }
     }
     this._failPending(new PubgateError('closed', 'client closed'), () => true);
+    // A subscribe still waiting for its first ack (the server never answered) ends here too.
+    for (const sub of this._subs.values()) {
+      if (sub.first) sub.first.reject(new PubgateError('closed', 'client closed before the subscribe was acknowledged'));
+      sub.first = null;
+    }
     this.emit('disconnected', { code: 1000, reason: 'client closed', willReconnect: false });
   }
 

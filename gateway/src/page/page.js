@@ -6,6 +6,7 @@ const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.h
 const share = params.get('share') === '1';
 const token = params.get('token') || undefined;
 const MAX_ROWS = 500;
+const MAX_SHOWN = 600;
 
 const $ = (id) => document.getElementById(id);
 // Options a URL can set, for demos and the browser tests: ?share=1&persist=session&backoffBase=…
@@ -45,6 +46,12 @@ if (client.state === 'open') setStatus('open', 'connected');
 function time() {
   const d = new Date();
   return d.toTimeString().slice(0, 8) + '.' + String(d.getMilliseconds()).padStart(3, '0').slice(0, 1);
+}
+
+/** A message's data as one line of the stream: long ones cut (a 64 KiB message would fill the screen). */
+function shown(data) {
+  const text = JSON.stringify(data);
+  return text.length > MAX_SHOWN ? text.slice(0, MAX_SHOWN) + ` … (${text.length} characters)` : text;
 }
 
 function row(list, cls, parts) {
@@ -112,7 +119,7 @@ async function subscribe(topic) {
         page.received[topic].push(msg.offset);
         // A test that reloads the page watches deliveries from outside it (Playwright's exposeFunction).
         if (typeof window.pubgateObserve === 'function') window.pubgateObserve(topic, msg.offset);
-        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', JSON.stringify(data)]]);
+        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', shown(data)]]);
       },
       onGap(g) {
         row(s.list, 'note', [['data', `gap signalled at offset ${g.offset}: asking history to fill it`]]);
