@@ -97,12 +97,23 @@ class SharedClient extends Emitter {
    */
   _workerGone() {
     if (this._state === 'closed') return;
-    for (const c of this._calls.values()) c.reject(new PubgateError('disconnected', 'the shared worker went away'));
-    this._calls.clear();
     this._state = 'waiting';
     this.emit('disconnected', { code: 1006, reason: 'shared worker gone', willReconnect: true, delay: 0 });
     this._start();
+    // Subscribes still waiting go to the new worker (same id, same promise); other calls may or may
+    // not have been done, like a publish on a connection that closed: they fail.
+    const waiting = new Set();
+    for (const [id, call] of this._calls) {
+      if (call.t === 'subscribe') {
+        waiting.add(call.args.topic);
+        this._port.postMessage({ t: 'subscribe', id, ...call.args });
+      } else {
+        this._calls.delete(id);
+        call.reject(new PubgateError('disconnected', 'the shared worker went away'));
+      }
+    }
     for (const topic of this._handlers.keys()) {
+      if (waiting.has(topic)) continue;
       const since = this._positions.get(topic) || null;
       this._call('subscribe', { topic, since }).then(
         (ack) => {
@@ -132,7 +143,7 @@ class SharedClient extends Emitter {
     if (this._state === 'closed') return Promise.reject(new PubgateError('closed', 'client closed'));
     const id = this._nextId++;
     return new Promise((resolve, reject) => {
-      this._calls.set(id, { resolve, reject });
+      this._calls.set(id, { resolve, reject, t, args });
       this._port.postMessage({ t, id, ...args });
     });
   }
