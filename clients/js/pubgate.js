@@ -192,6 +192,10 @@ export class PubgateClient extends Emitter {
   }
 
   async _currentToken() {
+    // A token that expired while the client waited (a laptop asleep, a long outage) would only be
+    // refused: fetch a fresh one instead.
+    const exp = tokenExpiry(this._token);
+    if (exp !== null && exp <= this._now() + 1000) this._tokenStale = true;
     if (this._getToken && (this._token === null || this._tokenStale)) {
       this._token = await fetchToken(this._getToken, this.opts.tokenTimeout, this._setTimeout, this._clearTimeout);
       this._tokenStale = false;
@@ -274,6 +278,9 @@ export class PubgateClient extends Emitter {
     this._failPending(new PubgateError('disconnected', 'connection closed before the reply'), (p) => p.internal);
     if (this._state === 'closed') return;
     if (wasOpen && this._now() - this._openedAt >= this.opts.stableAfter) this._attempt = 0;
+    // A browser cannot see why a handshake failed: a 401 for a revoked or rotated token looks like a
+    // network error. With a callback, the next attempt asks for a new token rather than repeat this one.
+    if (!wasOpen && this._getToken) this._tokenStale = true;
     const code = ev && ev.code;
     let delay = backoffDelay(this._attempt++, this.opts.backoffBase, this.opts.backoffMax, this._random);
     if (code === CLOSE_AUTH) {

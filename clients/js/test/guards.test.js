@@ -179,3 +179,27 @@ test("persist: 'session' keeps each topic's position, resumes a new client from 
   storage.setItem('pubgate:ws://gw/ws:t', '{"epoch":5,"offset":-1}');
   assert.equal(new PositionStore(storage, 'ws://gw/ws').load('t'), null, 'a tampered entry is ignored');
 });
+
+test('a token that expired while waiting, or one whose handshake failed, is fetched anew before the next attempt', async () => {
+  let calls = 0;
+  const ctx = setup({ token: () => jwt({ n: ++calls, exp: Math.floor(ctx.clock.now / 1000) + 60 }), backoffBase: 100, backoffMax: 100 });
+  ctx.client.connect();
+  await flush();
+  ctx.sockets[0].open();
+  ctx.sockets[0].serverClose(1006); // was open, token valid: reused
+  await ctx.clock.advance(100);
+  assert.equal(calls, 1);
+  ctx.sockets[1].serverClose(1006); // never opened (a refused handshake looks like this): a new token
+  await ctx.clock.advance(100);
+  assert.equal(calls, 2);
+  ctx.sockets[2].open();
+  ctx.sockets[2].serverClose(1006);
+  // Asleep for 2 minutes (past exp): the clock jumps and every timer runs late.
+  ctx.clock.now += 120_000;
+  for (const t of ctx.clock.timers.values()) t.at += 120_000;
+  await ctx.clock.advance(100);
+  assert.equal(calls, 3);
+  assert.equal(ctx.sockets.length, 4);
+  assert.notEqual(ctx.sockets[3].url, ctx.sockets[2].url);
+  ctx.client.close();
+});
