@@ -160,3 +160,13 @@ export class PositionStore {
     }
   }
 }
+
+/** sessionStorage for `persist: 'session'` (or `options.storage`); null where there is none or it is forbidden. */
+export function sessionStore(options) {
+  if (options.storage !== undefined) return options.storage;
+  try {
+    return globalThis.sessionStorage || null;
+  } catch {
+    return null;
+  }
+}

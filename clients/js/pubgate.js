@@ -15,21 +15,12 @@ import {
   isOffset,
   normalizeHandlers,
   refreshDelay,
+  sessionStore,
   tokenExpiry,
 } from './pubgate-util.js';
 
 export { DEFAULTS, CLOSE_AUTH, CLOSE_GOING_AWAY, PubgateError, PositionStore, backoffDelay, refreshDelay, tokenExpiry } from './pubgate-util.js';
 export { connect } from './pubgate-shared.js';
-
-/** sessionStorage for `persist: 'session'` (or `options.storage`); null where there is none or it is forbidden. */
-function sessionStore(options) {
-  if (options.storage !== undefined) return options.storage;
-  try {
-    return globalThis.sessionStorage || null;
-  } catch {
-    return null;
-  }
-}
 
 /**
  * One logical connection to pubgate that survives reconnects. Create it, subscribe, and call

@@ -10,9 +10,15 @@ const MAX_SHOWN = 600;
 
 const $ = (id) => document.getElementById(id);
 // Options a URL can set, for demos and the browser tests: ?share=1&persist=session&backoffBase=…
-const options = { share, token, drainSpread: Number(params.get('drainSpread') || 2000) };
+// Clamped: a crafted link must not turn the page into a reconnect loop (backoffBase=0.000001).
+function num(key, fallback, min, max) {
+  const v = Number(params.get(key));
+  return params.has(key) && Number.isFinite(v) ? Math.min(max, Math.max(min, v)) : fallback;
+}
+const options = { share, token, drainSpread: num('drainSpread', 2000, 0, 60000) };
 if (params.get('persist') === 'session') options.persist = 'session';
-for (const k of ['backoffBase', 'backoffMax']) if (Number(params.get(k)) > 0) options[k] = Number(params.get(k));
+if (params.has('backoffBase')) options.backoffBase = num('backoffBase', 250, 100, 60000);
+if (params.has('backoffMax')) options.backoffMax = num('backoffMax', 15000, options.backoffBase || 250, 300000);
 const client = connect(wsUrl, options);
 const streams = new Map(); // topic -> {el, list, count, times: [], rateEl, countEl}
 // For tests and the curious: what arrived, per topic (offsets), and the client.
