@@ -25,7 +25,9 @@ const streams = new Map(); // topic -> {el, list, count, times: [], rateEl, coun
 const page = (window.pubgatePage = { client, received: {}, acks: {}, shared: !!client.shared, events: [] });
 
 $('endpoint').textContent = wsUrl + (client.shared ? ' · shared by all tabs' : '');
-$('curl-example').textContent = `curl -d '{"home":3}' \\\n  ${location.origin}/v1/publish/scores.nba`;
+// curl takes plain http without the scheme, which keeps the example inside its card.
+const curlTarget = location.protocol === 'http:' ? location.host : location.origin;
+$('curl-example').textContent = `curl -d '{"home":3}' \\\n  ${curlTarget}/v1/publish/scores.nba`;
 
 function setStatus(state, text) {
   const s = $('status');
