@@ -170,18 +170,32 @@ export async function persistScenario(browser, { a, b, log }) {
   const ctx = await browser.newContext();
   try {
     const p = await ctx.newPage();
-    const seen = [];
-    await p.exposeFunction('pubgateObserve', (topic, offset) => topic === 'persist.t' && seen.push(offset));
+    // Each delivery is logged in the tab's own sessionStorage, synchronously, in the handler: a call
+    // out to the test could be lost in the unload itself.
+    await p.addInitScript(() => {
+      window.pubgateObserve = (topic, offset) => {
+        const log = JSON.parse(sessionStorage.getItem('e2e-seen') || '[]');
+        log.push([topic, offset]);
+        sessionStorage.setItem('e2e-seen', JSON.stringify(log));
+      };
+    });
+    const seenNow = async () => {
+      const all = await p.evaluate(() => JSON.parse(sessionStorage.getItem('e2e-seen') || '[]')).catch(() => null);
+      return all && all.filter(([t]) => t === 'persist.t').map(([, o]) => o);
+    };
     await p.goto(`${a.base}/?topics=persist.t&persist=session`);
     await subscribed(p, 'persist.t');
     const first = (await ackOf(p, 'persist.t')).offset;
     const running = publishRun(b.base, 'persist.t', 80, 25);
-    await until('messages before the reload', () => seen.length >= 20);
+    await until('messages before the reload', async () => ((await seenNow()) || []).length >= 20);
     await p.reload();
     await subscribed(p, 'persist.t');
     const last = await running;
-    await until(`all ${last - first} messages across the reload`, () => seen.length >= last - first, 15000);
+    await until(`all ${last - first} messages across the reload`, async () => ((await seenNow()) || []).length >= last - first, 15000).catch(async (e) => {
+      throw new Error(`${e.message}: got ${JSON.stringify(await seenNow())}`);
+    });
     await sleep(300);
+    const seen = await seenNow();
     checkExactlyOnce('persist across reload', seen, last, first + 1);
     const resumed = await p.locator('.stream[data-topic="persist.t"] .messages li.note', { hasText: 'resumed after offset' }).count();
     if (resumed !== 1) throw new Error(`the reloaded page did not say it resumed (${resumed})`);
