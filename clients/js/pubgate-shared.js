@@ -150,6 +150,9 @@ class SharedClient extends Emitter {
 
   /** As `PubgateClient.subscribe`; `options.since` resumes from a known position, from the worker's recent messages when another tab already has the topic. */
   subscribe(topic, handlers, options = {}) {
+    if (/[*>]/.test(topic)) {
+      return Promise.reject(new PubgateError('unsupported', 'wildcard subscriptions are not shared between tabs yet: use a PubgateClient of its own'));
+    }
     if (this._handlers.has(topic)) return Promise.reject(new PubgateError('already_subscribed', `already subscribed to ${topic}`));
     this._handlers.set(topic, normalizeHandlers(handlers));
     const since = options.since ? { epoch: String(options.since.epoch), offset: Number(options.since.offset) } : null;

@@ -170,3 +170,47 @@ export function sessionStore(options) {
     return null;
   }
 }
+
+/** Whether `topic` is a wildcard pattern (`scores.*`, `scores.>`) rather than one topic. */
+export function isWildcard(topic) {
+  return /[*>]/.test(topic);
+}
+
+/** Whether the wildcard `pattern` matches the concrete `topic` (`*` one level, a last `>` one or more). */
+export function patternMatches(pattern, topic) {
+  const p = pattern.split('.');
+  const t = topic.split('.');
+  for (let i = 0; i < p.length; i++) {
+    if (p[i] === '>') return i === p.length - 1 && t.length > i;
+    if (i >= t.length) return false;
+    if (p[i] !== '*' && p[i] !== t[i]) return false;
+  }
+  return t.length === p.length;
+}
+
+/**
+ * Delivers message `m` to every wildcard subscription in `subs` whose pattern matches its topic, each
+ * `(topic, epoch, offset)` once (`seen` keeps each concrete topic's last). `call(sub, name, arg, msg)`
+ * runs a handler.
+ */
+export function deliverToWildcards(subs, m, call) {
+  for (const sub of subs) {
+    if (!sub.wild || sub.resyncing || !patternMatches(sub.topic, m.topic)) continue;
+    if (isOffset(m.offset) && m.offset > 0) {
+      const last = sub.seen.get(m.topic);
+      const epoch = typeof m.epoch === 'string' ? m.epoch : last ? last.epoch : null;
+      if (last && epoch === last.epoch && m.offset <= last.offset) continue; // never twice
+      sub.seen.set(m.topic, { epoch, offset: m.offset });
+    }
+    call(sub, 'onMessage', m.data, m);
+  }
+}
+
+/** Tells every wildcard subscription whose pattern matches gap frame `g`'s topic (it cannot resume one topic). */
+export function gapToWildcards(subs, g, call) {
+  for (const sub of subs) {
+    if (!sub.wild || sub.resyncing || typeof g.topic !== 'string' || !patternMatches(sub.topic, g.topic)) continue;
+    sub.seen.set(g.topic, { epoch: g.epoch, offset: g.offset });
+    call(sub, 'onGap', { topic: g.topic, epoch: g.epoch, offset: g.offset, last: null });
+  }
+}

@@ -19,8 +19,9 @@ export interface Message<T = unknown> {
 
 export interface SubscribeAck {
   topic: string;
-  epoch: string | null;
-  offset: number | null;
+  /** Absent for a wildcard subscription (`scores.*`, `scores.>`), which has no position of its own. */
+  epoch?: string | null;
+  offset?: number | null;
   recovered?: boolean;
 }
 
@@ -128,6 +129,11 @@ export interface ClientEvents {
 
 export interface Client {
   readonly state: ClientState;
+  /**
+   * `topic` may be a wildcard (`scores.*` one level, `scores.>` the rest): its handlers get every matching
+   * topic's messages (each `(topic, offset)` once) from each ack on; it resumes live after a reconnect,
+   * without `since` (docs/topics.md). Wildcards are refused in shared mode.
+   */
   subscribe<T = unknown>(topic: string, handlers: TopicHandlers<T> | ((data: T, message: Message<T>) => void), options?: { since?: Position }): Promise<SubscribeAck>;
   unsubscribe(topic: string): Promise<void>;
   publish(topic: string, data: unknown): Promise<Position>;

@@ -12,7 +12,10 @@ import {
   PubgateError,
   backoffDelay,
   fetchToken,
+  deliverToWildcards,
+  gapToWildcards,
   isOffset,
+  isWildcard,
   normalizeHandlers,
   refreshDelay,
   sessionStore,
@@ -129,9 +132,13 @@ export class PubgateClient extends Emitter {
   subscribe(topic, handlers, options = {}) {
     if (this._subs.has(topic)) return Promise.reject(new PubgateError('already_subscribed', `already subscribed to ${topic}`));
     // With `persist: 'session'` a topic this page had before a reload resumes where it left off.
-    const since = options.since || this._store.load(topic);
+    // A wildcard has no position of its own (docs/topics.md): it goes on live from each ack.
+    const wild = isWildcard(topic);
+    const since = wild ? null : options.since || this._store.load(topic);
     const sub = {
       topic,
+      wild, // a wildcard: `seen` holds each concrete topic's last (epoch, offset), for dedupe
+      seen: wild ? new Map() : null,
       handlers: normalizeHandlers(handlers),
       epoch: since ? String(since.epoch) : null,
       offset: since ? Number(since.offset) : null,
@@ -449,6 +456,14 @@ export class PubgateClient extends Emitter {
   }
 
   _onSubscribeAck(sub, ack, since) {
+    if (sub.wild) {
+      sub.inflight = false;
+      sub.active = true;
+      sub.resyncing = false;
+      if (sub.first) sub.first.resolve({ topic: sub.topic });
+      sub.first = null;
+      return;
+    }
     if (typeof ack.epoch !== 'string' || !isOffset(ack.offset)) {
       this._abandon(new PubgateError('bad_frame', `subscribe ack for ${sub.topic} without a valid epoch and offset`));
       return;
@@ -533,6 +548,8 @@ export class PubgateClient extends Emitter {
   }
 
   _onMessage(m) {
+    if (typeof m.topic !== 'string') return;
+    deliverToWildcards(this._subs.values(), m, (...a) => this._call(...a));
     const sub = this._subs.get(m.topic);
     if (!sub || sub.resyncing) return;
     if (m.offset === undefined) {
@@ -579,6 +596,7 @@ export class PubgateClient extends Emitter {
   }
 
   _onGap(g) {
+    gapToWildcards(this._subs.values(), g, (...a) => this._call(...a));
     const sub = this._subs.get(g.topic);
     if (!sub || sub.resyncing) return;
     this._call(sub, 'onGap', { topic: g.topic, epoch: g.epoch, offset: g.offset, last: this.position(g.topic) });
