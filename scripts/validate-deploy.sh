@@ -55,6 +55,7 @@ cleanup() {
   for pid in $started_pids; do
     kill -KILL "$pid" 2>/dev/null || true
   done
+  rm -rf "$out/replay-cache"   # the replayed build's target directory (hundreds of MB)
 }
 trap cleanup EXIT
 
@@ -204,24 +205,64 @@ print(f"  the chart's PrometheusRule has the same {len(names[0])} alerts and pas
 PY
 }
 
+# pubgate reads its config, environment and key files only at start (TLS certificates are the one
+# thing it reloads), so every change to what the chart renders for it must change the pod template
+# (and roll the pods), and a change that does not concern the pods must not. Each case renders the
+# Deployment twice, with BASE then BASE plus CHANGE, and compares the pod templates.
+check_rollout_triggers() {
+  local chart="$1" dir="$2"
+  mkdir -p "$dir"
+  local cases=(
+    "rolls|config change|--set config.history.size=999"
+    "rolls|inline API key change|--set auth.apiKeys={a}|--set auth.apiKeys={b}"
+    "rolls|inline JWT secret change|--set auth.jwtSecret=one|--set auth.jwtSecret=two"
+    "rolls|broker URL change|--set redis.enabled=false,broker.url=redis://a:6379|--set redis.enabled=false,broker.url=redis://b:6379"
+    "rolls|rolloutToken after rotating an existingSecret|--set auth.existingSecret.name=creds|--set auth.existingSecret.name=creds,rolloutToken=2"
+    "keeps|replica count change|--set replicaCount=4"
+    "keeps|Service annotation change|--set service.annotations.a=b"
+  )
+  local c rc=0 i=0
+  for c in "${cases[@]}"; do
+    local want label base change
+    IFS='|' read -r want label base change <<<"$c"
+    [[ -n "$change" ]] || { change="$base"; base=""; }
+    i=$((i + 1))
+    # shellcheck disable=SC2086 # word splitting of the --set arguments is intended
+    "$helm" template pubgate "$chart" --kube-version "$kube_version" $base \
+      --show-only templates/deployment.yaml >"$dir/$i.a.yaml" 2>&1 || { cat "$dir/$i.a.yaml"; rc=1; continue; }
+    # shellcheck disable=SC2086
+    "$helm" template pubgate "$chart" --kube-version "$kube_version" $change \
+      --show-only templates/deployment.yaml >"$dir/$i.b.yaml" 2>&1 || { cat "$dir/$i.b.yaml"; rc=1; continue; }
+    "$py" - "$dir/$i.a.yaml" "$dir/$i.b.yaml" "$want" "$label" <<'PY' || rc=1
+import sys, yaml
+a, b = (yaml.safe_load(open(f))["spec"]["template"] for f in sys.argv[1:3])
+want, label = sys.argv[3], sys.argv[4]
+if want == "rolls" and a == b:
+    sys.exit(f"{label}: the pod template does not change, so running pods would keep the old setting")
+if want == "keeps" and a != b:
+    sys.exit(f"{label}: the pod template changes, which would restart every pod for nothing")
+print(f"  {label}: the pod template {'changes (pods roll)' if want == 'rolls' else 'stays (no restart)'}")
+PY
+  done
+  return $rc
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Container image
 
 check_dockerfile() {
   local file="$1"
-  "$tools/bin/hadolint" --failure-threshold warning "$file" || return 1
-  # The dependency stage must stub every workspace member, or `cargo build` fails there.
-  "$py" - "$file" Cargo.toml <<'PY'
-import re, sys, tomllib
-df = open(sys.argv[1]).read()
-members = tomllib.load(open(sys.argv[2], "rb"))["workspace"]["members"]
-missing = [m for m in members
-           if f"COPY {m}/Cargo.toml {m}/Cargo.toml" not in df or not re.search(rf"^COPY {re.escape(m)} {re.escape(m)}$", df, re.M)
-           or not re.search(rf"for member in [^;]*\b{re.escape(m)}\b", df)]
-if missing:
-    sys.exit(f"{sys.argv[1]}: workspace members missing from the build stages: {missing}")
-print(f"  hadolint clean; the build stages cover the workspace members {members}")
-PY
+  local rc=0
+  "$tools/bin/hadolint" --failure-threshold warning "$file" || rc=1
+  "$py" scripts/deploy/check_dockerfile.py "$file" Cargo.toml || rc=1
+  return $rc
+}
+
+# The image is never built here (no container engine): replay its build stages instead, with exactly
+# the files their COPY instructions take from the context (.dockerignore applied) and their RUN
+# commands, `cargo build` run as `cargo check`, offline (scripts/deploy/dockerfile_replay.py).
+replay_dockerfile() {
+  env -u CARGO_TARGET_DIR "$py" scripts/deploy/dockerfile_replay.py --cache "$out/replay-cache" "$@"
 }
 
 build_probe() {
@@ -268,6 +309,8 @@ validate_all() {
   local rc=0
   step "helm lint --strict + helm template (kubernetes $kube_version, $("$helm" version --short))"
   render_chart helm/pubgate "$out/rendered" || rc=1
+  step "what rolls the pods (pubgate reads credentials and config only at start)"
+  check_rollout_triggers helm/pubgate "$out/rollout-triggers" || rc=1
   step "helm/pubgate/README.md lists every value"
   "$py" scripts/deploy/check_chart_readme.py helm/pubgate || rc=1
   step "rendered objects against the strict Kubernetes schemas and the chart's invariants"
@@ -289,8 +332,12 @@ validate_all() {
   step "yamllint"
   yaml_lint || rc=1
   if [[ "${PUBGATE_DEPLOY_QUICK:-}" == "1" && "${CI:-}" != "true" ]]; then
-    step "live steps SKIPPED (PUBGATE_DEPLOY_QUICK=1)"
-  elif have_live; then
+    step "image build replay and live steps SKIPPED (PUBGATE_DEPLOY_QUICK=1)"
+    return $rc
+  fi
+  step "the image's build stages replayed without Docker (COPY from the context, RUN with cargo check)"
+  replay_dockerfile deploy/Dockerfile . 2>&1 | grep -v '^ *\(Checking\|Compiling\) ' || rc=1
+  if have_live; then
     step "rollout rehearsal with the default values' settings"
     rehearse "$out/rendered/default.yaml" "$out/rehearsal" || rc=1
     step "a real Prometheus ($(prometheus --version 2>&1 | head -1 | awk '{print $3}')) scraping a real pubgate; alerts fire and resolve"
@@ -346,6 +393,12 @@ chart_copy() {
   rm -f "$dst"/ci/*.yaml
 }
 
+# Renders CHART (with optional values files) and validates the objects: for a broken template.
+render_and_validate() {
+  bash -c "$(declare -f render_chart validate_rendered); helm='$helm' py='$py' kube_version='$kube_version'; \
+    render_chart \"\$@\" && validate_rendered \"\$2\"" _ "$@"
+}
+
 self_test() {
   local st="$out/selftest"
   mkdir -p "$st"
@@ -390,6 +443,55 @@ self_test() {
     bash -c "$(declare -f render_chart validate_rendered); helm='$helm' py='$py' kube_version='$kube_version'; \
       render_chart '$st/chart-grace' '$st/r-grace' && validate_rendered '$st/r-grace'"
 
+  # Metrics, broker, credentials, disruption budget, security context, TLS mount, rollout triggers.
+  chart_copy "$st/chart-metrics"
+  printf '    - name: metrics\n      port: 8081\n      targetPort: metrics\n      protocol: TCP\n' \
+    >>"$st/chart-metrics/templates/service.yaml"
+  expect_failure "metrics port on the LoadBalancer Service (invariant)" "exposes the metrics port .* on a LoadBalancer Service" \
+    render_and_validate "$st/chart-metrics" "$st/r-metrics" helm/pubgate/ci/cluster.yaml
+
+  printf 'broker:\n  url: "redis://redis.example:6379"\n' >"$st/values-two-brokers.yaml"
+  expect_failure "external broker URL with the bundled Redis still on (template check)" \
+    "broker.url and redis.enabled are both set; choose one broker source" \
+    render_chart "$st/chart-a" "$st/r-brokers" "$st/values-two-brokers.yaml"
+
+  printf 'auth:\n  apiKeys: [k1]\n  existingSecret:\n    name: creds\n' >"$st/values-two-creds.yaml"
+  expect_failure "inline API keys and an existing Secret at once (template check)" "are both set; use one" \
+    render_chart "$st/chart-a" "$st/r-creds" "$st/values-two-creds.yaml"
+
+  printf 'replicaCount: 2\npodDisruptionBudget:\n  maxUnavailable: "51%%"\n' >"$st/values-pdb.yaml"
+  expect_failure "PodDisruptionBudget letting every pod go (template check)" "allows all 2 pods to be evicted at once" \
+    render_chart "$st/chart-a" "$st/r-pdb" "$st/values-pdb.yaml"
+
+  chart_copy "$st/chart-pdb"
+  sed -i 's/maxUnavailable: {{ .Values.podDisruptionBudget.maxUnavailable }}/minAvailable: "100%"/' \
+    "$st/chart-pdb/templates/pdb.yaml"
+  expect_failure "PodDisruptionBudget allowing no eviction (invariant)" "allows no voluntary eviction" \
+    render_and_validate "$st/chart-pdb" "$st/r-pdb2"
+
+  printf 'securityContext:\n  seccompProfile:\n    type: Unconfined\n' >"$st/values-seccomp.yaml"
+  expect_failure "seccompProfile Unconfined in values (schema)" "seccompProfile/type': value must be one of" \
+    render_chart "$st/chart-a" "$st/r-seccomp" "$st/values-seccomp.yaml"
+
+  chart_copy "$st/chart-seccomp"
+  sed -i 's/^          securityContext:$/          securityContext:\n            seccompProfile: {type: Unconfined}/' \
+    "$st/chart-seccomp/templates/deployment.yaml"
+  expect_failure "seccompProfile Unconfined in the template (invariant)" "seccompProfile must be RuntimeDefault" \
+    render_and_validate "$st/chart-seccomp" "$st/r-seccomp2"
+
+  chart_copy "$st/chart-subpath"
+  sed -i 's|^              mountPath: /etc/pubgate/tls$|              mountPath: /etc/pubgate/tls/tls.crt\n              subPath: tls.crt|' \
+    "$st/chart-subpath/templates/deployment.yaml"
+  printf 'tls:\n  enabled: true\n  secretName: pubgate-tls\n' >"$st/values-tls.yaml"
+  expect_failure "TLS Secret mounted with subPath (invariant: no hot reload)" "uses subPath on a secret volume" \
+    render_and_validate "$st/chart-subpath" "$st/r-subpath" "$st/values-tls.yaml"
+
+  chart_copy "$st/chart-checksum"
+  sed -i '/checksum\/secret:/d' "$st/chart-checksum/templates/deployment.yaml"
+  expect_failure "no checksum of the chart's Secret on the pod template (rollout triggers)" \
+    "inline API key change: the pod template does not change" \
+    check_rollout_triggers "$st/chart-checksum" "$st/r-checksum"
+
   if [[ -n "$pubgate_bin" && -x "$pubgate_bin" ]]; then
     printf 'config:\n  history:\n    size: 10\n    ttl: "0s"\n' >"$st/values-zero-ttl.yaml"
     mkdir -p "$st/r-ttl"
@@ -407,6 +509,25 @@ self_test() {
     deploy/Dockerfile >"$st/Dockerfile.members"
   expect_failure "Dockerfile: a workspace member missing from the dependency stage" "workspace members missing" \
     check_dockerfile "$st/Dockerfile.members"
+
+  sed -e 's|^  CMD \["/usr/local/bin/pubgate-probe", "\(.*\)"\]$|  CMD /usr/local/bin/pubgate-probe \1|' \
+    deploy/Dockerfile >"$st/Dockerfile.healthcheck"
+  expect_failure "Dockerfile: HEALTHCHECK in shell form (needs a shell the image lacks)" "HEALTHCHECK must be CMD in exec form" \
+    check_dockerfile "$st/Dockerfile.healthcheck"
+
+  sed -e 's|^ENTRYPOINT \["\(.*\)"\]$|ENTRYPOINT \1|' deploy/Dockerfile >"$st/Dockerfile.entrypoint"
+  expect_failure "Dockerfile: ENTRYPOINT in shell form" "ENTRYPOINT in shell form" check_dockerfile "$st/Dockerfile.entrypoint"
+
+  if [[ "${PUBGATE_DEPLOY_QUICK:-}" != "1" || "${CI:-}" == "true" ]]; then
+    # Cheap after the main run: the dependency stage is restored from the replay's layer cache.
+    grep -v '^COPY clients/js' deploy/Dockerfile >"$st/Dockerfile.nojs"
+    expect_failure "Dockerfile: the build stage misses a file the sources include (replay)" \
+      "couldn't read .*clients/js/pubgate" replay_dockerfile "$st/Dockerfile.nojs" .
+    (cat .dockerignore; echo 'clients/') >"$st/dockerignore"
+    expect_failure ".dockerignore leaves out a file the build stage copies (replay)" \
+      "COPY clients/js/pubgate.js: not in the build context" \
+      replay_dockerfile --dockerignore "$st/dockerignore" deploy/Dockerfile .
+  fi
 
   cp -a deploy/compose "$st/compose"
   mkdir -p "$st/prometheus" "$st/grafana"
