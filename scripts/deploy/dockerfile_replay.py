@@ -16,8 +16,9 @@ What differs from a real image build, on purpose:
   * cargo runs offline from the host's registry cache (CARGO_NET_OFFLINE) with the host's toolchain,
     and with no inherited CARGO_TARGET_DIR, so it builds into the temporary directory like the image;
   * --mode check (the default) puts a `cargo` first on PATH that runs `cargo check` where the
-    Dockerfile says `cargo build`: every source file and include_str! target must be present for that,
-    and it takes a fraction of a release build. --mode build runs the real release build;
+    Dockerfile says `cargo build`, with the release profile at opt-level 0 and no debug info (build
+    scripts still compile C): every source file and include_str! target must be present for that, and
+    it takes a fraction of a release build. --mode build runs the real release build;
   * the base image's own contents are not there (the host's toolchain stands in for rust:*), and the
     final stage (FROM an image we cannot pull) is not run: its COPY --from sources are checked to exist
     in --mode build only.
@@ -223,6 +224,10 @@ def main():
             f.write(CARGO_SHIM)
         os.chmod(os.path.join(shim, "cargo"), 0o755)
         env["REAL_CARGO"] = shutil.which("cargo") or sys.exit("no cargo on PATH")
+        # Build scripts still compile C (aws-lc-sys) under `cargo check`: at -O0 without debug info,
+        # which needs the same files as the release build and a fraction of its time.
+        env["CARGO_PROFILE_RELEASE_OPT_LEVEL"] = "0"
+        env["CARGO_PROFILE_RELEASE_DEBUG"] = "false"
         env["PATH"] = f"{shim}:{env['PATH']}"
     started, rc = time.monotonic(), 0
     workdir, workdirs = "/", set()

@@ -96,6 +96,9 @@ an external one) and no source silently wins over another. */ -}}
 {{- if and .Values.auth.existingSecret.name (include "pubgate.hasInlineSecret" .) -}}
 {{- fail "auth: auth.existingSecret.name and inline credentials (auth.apiKeys, auth.jwtSecret, auth.jwtPublicKey) are both set; use one (the existing Secret would win and the inline values would be ignored)" -}}
 {{- end -}}
+{{- if eq (int .Values.service.targetPort) (int .Values.service.metricsPort) -}}
+{{- fail "service.targetPort and service.metricsPort must differ: the metrics listener is a separate port, kept off the client-facing Service" -}}
+{{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" -}}
 {{- end -}}
