@@ -10,10 +10,16 @@
 # What runs:
 #   helm lint --strict (default values and each helm/pubgate/ci/*.yaml), helm template for each;
 #   every rendered object against the strict Kubernetes schemas (kubernetes-validate; unknown fields and
-#   kinds fail), plus the chart's invariants (scripts/deploy/k8s_validate.py);
+#   kinds fail), names and label values as the API server checks them, plus the chart's invariants
+#   (scripts/deploy/k8s_validate.py: probes, drain timing, security context with RuntimeDefault seccomp,
+#   no subPath on Secret mounts, metrics port on no external Service or Ingress, disruption budget);
+#   what rolls the pods: a config/credential/rolloutToken change must change the pod template;
 #   each rendered pubgate.toml loaded by the real pubgate binary, which must start, answer the
 #   container's HEALTHCHECK probe, and exit on SIGTERM;
-#   hadolint on deploy/Dockerfile, and a check that its dependency stage covers every workspace member;
+#   hadolint on deploy/Dockerfile, a check that its dependency stage covers every workspace member and
+#   that its runtime stage needs no shell (scripts/deploy/check_dockerfile.py), and (not with
+#   PUBGATE_DEPLOY_QUICK=1) a replay of its build stages without Docker: exactly the COPYed files, the
+#   RUN commands, cargo check offline (scripts/deploy/dockerfile_replay.py);
 #   docker-compose config on deploy/compose, the compose-spec JSON schema, checks of our own
 #   (scripts/deploy/check_compose.py), and `haproxy -c` on its HAProxy config;
 #   promtool check config / check rules / test rules on deploy/prometheus, and the same unit tests on
@@ -486,6 +492,16 @@ self_test() {
   expect_failure "TLS Secret mounted with subPath (invariant: no hot reload)" "uses subPath on a secret volume" \
     render_and_validate "$st/chart-subpath" "$st/r-subpath" "$st/values-tls.yaml"
 
+  chart_copy "$st/chart-name"
+  sed -i 's|{{ include "pubgate.suffixedName" (dict "ctx" . "suffix" "metrics") }}|{{ include "pubgate.fullname" . }}-metrics|' \
+    "$st/chart-name/templates/service-metrics.yaml"
+  # helm lint --strict warns about it too; the rendering is checked here without lint.
+  mkdir -p "$st/r-name"
+  "$helm" template pubgate "$st/chart-name" --kube-version "$kube_version" -f helm/pubgate/ci/cluster.yaml \
+    >"$st/r-name/cluster.yaml"
+  expect_failure "a suffixed Service name past 63 characters with a long fullnameOverride (names check)" \
+    "is not a DNS label of at most 63" validate_rendered "$st/r-name"
+
   chart_copy "$st/chart-checksum"
   sed -i '/checksum\/secret:/d' "$st/chart-checksum/templates/deployment.yaml"
   expect_failure "no checksum of the chart's Secret on the pod template (rollout triggers)" \
@@ -535,6 +551,11 @@ self_test() {
   cp deploy/grafana/pubgate.json "$st/grafana/"
   sed -i '0,/restart: unless-stopped/s//restart: sometimes/' "$st/compose/compose.yaml"
   expect_failure "compose: unknown restart policy" "restart 'sometimes'" check_compose "$st/compose/compose.yaml"
+
+  cp -a deploy/compose "$st/compose3"
+  sed -i 's/"127.0.0.1:9090:9090"/"9090:9090"/' "$st/compose3/compose.yaml"
+  expect_failure "compose: Prometheus published on all interfaces" "port 9090 is published on all interfaces" \
+    check_compose "$st/compose3/compose.yaml"
 
   cp -a deploy/compose "$st/compose2"
   sed -i 's/stop_grace_period: 30s/stop_grace_period: 10s/' "$st/compose2/compose.yaml"

@@ -139,6 +139,25 @@ def walk(node, path, where):
             walk(val, f"{path}[{i}]", where)
 
 
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def check_names(d, where):
+    """What the API server checks and the JSON schemas do not: object names (a Service's is a DNS label
+    of at most 63 characters, which a long release name plus a suffix can exceed) and label values."""
+    name = d.get("metadata", {}).get("name", "")
+    if d["kind"] == "Service":
+        if len(name) > 63 or not DNS_LABEL.match(name):
+            err(where, f"Service name {name!r} ({len(name)} characters) is not a DNS label of at most 63")
+    elif len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+        err(where, f"name {name!r} is not a DNS subdomain of at most 253 characters")
+    for k, v in (d.get("metadata", {}).get("labels") or {}).items():
+        if not isinstance(v, str) or len(v) > 63 or not LABEL_VALUE.match(v):
+            err(where, f"label {k}={v!r} is not a valid label value (at most 63 characters)")
+
+
 def parse_duration(s):
     m = re.fullmatch(r"([0-9]+)(ms|s|m|h)", s)
     if not m:
@@ -350,6 +369,7 @@ def main():
                 err(where, "duplicate object")
             seen.add(key)
             walk(d, "", where)
+            check_names(d, where)
             crd = CRD_SCHEMAS.get((d["apiVersion"], d["kind"]))
             if crd is not None:
                 for e in jsonschema.Draft202012Validator(crd).iter_errors(d):

@@ -16,6 +16,17 @@
 {{- end -}}
 {{- end -}}
 
+{{/* fullname plus a suffix ("redis", "metrics"), still at most 63 characters: a Service name is a
+DNS label, which the API server refuses longer (no offline schema checks it; k8s_validate.py does). */}}
+{{- define "pubgate.suffixedName" -}}
+{{- $suffix := printf "-%s" .suffix -}}
+{{- printf "%s%s" (include "pubgate.fullname" .ctx | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{- define "pubgate.redisName" -}}
+{{- include "pubgate.suffixedName" (dict "ctx" . "suffix" "redis") -}}
+{{- end -}}
+
 {{- define "pubgate.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "pubgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -62,7 +73,7 @@ app.kubernetes.io/part-of: pubgate
 
 {{/* The Secret holding the chart-managed credentials (api keys, JWT secret/key, Redis URL). */}}
 {{- define "pubgate.secretName" -}}
-{{- printf "%s-auth" (include "pubgate.fullname" .) -}}
+{{- include "pubgate.suffixedName" (dict "ctx" . "suffix" "auth") -}}
 {{- end -}}
 
 {{- define "pubgate.hasInlineSecret" -}}
@@ -104,6 +115,11 @@ an external one) and no source silently wins over another. */ -}}
 {{- end -}}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
 {{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" -}}
+{{- end -}}
+{{- $maxConn := int (dig "server" "max_connections" 0 .Values.config) -}}
+{{- $target := int .Values.autoscaling.targetConnectionsPerPod -}}
+{{- if and .Values.autoscaling.enabled (gt $target 0) (gt $maxConn 0) (ge $target $maxConn) -}}
+{{- fail (printf "autoscaling.targetConnectionsPerPod (%d) must be below config.server.max_connections (%d): pods would refuse connections before the autoscaler adds any" $target $maxConn) -}}
 {{- end -}}
 {{- $surge := toString .Values.strategy.maxSurge -}}
 {{- $unavail := toString .Values.strategy.maxUnavailable -}}
@@ -156,7 +172,7 @@ for a percentage. */}}
 {{- if .Values.broker.url -}}
 {{- $_ := set $broker "url" .Values.broker.url -}}
 {{- else if .Values.redis.enabled -}}
-{{- $_ := set $broker "url" (printf "redis://%s-redis:6379" (include "pubgate.fullname" .)) -}}
+{{- $_ := set $broker "url" (printf "redis://%s:6379" (include "pubgate.redisName" .)) -}}
 {{- end -}}
 {{- $_ := set $c "broker" $broker -}}
 {{- if .Values.tls.enabled -}}
