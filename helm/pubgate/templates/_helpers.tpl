@@ -71,7 +71,7 @@ app.kubernetes.io/part-of: pubgate
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the chart-managed credentials (api keys, JWT secret/key, Redis URL). */}}
+{{/* The Secret holding the credentials given inline in values (API keys, JWT secret, JWT public key). */}}
 {{- define "pubgate.secretName" -}}
 {{- include "pubgate.suffixedName" (dict "ctx" . "suffix" "auth") -}}
 {{- end -}}
