@@ -54,6 +54,10 @@ pub(super) fn io_error(e: TlsError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
+fn total_len(bufs: &[IoSlice<'_>]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
 fn would_block() -> io::Error {
     io::ErrorKind::WouldBlock.into()
 }
@@ -315,11 +319,11 @@ impl Engine {
             return Err(would_block());
         }
         if self.owed > 0 {
-            let offered: usize = bufs.iter().map(|b| b.len()).sum();
+            let offered = total_len(bufs);
             debug_assert!(offered >= self.owed, "owed bytes not offered again");
             return Ok(std::mem::take(&mut self.owed).min(offered));
         }
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let total = total_len(bufs);
         if total == 0 {
             return Ok(0);
         }
@@ -347,26 +351,27 @@ impl Engine {
     /// Encrypts up to one record's worth of `bufs` (or a few records of one large slice) into
     /// `outgoing`; returns the plaintext bytes taken.
     fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TlsError> {
-        // Anything rustls queued (a key update answering the peer's) goes out first.
+        // Anything rustls queued (an alert, the key update answering the peer's) goes out first.
         self.run_records()?;
-        let mut scratch = [0u8; MAX_RECORD_PLAINTEXT];
-        let first = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &b[..]);
+        let mut slices = bufs.iter().filter(|b| !b.is_empty());
+        let first = slices.next().map_or(&[][..], |b| &b[..]);
+        let gathered;
         let plain: &[u8] = if first.len() >= MAX_RECORD_PLAINTEXT {
             &first[..first.len().min(MAX_WRITE_PLAINTEXT)]
+        } else if slices.clone().next().is_none() {
+            // One frame (the usual direct write): encrypted from where it is.
+            first
         } else {
-            let mut len = 0;
+            let mut all = Vec::with_capacity(MAX_RECORD_PLAINTEXT.min(total_len(bufs)));
             for b in bufs {
-                let n = b.len().min(scratch.len() - len);
-                scratch[len..len + n].copy_from_slice(&b[..n]);
-                len += n;
-                if len == scratch.len() {
+                let n = b.len().min(MAX_RECORD_PLAINTEXT - all.len());
+                all.extend_from_slice(&b[..n]);
+                if all.len() == MAX_RECORD_PLAINTEXT {
                     break;
                 }
             }
-            &scratch[..len]
+            gathered = all;
+            &gathered
         };
         let start = self.outgoing.len();
         let guess = plain.len() + RECORD_OVERHEAD * (plain.len() / MAX_RECORD_PLAINTEXT + 1);
@@ -385,8 +390,9 @@ impl Engine {
             _ => return Err(TlsError::General("TLS connection not writable".into())),
         }
         self.incoming.drain(..discard);
-        // rustls hands over a key update that the encryption itself triggered only after it
-        // encrypted the data under the new key; the peer must see the update first.
+        // A key update that this encryption itself started (rustls renews the keys before they
+        // reach their usage limit) is handed over only after the data was encrypted under the new
+        // key; the peer must see the update first.
         let mut before = Vec::new();
         loop {
             // Queued messages are handed over before any record is looked at: nothing to discard.

@@ -213,3 +213,39 @@ async fn a_client_that_does_not_speak_tls_is_refused() {
     tcp.read_to_end(&mut reply).await.unwrap();
     assert_eq!(reply.first(), Some(&21), "{reply:?}");
 }
+
+/// A client's KeyUpdate asking for ours: the server's next record must follow its own KeyUpdate,
+/// from the write half and from a direct write alike. A wrong order fails the client's decryption.
+#[tokio::test]
+async fn a_key_update_requested_by_the_client_is_answered_in_order() {
+    let (server, mut client) = pair(&[&rustls::version::TLS13]).await;
+    let (mut r, mut w, direct) = server.split();
+    for round in 0..3u8 {
+        client
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .expect("key update");
+        client.write_all(&[round]).await.unwrap();
+        client.flush().await.unwrap();
+        let mut got = [0u8; 1];
+        r.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, [round]);
+        // Alternate the write half and the direct path: both must send the update first.
+        if round % 2 == 0 {
+            w.write_all(b"ok").await.unwrap();
+            w.flush().await.unwrap();
+        } else {
+            assert_eq!(
+                direct.try_write_vectored(&[IoSlice::new(b"ok")]).unwrap(),
+                2
+            );
+        }
+        let mut got = [0u8; 2];
+        client
+            .read_exact(&mut got)
+            .await
+            .expect("decrypts after the key update");
+        assert_eq!(&got, b"ok");
+    }
+}
