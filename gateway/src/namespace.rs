@@ -141,7 +141,13 @@ impl Namespace {
             .conflate_key
             .as_deref()
             .and_then(|key| top_level_field(data, key));
-        let field = field.as_deref().map_or(&[][..], |f| f.get().as_bytes());
+        // A key value is a short identifier (`"EURUSD"`); a publisher's huge one would make every
+        // waiting message keep a large key: such messages share the topic's slot instead.
+        let field = field
+            .as_deref()
+            .map(|f| f.get().as_bytes())
+            .filter(|f| f.len() <= MAX_KEY_VALUE)
+            .unwrap_or_default();
         let mut key = BytesMut::with_capacity(topic.len() + 1 + field.len());
         key.put_slice(topic.as_bytes());
         key.put_u8(0);
@@ -150,7 +156,11 @@ impl Namespace {
     }
 }
 
-/// The raw value of `key` in a JSON object, without parsing the other values.
+/// Bytes of a `conflate_key` value (its raw JSON) that tell messages apart; longer values do not.
+const MAX_KEY_VALUE: usize = 256;
+
+/// The raw value of `key` in a JSON object, without parsing the other values. With the key twice,
+/// the last one counts, as in browsers' `JSON.parse`.
 fn top_level_field(data: &[u8], key: &str) -> Option<Box<RawValue>> {
     struct Find<'k>(&'k str);
     impl<'de> Visitor<'de> for Find<'_> {
@@ -161,7 +171,7 @@ fn top_level_field(data: &[u8], key: &str) -> Option<Box<RawValue>> {
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
             let mut found = None;
             while let Some(k) = map.next_key::<Cow<'de, str>>()? {
-                if found.is_none() && k == self.0 {
+                if k == self.0 {
                     found = Some(map.next_value::<Box<RawValue>>()?);
                 } else {
                     map.next_value::<IgnoredAny>()?;
@@ -193,6 +203,11 @@ mod tests {
         assert_eq!(
             raw(r#"{"sym\u0062ol":"esc"}"#, "symbol").as_deref(),
             Some(r#""esc""#)
+        );
+        assert_eq!(
+            raw(r#"{"symbol":"a","symbol":"b"}"#, "symbol").as_deref(),
+            Some(r#""b""#),
+            "the last one, as JSON.parse reads it"
         );
         assert_eq!(raw("[1,2]", "symbol"), None);
         assert_eq!(raw("42", "symbol"), None);

@@ -422,3 +422,86 @@ async fn wildcards_are_bounded_per_connection_and_per_node() {
     assert_eq!(r["code"], "too_many_subscriptions", "{r}");
     subscribe_wildcard(&mut b, "a.*").await;
 }
+
+/// `count` raw `PUBLISH`es of `{"i":n}` to `topic`, pipelined on one plain RESP connection, paced
+/// over about `over`.
+async fn raw_publish_paced(redis: &Redis, topic: &str, count: u64, over: Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to redis");
+    let channel = format!("pubgate:{topic}");
+    let batches = 50;
+    for batch in 0..batches {
+        let mut out = Vec::new();
+        for i in (batch * count / batches)..((batch + 1) * count / batches) {
+            let data = json!({"i": i}).to_string();
+            out.extend_from_slice(
+                format!(
+                    "*3\r\n$7\r\nPUBLISH\r\n${}\r\n{channel}\r\n${}\r\n{data}\r\n",
+                    channel.len(),
+                    data.len()
+                )
+                .as_bytes(),
+            );
+        }
+        conn.write_all(&out).await.expect("write");
+        tokio::time::sleep(over / batches as u32).await;
+    }
+    // Wait for every reply (`:N\r\n` each).
+    let mut replies = 0;
+    let mut buf = [0u8; 4096];
+    while replies < count {
+        let n = conn.read(&mut buf).await.expect("read");
+        assert!(n > 0, "redis closed");
+        replies += buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_messages_are_neither_lost_nor_doubled_while_a_covering_pattern_comes_and_goes() {
+    const COUNT: u64 = 4000;
+    let redis = Redis::start();
+    let node = Node::redis(
+        "redis",
+        &redis.url(),
+        &[("PUBGATE__BROKER__UNSUBSCRIBE_DELAY", "0s".to_string())],
+    )
+    .await;
+    node.wait_ready(READY).await;
+    // By name, and by a pattern that stays; while another client adds and drops covering ones.
+    let mut exact = node.ws().await;
+    assert_eq!(exact.subscribe("sc.nba.g1").await["op"], "ack");
+    let mut wild = node.ws().await;
+    subscribe_wildcard(&mut wild, "sc.nba.*").await;
+    let churner = {
+        let mut ws = node.ws().await;
+        tokio::spawn(async move {
+            for i in 0..30 {
+                let pattern = if i % 2 == 0 { "sc.>" } else { "sc.*.g1" };
+                assert_eq!(ws.subscribe(pattern).await["op"], "ack");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                assert_eq!(ws.unsubscribe(pattern).await["op"], "ack");
+            }
+        })
+    };
+    raw_publish_paced(&redis, "sc.nba.g1", COUNT, Duration::from_secs(2)).await;
+    churner.await.expect("churner");
+    let want: Vec<Value> = (0..COUNT).map(|i| json!(i)).collect();
+    for (who, ws) in [("by name", &mut exact), ("sc.nba.*", &mut wild)] {
+        let got: Vec<Value> = drain(ws, Duration::from_secs(1))
+            .await
+            .into_iter()
+            .map(|m| m.2["i"].clone())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{who}: every raw message once");
+        assert_eq!(got, want, "{who}: in order");
+    }
+}

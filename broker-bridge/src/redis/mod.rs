@@ -124,7 +124,7 @@ pub struct RedisBroker {
 /// State shared by the broker's methods and its subscription task.
 struct Inner {
     config: RedisConfig,
-    names: Names,
+    names: Arc<Names>,
     target: Arc<Target>,
     timeouts: Timeouts,
     node_id: String,
@@ -145,9 +145,7 @@ struct Inner {
     unsubscribing: Unsubscribing,
     /// Messages Redis pushed that the node has not handled yet.
     backlog: Arc<Backlog>,
-    /// The prefixes whose pattern subscription is confirmed on the current connection: what
-    /// decides which copy of a message the node takes (see the subscriber's `is_source`).
-    active_prefixes: crate::PrefixSet,
+
     /// Generation of the current subscription connection (a copy of `control`'s, readable without
     /// waiting).
     generation: std::sync::atomic::AtomicU64,
@@ -196,7 +194,7 @@ impl RedisBroker {
         let config_backlog_bytes = config.backlog_bytes;
         let config_fill_limit = config.fill_limit;
         let inner = Arc::new(Inner {
-            names: Names::new(&config.prefix, target.is_cluster()),
+            names: Arc::new(Names::new(&config.prefix, target.is_cluster())),
             config,
             target,
             timeouts,
@@ -209,7 +207,7 @@ impl RedisBroker {
             reads,
             control: tokio::sync::Mutex::new(Control::default()),
             unsubscribing: Default::default(),
-            active_prefixes: Default::default(),
+
             backlog: Arc::new(Backlog::new(config_backlog_bytes)),
             generation: std::sync::atomic::AtomicU64::new(0),
             next_generation: std::sync::atomic::AtomicU64::new(0),

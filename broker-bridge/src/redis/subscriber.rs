@@ -27,8 +27,10 @@ use super::conn::{Conn, PushFn, broker_error, is_connection_error};
 use super::link::lock;
 use super::retry::{backoff, log_attempt};
 use super::topics::Handled;
+use super::wire::Names;
 use super::{Inner, fill, wire};
 use crate::BrokerError;
+use crate::PrefixSet;
 
 /// How often the task checks canaries and readiness.
 const TICK: Duration = Duration::from_millis(100);
@@ -97,11 +99,25 @@ struct PushRoute {
     control: mpsc::UnboundedSender<Tagged>,
     canary_channel: Arc<[u8]>,
     backlog: Arc<Backlog>,
+    names: Arc<Names>,
+    /// The prefixes whose pattern subscription this connection has confirmed, as of the push being
+    /// routed: kept by the route itself, from the confirmations in the connection's own order
+    /// (a fresh set per connection).
+    active: Arc<PrefixSet>,
 }
 
 impl PushRoute {
     /// Routes one push; called on the connection's own task, so it never waits.
     fn route(&self, generation: u64, info: PushInfo) -> Result<(), ()> {
+        match info.kind {
+            PushKind::PSubscribe | PushKind::PUnsubscribe => self.track_pattern(&info),
+            PushKind::Message | PushKind::SMessage | PushKind::PMessage
+                if !self.is_source(&info) =>
+            {
+                return Ok(());
+            }
+            _ => {}
+        }
         let parts = message_parts_ref(&info.kind, &info.data);
         let size = match parts {
             Some((channel, payload)) if channel != &*self.canary_channel => payload.len(),
@@ -122,6 +138,57 @@ impl PushRoute {
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+        }
+    }
+}
+
+impl PushRoute {
+    /// Follows the connection's pattern subscriptions from their confirmations.
+    fn track_pattern(&self, info: &PushInfo) {
+        let Some(Value::BulkString(pattern)) = info.data.first() else {
+            return;
+        };
+        let Some(prefix) = std::str::from_utf8(pattern)
+            .ok()
+            .and_then(|p| self.names.prefix_of_pattern(p))
+        else {
+            return;
+        };
+        if info.kind == PushKind::PSubscribe {
+            self.active.add(prefix);
+        } else {
+            self.active.remove(prefix);
+        }
+    }
+
+    /// Whether this copy of a message is the one the node takes. A topic can reach the node
+    /// several times: on its own channel (subscribed by name) and once per subscribed prefix that
+    /// covers it. A raw message has no offset to drop duplicates by, so exactly one source counts
+    /// per topic: the shortest prefix covering it whose pattern subscription is confirmed, else its
+    /// own channel. Decided here, in the connection's order, next to the confirmations: a copy
+    /// published before a `PSUBSCRIBE` (or `PUNSUBSCRIBE`) took effect is judged by the sources of
+    /// that moment, so changing them loses and duplicates nothing. Subscribing topics by name never
+    /// changes a topic's source. Messages whose channel is no topic are let through (and refused
+    /// later).
+    fn is_source(&self, info: &PushInfo) -> bool {
+        let pattern = info.kind == PushKind::PMessage;
+        let Some((channel, _)) = message_parts_ref(&info.kind, &info.data) else {
+            return true;
+        };
+        let Some(topic) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|c| self.names.topic_of(c))
+        else {
+            return true;
+        };
+        match self.active.shortest_covering(topic) {
+            None => !pattern,
+            Some(len) => {
+                pattern
+                    && matches!(info.data.first(), Some(Value::BulkString(p))
+                        if std::str::from_utf8(p).ok().and_then(|p| self.names.prefix_of_pattern(p))
+                            == Some(&topic[..len]))
+            }
         }
     }
 }
@@ -201,10 +268,7 @@ impl Inner {
         let result =
             tokio::time::timeout(self.config.command_timeout, conn.psubscribe(&pattern)).await;
         let error = match result {
-            Ok(Ok(())) => {
-                self.active_prefixes.add(prefix);
-                return Ok(());
-            }
+            Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if !is_connection_error(&e) => {
                 self.topics.forget_prefix(prefix);
                 return Err(broker_error(e));
@@ -227,8 +291,6 @@ impl Inner {
         if !self.topics.forget_prefix(prefix) {
             return Ok(());
         }
-        // Before the PUNSUBSCRIBE: the topics it covered switch to their other source now.
-        self.active_prefixes.remove(prefix);
         let Some(conn) = control.conn.as_mut() else {
             return Ok(());
         };
@@ -301,9 +363,12 @@ impl Inner {
             }
             // Connect without holding the control lock, so subscribes meanwhile fail fast.
             self.control.lock().await.conn = None;
-            self.active_prefixes.clear();
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-            let push_route = route.clone();
+            // A new connection confirms its pattern subscriptions anew.
+            let push_route = PushRoute {
+                active: Arc::default(),
+                ..route.clone()
+            };
             let push: PushFn = Box::new(move |info| push_route.route(generation, info));
             let name = format!("pubgate-sub-{}", self.node_id);
             let budget = self.timeouts.connect + self.timeouts.response * 3;
@@ -335,9 +400,6 @@ impl Inner {
                     .await;
                     match subscribed {
                         Ok(Ok(())) => {
-                            for prefix in self.topics.prefixes() {
-                                self.active_prefixes.add(&prefix);
-                            }
                             control.conn = Some(conn);
                             lock(&self.unsubscribing).clear();
                             self.generation.store(generation, Ordering::Relaxed);
@@ -477,32 +539,10 @@ impl Task {
             }
             return;
         };
-        if !self.is_source(topic, pattern.as_deref()) {
-            return;
-        }
         if self.inner.topics.on_wire(topic, Bytes::from(payload)) == Handled::StartFill
             && let Some(name) = self.inner.topics.name(topic)
         {
             fill::spawn(&self.inner, vec![name]);
-        }
-    }
-
-    /// Whether this copy of a message is the one the node takes. A topic can reach the node
-    /// several times: on its own channel (subscribed by name) and once per subscribed prefix that
-    /// covers it. A raw message has no offset to drop duplicates by, so exactly one source counts
-    /// per topic: the shortest active prefix covering it, else its own channel. Which prefixes
-    /// are active changes only after a `PSUBSCRIBE` is confirmed and before a `PUNSUBSCRIBE` is
-    /// sent, so subscribing and unsubscribing topics by name never changes a topic's source.
-    fn is_source(&self, topic: &str, pattern: Option<&[u8]>) -> bool {
-        let canonical = self.inner.active_prefixes.shortest_covering(topic);
-        match (pattern, canonical) {
-            (None, None) => true,
-            (Some(pattern), Some(len)) => std::str::from_utf8(pattern)
-                .ok()
-                .and_then(|p| self.inner.names.prefix_of_pattern(p))
-                .is_some_and(|p| p == &topic[..len]),
-            // The pattern's copy is the one taken; or a pattern not (or no longer) active.
-            (None, Some(_)) | (Some(_), None) => false,
         }
     }
 
@@ -632,6 +672,8 @@ pub(super) async fn run(inner: Arc<Inner>) {
             control: ctl_tx,
             canary_channel: canary_channel.as_bytes().into(),
             backlog: inner.backlog.clone(),
+            names: inner.names.clone(),
+            active: Arc::default(),
         },
         canaries: Canaries::new(canary_channel),
         inner,

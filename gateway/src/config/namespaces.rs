@@ -104,8 +104,8 @@ pub(super) fn validate(
         if ns.history_size.is_some_and(|n| n > MAX_HISTORY) {
             return bad("history_size", "must be at most 1000000".into());
         }
-        if ns.history_ttl.is_some_and(|t| t.is_zero()) {
-            return bad("history_ttl", "must be greater than zero".into());
+        if let Some(Err(e)) = ns.history_ttl.map(super::validate::check_ttl) {
+            return bad("history_ttl", e.into());
         }
         if let Some(size) = ns.max_message_size
             && (size == 0 || size > max_message_size)

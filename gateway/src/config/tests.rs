@@ -201,6 +201,15 @@ fn bad_history_rules_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("history.ttl"), "{e}");
+    // Redis takes TTLs in milliseconds: a huge one would fail every publish, so start-up refuses it.
+    let e = load_toml("[history]\nttl = \"100000000000y\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("history.ttl") && e.contains("366d"), "{e}");
+    let e = load_toml("[[history.rules]]\npattern = \"a\"\nttl = \"400d\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("history.rules[0].ttl"), "{e}");
 }
 
 #[test]
@@ -271,6 +280,10 @@ fn bad_namespaces_name_their_key() {
         ),
         (
             "name = \"p\"\npattern = \"p\"\nhistory_ttl = \"0s\"",
+            "namespaces[0].history_ttl",
+        ),
+        (
+            "name = \"p\"\npattern = \"p\"\nhistory_ttl = \"400d\"",
             "namespaces[0].history_ttl",
         ),
         (

@@ -209,8 +209,8 @@ impl Settings {
         if self.history.size > MAX_HISTORY {
             return invalid("history.size", "must be at most 1000000");
         }
-        if self.history.ttl.is_zero() {
-            return invalid("history.ttl", "must be greater than zero");
+        if let Err(e) = check_ttl(self.history.ttl) {
+            return invalid("history.ttl", e);
         }
         for (i, rule) in self.history.rules.iter().enumerate() {
             let bad = |field: &str, message: String| {
@@ -225,10 +225,24 @@ impl Settings {
             if rule.size.is_some_and(|n| n > MAX_HISTORY) {
                 return bad("size", "must be at most 1000000".into());
             }
-            if rule.ttl.is_some_and(|t| t.is_zero()) {
-                return bad("ttl", "must be greater than zero".into());
+            if let Some(Err(e)) = rule.ttl.map(check_ttl) {
+                return bad("ttl", e.into());
             }
         }
         super::namespaces::validate(&self.namespaces, self.limits.max_message_size)
+    }
+}
+
+/// The longest history TTL: Redis takes TTLs in milliseconds, and nothing needs more than a year.
+const MAX_HISTORY_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Checks a history TTL: more than zero, at most a year.
+pub(super) fn check_ttl(ttl: Duration) -> Result<(), &'static str> {
+    if ttl.is_zero() {
+        Err("must be greater than zero")
+    } else if ttl > MAX_HISTORY_TTL {
+        Err("must be at most 366d")
+    } else {
+        Ok(())
     }
 }

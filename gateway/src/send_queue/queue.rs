@@ -145,26 +145,32 @@ impl SendQueue {
         if st.close.is_some() {
             return (Pushed::Closed, false);
         }
-        let policy = match policy {
-            Policy::Own => self.policy,
-            Policy::Queue(p) => p,
-            Policy::Conflate(key) => {
-                if !st.is_empty() || st.writer_busy {
-                    return self.conflate(st, key, frame);
-                }
-                // Nothing waits: the frame goes out now, like any other.
-                SlowConsumerPolicy::Disconnect
-            }
+        let key = match policy {
+            Policy::Conflate(key) => Some(key),
+            Policy::Own | Policy::Queue(_) => None,
         };
-        // Conflated frames queued before this one go first.
-        let State { slots, frames, .. } = &mut *st;
-        slots.drain_into(frames);
+        // Behind with conflated frames waiting (or a conflating frame behind anything): the frame
+        // joins the tail, so nothing overtakes and waiting keys stay replaceable.
+        let to_tail = !st.slots.is_empty() || (key.is_some() && (!st.is_empty() || st.writer_busy));
+        // A conflating frame that finds nothing waiting goes out now, like any other; when it
+        // does not fit, the connection's own policy applies.
+        let overflow_policy = match policy {
+            Policy::Queue(p) => p,
+            Policy::Own | Policy::Conflate(_) => self.policy,
+        };
+        let len = frame.len();
+        // What the frame adds: a replaced frame's bytes and place are given back.
+        let replaced = key.filter(|_| to_tail).and_then(|k| st.slots.waiting(k));
         let fits = |st: &State| {
-            st.frames.len() < self.max_frames && st.bytes + frame.len() <= self.max_bytes
+            let (frames, bytes) = match replaced {
+                Some(old) => (st.len(), st.bytes - old + len),
+                None => (st.len() + 1, st.bytes + len),
+            };
+            frames <= self.max_frames && bytes <= self.max_bytes
         };
         let mut dropped = 0;
         if !fits(&st) {
-            match policy {
+            match overflow_policy {
                 SlowConsumerPolicy::Disconnect => return (self.overflow(st), false),
                 SlowConsumerPolicy::DropOldest => {
                     // A frame the socket has taken part of must be finished, or the stream breaks.
@@ -175,45 +181,55 @@ impl SendQueue {
                             dropped += 1;
                         }
                     }
+                    while !fits(&st) && replaced.is_none() {
+                        let Some(old) = st.slots.pop_oldest() else {
+                            break;
+                        };
+                        st.bytes -= old.len();
+                        dropped += 1;
+                    }
+                    if !fits(&st) {
+                        return (self.overflow(st), false);
+                    }
                 }
             }
         }
-        st.bytes += frame.len();
-        st.frames.push_back(frame);
-        // A busy writer takes the queue again when its write is done; otherwise the first frame into
-        // an empty queue is flushed directly, or wakes the writer.
-        let first = st.frames.len() == 1 && !st.writer_busy;
+        st.bytes += len;
+        let mut pushed = Pushed::Queued;
+        let first = if to_tail {
+            match key {
+                Some(key) => {
+                    if let Some(old) = st.slots.put(key, frame) {
+                        st.bytes -= old.len();
+                        pushed = Pushed::Conflated;
+                    }
+                }
+                None => st.slots.push(frame),
+            }
+            // Whoever made the connection behind (a queued frame's flush, or the busy writer)
+            // writes the tail after the queue; were nobody left to (the queue written, the writer
+            // idle), the tail becomes the queue now.
+            let orphaned = st.frames.is_empty() && !st.writer_busy;
+            if orphaned {
+                let State { slots, frames, .. } = &mut *st;
+                slots.drain_into(frames);
+            }
+            orphaned
+        } else {
+            st.frames.push_back(frame);
+            // A busy writer takes the queue again when its write is done; otherwise the first frame
+            // into an empty queue is flushed directly, or wakes the writer.
+            st.frames.len() == 1 && !st.writer_busy
+        };
         let flush = first && st.direct.is_some();
         drop(st);
         if first && !flush {
             self.ready.wake();
         }
-        let pushed = if dropped > 0 {
-            Pushed::DroppedOldest(dropped)
-        } else {
-            Pushed::Queued
-        };
+        if dropped > 0 {
+            pushed = Pushed::DroppedOldest(dropped);
+        }
         (pushed, flush)
-    }
-
-    /// Puts a conflating frame in its key's slot while the connection is behind. Whoever made the
-    /// queue non-empty (or the busy writer) writes it: no flush is due from here.
-    fn conflate(&self, mut st: MutexGuard<'_, State>, key: &Bytes, frame: Bytes) -> (Pushed, bool) {
-        let len = frame.len();
-        let new_key = !st.slots.contains(key);
-        if new_key && (st.len() >= self.max_frames || st.bytes + len > self.max_bytes) {
-            // More keys waiting than the queue holds: memory would no longer be bounded by the
-            // queue's limits.
-            return (self.overflow(st), false);
-        }
-        st.bytes += len;
-        match st.slots.put(key, frame) {
-            Some(old) => {
-                st.bytes -= old.len();
-                (Pushed::Conflated, false)
-            }
-            None => (Pushed::Queued, false),
-        }
     }
 
     /// Closes a connection whose queue overflowed (`disconnect`).

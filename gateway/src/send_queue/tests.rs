@@ -396,30 +396,45 @@ fn conflated_frames_keep_the_latest_per_key_in_publish_order() {
 }
 
 #[test]
-fn another_frame_never_overtakes_conflated_ones() {
+fn other_frames_join_the_tail_and_conflated_keys_stay_replaceable() {
     let q = SendQueue::new(8, 1000, SlowConsumerPolicy::Disconnect);
     q.push(b("ack"));
     assert_eq!(conflate(&q, "a", "a1"), Pushed::Queued);
     assert_eq!(conflate(&q, "a", "a2"), Pushed::Conflated);
-    // A plain frame (a gap, a reply) moves the waiting ones into the queue first.
-    q.push(b("gap"));
-    assert_eq!(conflate(&q, "a", "a3"), Pushed::Queued);
-    assert_eq!(
-        Vec::from(q.take().frames),
-        [b("ack"), b("a2"), b("gap"), b("a3")]
-    );
+    // A plain frame (a gap, a reply) joins the tail: it overtakes nothing pushed before it...
+    q.push(b("pong"));
+    // ... and a newer frame of a waiting key still replaces it, behind the pong.
+    assert_eq!(conflate(&q, "a", "a3"), Pushed::Conflated);
+    assert_eq!(Vec::from(q.take().frames), [b("ack"), b("pong"), b("a3")]);
 }
 
 #[test]
-fn conflation_bytes_are_counted_and_more_keys_than_room_disconnect() {
-    let q = SendQueue::new(3, 1000, SlowConsumerPolicy::DropOldest);
+fn a_replacement_is_bounded_by_bytes_and_more_keys_than_room_disconnect() {
+    let q = SendQueue::new(3, 10, SlowConsumerPolicy::Disconnect);
     q.push(b("x"));
     assert_eq!(conflate(&q, "a", "aaaa"), Pushed::Queued);
     assert_eq!(conflate(&q, "a", "aa"), Pushed::Conflated);
     assert_eq!(q.lock().bytes, 3);
     assert_eq!(conflate(&q, "b", "b"), Pushed::Queued);
-    // A third waiting frame would pass the queue's bound: one frame per key is all conflation
-    // keeps, so a subscriber of more keys than its queue holds is disconnected.
+    // A replacement may not pass the byte bound either (10 bytes).
+    assert_eq!(conflate(&q, "b", "bbbbbbbbb"), Pushed::Overflow);
+    let q = SendQueue::new(3, 1000, SlowConsumerPolicy::Disconnect);
+    q.push(b("x"));
+    conflate(&q, "a", "a");
+    conflate(&q, "b", "b");
+    // A third waiting frame would pass the frame bound: a subscriber of more keys than its queue
+    // holds is disconnected.
     assert_eq!(conflate(&q, "c", "c"), Pushed::Overflow);
     assert_eq!(q.take().close, Some(CloseReason::SLOW_CONSUMER));
+}
+
+#[test]
+fn under_drop_oldest_a_full_queue_makes_room_for_a_new_key() {
+    let q = SendQueue::new(3, 1000, SlowConsumerPolicy::DropOldest);
+    q.push(b("x1"));
+    q.push(b("x2"));
+    assert_eq!(conflate(&q, "a", "a1"), Pushed::Queued);
+    assert_eq!(conflate(&q, "b", "b1"), Pushed::DroppedOldest(1));
+    assert_eq!(conflate(&q, "a", "a2"), Pushed::Conflated);
+    assert_eq!(Vec::from(q.take().frames), [b("x2"), b("b1"), b("a2")]);
 }
