@@ -9,8 +9,10 @@
 #   --out DIR     results directory (default target/bench-results/<UTC timestamp>)
 #   --quick       small and short: a smoke run of every scenario (about a minute)
 #   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn,
-#                 redis3 (3 nodes + Redis: fan-out at 20k/40k and a step), scale100k (100k
-#                 connections over 6 nodes + Redis); the last two need redis-server and haproxy
+#                 ticker (1,000 price topics at 50k ticks/s, 20 dashboards on one wildcard each,
+#                 10 of them slow and conflated), redis3 (3 nodes + Redis: fan-out at 20k/40k and
+#                 a step), scale100k (100k connections over 6 nodes + Redis); the last two need
+#                 redis-server and haproxy
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,redis3,scale100k"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,ticker,redis3,scale100k"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -32,7 +34,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -53,10 +55,11 @@ git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 
 SERVER_PID=""
 SERVER_ADDR=""
+SERVER_ARGS=() # extra pubgate arguments for the next start_server (e.g. --config FILE)
 
 start_server() { # env assignments for the server as arguments
   local log="$OUT/server-$1.log"; shift
-  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 >"$log.out" 2>"$log.err" &
+  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"} >"$log.out" 2>"$log.err" &
   SERVER_PID=$!
   for _ in $(seq 1 100); do
     SERVER_ADDR="$(sed -n 's/^pubgate listening on //p' "$log.out" 2>/dev/null || true)"
@@ -157,6 +160,20 @@ if want churn; then
   stop_server
 fi
 
+# 8. Conflation, a price ticker: 1,000 topics at 50k ticks/s (HTTP batches of 100) for 10 s,
+#    20 dashboards each on one `prices.>` subscription, 10 reading at most 2,000 frames/s, against a
+#    node with the `prices` namespace set to conflate (deploy/bench/ticker.toml). The tool exits
+#    non-zero when an order check fails, a fast dashboard misses a tick or a slow one does not end
+#    on every final value.
+if want ticker; then
+  if [[ $QUICK == 1 ]]; then TICK_ARGS=(--topics 100 --rate 5000 --duration 2 --dashboards 4 --slow 2); else TICK_ARGS=(); fi
+  SERVER_ARGS=(--config deploy/bench/ticker.toml)
+  start_server "ticker"
+  SERVER_ARGS=()
+  run "ticker" ticker ${TICK_ARGS[@]+"${TICK_ARGS[@]}"}
+  stop_server
+fi
+
 # Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load
 # spread over the nodes directly; Redis's CPU counts with the nodes' (--broker-pid).
 STACK_UP=0
@@ -197,7 +214,7 @@ have_stack_tools() {
   return 1
 }
 
-# 8. Three nodes + Redis: fan-out at 20k and 40k deliveries/s, and the highest sustainable rate.
+# 9. Three nodes + Redis: fan-out at 20k and 40k deliveries/s, and the highest sustainable rate.
 if want redis3 && have_stack_tools redis3; then
   stack_start 3
   for rate in 20000 40000; do
@@ -207,8 +224,8 @@ if want redis3 && have_stack_tools redis3; then
   stack_stop
 fi
 
-# 9. 100k idle subscribed connections over six nodes (each under the 20,000 open-files limit) and
-#    six load processes.
+# 10. 100k idle subscribed connections over six nodes (each under the 20,000 open-files limit) and
+#     six load processes.
 if want scale100k && have_stack_tools scale100k; then
   if [[ $QUICK == 1 ]]; then SCALE_N=6000; else SCALE_N=100000; fi
   stack_start 6 PUBGATE__SERVER__MAX_CONNECTIONS=20000
