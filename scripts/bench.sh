@@ -164,10 +164,10 @@ fi
 #    20 dashboards each on one `prices.>` subscription, 10 reading at most 2,000 frames/s, against a
 #    node with the `prices` namespace set to conflate (deploy/bench/ticker.toml). The tool exits
 #    non-zero when an order check fails, a fast dashboard misses a tick or a slow one does not end
-#    on every final value. --quick: 100 topics at 5k/s for 2 s, with 2 KB ticks so they overflow the
+#    on every final value. --quick: 1,000 topics at 5k/s for 2 s, with 2 KB ticks so they overflow the
 #    kernel's socket buffer (up to 4 MB) and reach the node's conflation within the run.
 if want ticker; then
-  if [[ $QUICK == 1 ]]; then TICK_ARGS=(--topics 100 --rate 5000 --duration 2 --dashboards 4 --slow 2 --slow-rate 1000 --payload 2000); else TICK_ARGS=(); fi
+  if [[ $QUICK == 1 ]]; then TICK_ARGS=(--topics 1000 --rate 5000 --duration 2 --dashboards 4 --slow 2 --slow-rate 1000 --payload 2000); else TICK_ARGS=(); fi
   SERVER_ARGS=(--config deploy/bench/ticker.toml)
   start_server "ticker"
   SERVER_ARGS=()

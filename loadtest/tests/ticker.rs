@@ -28,11 +28,12 @@ fn short_ticker_conflates_slow_dashboards_and_loses_nothing_for_fast_ones() {
     let url = format!("ws://{}/ws", server.addr);
     let pid = server.pid();
     let json = tmp("ticker");
-    // 100 topics at 5,000 ticks/s for 2 s (10,000 ticks in batches of 100); 2 fast dashboards and
-    // 2 that read at most 1,000 frames/s through a small socket buffer. Ticks of 2 KB: the node
-    // only sees a dashboard fall behind once the kernel's send buffer of its socket is full (it
-    // grows to 4 MB on loopback, see docs/benchmarks.md), and 2 s of 2 KB ticks (20 MB) fill it
-    // whatever the machine's load.
+    // 1,000 topics at 5,000 ticks/s for 2 s (10,000 ticks in batches of 100); 2 fast dashboards
+    // and 2 that read at most 1,000 frames/s through a small socket buffer. A topic changes every
+    // 200 ms, so a fast dashboard would have to stall that long on a busy machine to be conflated.
+    // Ticks of 2 KB: the node only sees a dashboard fall behind once the kernel's send buffer of
+    // its socket is full (it grows to 4 MB on loopback, see docs/benchmarks.md), and 2 s of 2 KB
+    // ticks (20 MB) fill it whatever the machine's load.
     let r = run_tool(
         &[
             "ticker",
@@ -41,7 +42,7 @@ fn short_ticker_conflates_slow_dashboards_and_loses_nothing_for_fast_ones() {
             "--server-pid",
             &pid,
             "--topics",
-            "100",
+            "1000",
             "--rate",
             "5000",
             "--duration",

@@ -55,7 +55,7 @@ pub struct TickerArgs {
     #[arg(long, value_name = "PID")]
     pub server_pid: Option<u32>,
     /// Where the node serves /metrics, when not on --url's port (its `server.metrics_listen`):
-    /// http://127.0.0.1:PORT.
+    /// http://127.0.0.1:PORT. A wss:// node needs it: /metrics is read over plain HTTP.
     #[arg(long, value_name = "URL")]
     pub metrics_url: Option<String>,
     /// Topics PREFIX.t0 … PREFIX.t(N-1).
@@ -95,8 +95,8 @@ pub struct TickerArgs {
     #[arg(long, value_name = "MS", conflicts_with = "slow_rate")]
     pub slow_pause_ms: Option<f64>,
     /// Receive buffer of a slow dashboard's socket, bytes (0: the kernel's default, which on
-    /// loopback grows to megabytes and holds thousands of stale ticks before the server sees the
-    /// dashboard fall behind).
+    /// loopback grows to megabytes: more stale ticks held, on top of the node's send buffer,
+    /// before the node sees the dashboard fall behind).
     #[arg(long, default_value_t = 32_768, value_name = "BYTES")]
     pub slow_rcvbuf: u32,
     /// Seconds a slow dashboard may take, after the last publish, to hold the final value of
@@ -246,7 +246,7 @@ async fn wait_for_finals(running: &[Running], finals: &[u64], limit: Duration) -
             running
                 .iter()
                 .filter(|r| r.slow == slow)
-                .all(|r| r.board.behind(finals) == 0)
+                .all(|r| r.board.holds(finals))
         };
         if done.slow_ns.is_none() && all_at(true) {
             done.slow_ns = Some(now);
