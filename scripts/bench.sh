@@ -11,8 +11,10 @@
 #   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn,
 #                 wss (idle memory per wss:// connection, and CPU per delivery at 40k/s on wss://
 #                 against ws://, three interleaved rounds; needs openssl),
-#                 redis3 (3 nodes + Redis: fan-out at 20k/40k and a step), scale100k (100k
-#                 connections over 6 nodes + Redis); the last two need redis-server and haproxy
+#                 ticker (1,000 price topics at 50k ticks/s, 20 dashboards on one wildcard each,
+#                 10 of them slow and conflated), redis3 (3 nodes + Redis: fan-out at 20k/40k and
+#                 a step), scale100k (100k connections over 6 nodes + Redis); the last two need
+#                 redis-server and haproxy
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -24,7 +26,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,redis3,scale100k"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -34,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -55,10 +57,11 @@ git rev-parse HEAD > "$OUT/commit.txt" 2>/dev/null || true
 
 SERVER_PID=""
 SERVER_ADDR=""
+SERVER_ARGS=() # extra pubgate arguments for the next start_server (e.g. --config FILE)
 
 start_server() { # env assignments for the server as arguments
   local log="$OUT/server-$1.log"; shift
-  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 >"$log.out" 2>"$log.err" &
+  env "$@" PUBGATE__LOG__LEVEL=warn nice -n "$NICE" "$PUBGATE" --listen 127.0.0.1:0 ${SERVER_ARGS[@]+"${SERVER_ARGS[@]}"} >"$log.out" 2>"$log.err" &
   SERVER_PID=$!
   for _ in $(seq 1 100); do
     SERVER_ADDR="$(sed -n 's/^pubgate listening on //p' "$log.out" 2>/dev/null || true)"
@@ -193,6 +196,21 @@ if want wss; then
     run "fanout-40k-ws-$round" fanout --subscribers "$SUBS" --topics 20 --delivery-rate 40000 --payload 256 --duration "$DUR" --warmup 2 --publishers 8
     stop_server
   done
+fi
+
+# 8b. Conflation, a price ticker: 1,000 topics at 50k ticks/s (HTTP batches of 100) for 10 s,
+#     20 dashboards each on one `prices.>` subscription, 10 reading at most 2,000 frames/s, against a
+#     node with the `prices` namespace set to conflate (deploy/bench/ticker.toml). The tool exits
+#     non-zero when an order check fails, a fast dashboard misses a tick or a slow one does not end
+#     on every final value. --quick: 1,000 topics at 5k/s for 2 s, with 2 KB ticks so they overflow
+#     the kernel's socket buffer (up to 4 MB) and reach the node's conflation within the run.
+if want ticker; then
+  if [[ $QUICK == 1 ]]; then TICK_ARGS=(--topics 1000 --rate 5000 --duration 2 --dashboards 4 --slow 2 --slow-rate 1000 --payload 2000); else TICK_ARGS=(); fi
+  SERVER_ARGS=(--config deploy/bench/ticker.toml)
+  start_server "ticker"
+  SERVER_ARGS=()
+  run "ticker" ticker ${TICK_ARGS[@]+"${TICK_ARGS[@]}"}
+  stop_server
 fi
 
 # Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load

@@ -384,6 +384,7 @@ mod tests {
             machine: Default::default(),
             params: serde_json::Value::Null,
             result,
+            failures: Vec::new(),
         }
     }
 

@@ -86,11 +86,21 @@ pub struct Conn {
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-async fn tcp_connect(node: &Node, src: Option<Ipv4Addr>) -> std::io::Result<TcpStream> {
+async fn tcp_connect(
+    node: &Node,
+    src: Option<Ipv4Addr>,
+    rcvbuf: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let socket = match node.addr {
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
+    if let Some(bytes) = rcvbuf {
+        // Before connect, so the window the server sees is small from the first byte: a client
+        // that reads slowly then backs up into the server's queue rather than into megabytes of
+        // loopback socket buffer.
+        socket.set_recv_buffer_size(bytes)?;
+    }
     if let (Some(ip), SocketAddr::V4(_)) = (src, node.addr) {
         // Let connect() pick the port per 4-tuple instead of bind() reserving one per address:
         // each source address then gives a full ephemeral range towards each server port.
@@ -262,12 +272,24 @@ pub async fn open(
     topic: &str,
     timeout: Duration,
 ) -> Result<Conn, OpenError> {
+    open_with(node, src, topic, timeout, None).await
+}
+
+/// [`open`] with the socket's receive buffer set to `rcvbuf` bytes (the kernel doubles it) before
+/// connecting, for clients that are meant to fall behind.
+pub async fn open_with(
+    node: &Node,
+    src: Option<Ipv4Addr>,
+    topic: &str,
+    timeout: Duration,
+    rcvbuf: Option<u32>,
+) -> Result<Conn, OpenError> {
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let in_time = |stage: &'static str| {
         move |_| OpenError::new(format!("timeout_{stage}"), format!("{stage} timed out"))
     };
-    let mut stream = tokio::time::timeout_at(deadline, tcp_connect(node, src))
+    let mut stream = tokio::time::timeout_at(deadline, tcp_connect(node, src, rcvbuf))
         .await
         .map_err(in_time("connect"))?
         .map_err(|e| OpenError::new(io_label("connect", &e), e))?;

@@ -3,7 +3,7 @@
 //!
 //! Scenarios: `connect` (idle connections and their memory), `fanout` (subscribers × publishers),
 //! `step` (raise the rate until it breaks), `churn` (connections coming and going under fan-out),
-//! and `chart` (SVG charts from the JSON results).
+//! `ticker` (a price ticker whose slow dashboards are conflated) and `chart` (SVG charts from the JSON results).
 
 pub mod chart;
 pub mod churn;
@@ -20,6 +20,7 @@ pub mod scan;
 pub mod shards;
 pub mod stats;
 pub mod step;
+pub mod ticker;
 pub mod tls;
 pub mod track;
 pub mod ws;

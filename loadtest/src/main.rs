@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use loadtest::{chart, churn, connect, fanout, procfs, report, shards, step};
+use loadtest::{chart, churn, connect, fanout, procfs, report, shards, step, ticker};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +27,9 @@ enum Command {
     Step(step::StepArgs),
     /// Connections joining and leaving continuously while fan-out runs.
     Churn(churn::ChurnArgs),
+    /// A price ticker: T topics at R ticks/s, dashboards on one wildcard each, some slow (conflated):
+    /// order, loss, lag to the latest value, catch-up time, CPU per delivery.
+    Ticker(ticker::TickerArgs),
     /// Draw SVG charts from JSON results.
     Chart(chart::ChartArgs),
     /// (internal) one worker process of `connect --procs`.
@@ -87,6 +90,17 @@ fn main() -> ExitCode {
                     .and_then(|rt| rt.block_on(step::run_step(args)))
                     .map(|r| Some((r, json)))
             }
+            Command::Ticker(args) if args.print_config => {
+                print!("{}", ticker::CONFIG);
+                Ok(None)
+            }
+            Command::Ticker(args) => {
+                let json = args.json.clone();
+                scenario_runtime(args.threads)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(ticker::run_ticker(args)))
+                    .map(|r| Some((r, json)))
+            }
             Command::Churn(args) => {
                 let json = args.fanout.target.json.clone();
                 scenario_runtime(args.fanout.threads)
@@ -100,7 +114,14 @@ fn main() -> ExitCode {
         Ok(Some((report, json))) => match report::write(&report, json.as_deref()) {
             Ok(text) => {
                 println!("{text}");
-                ExitCode::SUCCESS
+                if report.failures.is_empty() {
+                    ExitCode::SUCCESS
+                } else {
+                    for f in &report.failures {
+                        eprintln!("pubgate-loadtest: FAILED: {f}");
+                    }
+                    ExitCode::FAILURE
+                }
             }
             Err(e) => {
                 eprintln!("pubgate-loadtest: writing the result: {e:#}");

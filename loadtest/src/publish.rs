@@ -221,14 +221,17 @@ impl Drop for Publishers {
     }
 }
 
-struct PubConn {
+/// One keep-alive HTTP/1.1 connection to a node's publish API (plain or TLS), reconnected when the
+/// server closed it. Shared with `ticker`'s batch feed.
+pub(crate) struct PubConn {
     node: Node,
     node_index: usize,
     sender: Option<SendRequest<Full<Bytes>>>,
 }
 
 impl PubConn {
-    async fn open(node: Node, node_index: usize) -> anyhow::Result<PubConn> {
+    /// Connects to `node` (number `node_index` of the run's nodes).
+    pub(crate) async fn open(node: Node, node_index: usize) -> anyhow::Result<PubConn> {
         let mut c = PubConn {
             node,
             node_index,
@@ -276,12 +279,26 @@ impl PubConn {
         body: Bytes,
         api_key: Option<&str>,
     ) -> Result<u64, String> {
+        let body = self
+            .post(&format!("/v1/publish/{topic}"), body, api_key)
+            .await?;
+        Ok(offset_field(&body).unwrap_or(0))
+    }
+
+    /// Posts a JSON `body` to `path`; returns the answer's body when it is a 2xx, else a short
+    /// label of what failed (`http_503`, `conn_closed`, …) for the report to count.
+    pub(crate) async fn post(
+        &mut self,
+        path: &str,
+        body: Bytes,
+        api_key: Option<&str>,
+    ) -> Result<Bytes, String> {
         if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
             self.connect().await.map_err(|_| "reconnect".to_string())?;
         }
         let sender = self.sender.as_mut().ok_or("no connection")?;
         sender.ready().await.map_err(|_| "not_ready".to_string())?;
-        let mut req = http::Request::post(format!("/v1/publish/{topic}"))
+        let mut req = http::Request::post(path)
             .header(http::header::HOST, self.node.host())
             .header(http::header::CONTENT_TYPE, "application/json");
         if let Some(k) = api_key {
@@ -308,7 +325,7 @@ impl PubConn {
         if !status.is_success() {
             return Err(format!("http_{}", status.as_u16()));
         }
-        Ok(offset_field(&body).unwrap_or(0))
+        Ok(body)
     }
 }
 

@@ -10,7 +10,7 @@ use crate::stats::r3;
 /// The envelope of every result file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    /// `connect`, `fanout`, `step` or `churn`.
+    /// `connect`, `fanout`, `step`, `churn` or `ticker`.
     pub scenario: String,
     /// Tool version.
     pub tool_version: String,
@@ -24,6 +24,10 @@ pub struct Report {
     pub params: serde_json::Value,
     /// The scenario's results.
     pub result: serde_json::Value,
+    /// What the run found wrong, when the scenario checks correctness (`ticker`): the tool writes
+    /// the report and then exits with status 1 when this is not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
 }
 
 impl Report {
@@ -44,6 +48,7 @@ impl Report {
             machine: machine.finish(),
             params,
             result,
+            failures: Vec::new(),
         }
     }
 }

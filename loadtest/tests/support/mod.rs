@@ -56,8 +56,14 @@ impl Server {
 
     /// A node with extra `PUBGATE__…` environment settings.
     pub fn start_with(env: &[(&str, &str)]) -> Server {
+        Server::start_args(&[], env)
+    }
+
+    /// A node with extra command-line arguments (`--config FILE`) and environment settings.
+    pub fn start_args(args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(pubgate_bin());
         cmd.args(["--listen", "127.0.0.1:0"])
+            .args(args)
             .env("PUBGATE__LOG__LEVEL", "warn")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
