@@ -13,6 +13,7 @@ export const DEFAULTS = Object.freeze({
   connectTimeout: 10000, // ms to wait for the WebSocket to open
   tokenTimeout: 10000, // ms to wait for the token callback; a hung callback must not stall reconnects
   minRefreshInterval: 1000, // ms: refreshes never come closer than this, whatever tokens the callback returns
+  pingInterval: 30000, // ms between the client's pings while open (0: none); no pong within ackTimeout reconnects
   maxFrameChars: 16 * 1024 * 1024, // larger server frames are refused unparsed (a broken or hostile server)
 });
 
@@ -197,9 +198,12 @@ export function deliverToWildcards(subs, m, call) {
   for (const sub of subs) {
     if (!sub.wild || sub.resyncing || !patternMatches(sub.topic, m.topic)) continue;
     if (isOffset(m.offset) && m.offset > 0) {
+      // Within one connection the server sends each message once per subscription; what can go
+      // back is an offset after an epoch change, which only message 1 and gap frames name. So a
+      // message is a duplicate only at the very offset already delivered in a known epoch.
       const last = sub.seen.get(m.topic);
       const epoch = typeof m.epoch === 'string' ? m.epoch : last ? last.epoch : null;
-      if (last && epoch === last.epoch && m.offset <= last.offset) continue; // never twice
+      if (last && epoch === last.epoch && m.offset === last.offset) continue; // never twice
       sub.seen.set(m.topic, { epoch, offset: m.offset });
     }
     call(sub, 'onMessage', m.data, m);

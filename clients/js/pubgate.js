@@ -22,6 +22,9 @@ import {
   tokenExpiry,
 } from './pubgate-util.js';
 
+/** The longest delay timers take (2^31 - 1 ms). */
+const MAX_TIMER = 2147483647;
+
 export { DEFAULTS, CLOSE_AUTH, CLOSE_GOING_AWAY, PubgateError, PositionStore, backoffDelay, refreshDelay, tokenExpiry } from './pubgate-util.js';
 export { connect } from './pubgate-shared.js';
 
@@ -57,6 +60,7 @@ export class PubgateClient extends Emitter {
     this._retryTimer = null;
     this._refreshTimer = null;
     this._connectTimer = null;
+    this._pingTimer = null;
     this._onOnline = () => this.reconnect();
     this._store = new PositionStore(options.persist === 'session' ? sessionStore(options) : null, url);
     const win = options.window !== undefined ? options.window : globalThis.window;
@@ -183,7 +187,7 @@ export class PubgateClient extends Emitter {
   // --- internals ------------------------------------------------------------------------------
 
   _clearTimers() {
-    for (const t of ['_retryTimer', '_refreshTimer', '_connectTimer']) {
+    for (const t of ['_retryTimer', '_refreshTimer', '_connectTimer', '_pingTimer']) {
       if (this[t] !== null) this._clearTimeout(this[t]);
       this[t] = null;
     }
@@ -246,6 +250,7 @@ export class PubgateClient extends Emitter {
     this._state = 'open';
     this._openedAt = this._now();
     this._scheduleRefresh();
+    this._armPing(ws);
     this.emit('connected', { url: this.url });
     for (const sub of this._subs.values()) this._sendSubscribe(sub);
     for (const [id, p] of this._pending) {
@@ -264,6 +269,8 @@ export class PubgateClient extends Emitter {
     this._refreshTimer = null;
     if (this._connectTimer !== null) this._clearTimeout(this._connectTimer);
     this._connectTimer = null;
+    if (this._pingTimer !== null) this._clearTimeout(this._pingTimer);
+    this._pingTimer = null;
     const wasOpen = this._state === 'open';
     if (this._state !== 'closed') this._state = 'waiting';
     for (const sub of this._subs.values()) {
@@ -323,13 +330,37 @@ export class PubgateClient extends Emitter {
     this._armRefresh(Math.max(delay, this.opts.minRefreshInterval));
   }
 
+  /**
+   * Pings every `pingInterval` while open: a connection whose peer went silent (a frozen node, a
+   * partition that drops packets) sends the client nothing, and TCP alone would keep it "open" for
+   * a long time. No pong within `ackTimeout` drops it, so the client reconnects and resumes.
+   */
+  _armPing(ws) {
+    if (!(this.opts.pingInterval > 0)) return;
+    this._pingTimer = this._setTimeout(() => {
+      this._pingTimer = null;
+      if (this._ws !== ws || this._state !== 'open') return;
+      this._request({ op: 'ping' }, 'ping', { internal: true }).then(
+        () => {
+          if (this._ws === ws) this._armPing(ws);
+        },
+        (e) => {
+          if (this._ws === ws && e.code === 'timeout') this._abandon(new PubgateError('timeout', 'no pong from the server: reconnecting'));
+        },
+      );
+    }, this.opts.pingInterval);
+  }
+
   _armRefresh(delay) {
     const ws = this._ws;
     if (this._refreshTimer !== null) this._clearTimeout(this._refreshTimer);
+    // Timers fire at once past 2^31 - 1 ms (24.8 days): a long-lived token waits in steps.
+    const step = Math.min(delay, MAX_TIMER);
     this._refreshTimer = this._setTimeout(() => {
       this._refreshTimer = null;
-      this._refresh(ws);
-    }, delay);
+      if (delay > step) this._armRefresh(delay - step);
+      else this._refresh(ws);
+    }, step);
   }
 
   /** Fetches a token and sends `refresh` on `ws`; a failed fetch is retried while the old token lasts. */
@@ -460,6 +491,8 @@ export class PubgateClient extends Emitter {
       sub.inflight = false;
       sub.active = true;
       sub.resyncing = false;
+      // Live from this ack: what the last connection saw says nothing about the topics' epochs now.
+      sub.seen.clear();
       if (sub.first) sub.first.resolve({ topic: sub.topic });
       sub.first = null;
       return;

@@ -12,6 +12,7 @@ function setup(options = {}) {
     clearTimeout: clock.clearTimeout,
     now: () => clock.now,
     window: null,
+    pingInterval: 0, // the fake sockets answer nothing; the ping test turns it on
     ...options,
   });
   const events = [];
@@ -376,4 +377,71 @@ test('wildcards: acked without a position, each matching (topic, offset) once, n
   const again = ws2.last('subscribe');
   assert.equal(again.topic, 'scores.*');
   assert.equal(again.since, undefined);
+});
+
+test('a token that lives longer than timers can wait (24.8 days) is refreshed once, when due', async () => {
+  let n = 0;
+  const thirtyDays = 30 * 24 * 3600_000;
+  const ctx = setup({
+    refreshMargin: 30000,
+    token: async () => {
+      n++;
+      return jwt({ sub: 'u', exp: Math.floor((1_000_000 + thirtyDays * n) / 1000) });
+    },
+  });
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets[0];
+  ws.open();
+  assert.ok(ctx.clock.pending().every((ms) => ms <= 2147483647), 'no timer past 2^31 - 1 ms');
+  await ctx.clock.advance(10 * 24 * 3600_000);
+  assert.equal(n, 1, 'no refresh storm');
+  assert.equal(ws.last('refresh'), undefined);
+  await ctx.clock.advance(thirtyDays - 10 * 24 * 3600_000 - 30_000);
+  assert.equal(n, 2, 'refreshed when due');
+  assert.ok(ws.last('refresh'));
+});
+
+test('wildcards: after a reconnect to a node with new epochs, messages at lower offsets are delivered', async () => {
+  const ctx = setup();
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  const got = [];
+  ctx.client.subscribe('s.*', (d, m) => got.push(`${m.topic}#${m.offset}`));
+  ws.recv({ op: 'ack', id: ws.last('subscribe').id, topic: 's.*' });
+  for (let o = 18; o <= 20; o++) ws.recv({ op: 'message', topic: 's.a', offset: o, data: o });
+  ws.serverClose(1006, '');
+  await ctx.clock.advance(DEFAULTS.backoffMax);
+  await flush();
+  const ws2 = ctx.sockets.at(-1);
+  ws2.open();
+  await flush();
+  ws2.recv({ op: 'ack', id: ws2.last('subscribe').id, topic: 's.*' });
+  // The restarted node's new epoch: offsets start again, only message 1 names the epoch.
+  ws2.recv({ op: 'message', topic: 's.a', epoch: 'E2', offset: 5, data: 5 });
+  ws2.recv({ op: 'message', topic: 's.a', offset: 6, data: 6 });
+  assert.deepEqual(got, ['s.a#18', 's.a#19', 's.a#20', 's.a#5', 's.a#6']);
+});
+
+test('a silent server (no pong within ackTimeout) is dropped and the client reconnects', async () => {
+  const ctx = setup({ pingInterval: 30000 });
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  await ctx.clock.advance(30000);
+  const ping = ws.last('ping');
+  assert.ok(ping, 'a ping after pingInterval');
+  ws.recv({ op: 'pong', id: ping.id });
+  await flush();
+  await ctx.clock.advance(30000);
+  const second = ws.last('ping');
+  assert.notEqual(second.id, ping.id, 'pings go on while pongs come');
+  // No pong: after ackTimeout the connection is dropped and a new one is opened.
+  await ctx.clock.advance(DEFAULTS.ackTimeout + DEFAULTS.backoffMax);
+  await flush();
+  assert.ok(ctx.sockets.length >= 2, 'reconnected');
+  assert.ok(ctx.events.some(([e, a]) => e === 'disconnected' && a.willReconnect), JSON.stringify(ctx.events));
 });

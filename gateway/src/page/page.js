@@ -45,6 +45,10 @@ client.on('disconnected', (d) => {
   setStatus('waiting', d && d.willReconnect === false ? 'closed' + code : 'reconnecting' + code + '…');
 });
 client.on('error', (e) => page.events.push('error: ' + (e && e.message)));
+// Kept for tests, bounded: a long-open page must not grow without end.
+setInterval(() => {
+  if (page.events.length > 2000) page.events.splice(0, page.events.length - 1000);
+}, 10000);
 client.on('resumed', (r) => {
   const s = streams.get(r.topic);
   if (s && r.recovered) row(s.list, 'note info', [['data', `reconnected: resumed after offset ${r.since.offset}; what was missed follows from history`]]);
@@ -118,16 +122,22 @@ function removeStream(topic) {
 async function subscribe(topic) {
   if (streams.has(topic)) return;
   const s = addStream(topic);
+  const wildcard = /[*>]/.test(topic);
   try {
     const ack = await client.subscribe(topic, {
       onMessage(data, msg) {
         s.count++;
         s.times.push(performance.now());
         s.countEl.textContent = s.count;
-        page.received[topic].push(msg.offset);
+        // Kept for tests, bounded like the rows shown.
+        const kept = page.received[topic];
+        kept.push(wildcard ? `${msg.topic}#${msg.offset}` : msg.offset);
+        if (kept.length > 2000) kept.splice(0, kept.length - 1000);
         // A test that reloads the page watches deliveries from outside it (Playwright's exposeFunction).
         if (typeof window.pubgateObserve === 'function') window.pubgateObserve(topic, msg.offset);
-        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', shown(data)]]);
+        const off = msg.offset === undefined ? '–' : '#' + msg.offset;
+        // A wildcard's rows name the concrete topic each message came on.
+        row(s.list, '', [['off', wildcard ? `${msg.topic} ${off}` : off], ['time', time()], ['data', shown(data)]]);
       },
       onGap(g) {
         row(s.list, 'note', [['data', `gap signalled at offset ${g.offset}: asking history to fill it`]]);
