@@ -108,6 +108,19 @@ impl Namespaces {
             .unwrap_or(&self.default)
     }
 
+    /// Whether a subscription to `name` (a topic or a wildcard) can receive messages of a
+    /// conflating namespace.
+    pub fn reaches_conflation(&self, name: &str) -> bool {
+        let conflates = |n: &Namespace| n.policy == Some(NamespacePolicy::Conflate);
+        match Pattern::parse(name) {
+            Ok(p) if name.bytes().any(|b| matches!(b, b'*' | b'>')) => self
+                .list
+                .iter()
+                .any(|n| conflates(n) && n.pattern.as_ref().is_some_and(|np| np.overlaps(&p))),
+            _ => conflates(self.of(name)),
+        }
+    }
+
     /// The first namespace that refuses wildcards and has topics `wildcard` could match.
     pub fn refusing_wildcard(&self, wildcard: &Pattern) -> Option<&Namespace> {
         self.list

@@ -197,6 +197,9 @@ async fn expire(
     }
 }
 
+/// Unsent bytes the kernel may hold for a connection that subscribes to a conflating namespace.
+const CONFLATION_UNSENT: u32 = 32 << 10;
+
 /// The subscriptions of a connection, each a guard ([`Subscription`]) recorded before the first
 /// await of its subscribe. Dropping them (when the reader ends, or its task is aborted in the middle
 /// of a subscribe or a replay) releases every one.
@@ -486,6 +489,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         ErrorCode::TooManySubscriptions,
                         format!("at most {max} subscriptions per connection"),
                     ));
+                }
+                if node.namespaces.reaches_conflation(&topic) {
+                    // What the reader has not taken must wait here, where conflation replaces it,
+                    // not in a kernel buffer of megabytes that delivers stale values for seconds.
+                    self.queue.limit_unsent(CONFLATION_UNSENT);
                 }
                 // Recorded before anything is awaited: if this task is aborted from here on, the
                 // guard goes with `self.subs`.

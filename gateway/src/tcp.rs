@@ -103,6 +103,10 @@ impl DirectWrite for TcpStream {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         TcpStream::try_write_vectored(self, bufs)
     }
+
+    fn limit_unsent(&self, bytes: u32) {
+        crate::send_queue::set_notsent_lowat(self, bytes);
+    }
 }
 
 #[cfg(test)]

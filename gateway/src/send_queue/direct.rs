@@ -16,6 +16,32 @@ pub trait DirectWrite: Send + Sync {
     /// holds one byte back this way when the socket left ciphertext over, so that the writer task
     /// takes over and waits for the socket (see [`crate::tls_stream`]).
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+
+    /// Keeps at most about `bytes` of unsent data in the kernel for this socket (Linux
+    /// `TCP_NOTSENT_LOWAT`), so that what a slow reader has not taken waits in the send queue,
+    /// where conflation can replace it, instead of in a kernel buffer that grows to megabytes.
+    fn limit_unsent(&self, bytes: u32) {
+        let _ = bytes;
+    }
+}
+
+/// Sets `TCP_NOTSENT_LOWAT` on a TCP socket; a failure only costs the optimisation.
+pub fn set_notsent_lowat(socket: &tokio::net::TcpStream, bytes: u32) {
+    use std::os::fd::AsRawFd;
+    let value = bytes as libc::c_int;
+    // SAFETY: a valid socket descriptor, and an int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "TCP_NOTSENT_LOWAT not set");
+    }
 }
 
 /// Slices per vectored write, for the direct flush and the writer alike: a burst goes out in a few

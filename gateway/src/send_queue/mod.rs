@@ -49,7 +49,7 @@ mod queue;
 #[cfg(test)]
 mod tests;
 
-pub use direct::{DirectWrite, MAX_SLICES, drop_written, fill_slices};
+pub use direct::{DirectWrite, MAX_SLICES, drop_written, fill_slices, set_notsent_lowat};
 pub use flushes::Flushes;
 pub use queue::{Batch, Policy, SendQueue};
 

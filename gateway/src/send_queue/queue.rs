@@ -244,6 +244,14 @@ impl SendQueue {
         Pushed::Overflow
     }
 
+    /// See [`DirectWrite::limit_unsent`]; nothing on a queue without a socket handle.
+    pub fn limit_unsent(&self, bytes: u32) {
+        let direct = self.lock().direct.clone();
+        if let Some(direct) = direct {
+            direct.limit_unsent(bytes);
+        }
+    }
+
     /// Whether a reader may be waiting in [`SendQueue::room`].
     pub(super) fn is_half_full(&self, st: &State) -> bool {
         st.len() * 2 >= self.max_frames || st.bytes * 2 >= self.max_bytes

@@ -180,6 +180,10 @@ impl DirectWrite for Shared {
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         self.lock().write_some(&self.tcp, bufs, true)
     }
+
+    fn limit_unsent(&self, bytes: u32) {
+        crate::send_queue::set_notsent_lowat(&self.tcp, bytes);
+    }
 }
 
 impl AsyncRead for TlsConn {
