@@ -15,7 +15,9 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::topic::Pattern;
+pub use compression::Compression;
 
+mod compression;
 mod env;
 mod source;
 mod validate;
@@ -80,6 +82,8 @@ pub struct Settings {
     pub drain: Drain,
     /// Message history for recovery.
     pub history: History,
+    /// permessage-deflate toward clients.
+    pub compression: Compression,
     /// Logging.
     pub log: Log,
 }
@@ -494,6 +498,11 @@ delay = "0s"
 size = 100
 ttl = "5m"
 rules = []
+
+[compression]
+enabled = true
+min_size = 256
+level = 6
 
 [log]
 format = "plain"

@@ -55,6 +55,9 @@ pub struct RawFrame {
     pub fin: bool,
     /// The opcode.
     pub opcode: Opcode,
+    /// RSV1: under permessage-deflate, set on the first frame of a compressed message. Whether it
+    /// may be set is for [`crate::ws_read`] to say, which knows what was negotiated.
+    pub rsv1: bool,
     /// The unmasked payload.
     pub payload: BytesMut,
 }
@@ -108,9 +111,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.fill(2).await?;
         let (b0, b1) = (self.buf[0], self.buf[1]);
         let fin = b0 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        // RSV2 and RSV3 belong to no extension the node negotiates.
+        if b0 & 0x30 != 0 {
             return Err(ReadError::Violation(1002, "reserved bits set"));
         }
+        let rsv1 = b0 & 0x40 != 0;
         let opcode =
             Opcode::from_bits(b0 & 0x0F).ok_or(ReadError::Violation(1002, "unknown opcode"))?;
         if b1 & 0x80 == 0 {
@@ -158,6 +163,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(RawFrame {
             fin,
             opcode,
+            rsv1,
             payload,
         })
     }
@@ -234,7 +240,7 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(
-            first_err(masked(0xC1, b"x"), 100).await,
+            first_err(masked(0xA1, b"x"), 100).await,
             ReadError::Violation(1002, "reserved bits set")
         );
         assert_eq!(

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
+use crate::deflate::SharedFrame;
 use crate::json_depth;
 use crate::protocol;
 use crate::send_queue::{Flushes, SendQueue};
@@ -278,7 +279,12 @@ impl MessageSink for Registry {
             // Cooling down.
             return;
         }
-        let frame = protocol::message(&message);
+        // Plain for everyone; compressed at most once, for the subscribers that negotiated deflate.
+        let frame = SharedFrame::new(
+            protocol::message(&message),
+            self.limits.compression.as_ref(),
+            &self.metrics,
+        );
         let position = message.position.as_ref();
         // Every live subscriber that needs one gets the same gap frame: encoded once.
         let mut gap_frame = None;
@@ -296,14 +302,21 @@ impl MessageSink for Registry {
                             .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
                         self.push_gap(&mut flushes, &sub.queue, gap.clone());
                     }
-                    if step != Step::Skip && self.push(&mut flushes, &sub.queue, frame.clone()) {
+                    if step != Step::Skip
+                        && self.push(
+                            &mut flushes,
+                            &sub.queue,
+                            frame.for_subscriber(sub.queue.takes_deflate()),
+                        )
+                    {
                         delivered += 1;
                     }
                 }
                 SubState::Pending(pending) => pending.hold(
                     Held {
                         position: message.position.clone(),
-                        frame: frame.clone(),
+                        // Held frames go out plain: a deflate peer reads those too.
+                        frame: frame.plain().clone(),
                         gap: false,
                     },
                     max_frames,
@@ -312,6 +325,7 @@ impl MessageSink for Registry {
             }
         }
         drop(shard);
+        drop(frame);
         // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
         // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
         flushes.spawn();

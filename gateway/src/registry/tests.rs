@@ -32,6 +32,7 @@ fn registry(max_held: usize) -> Arc<Registry> {
             max_message_size: 100,
             max_json_depth: 3,
             unsubscribe_delay: Duration::ZERO,
+            compression: None,
         },
     ))
 }
