@@ -34,8 +34,6 @@ pub struct WsReader<R> {
     frames: FrameReader<R>,
     max_message: usize,
     partial: Option<Partial>,
-    /// permessage-deflate was negotiated: RSV1 marks a compressed message.
-    inflate: bool,
 }
 
 /// A fragmented message still being received.
@@ -62,14 +60,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             frames: FrameReader::new(read, max_message),
             max_message,
             partial: None,
-            inflate: false,
         }
     }
 
     /// Reads compressed messages too: for a connection that negotiated permessage-deflate.
     /// Without it, RSV1 on any frame closes with 1002.
     pub fn with_inflate(mut self, inflate: bool) -> Self {
-        self.inflate = inflate;
+        self.frames.allow_rsv1(inflate);
         self
     }
 
@@ -80,9 +77,7 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
     pub async fn next(&mut self) -> Result<Incoming, ReadError> {
         loop {
             let frame = self.frames.read().await?;
-            if let Some(incoming) =
-                accept(&mut self.partial, self.max_message, self.inflate, frame)?
-            {
+            if let Some(incoming) = accept(&mut self.partial, self.max_message, frame)? {
                 return Ok(incoming);
             }
         }
@@ -94,27 +89,15 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
 fn accept(
     partial: &mut Option<Partial>,
     max_message: usize,
-    inflate: bool,
     frame: RawFrame,
 ) -> Result<Option<Incoming>, ReadError> {
+    // RSV1 comes only on text and binary frames of a deflate connection (see FrameReader).
     let RawFrame {
         fin,
         opcode,
         rsv1,
         payload,
     } = frame;
-    if rsv1 {
-        if !inflate {
-            return Err(ReadError::Violation(1002, "reserved bits set"));
-        }
-        // RFC 7692 §6.1: only the first frame of a data message carries it.
-        if !matches!(opcode, Opcode::Text | Opcode::Binary) {
-            return Err(ReadError::Violation(
-                1002,
-                "RSV1 set on a control or continuation frame",
-            ));
-        }
-    }
     match opcode {
         // The frame reader has refused fragmented and oversized (> 125 bytes) control frames.
         Opcode::Ping => Ok(Some(Incoming::Ping(payload.freeze()))),
@@ -257,7 +240,7 @@ mod tests {
         let mut partial = None;
         let mut last = Ok(None);
         for &(fin, op, payload) in frames {
-            last = accept(&mut partial, 1024, false, frame(fin, op, payload));
+            last = accept(&mut partial, 1024, frame(fin, op, payload));
             if last.is_err() {
                 break;
             }
@@ -357,20 +340,15 @@ mod tests {
         let text = "é, ".repeat(100);
         let z = deflated(text.as_bytes());
         let mut partial = None;
-        let r = accept(&mut partial, 1024, true, compressed(true, Opcode::Text, &z));
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &z));
         assert!(matches!(r, Ok(Some(Incoming::Text(t))) if t == text.as_bytes()));
         // Split mid-stream: only the first frame has RSV1.
         let (a, b) = z.split_at(z.len() / 2);
         assert!(matches!(
-            accept(&mut partial, 1024, true, compressed(false, Opcode::Text, a)),
+            accept(&mut partial, 1024, compressed(false, Opcode::Text, a)),
             Ok(None)
         ));
-        let r = accept(
-            &mut partial,
-            1024,
-            true,
-            frame(true, Opcode::Continuation, b),
-        );
+        let r = accept(&mut partial, 1024, frame(true, Opcode::Continuation, b));
         assert!(matches!(r, Ok(Some(Incoming::Text(t))) if t == text.as_bytes()));
     }
 
@@ -378,64 +356,25 @@ mod tests {
     fn compressed_violations() {
         let z = deflated(&[b'a'; 2000]);
         let mut partial = None;
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &z));
         assert_eq!(
-            accept(
-                &mut partial,
-                1024,
-                false,
-                compressed(true, Opcode::Text, &z)
-            )
-            .unwrap_err(),
-            ReadError::Violation(1002, "reserved bits set")
-        );
-        assert_eq!(
-            accept(&mut partial, 1024, true, compressed(true, Opcode::Text, &z)).unwrap_err(),
+            r.unwrap_err(),
             ReadError::Violation(1009, "message too large")
         );
-        assert_eq!(
-            accept(
-                &mut partial,
-                1024,
-                true,
-                compressed(true, Opcode::Ping, b"")
-            )
-            .unwrap_err(),
-            ReadError::Violation(1002, "RSV1 set on a control or continuation frame")
+        let r = accept(
+            &mut partial,
+            1024,
+            compressed(true, Opcode::Binary, &[0xff; 8]),
         );
-        assert!(matches!(
-            accept(&mut partial, 1024, true, frame(false, Opcode::Text, b"a")),
-            Ok(None)
-        ));
-        assert!(matches!(
-            accept(
-                &mut partial,
-                1024,
-                true,
-                compressed(true, Opcode::Continuation, b"b")
-            ),
-            Err(ReadError::Violation(1002, _))
-        ));
-        let mut partial = None;
         assert_eq!(
-            accept(
-                &mut partial,
-                1024,
-                true,
-                compressed(true, Opcode::Binary, &[0xff; 8])
-            )
-            .unwrap_err(),
+            r.unwrap_err(),
             ReadError::Violation(1007, "invalid compressed data")
         );
         // Inflated text is checked for UTF-8 like any other.
         let bad = deflated(&[0xff; 300]);
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &bad));
         assert_eq!(
-            accept(
-                &mut partial,
-                1024,
-                true,
-                compressed(true, Opcode::Text, &bad)
-            )
-            .unwrap_err(),
+            r.unwrap_err(),
             ReadError::Violation(1007, "invalid UTF-8 in text message")
         );
     }

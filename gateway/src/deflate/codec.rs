@@ -183,6 +183,19 @@ mod tests {
     }
 
     #[test]
+    fn round_trip_of_every_size_class() {
+        for len in [300usize, 5000, 40_000, 200_000] {
+            let msg = "price bid ask volume ".repeat(len / 21 + 1).into_bytes();
+            let f = compress_frame(OpCode::Text, &msg[..len], 6).expect("compresses");
+            assert_eq!(
+                inflate(payload_of(&f), 1 << 20).unwrap(),
+                &msg[..len],
+                "{len}"
+            );
+        }
+    }
+
+    #[test]
     fn incompressible_payload_stays_plain() {
         // xorshift64: bytes with no repetition for LZ77 or Huffman to use.
         let mut x = 0x9E37_79B9_7F4A_7C15u64;
