@@ -8,6 +8,7 @@
 //! the client protocol is the same whether a node runs alone ([`MemoryBroker`]) or with Redis.
 
 mod memory;
+mod prefixes;
 pub mod redis;
 
 use std::fmt;
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use memory::{MemoryBroker, MemoryConfig};
+pub use prefixes::{PrefixSet, strict_prefixes};
 pub use redis::{RedisBroker, RedisConfig};
 
 /// A topic's offset: the number of messages ever published to it in the current epoch.
@@ -138,6 +140,10 @@ pub trait BrokerObserver: Send + Sync + 'static {
         let _ = reason;
     }
 
+    /// A message arrived from the broker's subscription connection (before any check): what a
+    /// node's subscriptions cost it on the wire.
+    fn received(&self) {}
+
     /// Messages waiting between the broker and the node: how many, and their payload bytes.
     fn backlog(&self, messages: usize, bytes: usize) {
         let _ = (messages, bytes);
@@ -168,6 +174,9 @@ pub enum BrokerError {
     /// The broker configuration is unusable (bad URL, unknown kind).
     #[error("broker configuration error: {0}")]
     Config(String),
+    /// This broker cannot do what was asked (e.g. prefix subscriptions on Redis Cluster).
+    #[error("not supported by this broker: {0}")]
+    Unsupported(String),
 }
 
 /// How much history one topic keeps.
@@ -334,6 +343,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Stops delivering `topic`. Called when its last local subscriber leaves.
     async fn unsubscribe(&self, topic: &str) -> Result<(), BrokerError>;
+
+    /// Starts delivering every topic below `prefix` (the topics whose name starts with `prefix.`;
+    /// every topic for the empty prefix) to the sink, each in its own offset order, as if each
+    /// were subscribed: what wildcard subscriptions need. Calls are counted: a prefix subscribed
+    /// twice needs two [`Broker::unsubscribe_prefix`]. Once this returns, every later publish below
+    /// the prefix reaches the sink.
+    async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        Err(BrokerError::Unsupported(format!(
+            "wildcard subscriptions (below {prefix:?}) need the memory broker or Redis (standalone or Sentinel)"
+        )))
+    }
+
+    /// Undoes one [`Broker::subscribe_prefix`].
+    async fn unsubscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        let _ = prefix;
+        Ok(())
+    }
 
     /// The topic's current epoch and latest offset.
     async fn position(&self, topic: &str) -> Result<Position, BrokerError>;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 
 use crate::{
     Broker, BrokerError, Epoch, HistoryLimits, HistoryPolicy, HistoryRead, Message, MessageSink,
-    Offset, Position, Replay,
+    Offset, Position, PrefixSet, Replay,
 };
 
 /// Settings of the in-memory broker.
@@ -45,6 +45,8 @@ pub struct MemoryBroker {
     config: MemoryConfig,
     sink: Arc<dyn MessageSink>,
     topics: Mutex<Topics>,
+    /// Prefixes subscribed for wildcard subscriptions: their topics are delivered too.
+    prefixes: PrefixSet,
 }
 
 struct Topics {
@@ -99,6 +101,7 @@ impl MemoryBroker {
                 map: HashMap::new(),
                 last_sweep: Instant::now(),
             }),
+            prefixes: PrefixSet::default(),
         }
     }
 
@@ -153,7 +156,9 @@ impl Broker for MemoryBroker {
             log.history.push_back((offset, now, data.clone()));
             log.trim(now);
         }
-        if log.subscribed {
+        // Checked under the topic's lock, like `subscribed`: a prefix subscribed before this
+        // publish took the lock sees the message, in order with the topic's others.
+        if log.subscribed || self.prefixes.covers(&log.name) {
             self.sink.deliver(Message {
                 topic: log.name.clone(),
                 position: Some(position.clone()),
@@ -175,6 +180,16 @@ impl Broker for MemoryBroker {
             // The idle clock restarts now, so a topic someone just left keeps its epoch for a while.
             log.last_publish = Instant::now();
         }
+        Ok(())
+    }
+
+    async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        self.prefixes.add(prefix);
+        Ok(())
+    }
+
+    async fn unsubscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        self.prefixes.remove(prefix);
         Ok(())
     }
 

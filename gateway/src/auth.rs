@@ -11,7 +11,7 @@ use subtle::ConstantTimeEq;
 use crate::config::Settings;
 use crate::jwt::remote::JwksSource;
 use crate::jwt::{Grant, TokenError, Verifier};
-use crate::topic::{Pattern, any_matches};
+use crate::topic::{Pattern, any_matches, grants};
 
 /// What the node allows, built once from settings.
 pub struct Access {
@@ -254,15 +254,15 @@ impl Access {
     /// messages to a client the other refuses.
     pub fn may_subscribe(&self, who: &Identity, topic: &str) -> bool {
         match who {
-            Identity::Anonymous => any_matches(&self.anonymous_subscribe, topic),
+            Identity::Anonymous => grants(&self.anonymous_subscribe, topic),
             Identity::ApiKey => true,
             // A token adds to what anyone may do where anonymous clients are let in: a signed-in
             // client need not open a second, anonymous connection for the public topics.
             Identity::Token(g) => {
                 g.may_subscribe(topic)
-                    || (self.anonymous && any_matches(&self.anonymous_subscribe, topic))
+                    || (self.anonymous && grants(&self.anonymous_subscribe, topic))
             }
-            Identity::ScopedKey(k) => any_matches(&k.subscribe, topic),
+            Identity::ScopedKey(k) => grants(&k.subscribe, topic),
         }
     }
 

@@ -19,8 +19,11 @@ pub use compression::Compression;
 
 mod compression;
 mod env;
+mod namespaces;
 mod source;
 mod validate;
+
+pub use namespaces::{NamespacePolicy, NamespaceSettings};
 
 /// Command-line flags. Each one overrides the config key named in its help; flags that are not given
 /// leave the lower layers alone.
@@ -86,6 +89,8 @@ pub struct Settings {
     pub compression: Compression,
     /// Logging.
     pub log: Log,
+    /// Options by topic pattern (`[[namespaces]]`), first match wins.
+    pub namespaces: Vec<NamespaceSettings>,
 }
 
 /// `[server]`
@@ -328,29 +333,43 @@ impl History {
     }
 
     /// The per-topic policy the broker applies: the first rule whose pattern matches, else the
-    /// defaults. The settings must have been validated (every pattern parses).
-    pub fn policy(&self) -> Arc<dyn HistoryPolicy> {
+    /// defaults; then the topic's namespace (the first whose pattern matches) overrides what it
+    /// sets. The settings must have been validated (every pattern parses).
+    pub fn policy(&self, namespaces: &[NamespaceSettings]) -> Arc<dyn HistoryPolicy> {
         let default = self.default_limits();
-        if self.rules.is_empty() {
-            return Arc::new(default);
-        }
+        let parse = |p: &str| Pattern::parse(p).ok();
         let rules: Vec<(Pattern, HistoryLimits)> = self
             .rules
             .iter()
             .filter_map(|r| {
-                let pattern = Pattern::parse(&r.pattern).ok()?;
                 let limits = HistoryLimits {
                     size: r.size.unwrap_or(default.size),
                     ttl: r.ttl.unwrap_or(default.ttl),
                 };
-                Some((pattern, limits))
+                Some((parse(&r.pattern)?, limits))
             })
             .collect();
+        // Every namespace counts, those without history options too: a topic belongs to the
+        // first namespace that matches, whatever later ones say.
+        let overrides: Vec<(Pattern, Option<usize>, Option<Duration>)> = namespaces
+            .iter()
+            .filter_map(|n| Some((parse(&n.pattern)?, n.history_size, n.history_ttl)))
+            .collect();
+        if rules.is_empty() && overrides.iter().all(|(_, s, t)| s.is_none() && t.is_none()) {
+            return Arc::new(default);
+        }
         Arc::new(move |topic: &str| {
-            rules
+            let base = rules
                 .iter()
                 .find(|(p, _)| p.matches(topic))
-                .map_or(default, |(_, limits)| *limits)
+                .map_or(default, |(_, limits)| *limits);
+            match overrides.iter().find(|(p, _, _)| p.matches(topic)) {
+                Some((_, size, ttl)) => HistoryLimits {
+                    size: size.unwrap_or(base.size),
+                    ttl: ttl.unwrap_or(base.ttl),
+                },
+                None => base,
+            }
         })
     }
 }
@@ -442,6 +461,8 @@ pub const MESSAGE_FRAME_OVERHEAD: usize = 14 + 200 + 100;
 
 /// Built-in defaults, the lowest layer. Kept as TOML so it reads like the example file.
 const DEFAULTS: &str = r#"
+namespaces = []
+
 [server]
 listen = "127.0.0.1:8080"
 max_connections = 0

@@ -249,6 +249,9 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
     if !node.access.may_publish(&who, topic) {
         return forbidden(node, &who, "publish to", topic);
     }
+    if let Err(e) = node.check_namespace(&who, topic, 0) {
+        return protocol_error(e);
+    }
     let body = match read_body(
         req,
         node.settings.limits.max_message_size,
@@ -267,6 +270,9 @@ pub async fn publish_one(node: &Node, topic: &str, req: Request<Incoming>) -> Re
         Ok(raw) => Bytes::copy_from_slice(raw.get().as_bytes()),
         Err(e) => return protocol_error(e),
     };
+    if let Err(e) = node.check_namespace(&who, topic, data.len()) {
+        return protocol_error(e);
+    }
     match node.publish(topic, data, "http").await {
         Ok(pos) => json(
             StatusCode::OK,
@@ -468,6 +474,10 @@ pub async fn publish_batch(node: &Node, req: Request<Incoming>) -> Response<Body
         }
         if let Err(mut e) = crate::json_depth::check(m.data.get().as_bytes(), limits.max_json_depth)
         {
+            e.message = format!("messages[{i}]: {}", e.message);
+            return protocol_error(e);
+        }
+        if let Err(mut e) = node.check_namespace(&who, &m.topic, m.data.get().len()) {
             e.message = format!("messages[{i}]: {}", e.message);
             return protocol_error(e);
         }

@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
 use crate::config::Auth;
-use crate::topic::{Pattern, any_matches};
+use crate::topic::{Pattern, any_matches, grants};
 
 /// Largest token accepted, in bytes: a token is checked before anything else of a connection is
 /// known, so its cost must be bounded.
@@ -105,9 +105,9 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Whether the holder may subscribe to `topic`.
+    /// Whether the holder may subscribe to `topic` (a topic or a wildcard, see [`grants`]).
     pub fn may_subscribe(&self, topic: &str) -> bool {
-        any_matches(&self.subscribe, topic)
+        grants(&self.subscribe, topic)
     }
 
     /// Whether the holder may publish to `topic`.

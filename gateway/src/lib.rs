@@ -22,6 +22,7 @@ pub(crate) mod frame_read;
 pub(crate) mod http_api;
 pub(crate) mod json_depth;
 pub(crate) mod metrics;
+pub(crate) mod namespace;
 pub(crate) mod node;
 pub(crate) mod per_ip;
 pub(crate) mod proxy_protocol;

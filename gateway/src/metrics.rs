@@ -69,6 +69,16 @@ pub struct Metrics {
     pub gaps_signalled: IntCounter,
     /// Topics the node holds a broker subscription for, cooling down ones included.
     pub broker_topics: IntGauge,
+    /// Wildcard patterns with at least one local subscriber.
+    pub wildcards: IntGauge,
+    /// Messages that arrived on the broker's subscription connection.
+    pub broker_received: IntCounter,
+    /// Messages published, by namespace.
+    pub ns_published: IntCounterVec,
+    /// Messages queued to subscribers, by namespace.
+    pub ns_delivered: IntCounterVec,
+    /// Messages a conflating queue replaced with a newer one, by namespace.
+    pub ns_conflated: IntCounterVec,
     /// Messages from the broker dropped before fan-out (once per message), by reason.
     pub broker_dropped: IntCounterVec,
     /// Message frames compressed for fan-out: at most one per message per node, however many
@@ -238,6 +248,34 @@ impl Metrics {
                 "broker_topics",
                 "Topics the node is subscribed to in the broker, including those cooling down.",
             ),
+            wildcards: gauge(
+                r,
+                "wildcards",
+                "Wildcard patterns (scores.*, scores.>) with at least one local subscriber.",
+            ),
+            broker_received: counter(
+                r,
+                "broker_messages_received_total",
+                "Messages that arrived on the Redis subscription connection, before any check.",
+            ),
+            ns_published: counter_vec(
+                r,
+                "namespace_messages_published_total",
+                "Messages published through this node, by namespace.",
+                "namespace",
+            ),
+            ns_delivered: counter_vec(
+                r,
+                "namespace_messages_delivered_total",
+                "Messages queued to subscribers on this node, by namespace.",
+                "namespace",
+            ),
+            ns_conflated: counter_vec(
+                r,
+                "namespace_messages_conflated_total",
+                "Queued messages a slow subscriber skipped because a newer one of the same topic (and key) replaced them, by namespace.",
+                "namespace",
+            ),
             broker_dropped: {
                 let v = counter_vec(
                     r,
@@ -326,6 +364,10 @@ impl BrokerObserver for Metrics {
 
     fn rejected(&self, reason: &'static str) {
         self.broker_rejected.with_label_values(&[reason]).inc();
+    }
+
+    fn received(&self) {
+        self.broker_received.inc();
     }
 
     fn backlog(&self, messages: usize, bytes: usize) {

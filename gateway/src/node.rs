@@ -13,10 +13,11 @@ use broker_bridge::{
 };
 use bytes::Bytes;
 
-use crate::auth::Access;
+use crate::auth::{Access, Identity};
 use crate::config::{BrokerKind, Settings};
 use crate::drain::Drain;
 use crate::metrics::Metrics;
+use crate::namespace::Namespaces;
 use crate::per_ip::{Cidr, PerIp};
 use crate::protocol::{ErrorCode, ProtocolError};
 use crate::registry::{ConnId, Registry, RegistryLimits};
@@ -26,6 +27,8 @@ use crate::send_queue::{DirectWrite, SendQueue};
 pub struct Node {
     /// The validated settings.
     pub settings: Settings,
+    /// The options of each topic's namespace.
+    pub namespaces: Arc<Namespaces>,
     /// Every metric.
     pub metrics: Arc<Metrics>,
     /// Local subscribers.
@@ -46,6 +49,12 @@ pub struct Node {
 
 /// Turns a broker failure into the protocol error clients see.
 pub(crate) fn broker_error(e: BrokerError) -> ProtocolError {
+    if let BrokerError::Unsupported(what) = e {
+        return ProtocolError::new(
+            ErrorCode::Unsupported,
+            format!("this node's broker does not support {what}"),
+        );
+    }
     tracing::warn!(error = %e, "broker operation failed");
     ProtocolError::new(ErrorCode::BrokerUnavailable, e.to_string())
 }
@@ -54,22 +63,27 @@ impl Node {
     /// Builds a node and its broker from settings.
     pub fn new(settings: Settings) -> anyhow::Result<Arc<Node>> {
         let metrics = Arc::new(Metrics::new());
+        let namespaces = Arc::new(Namespaces::new(
+            &settings.namespaces,
+            settings.limits.max_message_size,
+            &metrics,
+        ));
         let registry = Arc::new(Registry::new(
             metrics.clone(),
             RegistryLimits {
                 max_held_frames: settings.limits.send_queue_frames,
                 max_held_bytes: settings.limits.send_queue_bytes,
-                max_message_size: settings.limits.max_message_size,
                 max_json_depth: settings.limits.max_json_depth,
                 unsubscribe_delay: settings.broker.unsubscribe_delay,
                 compression: settings.compression.outbound(),
             },
+            namespaces.clone(),
         ));
         let sink: Arc<dyn MessageSink> = registry.clone();
         let broker: Arc<dyn Broker> = match settings.broker.kind {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(
                 MemoryConfig {
-                    history: settings.history.policy(),
+                    history: settings.history.policy(&settings.namespaces),
                 },
                 sink,
             )),
@@ -80,7 +94,7 @@ impl Node {
                     b.kind == BrokerKind::RedisCluster,
                 );
                 config.prefix = b.prefix.clone();
-                config.history = settings.history.policy();
+                config.history = settings.history.policy(&settings.namespaces);
                 config.topic_idle_ttl = b.topic_idle_ttl;
                 config.command_timeout = b.command_timeout;
                 config.connect_timeout = b.command_timeout;
@@ -115,6 +129,7 @@ impl Node {
         metrics.broker_up.set(broker.is_ready() as i64);
         Ok(Arc::new(Node {
             settings,
+            namespaces,
             metrics,
             registry,
             broker,
@@ -196,6 +211,37 @@ impl Node {
         self.broker.history(topic, read).await.map_err(broker_error)
     }
 
+    /// What the topic's namespace says about a publish that `who` may otherwise make: whether
+    /// clients (WebSocket, tokens) may publish there, and its `data` size limit.
+    pub fn check_namespace(
+        &self,
+        who: &Identity,
+        topic: &str,
+        data_len: usize,
+    ) -> Result<(), ProtocolError> {
+        let ns = self.namespaces.of(topic);
+        let client = matches!(who, Identity::Anonymous | Identity::Token(_));
+        if client && !ns.client_publish {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "clients may not publish to {topic} (namespace {}: client_publish = false)",
+                    ns.name
+                ),
+            ));
+        }
+        if data_len > ns.max_message_size {
+            return Err(ProtocolError::new(
+                ErrorCode::MessageTooLarge,
+                format!(
+                    "data larger than {} bytes (namespace {})",
+                    ns.max_message_size, ns.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Publishes validated `data` (raw JSON) to a validated topic.
     pub async fn publish(
         &self,
@@ -209,6 +255,7 @@ impl Node {
             .await
             .map_err(broker_error)?;
         self.metrics.published.with_label_values(&[transport]).inc();
+        self.namespaces.of(topic).published.inc();
         Ok(pos)
     }
 }

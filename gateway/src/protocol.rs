@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::frame::{FrameBuilder, OpCode};
+use crate::topic::Target;
 
 /// The stable error codes of the protocol (extend, never rename).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +46,8 @@ pub enum ErrorCode {
     MethodNotAllowed,
     /// A `refresh` carried a token that does not verify; the connection keeps its old one.
     InvalidToken,
+    /// The node's broker cannot do this (wildcard subscriptions on Redis Cluster).
+    Unsupported,
 }
 
 impl ErrorCode {
@@ -66,6 +69,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::InvalidToken => "invalid_token",
+            ErrorCode::Unsupported => "unsupported",
         }
     }
 
@@ -84,6 +88,7 @@ impl ErrorCode {
             | ErrorCode::AlreadySubscribed => 409,
             ErrorCode::Internal => 500,
             ErrorCode::InvalidToken => 401,
+            ErrorCode::Unsupported => 501,
         }
     }
 }
@@ -242,9 +247,21 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
             .map_err(|e| ProtocolError::new(ErrorCode::InvalidTopic, e.to_string()))?;
         Ok::<_, ProtocolError>(topic)
     };
+    // What a subscribe or unsubscribe names: a topic or a wildcard.
+    let target = || {
+        let name = env.topic.clone().ok_or_else(|| bad("missing \"topic\""))?;
+        let target = crate::topic::parse_target(&name)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidTopic, e.to_string()))?;
+        Ok::<_, ProtocolError>((name, target))
+    };
     match &*op {
         "subscribe" => {
-            let topic = topic()?;
+            let (topic, target) = target()?;
+            if env.since.is_some() && target != Target::Topic {
+                return Err(bad(
+                    "since resumes one topic: resume each topic seen under a wildcard with its own subscribe (docs/topics.md)",
+                ));
+            }
             let since = match env.since {
                 None => None,
                 Some(raw) => Some(serde_json::from_str::<Since>(raw.get()).map_err(|e| {
@@ -255,7 +272,7 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
             };
             Ok(Request::Subscribe { topic, since })
         }
-        "unsubscribe" => Ok(Request::Unsubscribe { topic: topic()? }),
+        "unsubscribe" => Ok(Request::Unsubscribe { topic: target()?.0 }),
         "publish" => {
             let topic = topic()?;
             let data = env.data.ok_or_else(|| bad("missing \"data\""))?;
@@ -317,7 +334,8 @@ pub fn ack(
     b.finish(OpCode::Text)
 }
 
-/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe.
+/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe, and for a wildcard subscribe (which has no
+/// position of its own).
 pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
     let mut b = start("ack", id, topic.len());
     b.put(b",\"topic\":");

@@ -19,6 +19,7 @@ use crate::node::{Admission, Node};
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
 use crate::registry::{ConnId, Subscription};
 use crate::send_queue::{CloseReason, DirectWrite, SendQueue};
+use crate::topic::Target;
 use crate::writer::{self, Heartbeat, LastHeard, WriterEnd};
 use crate::ws_read::{Incoming, ReadError, WsReader};
 
@@ -439,6 +440,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         format!("not allowed to subscribe to {topic}"),
                     ));
                 }
+                if let Ok(Target::Wildcard(pattern)) = crate::topic::parse_target(&topic)
+                    && let Some(ns) = node.namespaces.refusing_wildcard(&pattern)
+                {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Forbidden,
+                        format!(
+                            "{topic} reaches into namespace {}, which takes no wildcard subscriptions: subscribe to its topics by name",
+                            ns.name
+                        ),
+                    ));
+                }
                 if self.subs.position(&topic).is_some() {
                     return Err(ProtocolError::new(
                         ErrorCode::AlreadySubscribed,
@@ -483,6 +495,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         format!("not allowed to publish to {topic}"),
                     ));
                 }
+                node.check_namespace(who, &topic, data.get().len())?;
                 crate::json_depth::check(
                     data.get().as_bytes(),
                     node.settings.limits.max_json_depth,

@@ -54,6 +54,12 @@ impl Node {
         since: Option<Since>,
     ) -> Result<(), ProtocolError> {
         sub.link_broker().await.map_err(broker_error)?;
+        if sub.is_wildcard() {
+            // Live from its ack on: no position, no replay (the protocol refuses `since`).
+            let ack = protocol::unsubscribe_ack(id, sub.topic());
+            self.registry.activate_wildcard(sub, ack);
+            return Ok(());
+        }
         let topic = &**sub.topic();
         let mut pager = Pager::new(&self.settings.limits, topic.len());
         let Some(since) = since else {

@@ -18,11 +18,15 @@ pub enum TopicError {
     /// An empty level (`a..b`, a leading or trailing `.`).
     #[error("topic levels must not be empty")]
     EmptyLevel,
-    /// `*` or `>`: a pattern, where one topic is needed.
-    #[error(
-        "`*` and `>` are wildcards, and wildcard subscriptions are not supported yet: name one topic"
-    )]
+    /// `*` or `>`: a pattern, where one topic is needed (publishing, history).
+    #[error("`*` and `>` are wildcards, which only a subscribe takes: name one topic")]
     Wildcard,
+    /// A wildcard subscription that is not a valid pattern (`>` not last, a level mixing `*` with
+    /// other characters).
+    #[error(
+        "invalid wildcard: `*` must be a whole level and `>` the whole last level (scores.*, scores.>)"
+    )]
+    BadWildcard,
 }
 
 /// Checks a topic name.
@@ -43,6 +47,26 @@ pub fn validate(topic: &str) -> Result<(), TopicError> {
         return Err(TopicError::EmptyLevel);
     }
     Ok(())
+}
+
+/// What a subscribe names: one topic, or a wildcard pattern.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One topic.
+    Topic,
+    /// A pattern with at least one wildcard level.
+    Wildcard(Pattern),
+}
+
+/// Checks what a subscribe names: a topic, or a pattern with `*`/`>` levels.
+pub fn parse_target(name: &str) -> Result<Target, TopicError> {
+    match validate(name) {
+        Ok(()) => Ok(Target::Topic),
+        Err(TopicError::Wildcard) => Pattern::parse(name)
+            .map(Target::Wildcard)
+            .map_err(|_| TopicError::BadWildcard),
+        Err(e) => Err(e),
+    }
 }
 
 /// A parsed topic pattern (`scores.*`, `user.42.>`, `>`).
@@ -92,6 +116,56 @@ impl Pattern {
         Ok(Pattern { levels })
     }
 
+    /// The levels before the first wildcard, joined (`scores` for `scores.*.live`, empty for
+    /// `*.nba`): every topic the pattern matches is below it, so subscribing it in the broker
+    /// brings all of them, and little else.
+    pub fn literal_prefix(&self) -> String {
+        let exact: Vec<&str> = self
+            .levels
+            .iter()
+            .map_while(|l| match l {
+                Level::Exact(e) => Some(e.as_str()),
+                _ => None,
+            })
+            .collect();
+        exact.join(".")
+    }
+
+    /// Whether every topic `other` matches, this one matches too. Used to authorize a wildcard
+    /// subscription by one granted pattern (a union of several granted patterns that together
+    /// cover it is not looked for: refusing is the safe side).
+    pub fn covers(&self, other: &Pattern) -> bool {
+        let mut theirs = other.levels.iter();
+        for mine in &self.levels {
+            let Some(their) = theirs.next() else {
+                // They can stop where this still needs a level.
+                return false;
+            };
+            match (mine, their) {
+                (Level::Rest, _) => return true,
+                (Level::One, Level::Exact(_) | Level::One) => {}
+                (Level::Exact(a), Level::Exact(b)) if a == b => {}
+                _ => return false,
+            }
+        }
+        theirs.next().is_none()
+    }
+
+    /// Whether some topic matches both patterns.
+    pub fn overlaps(&self, other: &Pattern) -> bool {
+        fn go(a: &[Level], b: &[Level]) -> bool {
+            match (a.first(), b.first()) {
+                (None, None) => true,
+                // `>` takes one or more levels: all that the other has left, if it has any.
+                (Some(Level::Rest), Some(_)) | (Some(_), Some(Level::Rest)) => true,
+                (None, Some(_)) | (Some(_), None) => false,
+                (Some(Level::Exact(x)), Some(Level::Exact(y))) if x != y => false,
+                (Some(_), Some(_)) => go(&a[1..], &b[1..]),
+            }
+        }
+        go(&self.levels, &other.levels)
+    }
+
     /// Whether `topic` (a valid topic name) matches.
     pub fn matches(&self, topic: &str) -> bool {
         let mut parts = topic.split('.');
@@ -110,6 +184,15 @@ impl Pattern {
 /// Whether any of `patterns` matches `topic`.
 pub fn any_matches(patterns: &[Pattern], topic: &str) -> bool {
     patterns.iter().any(|p| p.matches(topic))
+}
+
+/// Whether `patterns` grant a subscription to `name`: a topic one of them matches, or a wildcard
+/// one of them covers entirely.
+pub fn grants(patterns: &[Pattern], name: &str) -> bool {
+    if !name.bytes().any(|b| matches!(b, b'*' | b'>')) {
+        return any_matches(patterns, name);
+    }
+    Pattern::parse(name).is_ok_and(|wanted| patterns.iter().any(|p| p.covers(&wanted)))
 }
 
 #[cfg(test)]
@@ -145,5 +228,71 @@ mod tests {
         assert!(Pattern::parse("a.>.b").is_err());
         assert!(Pattern::parse("a..b").is_err());
         assert!(Pattern::parse("a.b c").is_err());
+    }
+
+    #[test]
+    fn subscribe_targets() {
+        assert_eq!(parse_target("scores.nba"), Ok(Target::Topic));
+        assert!(matches!(parse_target("scores.*"), Ok(Target::Wildcard(_))));
+        assert!(matches!(parse_target(">"), Ok(Target::Wildcard(_))));
+        assert_eq!(parse_target("scores.>.x"), Err(TopicError::BadWildcard));
+        assert_eq!(parse_target("scores.n*"), Err(TopicError::BadWildcard));
+        assert_eq!(parse_target("a b"), Err(TopicError::Character));
+        assert_eq!(parse_target("a..*"), Err(TopicError::BadWildcard));
+    }
+
+    #[test]
+    fn literal_prefixes() {
+        let p = |s| Pattern::parse(s).unwrap().literal_prefix();
+        assert_eq!(p("scores.*"), "scores");
+        assert_eq!(p("scores.>"), "scores");
+        assert_eq!(p("a.b.*.c"), "a.b");
+        assert_eq!(p("*.nba"), "");
+        assert_eq!(p(">"), "");
+    }
+
+    #[test]
+    fn overlapping_patterns() {
+        let overlaps = |a, b| {
+            let (a, b) = (Pattern::parse(a).unwrap(), Pattern::parse(b).unwrap());
+            assert_eq!(a.overlaps(&b), b.overlaps(&a), "symmetric");
+            a.overlaps(&b)
+        };
+        assert!(overlaps(">", "prices.>"));
+        assert!(overlaps("*.eur", "prices.*"));
+        assert!(overlaps("prices.>", "prices.eur.live"));
+        assert!(overlaps("*.*", "a.b"));
+        assert!(!overlaps("prices.>", "scores.>"));
+        assert!(!overlaps("prices.>", "prices"));
+        assert!(!overlaps("*.*", "a.b.c"));
+        assert!(!overlaps("a.*", "b.*"));
+    }
+
+    #[test]
+    fn coverage_of_wildcards() {
+        let covers = |a, b| {
+            Pattern::parse(a)
+                .unwrap()
+                .covers(&Pattern::parse(b).unwrap())
+        };
+        assert!(covers(">", "scores.*"));
+        assert!(covers(">", ">"));
+        assert!(covers("scores.>", "scores.*"));
+        assert!(covers("scores.>", "scores.nba.>"));
+        assert!(covers("scores.>", "scores.>"));
+        assert!(covers("scores.*", "scores.*"));
+        assert!(covers("scores.*", "scores.nba"));
+        assert!(covers("*.nba", "scores.nba"));
+        assert!(covers("*.*", "scores.*"));
+        // Refused: each of these matches a topic the grant does not.
+        assert!(!covers("scores.*", "scores.>"));
+        assert!(!covers("scores.*", "scores.*.live"));
+        assert!(!covers("scores.nba", "scores.*"));
+        assert!(!covers("scores.>", ">"));
+        assert!(!covers("scores.>", "*.nba"));
+        assert!(!covers("scores.>", "scores"));
+        assert!(!covers("*.nba", "*.*"));
+        assert!(!covers("a.*.c", "a.*.>"));
+        assert!(!covers("user.42.>", "user.*.inbox"));
     }
 }

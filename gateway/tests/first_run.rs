@@ -203,19 +203,31 @@ async fn http_errors_have_their_own_codes_and_json_ends_in_a_newline() {
 }
 
 #[tokio::test]
-async fn a_wildcard_subscribe_says_wildcards_are_not_supported_yet() {
+async fn wildcards_subscribe_and_misplaced_ones_say_why_not() {
     let server = Server::start().await;
     let mut ws: WsClient = server.ws().await;
-    for topic in ["scores.*", "scores.>"] {
+    for (id, topic) in [(1, "scores.*"), (2, "scores.>")] {
         let reply = ws
-            .request(&json!({"op":"subscribe","topic":topic,"id":1}))
+            .request(&json!({"op":"subscribe","topic":topic,"id":id}))
             .await;
-        assert_eq!(
-            reply,
-            json!({"op":"error","id":1,"code":"invalid_topic","message":
-                "`*` and `>` are wildcards, and wildcard subscriptions are not supported yet: name one topic"}),
-        );
+        assert_eq!(reply, json!({"op":"ack","id":id,"topic":topic}));
     }
+    let reply = ws
+        .request(&json!({"op":"subscribe","topic":"scores.>.live","id":3}))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op":"error","id":3,"code":"invalid_topic","message":
+            "invalid wildcard: `*` must be a whole level and `>` the whole last level (scores.*, scores.>)"}),
+    );
+    let reply = ws
+        .request(&json!({"op":"publish","topic":"scores.*","data":1,"id":4}))
+        .await;
+    assert_eq!(
+        reply,
+        json!({"op":"error","id":4,"code":"invalid_topic","message":
+            "`*` and `>` are wildcards, which only a subscribe takes: name one topic"}),
+    );
 }
 
 #[test]

@@ -10,8 +10,9 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
-    ProtocolVersion, PushInfo, RedisError, RedisResult, ScriptInvocation, ToRedisArgs,
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, FromRedisValue,
+    IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, RedisResult, ScriptInvocation,
+    ToRedisArgs,
 };
 
 use super::sentinel::{self, SentinelTarget};
@@ -251,6 +252,25 @@ impl Conn {
                     .await?;
                 Ok(())
             }
+        }
+    }
+
+    /// `PSUBSCRIBE`, on a single server only: sharded pub/sub (a cluster) has no pattern form.
+    pub async fn psubscribe(&mut self, patterns: impl ToRedisArgs) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => c.psubscribe(patterns).await,
+            Conn::Cluster(_) => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "pattern subscriptions need a single Redis server (standalone or Sentinel)",
+            ))),
+        }
+    }
+
+    /// `PUNSUBSCRIBE` (a no-op on a cluster, which never pattern-subscribes).
+    pub async fn punsubscribe(&mut self, patterns: impl ToRedisArgs) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => c.punsubscribe(patterns).await,
+            Conn::Cluster(_) => Ok(()),
         }
     }
 

@@ -429,6 +429,14 @@ impl Broker for RedisBroker {
         self.inner.unsubscribe(topic).await
     }
 
+    async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        self.inner.subscribe_prefix(prefix).await
+    }
+
+    async fn unsubscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        self.inner.unsubscribe_prefix(prefix).await
+    }
+
     async fn position(&self, topic: &str) -> Result<Position, BrokerError> {
         let (position, salt) = self.inner.position(topic).await?;
         self.inner.topics.hint(topic, &position, &salt);

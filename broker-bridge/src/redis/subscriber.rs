@@ -70,8 +70,8 @@ impl Backlog {
     }
 
     /// Records a message push that did not fit.
-    fn drop_push(&self, data: &[Value]) {
-        if let Some((channel, payload)) = message_parts_ref(data) {
+    fn drop_push(&self, kind: &PushKind, data: &[Value]) {
+        if let Some((channel, payload)) = message_parts_ref(kind, data) {
             let raw = !payload.starts_with(wire::MAGIC);
             *lock(&self.dropped).entry(channel.to_vec()).or_default() |= raw;
         }
@@ -102,9 +102,7 @@ struct PushRoute {
 impl PushRoute {
     /// Routes one push; called on the connection's own task, so it never waits.
     fn route(&self, generation: u64, info: PushInfo) -> Result<(), ()> {
-        let parts = matches!(info.kind, PushKind::Message | PushKind::SMessage)
-            .then(|| message_parts_ref(&info.data))
-            .flatten();
+        let parts = message_parts_ref(&info.kind, &info.data);
         let size = match parts {
             Some((channel, payload)) if channel != &*self.canary_channel => payload.len(),
             // Control pushes and canaries never wait behind messages.
@@ -113,14 +111,14 @@ impl PushRoute {
         let before = self.backlog.bytes.fetch_add(size, Ordering::AcqRel);
         if before + size > self.backlog.max_bytes {
             self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
-            self.backlog.drop_push(&info.data);
+            self.backlog.drop_push(&info.kind, &info.data);
             return Ok(());
         }
         match self.messages.try_send((generation, info)) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full((_, info))) => {
                 self.backlog.bytes.fetch_sub(size, Ordering::AcqRel);
-                self.backlog.drop_push(&info.data);
+                self.backlog.drop_push(&info.kind, &info.data);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
@@ -178,6 +176,63 @@ impl Inner {
             Ok(Err(e)) => Err(broker_error(e)),
             Err(_) => Err(BrokerError::Unavailable(
                 "Redis did not confirm the unsubscription in time".into(),
+            )),
+        }
+    }
+
+    /// Counts a prefix subscription; the first one pattern-subscribes its channels.
+    pub(super) async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        if self.names.is_cluster() {
+            return Err(BrokerError::Unsupported(
+                "wildcard subscriptions on Redis Cluster (sharded pub/sub has no pattern form)"
+                    .into(),
+            ));
+        }
+        let mut control = self.control.lock().await;
+        let Some(conn) = control.conn.as_mut() else {
+            return Err(BrokerError::Unavailable(
+                "no subscription connection to Redis (reconnecting)".into(),
+            ));
+        };
+        if !self.topics.want_prefix(prefix) {
+            return Ok(());
+        }
+        let pattern = self.names.prefix_pattern(prefix);
+        let result =
+            tokio::time::timeout(self.config.command_timeout, conn.psubscribe(&pattern)).await;
+        let error = match result {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if !is_connection_error(&e) => {
+                self.topics.forget_prefix(prefix);
+                return Err(broker_error(e));
+            }
+            Ok(Err(e)) => broker_error(e),
+            Err(_) => BrokerError::Unavailable(
+                "Redis did not confirm the pattern subscription in time".into(),
+            ),
+        };
+        self.topics.forget_prefix(prefix);
+        control.conn = None;
+        self.health.sub_up.store(false, Ordering::Relaxed);
+        self.kick.notify_one();
+        Err(error)
+    }
+
+    /// Counts a prefix subscription less; the last one pattern-unsubscribes its channels.
+    pub(super) async fn unsubscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        let mut control = self.control.lock().await;
+        if !self.topics.forget_prefix(prefix) {
+            return Ok(());
+        }
+        let Some(conn) = control.conn.as_mut() else {
+            return Ok(());
+        };
+        let pattern = self.names.prefix_pattern(prefix);
+        match tokio::time::timeout(self.config.command_timeout, conn.punsubscribe(&pattern)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(broker_error(e)),
+            Err(_) => Err(BrokerError::Unavailable(
+                "Redis did not confirm the pattern unsubscription in time".into(),
             )),
         }
     }
@@ -258,8 +313,20 @@ impl Inner {
                     let mut control = self.control.lock().await;
                     let mut channels = vec![self.names.canary_channel(&self.node_id)];
                     channels.extend(self.topics.all().iter().map(|t| self.names.channel(t)));
-                    let subscribed =
-                        tokio::time::timeout(budget, conn.subscribe_all(&channels)).await;
+                    let patterns: Vec<String> = self
+                        .topics
+                        .prefixes()
+                        .iter()
+                        .map(|p| self.names.prefix_pattern(p))
+                        .collect();
+                    let subscribed = tokio::time::timeout(budget, async {
+                        conn.subscribe_all(&channels).await?;
+                        if !patterns.is_empty() {
+                            conn.psubscribe(&patterns).await?;
+                        }
+                        Ok::<(), redis::RedisError>(())
+                    })
+                    .await;
                     match subscribed {
                         Ok(Ok(())) => {
                             control.conn = Some(conn);
@@ -293,8 +360,18 @@ impl Inner {
     }
 }
 
+/// Where a message push's channel is in its data: a pattern message starts with its pattern.
+/// `None` for a push that is not a message.
+fn channel_index(kind: &PushKind) -> Option<usize> {
+    match kind {
+        PushKind::Message | PushKind::SMessage => Some(0),
+        PushKind::PMessage => Some(1),
+        _ => None,
+    }
+}
+
 /// `(channel, payload)` of a message push, borrowed.
-fn message_parts_ref(data: &[Value]) -> Option<(&[u8], &[u8])> {
+fn message_parts_ref<'a>(kind: &PushKind, data: &'a [Value]) -> Option<(&'a [u8], &'a [u8])> {
     fn bytes(v: &Value) -> Option<&[u8]> {
         match v {
             Value::BulkString(b) => Some(b),
@@ -302,12 +379,13 @@ fn message_parts_ref(data: &[Value]) -> Option<(&[u8], &[u8])> {
             _ => None,
         }
     }
-    Some((bytes(data.first()?)?, bytes(data.get(1)?)?))
+    let i = channel_index(kind)?;
+    Some((bytes(data.get(i)?)?, bytes(data.get(i + 1)?)?))
 }
 
 /// Extracts `(channel, payload)` from a message push.
-fn message_parts(data: Vec<Value>) -> Option<(Vec<u8>, Vec<u8>)> {
-    let mut it = data.into_iter();
+fn message_parts(kind: &PushKind, data: Vec<Value>) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut it = data.into_iter().skip(channel_index(kind)?);
     let bytes = |v: Value| match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
@@ -357,14 +435,16 @@ impl Task {
     }
 
     /// Handles one message push (not a canary).
-    fn on_message(&mut self, data: Vec<Value>) {
-        let Some((channel, payload)) = message_parts(data) else {
+    fn on_message(&mut self, push: PushInfo) {
+        let pattern = push.kind == PushKind::PMessage;
+        let Some((channel, payload)) = message_parts(&push.kind, push.data) else {
             return;
         };
         self.inner
             .backlog
             .bytes
             .fetch_sub(payload.len(), Ordering::AcqRel);
+        self.inner.observer.received();
         self.take_dropped();
         let Some(topic) = std::str::from_utf8(&channel)
             .ok()
@@ -372,6 +452,11 @@ impl Task {
         else {
             return;
         };
+        // A topic subscribed by name and covered by a prefix arrives twice: the copy of its own
+        // subscription is the one taken (a raw message has no offset to drop a duplicate by).
+        if pattern && self.inner.topics.is_exact(topic) {
+            return;
+        }
         if self.inner.topics.on_wire(topic, Bytes::from(payload)) == Handled::StartFill
             && let Some(name) = self.inner.topics.name(topic)
         {
@@ -412,8 +497,8 @@ impl Task {
         let inner = &self.inner;
         let current = generation == inner.generation.load(Ordering::Relaxed);
         match push.kind {
-            PushKind::Message | PushKind::SMessage => {
-                if let Some((_, payload)) = message_parts(push.data)
+            PushKind::Message | PushKind::SMessage | PushKind::PMessage => {
+                if let Some((_, payload)) = message_parts(&push.kind, push.data)
                     && let Some(rtt) = self.canaries.arrived(&payload)
                 {
                     inner.health.canary_arrived();
@@ -532,7 +617,7 @@ pub(super) async fn run(inner: Arc<Inner>) {
             }
             pushed = msg_rx.recv() => {
                 let Some((_, push)) = pushed else { return };
-                task.on_message(push.data);
+                task.on_message(push);
             }
             _ = tick.tick() => {
                 reconnect = task.tick();

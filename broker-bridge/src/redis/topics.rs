@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::link::lock;
 use super::scripts::Salt;
 use super::wire::{self, Decoded, Rejected};
-use crate::{BrokerObserver, Epoch, Message, MessageSink, Position, Replay};
+use crate::{BrokerObserver, Epoch, Message, MessageSink, Position, PrefixSet, Replay};
 
 /// Messages a filling topic holds back at most before it gives up holding and reads them from
 /// history instead.
@@ -31,6 +31,8 @@ const MAX_HELD_BYTES: usize = 16 << 20;
 /// What the node knows about one wanted topic.
 #[derive(Default)]
 struct Track {
+    /// Subscribed by name; otherwise only a subscribed prefix covers it (and it goes with it).
+    exact: bool,
     /// The last gateway message delivered.
     last: Option<Position>,
     /// The topic's position as first read after subscribing: where delivery starts when nothing
@@ -94,6 +96,8 @@ pub(super) type FillLimit = (usize, usize);
 /// The wanted topics.
 pub(super) struct Topics {
     map: Mutex<HashMap<Arc<str>, Track>>,
+    /// Subscribed prefixes: a topic below one is tracked from its first message on.
+    prefixes: PrefixSet,
     sink: Arc<dyn MessageSink>,
     observer: Arc<dyn BrokerObserver>,
     fill_limit: FillLimit,
@@ -107,6 +111,7 @@ impl Topics {
     ) -> Self {
         Topics {
             map: Mutex::new(HashMap::new()),
+            prefixes: PrefixSet::default(),
             sink,
             observer,
             fill_limit,
@@ -115,12 +120,47 @@ impl Topics {
 
     /// Adds a topic (no-op when wanted already).
     pub(super) fn want(&self, topic: &str) {
-        lock(&self.map).entry(topic.into()).or_default();
+        lock(&self.map).entry(topic.into()).or_default().exact = true;
     }
 
-    /// Removes a topic.
+    /// Removes a topic, unless a subscribed prefix still covers it.
     pub(super) fn forget(&self, topic: &str) {
-        lock(&self.map).remove(topic);
+        let mut map = lock(&self.map);
+        if self.prefixes.covers(topic) {
+            if let Some(track) = map.get_mut(topic) {
+                track.exact = false;
+            }
+        } else {
+            map.remove(topic);
+        }
+    }
+
+    /// Counts a subscription of `prefix`; true for its first (which the caller subscribes).
+    pub(super) fn want_prefix(&self, prefix: &str) -> bool {
+        // Under the map's lock, so `on_wire` never sees a half-added prefix.
+        let _map = lock(&self.map);
+        self.prefixes.add(prefix)
+    }
+
+    /// Counts a subscription of `prefix` less; true for its last (which the caller unsubscribes).
+    /// The topics it alone covered are forgotten then.
+    pub(super) fn forget_prefix(&self, prefix: &str) -> bool {
+        let mut map = lock(&self.map);
+        if !self.prefixes.remove(prefix) {
+            return false;
+        }
+        map.retain(|topic, track| track.exact || self.prefixes.covers(topic));
+        true
+    }
+
+    /// Every subscribed prefix.
+    pub(super) fn prefixes(&self) -> Vec<String> {
+        self.prefixes.all()
+    }
+
+    /// Whether the topic is subscribed by name (not only covered by a prefix).
+    pub(super) fn is_exact(&self, topic: &str) -> bool {
+        lock(&self.map).get(topic).is_some_and(|t| t.exact)
     }
 
     /// Whether the topic is wanted.
@@ -211,6 +251,11 @@ impl Topics {
             }
         };
         let mut map = lock(&self.map);
+        if !map.contains_key(topic) && self.prefixes.covers(topic) {
+            // The first message of a topic below a subscribed prefix: tracked from now on. Its
+            // salt is unknown, so it is checked against history before anything is delivered.
+            map.insert(topic.into(), Track::default());
+        }
         let Some((name, track)) = entry(&mut map, topic) else {
             return Handled::Done;
         };

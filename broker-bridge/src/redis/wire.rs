@@ -77,6 +77,25 @@ impl Names {
         self.channel(&format!("#canary.{node_id}"))
     }
 
+    /// The `PSUBSCRIBE` pattern of the channels of every topic below `prefix` (of every topic for
+    /// the empty prefix). Topic characters are never glob characters; the channel prefix is
+    /// escaped. Redis's `*` spans levels, so this is exactly "below the prefix".
+    pub fn prefix_pattern(&self, prefix: &str) -> String {
+        let mut glob = String::with_capacity(self.prefix.len() + prefix.len() + 2);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                glob.push('\\');
+            }
+            glob.push(c);
+        }
+        if !prefix.is_empty() {
+            glob.push_str(prefix);
+            glob.push('.');
+        }
+        glob.push('*');
+        glob
+    }
+
     /// The topic a channel belongs to, or `None` for a channel that is not a topic channel.
     pub fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_str())?;

@@ -153,7 +153,7 @@ ttl = "10m"
 "#,
     )
     .unwrap();
-    let policy = s.history.policy();
+    let policy = s.history.policy(&s.namespaces);
     let limits = |size, secs| HistoryLimits {
         size,
         ttl: Duration::from_secs(secs),
@@ -168,7 +168,7 @@ ttl = "10m"
     assert_eq!(policy.limits("scores.nba"), limits(50, 600));
     assert_eq!(policy.limits("other"), limits(50, 120));
     assert_eq!(
-        load_toml("").unwrap().history.policy().limits("x").size,
+        load_toml("").unwrap().history.policy(&[]).limits("x").size,
         100
     );
 }
@@ -204,6 +204,97 @@ fn bad_history_rules_name_their_key() {
 }
 
 #[test]
+fn namespaces_load_and_override_history_by_first_match() {
+    let s = load_toml(
+        r#"
+[history]
+size = 50
+
+[[history.rules]]
+pattern = "prices.>"
+ttl = "2m"
+
+[[namespaces]]
+name = "prices"
+pattern = "prices.>"
+history_size = 1
+slow_consumer = "conflate"
+conflate_key = "symbol"
+client_publish = false
+wildcards = false
+
+[[namespaces]]
+name = "chat"
+pattern = "chat.*"
+max_message_size = 1024
+slow_consumer = "drop_oldest"
+"#,
+    )
+    .unwrap();
+    assert_eq!(s.namespaces.len(), 2);
+    assert_eq!(
+        s.namespaces[0].slow_consumer,
+        Some(NamespacePolicy::Conflate)
+    );
+    assert!(!s.namespaces[0].client_publish && !s.namespaces[0].wildcards);
+    assert!(s.namespaces[1].client_publish && s.namespaces[1].wildcards);
+    let policy = s.history.policy(&s.namespaces);
+    let limits = |size, secs| HistoryLimits {
+        size,
+        ttl: Duration::from_secs(secs),
+    };
+    // The namespace's size, the rule's TTL.
+    assert_eq!(policy.limits("prices.eur"), limits(1, 120));
+    assert_eq!(policy.limits("chat.r1"), limits(50, 300));
+}
+
+#[test]
+fn bad_namespaces_name_their_key() {
+    let cases = [
+        ("name = \"Prices\"\npattern = \"p.>\"", "namespaces[0].name"),
+        (
+            "name = \"default\"\npattern = \"p.>\"",
+            "namespaces[0].name",
+        ),
+        ("name = \"p\"\npattern = \"p.>.x\"", "namespaces[0].pattern"),
+        (
+            "name = \"p\"\npattern = \"p\"\nconflate_key = \"s\"",
+            "namespaces[0].conflate_key",
+        ),
+        (
+            "name = \"p\"\npattern = \"p\"\nslow_consumer = \"conflate\"\nconflate_key = \"a\\\"b\"",
+            "namespaces[0].conflate_key",
+        ),
+        (
+            "name = \"p\"\npattern = \"p\"\nmax_message_size = 70000",
+            "namespaces[0].max_message_size",
+        ),
+        (
+            "name = \"p\"\npattern = \"p\"\nhistory_ttl = \"0s\"",
+            "namespaces[0].history_ttl",
+        ),
+        (
+            "name = \"p\"\npattern = \"p\"\nslow_consumer = \"latest\"",
+            "slow_consumer",
+        ),
+        ("name = \"p\"\npattern = \"p\"\nhistory = 3", "history"),
+        ("pattern = \"p\"", "name"),
+    ];
+    for (body, key) in cases {
+        let e = load_toml(&format!("[[namespaces]]\n{body}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key), "{body}: {e}");
+    }
+    let e = load_toml(
+        "[[namespaces]]\nname = \"a\"\npattern = \"a\"\n[[namespaces]]\nname = \"a\"\npattern = \"b\"",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("namespaces[1].name"), "{e}");
+}
+
+#[test]
 fn example_file_loads_and_matches_defaults() {
     let example = include_str!("../../../deploy/pubgate.example.toml");
     let from_example = load_toml(example).unwrap();
@@ -236,7 +327,7 @@ fn example_history_rules_load_when_uncommented() {
         .collect();
     let s = load_toml(&uncommented.join("\n")).unwrap();
     assert_eq!(s.history.rules.len(), 2);
-    let policy = s.history.policy();
+    let policy = s.history.policy(&s.namespaces);
     assert_eq!(
         policy.limits("chat.r1"),
         HistoryLimits {
@@ -316,4 +407,21 @@ fn env_plain_keys_still_take_their_types_and_name_their_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("limits.max_subscriptions"), "{e}");
+}
+
+#[test]
+fn example_namespace_loads_when_uncommented() {
+    let example = include_str!("../../../deploy/pubgate.example.toml");
+    let start = example.find("# [[namespaces]]").expect("example namespace");
+    let (head, tail) = example.split_at(start);
+    let uncommented: Vec<&str> = tail
+        .lines()
+        .map(|l| l.strip_prefix("# ").unwrap_or(l))
+        .collect();
+    let s = load_toml(&format!("{head}{}", uncommented.join("\n"))).unwrap();
+    assert_eq!(s.namespaces.len(), 1);
+    assert_eq!(
+        s.namespaces[0].slow_consumer,
+        Some(NamespacePolicy::Conflate)
+    );
 }

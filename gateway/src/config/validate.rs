@@ -232,6 +232,6 @@ impl Settings {
                 return bad("ttl", "must be greater than zero".into());
             }
         }
-        Ok(())
+        super::namespaces::validate(&self.namespaces, self.limits.max_message_size)
     }
 }

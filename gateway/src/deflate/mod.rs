@@ -46,13 +46,15 @@ impl Outbound {
     }
 }
 
-/// One encoded message on its way to the subscribers of a topic: the plain frame, and the
-/// compressed one, built the first time a deflate subscriber asks for it and shared after that.
+/// One message on its way to its subscribers: the plain frame, encoded the first time a subscriber
+/// needs it, and the compressed frame, built the first time a deflate subscriber needs it; each is
+/// shared by every subscriber that gets that form.
 ///
-/// Lives for one fan-out (on the stack, under the topic's lock); counts what it did into the
-/// metrics when dropped, so the per-subscriber path touches no shared counter.
+/// Lives for one fan-out (on the stack); counts what it did into the metrics when dropped, so the
+/// per-subscriber path touches no shared counter.
 pub struct SharedFrame<'a> {
-    plain: Bytes,
+    encode: &'a dyn Fn() -> Bytes,
+    plain: OnceCell<Bytes>,
     deflated: OnceCell<Option<Bytes>>,
     out: Option<&'a Outbound>,
     metrics: &'a Metrics,
@@ -61,10 +63,15 @@ pub struct SharedFrame<'a> {
 }
 
 impl<'a> SharedFrame<'a> {
-    /// Wraps a plain text frame built for fan-out.
-    pub fn new(plain: Bytes, out: Option<&'a Outbound>, metrics: &'a Metrics) -> Self {
+    /// A message whose plain text frame `encode` builds (called at most once).
+    pub fn new(
+        encode: &'a dyn Fn() -> Bytes,
+        out: Option<&'a Outbound>,
+        metrics: &'a Metrics,
+    ) -> Self {
         SharedFrame {
-            plain,
+            encode,
+            plain: OnceCell::new(),
             deflated: OnceCell::new(),
             out,
             metrics,
@@ -75,7 +82,7 @@ impl<'a> SharedFrame<'a> {
 
     /// The plain frame.
     pub fn plain(&self) -> &Bytes {
-        &self.plain
+        self.plain.get_or_init(self.encode)
     }
 
     /// The frame for a subscriber: the shared compressed one if `deflate` (the subscriber's
@@ -83,10 +90,11 @@ impl<'a> SharedFrame<'a> {
     /// plain one.
     pub fn for_subscriber(&self, deflate: bool) -> Bytes {
         let Some(out) = self.out.filter(|_| deflate) else {
-            return self.plain.clone();
+            return self.plain().clone();
         };
+        let plain = self.plain();
         let deflated = self.deflated.get_or_init(|| {
-            let payload = frame::payload(&self.plain);
+            let payload = frame::payload(plain);
             if payload.len() < out.min_size {
                 return None;
             }
@@ -97,10 +105,10 @@ impl<'a> SharedFrame<'a> {
             Some(f) => {
                 self.deliveries.set(self.deliveries.get() + 1);
                 self.saved
-                    .set(self.saved.get() + (self.plain.len() - f.len()) as u64);
+                    .set(self.saved.get() + (plain.len() - f.len()) as u64);
                 f.clone()
             }
-            None => self.plain.clone(),
+            None => plain.clone(),
         }
     }
 }

@@ -19,8 +19,9 @@ use bytes::Bytes;
 
 use crate::deflate::SharedFrame;
 use crate::json_depth;
+use crate::namespace::Namespace;
 use crate::protocol;
-use crate::send_queue::{Flushes, SendQueue};
+use crate::send_queue::{Flushes, Policy, SendQueue};
 
 use super::Registry;
 
@@ -30,6 +31,9 @@ pub(super) enum SubState {
     Pending(Pending),
     /// Acknowledged (and replayed): messages after the cursor are delivered.
     Live(Cursor),
+    /// A wildcard subscriber, acknowledged: every message of its topics is delivered (see
+    /// [`super::wildcard`]).
+    Wild,
 }
 
 /// What a pending subscriber holds back.
@@ -178,6 +182,25 @@ fn before(p: &Position) -> Position {
     }
 }
 
+/// How a message is queued to its subscribers: its namespace's slow-consumer policy.
+pub(super) struct How<'a> {
+    pub(super) policy: Policy<'a>,
+    pub(super) ns: &'a Namespace,
+}
+
+impl How<'_> {
+    /// Queues `frame` to one subscriber; whether it is queued.
+    pub(super) fn push(
+        &self,
+        reg: &Registry,
+        flushes: &mut Flushes,
+        queue: &Arc<SendQueue>,
+        frame: Bytes,
+    ) -> bool {
+        reg.push_as(flushes, queue, frame, self.policy, Some(self.ns))
+    }
+}
+
 /// Logs at most one warning per period, counting the ones it kept quiet.
 #[derive(Default)]
 pub(super) struct WarnLimiter {
@@ -242,8 +265,12 @@ impl Registry {
     /// consumer, and one nested deeper than client parsers take would break them. What may not go
     /// is counted (`pubgate_broker_messages_dropped_total{reason}`) and logged, rate-limited.
     pub(super) fn deliverable(&self, message: &Message) -> bool {
-        let (reason, what) = if message.data.len() > self.limits.max_message_size {
-            ("too_large", "larger than limits.max_message_size")
+        let ns = self.namespaces.of(&message.topic);
+        let (reason, what) = if message.data.len() > ns.max_message_size {
+            (
+                "too_large",
+                "larger than limits.max_message_size (or its namespace's)",
+            )
         } else if json_depth::exceeds(&message.data, self.limits.max_json_depth) {
             ("too_deep", "nested deeper than limits.max_json_depth")
         } else {
@@ -257,6 +284,7 @@ impl Registry {
             tracing::warn!(
                 topic = %message.topic,
                 bytes = message.data.len(),
+                namespace = %ns.name,
                 suppressed,
                 "message from the broker {what} dropped"
             );
@@ -271,26 +299,81 @@ impl MessageSink for Registry {
             return;
         }
         let started = Instant::now();
+        // Encoded once for the node, when the first subscriber needs it; compressed at most once,
+        // when the first subscriber that negotiated deflate needs it.
+        let encode = || protocol::message(&message);
+        let shared = SharedFrame::new(&encode, self.limits.compression.as_ref(), &self.metrics);
+        let mut frame = |queue: &SendQueue| shared.for_subscriber(queue.takes_deflate());
+        let ns = self.namespaces.of(&message.topic);
+        let mut key = None;
+        let how = How {
+            policy: ns.queue_policy(&message.topic, &message.data, &mut key),
+            ns,
+        };
+        let mut flushes = Flushes::new();
+        let mut delivered = self.deliver_exact(&mut flushes, &message, &how, &mut frame);
+        delivered += self.deliver_wild(&mut flushes, &message.topic, &how, &mut frame);
+        // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
+        // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
+        flushes.spawn();
+        self.metrics.delivered.inc_by(delivered);
+        ns.delivered.inc_by(delivered);
+        self.metrics
+            .fanout_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    fn gap(&self, topic: &str, resume: &Position) {
+        let frame = protocol::gap(topic, resume);
+        let mut flushes = Flushes::new();
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        let mut shard = self.shard(topic);
+        if let Some(entry) = shard.get_mut(topic) {
+            for sub in &mut entry.subs {
+                match &mut sub.state {
+                    SubState::Live(cursor) => {
+                        if cursor.gap(resume, true) {
+                            self.push_gap(&mut flushes, &sub.queue, frame.clone());
+                        }
+                    }
+                    SubState::Pending(pending) => pending.hold(
+                        Held {
+                            position: Some(resume.clone()),
+                            frame: frame.clone(),
+                            gap: true,
+                        },
+                        max_frames,
+                        max_bytes,
+                    ),
+                    SubState::Wild => {}
+                }
+            }
+        }
+        drop(shard);
+        self.gap_wild(&mut flushes, topic, resume);
+        flushes.spawn();
+    }
+}
+
+impl Registry {
+    /// Queues a message to the subscribers of its own topic. Returns how many got it.
+    fn deliver_exact(
+        &self,
+        flushes: &mut Flushes,
+        message: &Message,
+        how: &How<'_>,
+        frame: &mut dyn FnMut(&SendQueue) -> Bytes,
+    ) -> u64 {
         let mut shard = self.shard(&message.topic);
         let Some(entry) = shard.get_mut(&*message.topic) else {
-            return;
+            return 0;
         };
-        if entry.subs.is_empty() {
-            // Cooling down.
-            return;
-        }
-        // Plain for everyone; compressed at most once, for the subscribers that negotiated deflate.
-        let frame = SharedFrame::new(
-            protocol::message(&message),
-            self.limits.compression.as_ref(),
-            &self.metrics,
-        );
         let position = message.position.as_ref();
         // Every live subscriber that needs one gets the same gap frame: encoded once.
         let mut gap_frame = None;
         let mut delivered = 0u64;
-        let mut flushes = Flushes::new();
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        // An entry without subscribers is cooling down: nothing to do.
         for sub in &mut entry.subs {
             match &mut sub.state {
                 SubState::Live(cursor) => {
@@ -300,14 +383,9 @@ impl MessageSink for Registry {
                     {
                         let gap = gap_frame
                             .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
-                        self.push_gap(&mut flushes, &sub.queue, gap.clone());
+                        self.push_gap(flushes, &sub.queue, gap.clone());
                     }
-                    if step != Step::Skip
-                        && self.push(
-                            &mut flushes,
-                            &sub.queue,
-                            frame.for_subscriber(sub.queue.takes_deflate()),
-                        )
+                    if step != Step::Skip && how.push(self, flushes, &sub.queue, frame(&sub.queue))
                     {
                         delivered += 1;
                     }
@@ -315,53 +393,15 @@ impl MessageSink for Registry {
                 SubState::Pending(pending) => pending.hold(
                     Held {
                         position: message.position.clone(),
-                        // Held frames go out plain: a deflate peer reads those too.
-                        frame: frame.plain().clone(),
+                        frame: frame(&sub.queue),
                         gap: false,
                     },
                     max_frames,
                     max_bytes,
                 ),
+                SubState::Wild => {}
             }
         }
-        drop(shard);
-        drop(frame);
-        // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
-        // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
-        flushes.spawn();
-        self.metrics.delivered.inc_by(delivered);
-        self.metrics
-            .fanout_seconds
-            .observe(started.elapsed().as_secs_f64());
-    }
-
-    fn gap(&self, topic: &str, resume: &Position) {
-        let mut shard = self.shard(topic);
-        let Some(entry) = shard.get_mut(topic) else {
-            return;
-        };
-        let frame = protocol::gap(topic, resume);
-        let mut flushes = Flushes::new();
-        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
-        for sub in &mut entry.subs {
-            match &mut sub.state {
-                SubState::Live(cursor) => {
-                    if cursor.gap(resume, true) {
-                        self.push_gap(&mut flushes, &sub.queue, frame.clone());
-                    }
-                }
-                SubState::Pending(pending) => pending.hold(
-                    Held {
-                        position: Some(resume.clone()),
-                        frame: frame.clone(),
-                        gap: true,
-                    },
-                    max_frames,
-                    max_bytes,
-                ),
-            }
-        }
-        drop(shard);
-        flushes.spawn();
+        delivered
     }
 }

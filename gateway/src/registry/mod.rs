@@ -20,6 +20,7 @@
 
 mod delivery;
 mod topic;
+mod wildcard;
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -31,8 +32,9 @@ use broker_bridge::{Broker, Message, Position};
 use bytes::Bytes;
 
 use crate::metrics::Metrics;
+use crate::namespace::{Namespace, Namespaces};
 use crate::protocol;
-use crate::send_queue::{Flushes, Pushed, SendQueue};
+use crate::send_queue::{Flushes, Policy, Pushed, SendQueue};
 
 use delivery::{Cursor, SubState, WarnLimiter};
 use topic::Entry;
@@ -54,8 +56,6 @@ pub struct RegistryLimits {
     pub max_held_frames: usize,
     /// Bytes of held frames a pending subscriber may keep: `limits.send_queue_bytes`.
     pub max_held_bytes: usize,
-    /// Messages from the broker with more `data` than this are dropped: `limits.max_message_size`.
-    pub max_message_size: usize,
     /// Messages from the broker whose `data` nests deeper than this are dropped:
     /// `limits.max_json_depth`.
     pub max_json_depth: usize,
@@ -78,6 +78,10 @@ pub struct Registry {
     broker: OnceLock<Weak<dyn Broker>>,
     /// Rate-limits the warnings about broker messages that are not deliverable.
     refused: WarnLimiter,
+    /// The wildcard patterns in the table, by literal prefix.
+    wild: wildcard::WildIndex,
+    /// The options of each topic's namespace (message size, slow-consumer policy) and its metrics.
+    namespaces: Arc<Namespaces>,
 }
 
 /// What [`Registry::try_activate`] did.
@@ -94,7 +98,7 @@ pub enum Activation {
 
 impl Registry {
     /// Makes an empty registry. The broker is attached later ([`Registry::attach_broker`]).
-    pub fn new(metrics: Arc<Metrics>, limits: RegistryLimits) -> Self {
+    pub fn new(metrics: Arc<Metrics>, limits: RegistryLimits, namespaces: Arc<Namespaces>) -> Self {
         Registry {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
@@ -102,6 +106,8 @@ impl Registry {
             limits,
             broker: OnceLock::new(),
             refused: WarnLimiter::default(),
+            wild: Default::default(),
+            namespaces,
         }
     }
 
@@ -213,8 +219,27 @@ impl Registry {
 
     /// Queues one frame, applying the queue's slow-consumer policy and counting what it did.
     fn push(&self, flushes: &mut Flushes, queue: &Arc<SendQueue>, frame: Bytes) -> bool {
-        match flushes.push(queue, frame) {
+        self.push_as(flushes, queue, frame, Policy::Own, None)
+    }
+
+    /// Queues one frame with `policy`, counting what it did (conflations in `ns`'s metrics).
+    /// Returns whether the frame is queued.
+    fn push_as(
+        &self,
+        flushes: &mut Flushes,
+        queue: &Arc<SendQueue>,
+        frame: Bytes,
+        policy: Policy<'_>,
+        ns: Option<&Namespace>,
+    ) -> bool {
+        match flushes.push_as(queue, frame, policy) {
             Pushed::Queued => true,
+            Pushed::Conflated => {
+                if let Some(ns) = ns {
+                    ns.conflated.inc();
+                }
+                true
+            }
             Pushed::DroppedOldest(n) => {
                 self.metrics
                     .dropped

@@ -11,6 +11,7 @@ use super::delivery::{Cursor, Step};
 use super::{Activation, Registry, RegistryLimits};
 use crate::config::SlowConsumerPolicy;
 use crate::metrics::Metrics;
+use crate::namespace::Namespaces;
 use crate::protocol;
 use crate::send_queue::SendQueue;
 
@@ -24,16 +25,18 @@ fn at(epoch: &str, offset: Offset) -> Position {
 }
 
 fn registry(max_held: usize) -> Arc<Registry> {
+    let metrics = Arc::new(Metrics::new());
+    let namespaces = Arc::new(Namespaces::new(&[], 100, &metrics));
     Arc::new(Registry::new(
-        Arc::new(Metrics::new()),
+        metrics,
         RegistryLimits {
             max_held_frames: max_held,
             max_held_bytes: 1 << 20,
-            max_message_size: 100,
             max_json_depth: 3,
             unsubscribe_delay: Duration::ZERO,
             compression: None,
         },
+        namespaces,
     ))
 }
 

@@ -12,11 +12,14 @@
 //! subscribe never races an unsubscribe of the same topic: a subscriber that joins while the
 //! cool-down is unsubscribing waits for it, then subscribes again.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::send_queue::SendQueue;
+use crate::topic::Pattern;
 
 use super::delivery::SubState;
+use super::wildcard::is_pattern;
 use super::{ConnId, Registry};
 
 /// A topic's table entry.
@@ -31,9 +34,11 @@ pub(super) struct Entry {
 }
 
 /// A topic's broker subscription: whether the node holds it, behind the lock that serializes the
-/// broker calls for the topic.
+/// broker calls for the topic. For a wildcard pattern it is the subscription of its literal prefix.
 pub(crate) struct Link {
     subscribed: tokio::sync::Mutex<bool>,
+    /// The literal prefix, for a pattern's entry.
+    prefix: Option<String>,
 }
 
 /// One local subscriber of a topic.
@@ -73,6 +78,11 @@ impl Subscription {
         &self.queue
     }
 
+    /// Whether it is a wildcard subscription (its topic is a pattern).
+    pub fn is_wildcard(&self) -> bool {
+        self.link.prefix.is_some()
+    }
+
     pub(super) fn link(&self) -> &Arc<Link> {
         &self.link
     }
@@ -89,9 +99,14 @@ impl Subscription {
             // No broker attached: a registry on its own (unit tests).
             return Ok(());
         };
-        broker.subscribe(&self.topic).await?;
+        match &self.link.prefix {
+            Some(prefix) => broker.subscribe_prefix(prefix).await?,
+            None => {
+                broker.subscribe(&self.topic).await?;
+                self.registry.metrics.broker_topics.inc();
+            }
+        }
         *subscribed = true;
-        self.registry.metrics.broker_topics.inc();
         Ok(())
     }
 }
@@ -119,10 +134,19 @@ impl Registry {
             }
             None => {
                 let name: Arc<str> = topic.into();
+                // A pattern (validated by the caller) is indexed by its literal prefix.
+                let pattern = is_pattern(topic)
+                    .then(|| Pattern::parse(topic).ok())
+                    .flatten();
+                let prefix = pattern.as_ref().map(Pattern::literal_prefix);
+                if let Some(pattern) = pattern {
+                    self.wild.add(&name, pattern);
+                }
                 let entry = shard.entry(name.clone()).or_insert_with(|| Entry {
                     subs: Vec::new(),
                     link: Arc::new(Link {
                         subscribed: tokio::sync::Mutex::new(false),
+                        prefix,
                     }),
                     idle_round: 0,
                 });
@@ -130,7 +154,7 @@ impl Registry {
             }
         };
         if entry.subs.is_empty() {
-            self.metrics.topics.inc();
+            self.entries_gauge(&entry.link).inc();
         }
         entry.subs.push(Subscriber {
             conn,
@@ -165,7 +189,7 @@ impl Registry {
         if !entry.subs.is_empty() {
             return;
         }
-        self.metrics.topics.dec();
+        self.entries_gauge(link).dec();
         entry.idle_round += 1;
         let round = entry.idle_round;
         let runtime = tokio::runtime::Handle::try_current();
@@ -178,8 +202,24 @@ impl Registry {
             // Nothing to unsubscribe from (a registry on its own), or no runtime to wait in
             // (process exit): forget the topic now.
             _ => {
-                shard.remove(&**topic);
+                self.forget_entry(&mut shard, topic, link);
             }
+        }
+    }
+
+    /// The gauge that counts entries like this one: topics, or wildcard patterns.
+    fn entries_gauge(&self, link: &Link) -> &prometheus::IntGauge {
+        match link.prefix {
+            Some(_) => &self.metrics.wildcards,
+            None => &self.metrics.topics,
+        }
+    }
+
+    /// Removes an entry from the table (and a pattern's from the wildcard index).
+    fn forget_entry(&self, shard: &mut HashMap<Arc<str>, Entry>, key: &str, link: &Link) {
+        shard.remove(key);
+        if let Some(prefix) = &link.prefix {
+            self.wild.remove(key, prefix);
         }
     }
 
@@ -195,19 +235,25 @@ impl Registry {
             return;
         }
         if *subscribed {
-            if let Some(broker) = self.broker()
-                && let Err(e) = broker.unsubscribe(&topic).await
-            {
-                tracing::warn!(topic = %topic, error = %e, "broker unsubscribe failed");
+            if let Some(broker) = self.broker() {
+                let done = match &link.prefix {
+                    Some(prefix) => broker.unsubscribe_prefix(prefix).await,
+                    None => broker.unsubscribe(&topic).await,
+                };
+                if let Err(e) = done {
+                    tracing::warn!(topic = %topic, error = %e, "broker unsubscribe failed");
+                }
             }
             *subscribed = false;
-            self.metrics.broker_topics.dec();
+            if link.prefix.is_none() {
+                self.metrics.broker_topics.dec();
+            }
         }
         // Still under the link's lock: a subscriber that joined during the unsubscribe waits for
         // it, finds the topic unsubscribed and subscribes again; the entry then stays.
         let mut shard = self.shard(&topic);
         if self.entry_is_idle(&shard, &topic, &link, None) {
-            shard.remove(&*topic);
+            self.forget_entry(&mut shard, &topic, &link);
         }
     }
 
@@ -220,7 +266,7 @@ impl Registry {
 
     fn entry_is_idle(
         &self,
-        shard: &std::collections::HashMap<Arc<str>, Entry>,
+        shard: &HashMap<Arc<str>, Entry>,
         topic: &str,
         link: &Arc<Link>,
         round: Option<u64>,

@@ -7,6 +7,7 @@ use std::io::{self, IoSlice};
 use bytes::{Buf, Bytes};
 
 use super::SendQueue;
+use super::queue::State;
 
 /// A socket that can be written without waiting, from any thread.
 pub trait DirectWrite: Send + Sync {
@@ -28,14 +29,22 @@ impl SendQueue {
     /// one non-blocking system call per 16 frames.
     pub fn flush(&self) {
         let mut st = self.lock();
-        if st.writer_busy || st.close.is_some() || st.frames.is_empty() {
+        if st.writer_busy || st.close.is_some() || st.is_empty() {
             return;
         }
         let Some(direct) = st.direct.clone() else {
             return;
         };
         let had_waiters = self.is_half_full(&st);
-        while !st.frames.is_empty() {
+        loop {
+            if st.frames.is_empty() {
+                // The conflated frames that waited behind the queue are next.
+                let State { slots, frames, .. } = &mut *st;
+                slots.drain_into(frames);
+                if st.frames.is_empty() {
+                    break;
+                }
+            }
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let count = fill_slices(&st.frames, &mut slices);
             match direct.try_write_vectored(&slices[..count]) {

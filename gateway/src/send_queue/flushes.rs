@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Pushed, SendQueue};
+use super::{Policy, Pushed, SendQueue};
 
 /// Queues that are due a [`SendQueue::flush`], collected while a lock is held (fan-out holds its
 /// topic's) and flushed after it is released, so no system call runs under that lock.
@@ -25,8 +25,14 @@ impl Flushes {
 
     /// Queues `frame` on `queue` (see [`SendQueue::enqueue`]), remembering the queue if it is due a
     /// flush.
+    #[cfg(test)]
     pub fn push(&mut self, queue: &Arc<SendQueue>, frame: Bytes) -> Pushed {
-        let (pushed, flush) = queue.enqueue(frame);
+        self.push_as(queue, frame, Policy::Own)
+    }
+
+    /// [`Flushes::push`] with the policy that fits the frame.
+    pub fn push_as(&mut self, queue: &Arc<SendQueue>, frame: Bytes, policy: Policy<'_>) -> Pushed {
+        let (pushed, flush) = queue.enqueue_as(frame, policy);
         if flush {
             self.due.push(queue.clone());
         }

@@ -40,6 +40,7 @@
 //!   is finished before anything else: neither the `drop_oldest` policy nor a close that discards
 //!   the queue drops it. A close frame always starts on a frame boundary.
 
+mod conflate;
 mod direct;
 mod flushes;
 mod queue;
@@ -49,7 +50,7 @@ mod tests;
 
 pub use direct::{DirectWrite, MAX_SLICES, drop_written, fill_slices};
 pub use flushes::Flushes;
-pub use queue::{Batch, SendQueue};
+pub use queue::{Batch, Policy, SendQueue};
 
 /// Why a connection is being closed, and the close frame it gets.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +102,8 @@ pub enum Pushed {
     Queued,
     /// The frame is queued and this many older frames were dropped to make room.
     DroppedOldest(usize),
+    /// The frame replaced a waiting one of the same conflation key (which is not sent).
+    Conflated,
     /// The queue overflowed and the connection is now closing; the frame was not queued.
     Overflow,
     /// The connection is already closing; the frame was not queued.

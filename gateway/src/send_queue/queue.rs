@@ -9,8 +9,20 @@ use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use tokio::sync::Notify;
 
+use super::conflate::Slots;
 use super::{CloseReason, DirectWrite, Pushed};
 use crate::config::SlowConsumerPolicy;
+
+/// How a frame is queued when the connection is behind.
+#[derive(Clone, Copy, Debug)]
+pub enum Policy<'a> {
+    /// The connection's own slow-consumer policy (`limits.slow_consumer`).
+    Own,
+    /// Another policy (a namespace's).
+    Queue(SlowConsumerPolicy),
+    /// Conflated: it replaces a waiting frame of the same key (see [`super::conflate`]).
+    Conflate(&'a Bytes),
+}
 
 /// The bounded per-connection frame queue.
 pub struct SendQueue {
@@ -31,6 +43,8 @@ pub struct SendQueue {
 
 pub(super) struct State {
     pub(super) frames: VecDeque<Bytes>,
+    /// Conflating frames waiting behind `frames`; their bytes count in `bytes`.
+    pub(super) slots: Slots,
     pub(super) bytes: usize,
     pub(super) close: Option<CloseReason>,
     /// The writer has taken frames it has not finished writing: only it may write now.
@@ -47,7 +61,18 @@ impl State {
     fn discard_queued(&mut self) {
         let keep = usize::from(self.head_sent);
         self.frames.truncate(keep);
+        self.slots.clear();
         self.bytes = self.frames.iter().map(Bytes::len).sum();
+    }
+
+    /// Frames waiting, queued and conflating.
+    pub(super) fn len(&self) -> usize {
+        self.frames.len() + self.slots.len()
+    }
+
+    /// Whether nothing waits.
+    pub(super) fn is_empty(&self) -> bool {
+        self.frames.is_empty() && self.slots.is_empty()
     }
 }
 
@@ -80,6 +105,7 @@ impl SendQueue {
         SendQueue {
             state: Mutex::new(State {
                 frames: VecDeque::new(),
+                slots: Slots::default(),
                 bytes: 0,
                 close: None,
                 writer_busy: false,
@@ -125,26 +151,36 @@ impl SendQueue {
     /// queue: true for the push that finds the queue empty while the writer is idle on a
     /// direct-write connection. Until that flush, later pushes only queue.
     pub fn enqueue(&self, frame: Bytes) -> (Pushed, bool) {
+        self.enqueue_as(frame, Policy::Own)
+    }
+
+    /// [`SendQueue::enqueue`] with the policy that fits the frame.
+    pub fn enqueue_as(&self, frame: Bytes, policy: Policy<'_>) -> (Pushed, bool) {
         let mut st = self.lock();
         if st.close.is_some() {
             return (Pushed::Closed, false);
         }
+        let policy = match policy {
+            Policy::Own => self.policy,
+            Policy::Queue(p) => p,
+            Policy::Conflate(key) => {
+                if !st.is_empty() || st.writer_busy {
+                    return self.conflate(st, key, frame);
+                }
+                // Nothing waits: the frame goes out now, like any other.
+                SlowConsumerPolicy::Disconnect
+            }
+        };
+        // Conflated frames queued before this one go first.
+        let State { slots, frames, .. } = &mut *st;
+        slots.drain_into(frames);
         let fits = |st: &State| {
             st.frames.len() < self.max_frames && st.bytes + frame.len() <= self.max_bytes
         };
         let mut dropped = 0;
         if !fits(&st) {
-            match self.policy {
-                SlowConsumerPolicy::Disconnect => {
-                    st.close = Some(CloseReason::SLOW_CONSUMER);
-                    // Freed now rather than when the writer gets to them: a consumer that is stuck
-                    // may keep the writer waiting on its socket for a while.
-                    st.discard_queued();
-                    drop(st);
-                    self.ready.wake();
-                    self.taken.notify_waiters();
-                    return (Pushed::Overflow, false);
-                }
+            match policy {
+                SlowConsumerPolicy::Disconnect => return (self.overflow(st), false),
                 SlowConsumerPolicy::DropOldest => {
                     // A frame the socket has taken part of must be finished, or the stream breaks.
                     let keep = usize::from(st.head_sent);
@@ -175,9 +211,41 @@ impl SendQueue {
         (pushed, flush)
     }
 
+    /// Puts a conflating frame in its key's slot while the connection is behind. Whoever made the
+    /// queue non-empty (or the busy writer) writes it: no flush is due from here.
+    fn conflate(&self, mut st: MutexGuard<'_, State>, key: &Bytes, frame: Bytes) -> (Pushed, bool) {
+        let len = frame.len();
+        let new_key = !st.slots.contains(key);
+        if new_key && (st.len() >= self.max_frames || st.bytes + len > self.max_bytes) {
+            // More keys waiting than the queue holds: memory would no longer be bounded by the
+            // queue's limits.
+            return (self.overflow(st), false);
+        }
+        st.bytes += len;
+        match st.slots.put(key, frame) {
+            Some(old) => {
+                st.bytes -= old.len();
+                (Pushed::Conflated, false)
+            }
+            None => (Pushed::Queued, false),
+        }
+    }
+
+    /// Closes a connection whose queue overflowed (`disconnect`).
+    fn overflow(&self, mut st: MutexGuard<'_, State>) -> Pushed {
+        st.close = Some(CloseReason::SLOW_CONSUMER);
+        // Freed now rather than when the writer gets to them: a consumer that is stuck may keep
+        // the writer waiting on its socket for a while.
+        st.discard_queued();
+        drop(st);
+        self.ready.wake();
+        self.taken.notify_waiters();
+        Pushed::Overflow
+    }
+
     /// Whether a reader may be waiting in [`SendQueue::room`].
     pub(super) fn is_half_full(&self, st: &State) -> bool {
-        st.frames.len() * 2 >= self.max_frames || st.bytes * 2 >= self.max_bytes
+        st.len() * 2 >= self.max_frames || st.bytes * 2 >= self.max_bytes
     }
 
     /// Marks the connection as ended: no more frames are taken, and the socket handle is released
@@ -189,6 +257,7 @@ impl SendQueue {
             st.close = Some(CloseReason::PEER_GONE);
         }
         st.frames = VecDeque::new();
+        st.slots.clear();
         st.bytes = 0;
         st.head_sent = false;
         drop(st);
@@ -227,7 +296,7 @@ impl SendQueue {
         std::future::poll_fn(|cx| {
             self.ready.register(cx.waker());
             let st = self.lock();
-            if st.frames.is_empty() && st.close.is_none() {
+            if st.is_empty() && st.close.is_none() {
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -293,6 +362,7 @@ impl SendQueue {
         batch.close = st.close.clone();
         st.bytes = 0;
         std::mem::swap(&mut st.frames, &mut batch.frames);
+        st.slots.drain_into(&mut batch.frames);
         // While the writer holds frames, nobody else may write: they would overtake them.
         st.writer_busy = !batch.frames.is_empty();
         batch.head_sent = std::mem::take(&mut st.head_sent);

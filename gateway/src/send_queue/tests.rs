@@ -367,3 +367,59 @@ async fn a_close_during_a_stalled_write_finishes_only_the_begun_frame_then_sends
     assert_eq!(u16::from_be_bytes([close[2], close[3]]), 1008);
     assert_eq!(&close[4..], CloseReason::SLOW_CONSUMER.reason.as_bytes());
 }
+
+fn b(s: &'static str) -> Bytes {
+    Bytes::from_static(s.as_bytes())
+}
+
+fn conflate(q: &SendQueue, key: &'static str, frame: &'static str) -> Pushed {
+    q.enqueue_as(b(frame), Policy::Conflate(&b(key))).0
+}
+
+#[test]
+fn conflated_frames_keep_the_latest_per_key_in_publish_order() {
+    let q = SendQueue::new(8, 1000, SlowConsumerPolicy::Disconnect);
+    // Nothing waits: the first frame is queued as usual.
+    assert_eq!(conflate(&q, "a", "a1"), Pushed::Queued);
+    // Behind: later ones wait one per key, newer replacing older.
+    assert_eq!(conflate(&q, "a", "a2"), Pushed::Queued);
+    assert_eq!(conflate(&q, "b", "b1"), Pushed::Queued);
+    assert_eq!(conflate(&q, "a", "a3"), Pushed::Conflated);
+    assert_eq!(conflate(&q, "b", "b2"), Pushed::Conflated);
+    assert_eq!(conflate(&q, "a", "a4"), Pushed::Conflated);
+    let batch = q.take();
+    // Slots keep publish order: b2 came before a4.
+    assert_eq!(Vec::from(batch.frames), [b("a1"), b("b2"), b("a4")]);
+    // The queue is empty again: the next frame goes straight in.
+    assert_eq!(conflate(&q, "a", "a5"), Pushed::Queued);
+    assert_eq!(Vec::from(q.take().frames), [b("a5")]);
+}
+
+#[test]
+fn another_frame_never_overtakes_conflated_ones() {
+    let q = SendQueue::new(8, 1000, SlowConsumerPolicy::Disconnect);
+    q.push(b("ack"));
+    assert_eq!(conflate(&q, "a", "a1"), Pushed::Queued);
+    assert_eq!(conflate(&q, "a", "a2"), Pushed::Conflated);
+    // A plain frame (a gap, a reply) moves the waiting ones into the queue first.
+    q.push(b("gap"));
+    assert_eq!(conflate(&q, "a", "a3"), Pushed::Queued);
+    assert_eq!(
+        Vec::from(q.take().frames),
+        [b("ack"), b("a2"), b("gap"), b("a3")]
+    );
+}
+
+#[test]
+fn conflation_bytes_are_counted_and_more_keys_than_room_disconnect() {
+    let q = SendQueue::new(3, 1000, SlowConsumerPolicy::DropOldest);
+    q.push(b("x"));
+    assert_eq!(conflate(&q, "a", "aaaa"), Pushed::Queued);
+    assert_eq!(conflate(&q, "a", "aa"), Pushed::Conflated);
+    assert_eq!(q.lock().bytes, 3);
+    assert_eq!(conflate(&q, "b", "b"), Pushed::Queued);
+    // A third waiting frame would pass the queue's bound: one frame per key is all conflation
+    // keeps, so a subscriber of more keys than its queue holds is disconnected.
+    assert_eq!(conflate(&q, "c", "c"), Pushed::Overflow);
+    assert_eq!(q.take().close, Some(CloseReason::SLOW_CONSUMER));
+}

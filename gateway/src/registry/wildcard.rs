@@ -1,0 +1,141 @@
+//! Wildcard subscriptions (`scores.*`, `scores.>`): which patterns have local subscribers, and
+//! fan-out of a topic's messages to them.
+//!
+//! A pattern has a table entry of its own, keyed by the pattern (no topic contains `*` or `>`, so
+//! the keys never collide), with the same guard, cool-down and broker link as a topic; its broker
+//! subscription is the pattern's literal prefix ([`Pattern::literal_prefix`]), which brings every
+//! topic below it. The index here maps each prefix to its patterns, so a message looks up only the
+//! prefixes of its own topic (one lookup per level, none at all while no pattern is subscribed).
+//!
+//! A wildcard subscriber has no cursor: the broker hands each topic over in offset order, once, and
+//! the subscriber gets every message after its ack. Messages of its topics that arrive before the
+//! ack is queued are not owed to it and are skipped; at the ack it turns live under the entry's
+//! lock, so nothing slips in between.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use broker_bridge::{Position, strict_prefixes};
+use bytes::Bytes;
+
+use crate::protocol;
+use crate::send_queue::{Flushes, SendQueue};
+use crate::topic::Pattern;
+
+use super::delivery::{How, SubState};
+use super::{Registry, Subscription};
+
+/// Whether a subscription name is a pattern rather than a topic.
+pub(super) fn is_pattern(name: &str) -> bool {
+    name.bytes().any(|b| matches!(b, b'*' | b'>'))
+}
+
+/// The patterns of one literal prefix: each entry's key and its parsed pattern.
+type PrefixPatterns = Vec<(Arc<str>, Pattern)>;
+
+/// The patterns in the table, by literal prefix.
+#[derive(Default)]
+pub(super) struct WildIndex {
+    by_prefix: RwLock<HashMap<String, PrefixPatterns>>,
+    /// Patterns in the index: lets a node without any skip the lookups.
+    len: AtomicUsize,
+}
+
+impl WildIndex {
+    /// Adds a pattern whose entry was just created.
+    pub(super) fn add(&self, key: &Arc<str>, pattern: Pattern) {
+        let mut map = self.by_prefix.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(pattern.literal_prefix())
+            .or_default()
+            .push((key.clone(), pattern));
+        self.len.fetch_add(1, Ordering::Release);
+    }
+
+    /// Removes a pattern whose entry is forgotten.
+    pub(super) fn remove(&self, key: &str, prefix: &str) {
+        let mut map = self.by_prefix.write().unwrap_or_else(|e| e.into_inner());
+        let Some(list) = map.get_mut(prefix) else {
+            return;
+        };
+        let before = list.len();
+        list.retain(|(k, _)| &**k != key);
+        if list.len() < before {
+            self.len.fetch_sub(1, Ordering::Release);
+        }
+        if list.is_empty() {
+            map.remove(prefix);
+        }
+    }
+
+    /// The patterns that match `topic`.
+    fn matching(&self, topic: &str) -> Vec<Arc<str>> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let map = self.by_prefix.read().unwrap_or_else(|e| e.into_inner());
+        strict_prefixes(topic)
+            .filter_map(|prefix| map.get(prefix))
+            .flatten()
+            .filter(|(_, p)| p.matches(topic))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+}
+
+impl Registry {
+    /// Turns a wildcard subscriber live: queues its ack, and from then on it gets every message of
+    /// the topics its pattern matches. Both under the entry's lock, so no message is queued before
+    /// the ack and none that comes after it is missed.
+    pub fn activate_wildcard(&self, sub: &Subscription, ack: Bytes) {
+        let mut flushes = Flushes::new();
+        self.with_subscriber(sub, |s, reg| {
+            reg.push(&mut flushes, &s.queue, ack);
+            s.state = SubState::Wild;
+        });
+        flushes.run();
+    }
+
+    /// Queues `frame` (a message of `message.topic`, encoded once for the node) to the live
+    /// subscribers of every pattern that matches the topic. Returns how many got it.
+    pub(super) fn deliver_wild(
+        &self,
+        flushes: &mut Flushes,
+        topic: &str,
+        how: &How<'_>,
+        frame: &mut dyn FnMut(&SendQueue) -> Bytes,
+    ) -> u64 {
+        let mut delivered = 0;
+        for key in self.wild.matching(topic) {
+            let mut shard = self.shard(&key);
+            let Some(entry) = shard.get_mut(&*key) else {
+                continue;
+            };
+            for sub in &mut entry.subs {
+                if matches!(sub.state, SubState::Wild)
+                    && how.push(self, flushes, &sub.queue, frame(&sub.queue))
+                {
+                    delivered += 1;
+                }
+            }
+        }
+        delivered
+    }
+
+    /// Queues a gap frame of `topic` to the live subscribers of the patterns that match it.
+    pub(super) fn gap_wild(&self, flushes: &mut Flushes, topic: &str, resume: &Position) {
+        let mut frame = None;
+        for key in self.wild.matching(topic) {
+            let mut shard = self.shard(&key);
+            let Some(entry) = shard.get_mut(&*key) else {
+                continue;
+            };
+            for sub in &mut entry.subs {
+                if matches!(sub.state, SubState::Wild) {
+                    let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
+                    self.push_gap(flushes, &sub.queue, f.clone());
+                }
+            }
+        }
+    }
+}
