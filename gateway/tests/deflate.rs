@@ -173,18 +173,23 @@ async fn the_compressed_frame_is_built_once_per_message_not_per_subscriber() {
     for _ in 0..SUBSCRIBERS {
         let mut c = DeflateClient::connect(&server, "permessage-deflate").await;
         assert_eq!(c.agreed.as_deref(), Some(ANSWER));
-        subscribe(&mut c, "fanout").await;
+        subscribe(&mut c, "fan.out").await;
         clients.push(c);
     }
-    let mut plain = plain_subscriber(&server, "fanout").await;
+    // A wildcard subscriber gets the same compressed frame as the exact ones.
+    let mut wild = DeflateClient::connect(&server, "permessage-deflate").await;
+    subscribe(&mut wild, "fan.*").await;
+    clients.push(wild);
+    let mut plain = plain_subscriber(&server, "fan.out").await;
     let mut http = HttpClient::connect(server.addr).await;
     for i in 0..MESSAGES {
-        http.publish("fanout", data_of(i, 1000).to_string()).await;
+        http.publish("fan.out", data_of(i, 1000).to_string()).await;
     }
     for c in &mut clients {
         for i in 0..MESSAGES {
             let (m, compressed) = c.recv().await;
             assert!(compressed);
+            assert_eq!(m["topic"], "fan.out");
             assert_eq!(m["data"], data_of(i, 1000));
         }
     }
@@ -200,7 +205,7 @@ async fn the_compressed_frame_is_built_once_per_message_not_per_subscriber() {
     assert_eq!(m.value("pubgate_deflate_frames_total"), MESSAGES as f64);
     assert_eq!(
         m.value("pubgate_deflate_deliveries_total"),
-        (MESSAGES * SUBSCRIBERS) as f64
+        (MESSAGES * (SUBSCRIBERS + 1)) as f64
     );
 }
 
