@@ -9,6 +9,8 @@
 #   --out DIR     results directory (default target/bench-results/<UTC timestamp>)
 #   --quick       small and short: a smoke run of every scenario (about a minute)
 #   --only NAMES  comma-separated subset of: memory,limit,cpu40k,p99at20k,step,ceiling,churn,
+#                 wss (idle memory per wss:// connection, and CPU per delivery at 40k/s on wss://
+#                 against ws://, three interleaved rounds; needs openssl),
 #                 redis3 (3 nodes + Redis: fan-out at 20k/40k and a step), scale100k (100k
 #                 connections over 6 nodes + Redis); the last two need redis-server and haproxy
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
@@ -22,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,redis3,scale100k"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,redis3,scale100k"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -85,9 +87,12 @@ stop_server() {
   SERVER_ADDR=""
 }
 
+# The URL scheme of one-node runs, and the tool's TLS arguments when it is wss.
+SCHEME=ws
+TLS_ARGS=()
 run() { # name, then loadtest arguments
   local name="$1"; shift
-  local cmd=(nice -n "$NICE" "$LT" "$@" --url "ws://$SERVER_ADDR/ws" --server-pid "$SERVER_PID" --json "$OUT/$name.json")
+  local cmd=(nice -n "$NICE" "$LT" "$@" --url "$SCHEME://$SERVER_ADDR/ws" "${TLS_ARGS[@]}" --server-pid "$SERVER_PID" --json "$OUT/$name.json")
   echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
   echo "== $name: ${cmd[*]}" >&2
   "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
@@ -157,6 +162,39 @@ if want churn; then
   stop_server
 fi
 
+# 8. TLS (wss://): idle memory per connection at the largest memory size, then server CPU per
+#    delivery at 40k/s on wss:// and ws://, three rounds interleaved so that other load on a shared
+#    machine hits both alike. ECDSA P-256 leaf signed by a private CA; TLS 1.3 is negotiated.
+if want wss; then
+  mkdir -p "$OUT/tls"
+  (
+    cd "$OUT/tls"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+      -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost \
+      -keyout tls.key -out tls.csr 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext
+    openssl x509 -req -in tls.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out leaf.pem -extfile ext 2>/dev/null
+    cat leaf.pem ca.pem > tls.crt
+  )
+  TLS_ENV=(PUBGATE__TLS__CERT="$OUT/tls/tls.crt" PUBGATE__TLS__KEY="$OUT/tls/tls.key")
+  n="${MEM_SIZES##* }"
+  SCHEME=wss TLS_ARGS=(--tls-ca "$OUT/tls/ca.pem")
+  start_server "connect-wss-$n" PUBGATE__SERVER__MAX_CONNECTIONS=20000 "${TLS_ENV[@]}"
+  run "connect-wss-$n" connect --connections "$n" --topics 100 --connect-rate 2000 --hold "$HOLD" --settle 3
+  stop_server
+  for round in 1 2 3; do
+    SCHEME=wss TLS_ARGS=(--tls-ca "$OUT/tls/ca.pem")
+    start_server "fanout-40k-wss-$round" "${TLS_ENV[@]}"
+    run "fanout-40k-wss-$round" fanout --subscribers "$SUBS" --topics 20 --delivery-rate 40000 --payload 256 --duration "$DUR" --warmup 2 --publishers 8
+    stop_server
+    SCHEME=ws TLS_ARGS=()
+    start_server "fanout-40k-ws-$round"
+    run "fanout-40k-ws-$round" fanout --subscribers "$SUBS" --topics 20 --delivery-rate 40000 --payload 256 --duration "$DUR" --warmup 2 --publishers 8
+    stop_server
+  done
+fi
+
 # Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load
 # spread over the nodes directly; Redis's CPU counts with the nodes' (--broker-pid).
 STACK_UP=0
@@ -197,7 +235,7 @@ have_stack_tools() {
   return 1
 }
 
-# 8. Three nodes + Redis: fan-out at 20k and 40k deliveries/s, and the highest sustainable rate.
+# 9. Three nodes + Redis: fan-out at 20k and 40k deliveries/s, and the highest sustainable rate.
 if want redis3 && have_stack_tools redis3; then
   stack_start 3
   for rate in 20000 40000; do
@@ -207,7 +245,7 @@ if want redis3 && have_stack_tools redis3; then
   stack_stop
 fi
 
-# 9. 100k idle subscribed connections over six nodes (each under the 20,000 open-files limit) and
+# 10. 100k idle subscribed connections over six nodes (each under the 20,000 open-files limit) and
 #    six load processes.
 if want scale100k && have_stack_tools scale100k; then
   if [[ $QUICK == 1 ]]; then SCALE_N=6000; else SCALE_N=100000; fi

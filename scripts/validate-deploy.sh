@@ -10,10 +10,16 @@
 # What runs:
 #   helm lint --strict (default values and each helm/pubgate/ci/*.yaml), helm template for each;
 #   every rendered object against the strict Kubernetes schemas (kubernetes-validate; unknown fields and
-#   kinds fail), plus the chart's invariants (scripts/deploy/k8s_validate.py);
+#   kinds fail), names and label values as the API server checks them, plus the chart's invariants
+#   (scripts/deploy/k8s_validate.py: probes, drain timing, security context with RuntimeDefault seccomp,
+#   no subPath on Secret mounts, metrics port on no external Service or Ingress, disruption budget);
+#   what rolls the pods: a config/credential/rolloutToken change must change the pod template;
 #   each rendered pubgate.toml loaded by the real pubgate binary, which must start, answer the
 #   container's HEALTHCHECK probe, and exit on SIGTERM;
-#   hadolint on deploy/Dockerfile, and a check that its dependency stage covers every workspace member;
+#   hadolint on deploy/Dockerfile, a check that its dependency stage covers every workspace member and
+#   that its runtime stage needs no shell (scripts/deploy/check_dockerfile.py), and (not with
+#   PUBGATE_DEPLOY_QUICK=1) a replay of its build stages without Docker: exactly the COPYed files, the
+#   RUN commands, cargo check offline (scripts/deploy/dockerfile_replay.py);
 #   docker-compose config on deploy/compose, the compose-spec JSON schema, checks of our own
 #   (scripts/deploy/check_compose.py), and `haproxy -c` on its HAProxy config;
 #   promtool check config / check rules / test rules on deploy/prometheus, and the same unit tests on
@@ -55,6 +61,7 @@ cleanup() {
   for pid in $started_pids; do
     kill -KILL "$pid" 2>/dev/null || true
   done
+  rm -rf "$out/replay-cache"   # the replayed build's target directory (hundreds of MB)
 }
 trap cleanup EXIT
 
@@ -204,24 +211,64 @@ print(f"  the chart's PrometheusRule has the same {len(names[0])} alerts and pas
 PY
 }
 
+# pubgate reads its config, environment and key files only at start (TLS certificates are the one
+# thing it reloads), so every change to what the chart renders for it must change the pod template
+# (and roll the pods), and a change that does not concern the pods must not. Each case renders the
+# Deployment twice, with BASE then BASE plus CHANGE, and compares the pod templates.
+check_rollout_triggers() {
+  local chart="$1" dir="$2"
+  mkdir -p "$dir"
+  local cases=(
+    "rolls|config change|--set config.history.size=999"
+    "rolls|inline API key change|--set auth.apiKeys={a}|--set auth.apiKeys={b}"
+    "rolls|inline JWT secret change|--set auth.jwtSecret=one|--set auth.jwtSecret=two"
+    "rolls|broker URL change|--set redis.enabled=false,broker.url=redis://a:6379|--set redis.enabled=false,broker.url=redis://b:6379"
+    "rolls|rolloutToken after rotating an existingSecret|--set auth.existingSecret.name=creds|--set auth.existingSecret.name=creds,rolloutToken=2"
+    "keeps|replica count change|--set replicaCount=4"
+    "keeps|Service annotation change|--set service.annotations.a=b"
+  )
+  local c rc=0 i=0
+  for c in "${cases[@]}"; do
+    local want label base change
+    IFS='|' read -r want label base change <<<"$c"
+    [[ -n "$change" ]] || { change="$base"; base=""; }
+    i=$((i + 1))
+    # shellcheck disable=SC2086 # word splitting of the --set arguments is intended
+    "$helm" template pubgate "$chart" --kube-version "$kube_version" $base \
+      --show-only templates/deployment.yaml >"$dir/$i.a.yaml" 2>&1 || { cat "$dir/$i.a.yaml"; rc=1; continue; }
+    # shellcheck disable=SC2086
+    "$helm" template pubgate "$chart" --kube-version "$kube_version" $change \
+      --show-only templates/deployment.yaml >"$dir/$i.b.yaml" 2>&1 || { cat "$dir/$i.b.yaml"; rc=1; continue; }
+    "$py" - "$dir/$i.a.yaml" "$dir/$i.b.yaml" "$want" "$label" <<'PY' || rc=1
+import sys, yaml
+a, b = (yaml.safe_load(open(f))["spec"]["template"] for f in sys.argv[1:3])
+want, label = sys.argv[3], sys.argv[4]
+if want == "rolls" and a == b:
+    sys.exit(f"{label}: the pod template does not change, so running pods would keep the old setting")
+if want == "keeps" and a != b:
+    sys.exit(f"{label}: the pod template changes, which would restart every pod for nothing")
+print(f"  {label}: the pod template {'changes (pods roll)' if want == 'rolls' else 'stays (no restart)'}")
+PY
+  done
+  return $rc
+}
+
 # ---------------------------------------------------------------------------------------------------
 # Container image
 
 check_dockerfile() {
   local file="$1"
-  "$tools/bin/hadolint" --failure-threshold warning "$file" || return 1
-  # The dependency stage must stub every workspace member, or `cargo build` fails there.
-  "$py" - "$file" Cargo.toml <<'PY'
-import re, sys, tomllib
-df = open(sys.argv[1]).read()
-members = tomllib.load(open(sys.argv[2], "rb"))["workspace"]["members"]
-missing = [m for m in members
-           if f"COPY {m}/Cargo.toml {m}/Cargo.toml" not in df or not re.search(rf"^COPY {re.escape(m)} {re.escape(m)}$", df, re.M)
-           or not re.search(rf"for member in [^;]*\b{re.escape(m)}\b", df)]
-if missing:
-    sys.exit(f"{sys.argv[1]}: workspace members missing from the build stages: {missing}")
-print(f"  hadolint clean; the build stages cover the workspace members {members}")
-PY
+  local rc=0
+  "$tools/bin/hadolint" --failure-threshold warning "$file" || rc=1
+  "$py" scripts/deploy/check_dockerfile.py "$file" Cargo.toml || rc=1
+  return $rc
+}
+
+# The image is never built here (no container engine): replay its build stages instead, with exactly
+# the files their COPY instructions take from the context (.dockerignore applied) and their RUN
+# commands, `cargo build` run as `cargo check`, offline (scripts/deploy/dockerfile_replay.py).
+replay_dockerfile() {
+  env -u CARGO_TARGET_DIR "$py" scripts/deploy/dockerfile_replay.py --cache "$out/replay-cache" "$@"
 }
 
 build_probe() {
@@ -268,6 +315,8 @@ validate_all() {
   local rc=0
   step "helm lint --strict + helm template (kubernetes $kube_version, $("$helm" version --short))"
   render_chart helm/pubgate "$out/rendered" || rc=1
+  step "what rolls the pods (pubgate reads credentials and config only at start)"
+  check_rollout_triggers helm/pubgate "$out/rollout-triggers" || rc=1
   step "helm/pubgate/README.md lists every value"
   "$py" scripts/deploy/check_chart_readme.py helm/pubgate || rc=1
   step "rendered objects against the strict Kubernetes schemas and the chart's invariants"
@@ -289,8 +338,12 @@ validate_all() {
   step "yamllint"
   yaml_lint || rc=1
   if [[ "${PUBGATE_DEPLOY_QUICK:-}" == "1" && "${CI:-}" != "true" ]]; then
-    step "live steps SKIPPED (PUBGATE_DEPLOY_QUICK=1)"
-  elif have_live; then
+    step "image build replay and live steps SKIPPED (PUBGATE_DEPLOY_QUICK=1)"
+    return $rc
+  fi
+  step "the image's build stages replayed without Docker (COPY from the context, RUN with cargo check)"
+  replay_dockerfile deploy/Dockerfile . 2>&1 | grep -v '^ *\(Checking\|Compiling\) ' || rc=1
+  if have_live; then
     step "rollout rehearsal with the default values' settings"
     rehearse "$out/rendered/default.yaml" "$out/rehearsal" || rc=1
     step "a real Prometheus ($(prometheus --version 2>&1 | head -1 | awk '{print $3}')) scraping a real pubgate; alerts fire and resolve"
@@ -323,137 +376,8 @@ rehearse() {
 
 # ---------------------------------------------------------------------------------------------------
 # Self-test: each case breaks one thing and expects the validation to fail with a given message.
-
-self_test_failures=0
-expect_failure() {
-  local label="$1" pattern="$2"; shift 2
-  local log="$out/selftest-${label// /_}.log"
-  if ( "$@" ) >"$log" 2>&1; then
-    echo "  FAIL: '$label' was not caught (the validation passed)"; self_test_failures=$((self_test_failures + 1))
-  elif ! grep -qE -- "$pattern" "$log"; then
-    echo "  FAIL: '$label' failed, but without /$pattern/:"; sed 's/^/    /' "$log" | tail -20
-    self_test_failures=$((self_test_failures + 1))
-  else
-    echo "  caught: $label  ($(grep -m1 -oE -- "$pattern" "$log" | head -1))"
-  fi
-}
-
-chart_copy() {
-  local dst="$1"
-  rm -rf "$dst"
-  mkdir -p "$(dirname "$dst")"
-  cp -a helm/pubgate "$dst"
-  rm -f "$dst"/ci/*.yaml
-}
-
-self_test() {
-  local st="$out/selftest"
-  mkdir -p "$st"
-  step "self-test: deliberately broken inputs must fail the validation"
-
-  printf 'config:\n  drain:\n    grace: "10s"\n' >"$st/values-drain-in-config.yaml"
-  chart_copy "$st/chart-a"
-  expect_failure "value the chart owns set in config (schema)" "false schema" \
-    render_chart "$st/chart-a" "$st/r-a" "$st/values-drain-in-config.yaml"
-
-  printf 'replicaCount: 0\n' >"$st/values-zero-replicas.yaml"
-  expect_failure "replicaCount 0 (schema minimum)" "minimum: got 0, want 1" \
-    render_chart "$st/chart-a" "$st/r-b" "$st/values-zero-replicas.yaml"
-
-  printf 'drain:\n  preStopSeconds: 5\n  delaySeconds: 60\n  graceSeconds: 60\n  marginSeconds: 10\n' >"$st/values-delay.yaml"
-  expect_failure "drain.delay not shorter than drain.grace (template check)" "must be shorter than drain.graceSeconds" \
-    render_chart "$st/chart-a" "$st/r-c" "$st/values-delay.yaml"
-
-  # shellcheck disable=SC2016 # a literal backquote, not an expansion
-  sed '/^| `drain.marginSeconds`/d' helm/pubgate/README.md >"$st/README.md"
-  mkdir -p "$st/chart-readme" && cp helm/pubgate/values.yaml "$st/chart-readme/" && cp "$st/README.md" "$st/chart-readme/"
-  expect_failure "a value missing from the chart README" "does not list the value drain.marginSeconds" \
-    "$py" scripts/deploy/check_chart_readme.py "$st/chart-readme"
-
-  chart_copy "$st/chart-field"
-  sed -i 's/^\(\s*\)containerPort: /\1containerPorts: /' "$st/chart-field/templates/deployment.yaml"
-  expect_failure "unknown field in the Deployment template (strict schema)" "'containerPorts' was unexpected" \
-    bash -c "$(declare -f render_chart validate_rendered); helm='$helm' py='$py' kube_version='$kube_version'; \
-      render_chart '$st/chart-field' '$st/r-field' && validate_rendered '$st/r-field'"
-
-  chart_copy "$st/chart-kind"
-  printf 'apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w\n' >"$st/chart-kind/templates/widget.yaml"
-  expect_failure "unknown kind in a template" "no schema: .*Widget" \
-    bash -c "$(declare -f render_chart validate_rendered); helm='$helm' py='$py' kube_version='$kube_version'; \
-      render_chart '$st/chart-kind' '$st/r-kind' && validate_rendered '$st/r-kind'"
-
-  chart_copy "$st/chart-grace"
-  sed -i 's/terminationGracePeriodSeconds: {{ include "pubgate.terminationGracePeriodSeconds" . }}/terminationGracePeriodSeconds: 30/' \
-    "$st/chart-grace/templates/deployment.yaml"
-  expect_failure "grace period no longer derived from the drain settings (invariant)" \
-    "terminationGracePeriodSeconds 30 must exceed preStop 5s \+ drain.grace 60s" \
-    bash -c "$(declare -f render_chart validate_rendered); helm='$helm' py='$py' kube_version='$kube_version'; \
-      render_chart '$st/chart-grace' '$st/r-grace' && validate_rendered '$st/r-grace'"
-
-  if [[ -n "$pubgate_bin" && -x "$pubgate_bin" ]]; then
-    printf 'config:\n  history:\n    size: 10\n    ttl: "0s"\n' >"$st/values-zero-ttl.yaml"
-    mkdir -p "$st/r-ttl"
-    "$helm" template pubgate "$st/chart-a" --kube-version "$kube_version" -f "$st/values-zero-ttl.yaml" >"$st/r-ttl/zero-ttl.yaml"
-    expect_failure "a config value pubgate refuses (history.ttl 0s)" "pubgate refused the config" \
-      check_rendered_config "$st/r-ttl" "$out/pubgate-probe"
-  fi
-
-  sed -e 's|^FROM gcr.io/distroless/cc-debian12:nonroot AS runtime|FROM debian:latest AS runtime\nRUN apt-get update \&\& apt-get install -y curl|' \
-    deploy/Dockerfile >"$st/Dockerfile"
-  expect_failure "Dockerfile: unpinned base image and apt packages (hadolint)" "DL3007|DL3008" \
-    check_dockerfile "$st/Dockerfile"
-
-  sed -e 's/for member in gateway broker-bridge loadtest; do/for member in gateway broker-bridge; do/' \
-    deploy/Dockerfile >"$st/Dockerfile.members"
-  expect_failure "Dockerfile: a workspace member missing from the dependency stage" "workspace members missing" \
-    check_dockerfile "$st/Dockerfile.members"
-
-  cp -a deploy/compose "$st/compose"
-  mkdir -p "$st/prometheus" "$st/grafana"
-  cp deploy/prometheus/* "$st/prometheus/"
-  cp deploy/grafana/pubgate.json "$st/grafana/"
-  sed -i '0,/restart: unless-stopped/s//restart: sometimes/' "$st/compose/compose.yaml"
-  expect_failure "compose: unknown restart policy" "restart 'sometimes'" check_compose "$st/compose/compose.yaml"
-
-  cp -a deploy/compose "$st/compose2"
-  sed -i 's/stop_grace_period: 30s/stop_grace_period: 10s/' "$st/compose2/compose.yaml"
-  expect_failure "compose: stop_grace_period shorter than drain.grace" "must exceed drain.grace" \
-    check_compose "$st/compose2/compose.yaml"
-
-  sed -i 's/expr: pubgate_broker_up == 0/expr: pubgate_broker_up == 2/' "$st/prometheus/alerts.yml"
-  expect_failure "alert rule changed without its unit test (promtool test rules)" "FAILED" \
-    check_prometheus "$st/prometheus"
-
-  cp deploy/prometheus/* "$st/prometheus/"
-  sed -i 's/expr: pubgate_broker_up == 0/expr: pubgate_broker_up == = 0/' "$st/prometheus/alerts.yml"
-  expect_failure "alert rule with a PromQL syntax error (promtool check rules)" "parse error|unexpected" \
-    check_prometheus "$st/prometheus"
-
-  sed -i 's/pubgate_slow_consumer_disconnects_total/pubgate_slow_consumer_kicks_total/' "$st/grafana/pubgate.json"
-  expect_failure "dashboard query on a metric pubgate does not export" "unknown metric pubgate_slow_consumer_kicks_total" \
-    check_dashboard "$st/grafana/pubgate.json" deploy/prometheus/alerts.yml
-
-  cp deploy/grafana/pubgate.json "$st/grafana/"
-  # shellcheck disable=SC2016 # a literal $node of the dashboard
-  sed -i '0,/sum(pubgate_ready{instance=~\\"$node\\"})/s//sum(pubgate_ready{instance=~\\"$node\\"}/' "$st/grafana/pubgate.json"
-  expect_failure "dashboard query with a PromQL syntax error" "unclosed left parenthesis|parse error" \
-    check_dashboard "$st/grafana/pubgate.json" deploy/prometheus/alerts.yml
-
-  if [[ -n "$pubgate_bin" && -x "$pubgate_bin" ]] && command -v haproxy >/dev/null && command -v redis-server >/dev/null \
-      && [[ "${PUBGATE_DEPLOY_QUICK:-}" != "1" || "${CI:-}" == "true" ]]; then
-    mkdir -p "$st/r-storm"
-    "$helm" template pubgate helm/pubgate --kube-version "$kube_version" \
-      --set drain.preStopSeconds=0,drain.delaySeconds=0,drain.graceSeconds=1,minReadySeconds=0 >"$st/r-storm/storm.yaml"
-    expect_failure "rollout with a 1-second drain and no preStop (the rehearsal sees the reconnect storm)" "reconnect storm" \
-      rehearse "$st/r-storm/storm.yaml" "$st/rehearsal-storm"
-  fi
-
-  if (( self_test_failures )); then
-    echo "self-test: $self_test_failures broken inputs were NOT caught"
-    return 1
-  fi
-  echo "self-test: every broken input was caught"
-}
+# shellcheck source=scripts/deploy/self-test.sh
+source scripts/deploy/self-test.sh
 
 rc=0
 validate_all || rc=1

@@ -135,7 +135,8 @@ pub trait BrokerObserver: Send + Sync + 'static {
     }
 
     /// A message from the broker was not delivered: `reason` is `forged` (its tag does not
-    /// verify), `header` (a malformed gateway header) or `data` (gateway data that is not JSON).
+    /// verify), `header` (a malformed gateway header), `data` (gateway data that is not JSON) or
+    /// `topic` (a channel below a subscribed prefix whose name is not a valid topic).
     fn rejected(&self, reason: &'static str) {
         let _ = reason;
     }

@@ -59,6 +59,25 @@ impl PrefixSet {
         strict_prefixes(topic).any(|p| map.contains_key(p))
     }
 
+    /// The length of the shortest subscribed prefix that covers `topic` (the prefix is
+    /// `&topic[..len]`), if any.
+    pub fn shortest_covering(&self, topic: &str) -> Option<usize> {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let map = self.lock();
+        strict_prefixes(topic)
+            .find(|p| map.contains_key(*p))
+            .map(str::len)
+    }
+
+    /// Forgets every prefix.
+    pub fn clear(&self) {
+        let mut map = self.lock();
+        map.clear();
+        self.len.store(0, Ordering::Release);
+    }
+
     /// The subscribed prefixes.
     pub fn all(&self) -> Vec<String> {
         self.lock().keys().cloned().collect()
@@ -99,5 +118,10 @@ mod tests {
         assert!(!set.remove("scores"));
         assert!(set.add(""));
         assert!(set.covers("anything"));
+        assert!(set.add("a.b"));
+        assert_eq!(set.shortest_covering("a.b.c"), Some(0));
+        assert!(set.remove(""));
+        assert_eq!(set.shortest_covering("a.b.c"), Some(3));
+        assert_eq!(set.shortest_covering("a.bc"), None);
     }
 }

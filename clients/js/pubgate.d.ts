@@ -19,8 +19,9 @@ export interface Message<T = unknown> {
 
 export interface SubscribeAck {
   topic: string;
-  epoch: string | null;
-  offset: number | null;
+  /** Absent for a wildcard subscription (`scores.*`, `scores.>`), which has no position of its own. */
+  epoch?: string | null;
+  offset?: number | null;
   recovered?: boolean;
 }
 
@@ -49,6 +50,14 @@ export interface TopicHandlers<T = unknown> {
   onGap?: (info: GapInfo) => void;
   /** History could not cover what was missed: reload the topic's state, then go on live. */
   onRecoverFailed?: (info: RecoverFailedInfo) => void;
+  /** The server ended the subscription (a refreshed token no longer allows it); it is not resubscribed. */
+  onUnsubscribed?: (info: UnsubscribedInfo) => void;
+}
+
+export interface UnsubscribedInfo {
+  topic: string;
+  /** `forbidden` today. */
+  reason: string;
 }
 
 export interface DisconnectedEvent {
@@ -74,6 +83,16 @@ export interface ClientOptions {
   drainSpread?: number;
   refreshMargin?: number;
   connectTimeout?: number;
+  /** ms to wait for the token callback before retrying with backoff (default 10000). */
+  tokenTimeout?: number;
+  /** ms: refreshes never come closer than this (default 1000). */
+  minRefreshInterval?: number;
+  /** Server frames longer than this many characters are refused unparsed (default 16 MiB). */
+  maxFrameChars?: number;
+  /** `'session'`: keep each topic's position in sessionStorage so a page reload resumes without loss (not in shared mode). */
+  persist?: 'session';
+  /** The storage `persist` uses (default `sessionStorage`). */
+  storage?: Pick<Storage, 'getItem' | 'setItem' | 'removeItem'> | null;
   /** Share one connection among the tabs of this origin (SharedWorker), for `connect()`. Default true where available. */
   share?: boolean;
   /** URL of pubgate-worker.js (default: next to pubgate.js). */
@@ -105,14 +124,22 @@ export interface ClientEvents {
   resumed: ResumedEvent;
   disconnected: DisconnectedEvent;
   error: Error;
+  unsubscribed: UnsubscribedInfo;
 }
 
 export interface Client {
   readonly state: ClientState;
+  /**
+   * `topic` may be a wildcard (`scores.*` one level, `scores.>` the rest): its handlers get every matching
+   * topic's messages (each `(topic, offset)` once) from each ack on; it resumes live after a reconnect,
+   * without `since` (docs/topics.md). Wildcards are refused in shared mode.
+   */
   subscribe<T = unknown>(topic: string, handlers: TopicHandlers<T> | ((data: T, message: Message<T>) => void), options?: { since?: Position }): Promise<SubscribeAck>;
   unsubscribe(topic: string): Promise<void>;
   publish(topic: string, data: unknown): Promise<Position>;
   topics(): string[];
+  /** Reconnects at once if waiting out a backoff (the browser's `online` event calls it). */
+  reconnect(): void;
   on<E extends keyof ClientEvents>(event: E, fn: (arg: ClientEvents[E]) => void): () => void;
   off<E extends keyof ClientEvents>(event: E, fn: (arg: ClientEvents[E]) => void): void;
   close(): void;
@@ -129,16 +156,28 @@ export class PubgateClient implements Client {
   /** Where the client would resume `topic` from. */
   position(topic: string): Position | null;
   topics(): string[];
+  reconnect(): void;
   on<E extends keyof ClientEvents>(event: E, fn: (arg: ClientEvents[E]) => void): () => void;
   off<E extends keyof ClientEvents>(event: E, fn: (arg: ClientEvents[E]) => void): void;
   close(): void;
 }
 
-/** A connected client: shared among tabs through a SharedWorker when available and `share` is not false. */
-export function connect(url: string, options?: ClientOptions): Client & { readonly shared?: boolean };
+/**
+ * A connected client: shared among tabs through a SharedWorker when available and `share` is not false.
+ * Shared, `position()` resolves asynchronously (the position lives in the worker).
+ */
+export function connect(url: string, options?: ClientOptions): Client & { readonly shared?: boolean; position(topic: string): Position | null | Promise<Position | null> };
+
+/** The store behind `persist: 'session'`: one entry per topic, keyed by the URL without its query. */
+export class PositionStore {
+  constructor(storage: Pick<Storage, 'getItem' | 'setItem' | 'removeItem'> | null, url: string);
+  load(topic: string): Position | null;
+  save(topic: string, epoch: string | null, offset: number | null): void;
+  remove(topic: string): void;
+}
 
 export class PubgateError extends Error {
-  /** A protocol error code (`forbidden`, `rate_limited`, …) or `timeout`, `disconnected`, `closed`, `token_expired`. */
+  /** A protocol error code (`forbidden`, `rate_limited`, …) or `timeout`, `disconnected`, `closed`, `token_expired`, `token` (the callback failed, hung or gave no usable token), `bad_frame` (the server sent something outside the protocol). */
   code: string;
   constructor(code: string, message?: string);
 }
@@ -150,6 +189,6 @@ export function tokenExpiry(token: string): number | null;
 /** ms from `now` until the token should be refreshed, or null when it has no `exp`. */
 export function refreshDelay(token: string, now?: number, margin?: number): number | null;
 
-export const DEFAULTS: Readonly<Required<Pick<ClientOptions, 'ackTimeout' | 'backoffBase' | 'backoffMax' | 'stableAfter' | 'drainSpread' | 'refreshMargin' | 'connectTimeout'>>>;
+export const DEFAULTS: Readonly<Required<Pick<ClientOptions, 'ackTimeout' | 'backoffBase' | 'backoffMax' | 'stableAfter' | 'drainSpread' | 'refreshMargin' | 'connectTimeout' | 'tokenTimeout' | 'minRefreshInterval' | 'maxFrameChars'>>>;
 export const CLOSE_AUTH: 4001;
 export const CLOSE_GOING_AWAY: 1001;

@@ -1,99 +1,29 @@
 // pubgate JavaScript client: one WebSocket, automatic reconnects, resume with `since`, no duplicates.
 // Dependency-free ES module for browsers, and for Node given a WebSocket implementation.
-// Protocol: docs/protocol.md; the recovery algorithm it follows: docs/recovery.md.
+// Protocol: docs/protocol.md; the recovery algorithm it follows: docs/recovery.md. This file is the
+// connection; pubgate-util.js holds its timing and errors, pubgate-shared.js the tab-sharing client.
+import {
+  DEFAULTS,
+  CLOSE_AUTH,
+  CLOSE_GOING_AWAY,
+  RETRYABLE,
+  Emitter,
+  PositionStore,
+  PubgateError,
+  backoffDelay,
+  fetchToken,
+  deliverToWildcards,
+  gapToWildcards,
+  isOffset,
+  isWildcard,
+  normalizeHandlers,
+  refreshDelay,
+  sessionStore,
+  tokenExpiry,
+} from './pubgate-util.js';
 
-/** Default options; every one can be overridden in `new PubgateClient(url, options)`. */
-export const DEFAULTS = Object.freeze({
-  ackTimeout: 10000, // ms to wait for the reply to a subscribe, unsubscribe or publish
-  backoffBase: 250, // ms: first reconnect delay cap
-  backoffMax: 15000, // ms: reconnect delay cap
-  stableAfter: 5000, // ms a connection must stay open before the backoff resets
-  drainSpread: 5000, // ms: after a drain (close 1001) reconnect at a random moment within this
-  refreshMargin: 30000, // ms before `exp` to refresh the token (at most a tenth of its lifetime earlier)
-  connectTimeout: 10000, // ms to wait for the WebSocket to open
-});
-
-/** Close code a server uses when the connection's token expired or was refused. */
-export const CLOSE_AUTH = 4001;
-/** Close code of a draining node (and of an idle timeout). */
-export const CLOSE_GOING_AWAY = 1001;
-
-/**
- * Capped exponential backoff with full jitter: a random delay in [0, min(max, base * 2^attempt)).
- * @param {number} attempt 0 for the first retry
- */
-export function backoffDelay(attempt, base = DEFAULTS.backoffBase, max = DEFAULTS.backoffMax, random = Math.random) {
-  const cap = Math.min(max, base * Math.pow(2, Math.min(attempt, 30)));
-  return Math.floor(random() * cap);
-}
-
-/** The `exp` claim of a JWT in milliseconds since the epoch, or null when it has none (or is no JWT). */
-export function tokenExpiry(token) {
-  if (typeof token !== 'string') return null;
-  const parts = token.split('.');
-  if (parts.length !== 3) return null;
-  try {
-    const b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
-    const padded = b64 + '='.repeat((4 - (b64.length % 4)) % 4);
-    const json = typeof atob === 'function' ? atob(padded) : Buffer.from(padded, 'base64').toString('binary');
-    const claims = JSON.parse(json);
-    return typeof claims.exp === 'number' ? claims.exp * 1000 : null;
-  } catch {
-    return null;
-  }
-}
-
-/**
- * When to refresh a token, in ms from `now`: `margin` before it expires, or halfway through its remaining
- * life when that is shorter than twice the margin; 0 when it has expired. Null when the token has no `exp`.
- */
-export function refreshDelay(token, now = Date.now(), margin = DEFAULTS.refreshMargin) {
-  const exp = tokenExpiry(token);
-  if (exp === null) return null;
-  const left = exp - now;
-  if (left <= 0) return 0;
-  return Math.floor(left - Math.min(margin, left / 2));
-}
-
-/** An error answered by the server (`code` from the protocol's list) or made by the client (`timeout`, `disconnected`, `closed`). */
-export class PubgateError extends Error {
-  constructor(code, message) {
-    super(message || code);
-    this.name = 'PubgateError';
-    this.code = code;
-  }
-}
-
-/** Refusals of a subscribe that a later retry may overcome. */
-const RETRYABLE = new Set(['rate_limited', 'broker_unavailable', 'internal']);
-
-class Emitter {
-  constructor() {
-    this._listeners = new Map();
-  }
-  on(event, fn) {
-    if (!this._listeners.has(event)) this._listeners.set(event, new Set());
-    this._listeners.get(event).add(fn);
-    return () => this.off(event, fn);
-  }
-  off(event, fn) {
-    this._listeners.get(event)?.delete(fn);
-  }
-  emit(event, arg) {
-    for (const fn of [...(this._listeners.get(event) || [])]) {
-      try {
-        fn(arg);
-      } catch (e) {
-        if (event !== 'error') this.emit('error', e);
-      }
-    }
-  }
-}
-
-function normalizeHandlers(h) {
-  if (typeof h === 'function') return { onMessage: h };
-  return h || {};
-}
+export { DEFAULTS, CLOSE_AUTH, CLOSE_GOING_AWAY, PubgateError, PositionStore, backoffDelay, refreshDelay, tokenExpiry } from './pubgate-util.js';
+export { connect } from './pubgate-shared.js';
 
 /**
  * One logical connection to pubgate that survives reconnects. Create it, subscribe, and call
@@ -127,9 +57,8 @@ export class PubgateClient extends Emitter {
     this._retryTimer = null;
     this._refreshTimer = null;
     this._connectTimer = null;
-    this._onOnline = () => {
-      if (this._state === 'waiting') this._reconnectNow();
-    };
+    this._onOnline = () => this.reconnect();
+    this._store = new PositionStore(options.persist === 'session' ? sessionStore(options) : null, url);
     const win = options.window !== undefined ? options.window : globalThis.window;
     this._window = win && typeof win.addEventListener === 'function' ? win : null;
     if (this._window) this._window.addEventListener('online', this._onOnline);
@@ -152,6 +81,14 @@ export class PubgateClient extends Emitter {
   /** Topics subscribed (wanted, whether or not the connection is up). */
   topics() {
     return [...this._subs.keys()];
+  }
+
+  /**
+   * Reconnects at once if the client is waiting out a backoff (the network came back); otherwise
+   * does nothing. The browser's `online` event calls it; a SharedWorker calls it for its tabs.
+   */
+  reconnect() {
+    if (this._state === 'waiting') this._reconnectNow();
   }
 
   /** Starts connecting (idempotent). */
@@ -179,6 +116,11 @@ export class PubgateClient extends Emitter {
       }
     }
     this._failPending(new PubgateError('closed', 'client closed'), () => true);
+    // A subscribe still waiting for its first ack (the server never answered) ends here too.
+    for (const sub of this._subs.values()) {
+      if (sub.first) sub.first.reject(new PubgateError('closed', 'client closed before the subscribe was acknowledged'));
+      sub.first = null;
+    }
     this.emit('disconnected', { code: 1000, reason: 'client closed', willReconnect: false });
   }
 
@@ -189,9 +131,14 @@ export class PubgateClient extends Emitter {
    */
   subscribe(topic, handlers, options = {}) {
     if (this._subs.has(topic)) return Promise.reject(new PubgateError('already_subscribed', `already subscribed to ${topic}`));
-    const since = options.since || null;
+    // With `persist: 'session'` a topic this page had before a reload resumes where it left off.
+    // A wildcard has no position of its own (docs/topics.md): it goes on live from each ack.
+    const wild = isWildcard(topic);
+    const since = wild ? null : options.since || this._store.load(topic);
     const sub = {
       topic,
+      wild, // a wildcard: `seen` holds each concrete topic's last (epoch, offset), for dedupe
+      seen: wild ? new Map() : null,
       handlers: normalizeHandlers(handlers),
       epoch: since ? String(since.epoch) : null,
       offset: since ? Number(since.offset) : null,
@@ -213,6 +160,7 @@ export class PubgateClient extends Emitter {
     const sub = this._subs.get(topic);
     if (!sub) return Promise.reject(new PubgateError('not_subscribed', `not subscribed to ${topic}`));
     this._subs.delete(topic);
+    this._store.remove(topic);
     if (sub.first) sub.first.reject(new PubgateError('closed', 'unsubscribed before the ack'));
     if (this._state === 'open' && (sub.active || sub.inflight)) {
       return this._request({ op: 'unsubscribe', topic }, 'unsubscribe').then(() => undefined);
@@ -242,8 +190,12 @@ export class PubgateClient extends Emitter {
   }
 
   async _currentToken() {
+    // A token that expired while the client waited (a laptop asleep, a long outage) would only be
+    // refused: fetch a fresh one instead.
+    const exp = tokenExpiry(this._token);
+    if (exp !== null && exp <= this._now() + 1000) this._tokenStale = true;
     if (this._getToken && (this._token === null || this._tokenStale)) {
-      this._token = await this._getToken();
+      this._token = await fetchToken(this._getToken, this.opts.tokenTimeout, this._setTimeout, this._clearTimeout);
       this._tokenStale = false;
     }
     return this._token;
@@ -324,6 +276,9 @@ export class PubgateClient extends Emitter {
     this._failPending(new PubgateError('disconnected', 'connection closed before the reply'), (p) => p.internal);
     if (this._state === 'closed') return;
     if (wasOpen && this._now() - this._openedAt >= this.opts.stableAfter) this._attempt = 0;
+    // A browser cannot see why a handshake failed: a 401 for a revoked or rotated token looks like a
+    // network error. With a callback, the next attempt asks for a new token rather than repeat this one.
+    if (!wasOpen && this._getToken) this._tokenStale = true;
     const code = ev && ev.code;
     let delay = backoffDelay(this._attempt++, this.opts.backoffBase, this.opts.backoffMax, this._random);
     if (code === CLOSE_AUTH) {
@@ -364,22 +319,42 @@ export class PubgateClient extends Emitter {
     if (!this._getToken || !this._token) return;
     const delay = refreshDelay(this._token, this._now(), this.opts.refreshMargin);
     if (delay === null) return;
-    this._refreshTimer = this._setTimeout(async () => {
+    // The floor keeps a callback that hands out nearly expired tokens from turning this into a busy loop.
+    this._armRefresh(Math.max(delay, this.opts.minRefreshInterval));
+  }
+
+  _armRefresh(delay) {
+    const ws = this._ws;
+    if (this._refreshTimer !== null) this._clearTimeout(this._refreshTimer);
+    this._refreshTimer = this._setTimeout(() => {
       this._refreshTimer = null;
-      try {
-        this._token = await this._getToken();
-        this._tokenStale = false;
-        if (this._state === 'open') {
-          // A gateway without the refresh op answers unknown_op: the new token is used at the next connect.
-          this._request({ op: 'refresh', token: this._token }, 'refresh').catch((e) => {
-            if (e.code !== 'unknown_op') this.emit('error', e);
-          });
-          this._scheduleRefresh();
-        }
-      } catch (e) {
-        this.emit('error', e);
-      }
+      this._refresh(ws);
     }, delay);
+  }
+
+  /** Fetches a token and sends `refresh` on `ws`; a failed fetch is retried while the old token lasts. */
+  async _refresh(ws) {
+    const retry = (e) => {
+      this.emit('error', e);
+      // At the old token's expiry the server closes with 4001 and the reconnect fetches a token anyway.
+      if (this._ws === ws && this._state === 'open') this._armRefresh(Math.max(this.opts.minRefreshInterval, backoffDelay(2, this.opts.backoffBase, this.opts.backoffMax, this._random)));
+    };
+    let token;
+    try {
+      token = await fetchToken(this._getToken, this.opts.tokenTimeout, this._setTimeout, this._clearTimeout);
+    } catch (e) {
+      return retry(e);
+    }
+    const exp = tokenExpiry(token);
+    if (token === null || (exp !== null && exp <= this._now())) return retry(new PubgateError('token', 'the token callback returned no token or an expired one'));
+    this._token = token;
+    this._tokenStale = false;
+    if (this._ws !== ws || this._state !== 'open') return; // the next connection opens with it
+    // A gateway without the refresh op answers unknown_op: the new token is used at the next connect.
+    this._request({ op: 'refresh', token }, 'refresh', { internal: true }).catch((e) => {
+      if (!['unknown_op', 'disconnected', 'closed'].includes(e.code)) this.emit('error', e);
+    });
+    this._scheduleRefresh();
   }
 
   _send(frame) {
@@ -458,14 +433,7 @@ export class PubgateClient extends Emitter {
     }
     if (err.code === 'timeout' && this._ws) {
       // The connection is not answering: start over on a fresh one.
-      this.emit('error', err);
-      const ws = this._ws;
-      try {
-        ws.close(4000, 'ack timeout');
-      } catch {
-        /* ignore */
-      }
-      this._onClose(ws, { code: 4000, reason: 'ack timeout' });
+      this._abandon(err);
       return;
     }
     this._subs.delete(sub.topic);
@@ -474,7 +442,32 @@ export class PubgateClient extends Emitter {
     sub.first = null;
   }
 
+  /** Drops the current connection after a timeout or a protocol violation; the usual backoff applies. */
+  _abandon(err) {
+    this.emit('error', err);
+    const ws = this._ws;
+    if (!ws) return;
+    try {
+      ws.close(4000, err.code);
+    } catch {
+      /* already closing */
+    }
+    this._onClose(ws, { code: 4000, reason: err.code });
+  }
+
   _onSubscribeAck(sub, ack, since) {
+    if (sub.wild) {
+      sub.inflight = false;
+      sub.active = true;
+      sub.resyncing = false;
+      if (sub.first) sub.first.resolve({ topic: sub.topic });
+      sub.first = null;
+      return;
+    }
+    if (typeof ack.epoch !== 'string' || !isOffset(ack.offset)) {
+      this._abandon(new PubgateError('bad_frame', `subscribe ack for ${sub.topic} without a valid epoch and offset`));
+      return;
+    }
     sub.inflight = false;
     sub.active = true;
     sub.resyncing = false;
@@ -483,10 +476,12 @@ export class PubgateClient extends Emitter {
       // History could not cover what was missed: the handler reloads; go on live from the ack.
       sub.epoch = ack.epoch;
       sub.offset = ack.offset;
+      this._store.save(sub.topic, sub.epoch, sub.offset);
       this._call(sub, 'onRecoverFailed', info);
     } else if (!since) {
       sub.epoch = ack.epoch;
       sub.offset = ack.offset;
+      this._store.save(sub.topic, sub.epoch, sub.offset);
     }
     // recovered:true: the missed messages follow from sub.offset + 1; the state stays where it was.
     if (since) this.emit('resumed', { ...info, recovered: ack.recovered !== false });
@@ -508,11 +503,19 @@ export class PubgateClient extends Emitter {
 
   _onFrame(ws, raw) {
     if (this._ws !== ws) return;
+    // The protocol is JSON text frames; anything else comes from a broken or hostile server.
+    if (typeof raw !== 'string' || raw.length > this.opts.maxFrameChars) {
+      this.emit('error', new PubgateError('bad_frame', typeof raw === 'string' ? `a frame of ${raw.length} characters` : 'a binary frame'));
+      return;
+    }
     let f;
     try {
-      f = JSON.parse(typeof raw === 'string' ? raw : String(raw));
+      f = JSON.parse(raw);
     } catch {
-      this.emit('error', new PubgateError('bad_frame', 'unparsable frame from the server'));
+      f = null;
+    }
+    if (!f || typeof f !== 'object' || Array.isArray(f)) {
+      this.emit('error', new PubgateError('bad_frame', 'a frame that is not a JSON object'));
       return;
     }
     switch (f.op) {
@@ -521,6 +524,9 @@ export class PubgateClient extends Emitter {
         break;
       case 'gap':
         this._onGap(f);
+        break;
+      case 'unsubscribed':
+        this._onUnsubscribed(f);
         break;
       case 'ack':
       case 'pong':
@@ -542,11 +548,17 @@ export class PubgateClient extends Emitter {
   }
 
   _onMessage(m) {
+    if (typeof m.topic !== 'string') return;
+    deliverToWildcards(this._subs.values(), m, (...a) => this._call(...a));
     const sub = this._subs.get(m.topic);
     if (!sub || sub.resyncing) return;
-    if (typeof m.offset !== 'number') {
+    if (m.offset === undefined) {
       // A raw broker publish: no offset, delivered as is, the state does not move.
       this._call(sub, 'onMessage', m.data, m);
+      return;
+    }
+    if (!isOffset(m.offset) || m.offset === 0 || (m.epoch !== undefined && typeof m.epoch !== 'string')) {
+      this.emit('error', new PubgateError('bad_frame', `a message on ${m.topic} with an invalid offset or epoch`));
       return;
     }
     if (typeof m.epoch === 'string' && m.epoch !== sub.epoch) {
@@ -566,10 +578,25 @@ export class PubgateClient extends Emitter {
       return;
     }
     sub.offset = m.offset;
+    this._store.save(sub.topic, sub.epoch, sub.offset);
     this._call(sub, 'onMessage', m.data, m);
   }
 
+  /** The server ended a subscription (a refreshed token no longer allows it): forget it for good. */
+  _onUnsubscribed(f) {
+    const sub = this._subs.get(f.topic);
+    if (!sub) return;
+    this._subs.delete(f.topic);
+    this._store.remove(f.topic);
+    const err = new PubgateError(typeof f.reason === 'string' ? f.reason : 'unsubscribed', `the server ended the subscription to ${f.topic}`);
+    if (sub.first) sub.first.reject(err);
+    sub.first = null;
+    this._call(sub, 'onUnsubscribed', { topic: f.topic, reason: f.reason });
+    this.emit('unsubscribed', { topic: f.topic, reason: f.reason });
+  }
+
   _onGap(g) {
+    gapToWildcards(this._subs.values(), g, (...a) => this._call(...a));
     const sub = this._subs.get(g.topic);
     if (!sub || sub.resyncing) return;
     this._call(sub, 'onGap', { topic: g.topic, epoch: g.epoch, offset: g.offset, last: this.position(g.topic) });
@@ -585,120 +612,5 @@ export class PubgateClient extends Emitter {
       if (this._subs.get(sub.topic) === sub && this._state === 'open' && !sub.inflight) this._sendSubscribe(sub);
     };
     this._request({ op: 'unsubscribe', topic: sub.topic }, 'unsubscribe', { internal: true, onReply: again, onError: again });
-  }
-}
-
-/**
- * A client whose connection is shared by all tabs of this origin through a SharedWorker
- * (`pubgate-worker.js`, next to this file unless `options.workerUrl` says otherwise). Where there is
- * no SharedWorker, or `options.share === false`, it is a plain `PubgateClient`. Same API either way.
- * The token, if any, must be a string or a callback; the worker asks a tab for it when it needs one.
- */
-export function connect(url, options = {}) {
-  const canShare = options.share !== false && typeof SharedWorker === 'function';
-  if (!canShare) return new PubgateClient(url, { ...options, connect: true });
-  return new SharedClient(url, options);
-}
-
-class SharedClient extends Emitter {
-  constructor(url, options) {
-    super();
-    this.url = url;
-    this.shared = true;
-    this._opts = options;
-    const workerUrl = options.workerUrl || new URL('./pubgate-worker.js', import.meta.url);
-    const { token, getToken, WebSocket: _ws, window: _w, ...plain } = options;
-    this._worker = new SharedWorker(workerUrl, { type: 'module', name: 'pubgate ' + url });
-    this._port = this._worker.port;
-    this._nextId = 1;
-    this._calls = new Map();
-    this._handlers = new Map();
-    this._state = 'connecting';
-    this._getToken = typeof token === 'function' ? token : getToken || (typeof token === 'string' ? () => token : null);
-    this._port.onmessage = (ev) => this._onWorker(ev.data);
-    this._port.start();
-    const opts = {};
-    for (const [k, v] of Object.entries(plain)) if (typeof v !== 'function' && k !== 'workerUrl') opts[k] = v;
-    this._port.postMessage({ t: 'hello', url, options: opts, hasToken: !!this._getToken });
-    const bye = () => this._port.postMessage({ t: 'bye' });
-    if (typeof addEventListener === 'function') addEventListener('pagehide', bye);
-  }
-
-  get state() {
-    return this._state;
-  }
-
-  _call(t, args) {
-    const id = this._nextId++;
-    return new Promise((resolve, reject) => {
-      this._calls.set(id, { resolve, reject });
-      this._port.postMessage({ t, id, ...args });
-    });
-  }
-
-  subscribe(topic, handlers) {
-    if (this._handlers.has(topic)) return Promise.reject(new PubgateError('already_subscribed', `already subscribed to ${topic}`));
-    this._handlers.set(topic, normalizeHandlers(handlers));
-    return this._call('subscribe', { topic }).catch((e) => {
-      this._handlers.delete(topic);
-      throw e;
-    });
-  }
-
-  unsubscribe(topic) {
-    if (!this._handlers.delete(topic)) return Promise.reject(new PubgateError('not_subscribed', `not subscribed to ${topic}`));
-    return this._call('unsubscribe', { topic });
-  }
-
-  publish(topic, data) {
-    return this._call('publish', { topic, data });
-  }
-
-  position(topic) {
-    return this._call('position', { topic });
-  }
-
-  topics() {
-    return [...this._handlers.keys()];
-  }
-
-  close() {
-    this._port.postMessage({ t: 'bye' });
-    this._port.close();
-    this._state = 'closed';
-  }
-
-  async _onWorker(m) {
-    switch (m.t) {
-      case 'reply': {
-        const c = this._calls.get(m.id);
-        if (!c) return;
-        this._calls.delete(m.id);
-        if (m.error) c.reject(new PubgateError(m.error.code, m.error.message));
-        else c.resolve(m.value);
-        break;
-      }
-      case 'event':
-        if (m.event === 'connected') this._state = 'open';
-        if (m.event === 'disconnected') this._state = m.arg && m.arg.willReconnect === false ? 'closed' : 'waiting';
-        this.emit(m.event, m.event === 'error' ? new PubgateError(m.arg.code || 'error', m.arg.message) : m.arg);
-        break;
-      case 'call': {
-        const h = this._handlers.get(m.topic);
-        const fn = h && h[m.name];
-        if (typeof fn === 'function') fn(m.arg, m.msg);
-        break;
-      }
-      case 'getToken':
-        try {
-          const token = this._getToken ? await this._getToken() : null;
-          this._port.postMessage({ t: 'token', id: m.id, token });
-        } catch (e) {
-          this._port.postMessage({ t: 'token', id: m.id, error: String(e) });
-        }
-        break;
-      default:
-        break;
-    }
   }
 }

@@ -148,6 +148,12 @@ pub struct Limits {
     pub max_message_size: usize,
     /// Topics one connection may subscribe to at once.
     pub max_subscriptions: usize,
+    /// Wildcard subscriptions one connection may hold at once (they count as subscriptions too);
+    /// 0: none.
+    pub max_wildcards: usize,
+    /// Distinct wildcard patterns the node serves at most (each is a pattern subscription in Redis,
+    /// checked on every publish, and a match on every message of its prefix).
+    pub max_wildcard_patterns: usize,
     /// Frames queued for one connection at most.
     pub send_queue_frames: usize,
     /// Bytes queued for one connection at most.
@@ -479,6 +485,8 @@ proxy_protocol = false
 [limits]
 max_message_size = 65536
 max_subscriptions = 100
+max_wildcards = 10
+max_wildcard_patterns = 1000
 send_queue_frames = 1024
 send_queue_bytes = 4194304
 slow_consumer = "disconnect"

@@ -71,6 +71,16 @@ const PAGE_ASSETS: &[(&str, &str, &str)] = &[
         include_str!("../../clients/js/pubgate.js"),
     ),
     (
+        "/_pubgate/pubgate-util.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../clients/js/pubgate-util.js"),
+    ),
+    (
+        "/_pubgate/pubgate-shared.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../clients/js/pubgate-shared.js"),
+    ),
+    (
         "/_pubgate/pubgate-worker.js",
         "text/javascript; charset=utf-8",
         include_str!("../../clients/js/pubgate-worker.js"),

@@ -31,6 +31,7 @@ pub(crate) mod send_queue;
 pub(crate) mod session;
 pub(crate) mod subscribe;
 pub(crate) mod tcp;
+pub(crate) mod tls_stream;
 pub(crate) mod writer;
 
 pub use error::Error;

@@ -28,6 +28,7 @@ use crate::send_queue::DirectWrite;
 use crate::session::{self, Route};
 use crate::tcp;
 use crate::tls::{self, TlsTerminator};
+use crate::tls_stream::{self, TlsConn};
 
 /// A byte stream a connection can be served on, and how to split it for the session's reader and
 /// writer tasks.
@@ -41,15 +42,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn split(self) -> (Self::Read, Self::Write, Option<Arc<dyn DirectWrite>>);
 }
 
-/// TLS connections split through tokio's lock-based `split`: a TLS session has one state for both
-/// directions, so the halves cannot be separated like a socket's. Each poll holds the lock only
-/// briefly, and the session's writer flushes after every batch, so nothing waits in rustls' buffer.
-impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
-    type Read = tokio::io::ReadHalf<Self>;
-    type Write = tokio::io::WriteHalf<Self>;
+/// TLS connections split like plain ones, direct-write handle included: see [`crate::tls_stream`].
+impl Transport for TlsConn {
+    type Read = tls_stream::TlsRead;
+    type Write = tls_stream::TlsWrite;
     fn split(self) -> (Self::Read, Self::Write, Option<Arc<dyn DirectWrite>>) {
-        let (r, w) = tokio::io::split(self);
-        (r, w, None)
+        let (r, w, direct) = TlsConn::split(self);
+        (r, w, Some(direct))
     }
 }
 

@@ -19,7 +19,7 @@ use crate::node::{Admission, Node};
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
 use crate::registry::{ConnId, Subscription};
 use crate::send_queue::{CloseReason, DirectWrite, SendQueue};
-use crate::topic::Target;
+use crate::topic::{Pattern, Target};
 use crate::writer::{self, Heartbeat, LastHeard, WriterEnd};
 use crate::ws_read::{Incoming, ReadError, WsReader};
 
@@ -254,6 +254,48 @@ impl TokenBucket {
     }
 }
 
+impl<R> Reader<R> {
+    /// What a wildcard subscription must pass besides the permissions: namespaces that refuse
+    /// wildcards, the connection's `limits.max_wildcards` and the node's
+    /// `limits.max_wildcard_patterns` (each pattern costs Redis on every publish).
+    fn check_wildcard(&self, topic: &str, pattern: &Pattern) -> Result<(), ProtocolError> {
+        let node = &self.subs.node;
+        if let Some(ns) = node.namespaces.refusing_wildcard(pattern) {
+            return Err(ProtocolError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "{topic} reaches into namespace {}, which takes no wildcard subscriptions: subscribe to its topics by name",
+                    ns.name
+                ),
+            ));
+        }
+        let limits = &node.settings.limits;
+        let held = self.subs.list.iter().filter(|s| s.is_wildcard()).count();
+        if held >= limits.max_wildcards {
+            return Err(ProtocolError::new(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "at most {} wildcard subscriptions per connection",
+                    limits.max_wildcards
+                ),
+            ));
+        }
+        if !node
+            .registry
+            .has_room_for_pattern(topic, limits.max_wildcard_patterns)
+        {
+            return Err(ProtocolError::new(
+                ErrorCode::TooManySubscriptions,
+                format!(
+                    "this node serves {} wildcard patterns already (limits.max_wildcard_patterns): use a pattern others use, or subscribe by name",
+                    limits.max_wildcard_patterns
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 struct Reader<R> {
     ws: WsReader<R>,
     queue: Arc<SendQueue>,
@@ -440,16 +482,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         format!("not allowed to subscribe to {topic}"),
                     ));
                 }
-                if let Ok(Target::Wildcard(pattern)) = crate::topic::parse_target(&topic)
-                    && let Some(ns) = node.namespaces.refusing_wildcard(&pattern)
-                {
-                    return Err(ProtocolError::new(
-                        ErrorCode::Forbidden,
-                        format!(
-                            "{topic} reaches into namespace {}, which takes no wildcard subscriptions: subscribe to its topics by name",
-                            ns.name
-                        ),
-                    ));
+                if let Ok(Target::Wildcard(pattern)) = crate::topic::parse_target(&topic) {
+                    self.check_wildcard(&topic, &pattern)?;
                 }
                 if self.subs.position(&topic).is_some() {
                     return Err(ProtocolError::new(

@@ -243,6 +243,8 @@ mod tests {
         Limits {
             max_message_size: max_message,
             max_subscriptions: 100,
+            max_wildcards: 10,
+            max_wildcard_patterns: 1000,
             send_queue_frames: frames,
             send_queue_bytes: bytes,
             slow_consumer: crate::config::SlowConsumerPolicy::Disconnect,

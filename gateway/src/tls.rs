@@ -24,11 +24,10 @@ use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 use crate::config::Settings;
 use crate::metrics::{Metrics, TlsMetrics};
+use crate::tls_stream::{self, TlsConn};
 
 /// How often the reload task reads the files. A change is applied once two consecutive reads
 /// agree (see [`ReloadState`]), so new handshakes see a new pair one to two periods later.
@@ -263,9 +262,10 @@ pub struct HandshakeLimits {
     pub max_in_progress: usize,
 }
 
-/// The TLS side of the main listener: the acceptor and the reload machinery behind it.
+/// The TLS side of the main listener: the server configuration and the reload machinery behind it.
 pub struct TlsTerminator {
-    acceptor: TlsAcceptor,
+    /// Shared by every handshake; holds the resolver, so a reload needs no new configuration.
+    config: Arc<ServerConfig>,
     resolver: Arc<CertResolver>,
     files: TlsFiles,
     provider: Arc<CryptoProvider>,
@@ -298,7 +298,7 @@ impl TlsTerminator {
         Self::new(files, limits, metrics).map(Some)
     }
 
-    /// Loads the pair and builds the acceptor (TLS 1.2 and 1.3, ALPN `http/1.1`).
+    /// Loads the pair and builds the server configuration (TLS 1.2 and 1.3, ALPN `http/1.1`).
     pub fn new(
         files: TlsFiles,
         limits: HandshakeLimits,
@@ -335,7 +335,7 @@ impl TlsTerminator {
         );
         warn_if_expired(&loaded);
         Ok(Arc::new(TlsTerminator {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
+            config: Arc::new(config),
             resolver,
             files,
             provider,
@@ -354,8 +354,9 @@ impl TlsTerminator {
     /// Runs the TLS handshake on an accepted connection, within `server.handshake_timeout`.
     ///
     /// Called from the connection's own task, never the accept loop, so a slow or silent client
-    /// holds up nobody else. A failed handshake is counted and yields `None`.
-    pub async fn accept(&self, stream: TcpStream) -> Option<TlsStream<TcpStream>> {
+    /// holds up nobody else. A failed handshake is counted and yields `None`. The connection
+    /// comes back on [`TlsConn`], which keeps no buffers while idle (see [`crate::tls_stream`]).
+    pub(crate) async fn accept(&self, stream: TcpStream) -> Option<TlsConn> {
         // Refused before any crypto: cheap, so a flood of handshakes costs what the permits allow.
         let Ok(_permit) = self.handshakes.try_acquire() else {
             tracing::debug!("TLS handshake refused: tls.max_handshakes in progress");
@@ -367,7 +368,7 @@ impl TlsTerminator {
         };
         let reason = match tokio::time::timeout(
             self.handshake_timeout,
-            self.acceptor.accept(stream),
+            tls_stream::accept(stream, self.config.clone()),
         )
         .await
         {

@@ -3,7 +3,7 @@
 //! It drains the connection's [`SendQueue`] in batches with vectored writes, sends heartbeat pings,
 //! enforces the idle timeout, reacts to drain, and writes the final close frame.
 //!
-//! It is not the socket's only writer: on plain TCP, whoever queues a frame while this task is idle
+//! It is not the socket's only writer: whoever queues a frame while this task is idle
 //! writes it straight to the socket, and this task takes over only when the socket would block (see
 //! [`crate::send_queue`]). The queue lets one of them write at a time, and only on a frame
 //! boundary, so frames never interleave and are never cut.

@@ -17,6 +17,8 @@ async fn the_page_and_the_client_are_served_from_the_binary() {
     assert!(page.body.contains("/_pubgate/page.js"));
     for (path, needle) in [
         ("/_pubgate/pubgate.js", "export class PubgateClient"),
+        ("/_pubgate/pubgate-util.js", "export class PubgateError"),
+        ("/_pubgate/pubgate-shared.js", "export function connect"),
         ("/_pubgate/pubgate-worker.js", "onconnect"),
         ("/_pubgate/page.js", "from '/_pubgate/pubgate.js'"),
     ] {

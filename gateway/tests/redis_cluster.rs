@@ -151,7 +151,12 @@ async fn killed_sharded_subscriptions_are_restored_on_every_master() {
     );
     for topic in topics {
         let channel = format!("pubgate:{{{topic}}}");
-        assert_eq!(cluster.shard_numsub(&channel), 1, "{channel}");
+        // The kills reach the masters one after the other: the node may be ready between two
+        // reconnects, so wait for every subscription rather than check once.
+        assert!(
+            eventually(READY, async || cluster.shard_numsub(&channel) == 1).await,
+            "{channel} not subscribed again"
+        );
         let (status, body) = publisher.publish(topic, r#"{"after":"kill"}"#).await;
         assert_eq!(status, 200, "{body}");
     }

@@ -293,3 +293,132 @@ async fn a_refresh_that_no_longer_covers_a_wildcard_ends_it() {
     );
     ws.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// The `sub` and `psub` counts of the nodes' subscription connections, from `CLIENT LIST`.
+fn subscription_counts(redis: &Redis) -> (u64, u64) {
+    let list = redis.cli(&["CLIENT", "LIST"]);
+    let field = |line: &str, name: &str| {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    list.lines()
+        .filter(|l| l.contains("name=pubgate-sub-"))
+        .fold((0, 0), |(s, p), l| {
+            (s + field(l, "sub"), p + field(l, "psub"))
+        })
+}
+
+/// Raw publishes of `(topic, i)` for `i` in `range`, straight into Redis.
+fn raw_publish(redis: &Redis, topic: &str, range: std::ops::Range<u64>) {
+    for i in range {
+        redis.cli(&[
+            "PUBLISH",
+            &format!("pubgate:{topic}"),
+            &json!({"i": i}).to_string(),
+        ]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_prefixes_and_name_subscriptions_deliver_each_raw_message_once() {
+    let redis = Redis::start();
+    let node = Node::redis(
+        "redis",
+        &redis.url(),
+        &[("PUBGATE__BROKER__UNSUBSCRIBE_DELAY", "0s".to_string())],
+    )
+    .await;
+    node.wait_ready(READY).await;
+    // Three nested prefixes on one node: Redis sends each raw message once per pattern.
+    let mut subscribers = Vec::new();
+    for pattern in [">", "scores.>", "scores.nba.*"] {
+        let mut ws = node.ws().await;
+        subscribe_wildcard(&mut ws, pattern).await;
+        subscribers.push(ws);
+    }
+    // A client that keeps subscribing and unsubscribing the topic by name meanwhile.
+    let churner = {
+        let mut ws = node.ws().await;
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                assert_eq!(ws.subscribe("scores.nba.g1").await["op"], "ack");
+                assert_eq!(ws.unsubscribe("scores.nba.g1").await["op"], "ack");
+            }
+        })
+    };
+    raw_publish(&redis, "scores.nba.g1", 0..200);
+    churner.await.expect("churner");
+    for mut ws in subscribers {
+        let got: Vec<Value> = drain(&mut ws, Duration::from_secs(1))
+            .await
+            .into_iter()
+            .map(|m| m.2["i"].clone())
+            .collect();
+        let want: Vec<Value> = (0..200u64).map(|i| json!(i)).collect();
+        assert_eq!(got, want, "each raw message exactly once, in order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_redis_connection_subscribes_topics_by_name_only_and_bad_raw_names_are_refused() {
+    let redis = Redis::start();
+    let node = Node::redis("redis", &redis.url(), &[]).await;
+    node.wait_ready(READY).await;
+    let mut ws = node.ws().await;
+    subscribe_wildcard(&mut ws, "many.>").await;
+    for t in 0..50 {
+        raw_publish(&redis, &format!("many.t{t}"), 0..1);
+    }
+    // Channels a raw publisher made up that are no topic names: refused, counted, never delivered.
+    for bad in ["many.a b", "many..x", "many.x\"y"] {
+        redis.cli(&["PUBLISH", &format!("pubgate:{bad}"), "{}"]);
+    }
+    let got = drain(&mut ws, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 50, "{got:?}");
+    let rejected = "pubgate_broker_rejected_total{reason=\"topic\"}";
+    assert_eq!(node.metric(rejected).await, Some(3.0));
+
+    // A new subscription connection subscribes the pattern, not the 50 topics it brought.
+    assert_eq!(
+        subscription_counts(&redis),
+        (1, 1),
+        "canary channel + pattern"
+    );
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let reconnects = "pubgate_broker_reconnects_total";
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            node.metric(reconnects).await.unwrap_or(0.0) >= 1.0 && node.is_ready().await
+        })
+        .await
+    );
+    assert_eq!(subscription_counts(&redis), (1, 1), "after the reconnect");
+    raw_publish(&redis, "many.t7", 1..2);
+    let got = drain(&mut ws, Duration::from_secs(1)).await;
+    assert_eq!(got.len(), 1, "once, not once per source: {got:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_are_bounded_per_connection_and_per_node() {
+    let node = Node::start(&[
+        ("PUBGATE__LIMITS__MAX_WILDCARDS", "3".to_string()),
+        ("PUBGATE__LIMITS__MAX_WILDCARD_PATTERNS", "4".to_string()),
+    ])
+    .await;
+    let mut a = node.ws().await;
+    for p in ["a.*", "b.*", "c.*"] {
+        subscribe_wildcard(&mut a, p).await;
+    }
+    let r = a.subscribe("d.*").await;
+    assert_eq!(r["code"], "too_many_subscriptions", "{r}");
+    // Topics by name still work.
+    assert_eq!(a.subscribe("d.x").await["op"], "ack");
+    let mut b = node.ws().await;
+    subscribe_wildcard(&mut b, "d.*").await;
+    // The node serves 4 patterns: a fifth is refused, one it serves already is not.
+    let r = b.subscribe("e.*").await;
+    assert_eq!(r["code"], "too_many_subscriptions", "{r}");
+    subscribe_wildcard(&mut b, "a.*").await;
+}

@@ -3,7 +3,7 @@
 
     docker-compose -f compose.yaml config --format json | check_compose.py COMPOSE_DIR
 
-* `restart` is a value Docker knows; published ports are in range;
+* `restart` is a value Docker knows; published ports are in range and bound to loopback;
 * every bind-mounted source exists in the repository;
 * a pubgate service's stop_grace_period exceeds its drain.grace (else Docker kills it mid-drain), and
   its drain.delay is shorter than drain.grace;
@@ -36,6 +36,10 @@ def main():
         if not RESTART.match(r):
             errors.append(f"{w}: restart {r!r} is not no|always|unless-stopped|on-failure[:N]")
         for p in s.get("ports", []):
+            # A laptop stack: Grafana (anonymous viewer), Prometheus and the HAProxy stats page show
+            # every metric, so nothing is published beyond the machine itself.
+            if p.get("published") is not None and p.get("host_ip") not in ("127.0.0.1", "::1"):
+                errors.append(f"{w}: port {p.get('published')} is published on all interfaces; bind it to 127.0.0.1")
             for k in ("published", "target"):
                 v = p.get(k)
                 if v is not None and not 1 <= int(v) <= 65535:

@@ -11,7 +11,10 @@ For every document:
   * duplicate mapping keys and duplicate objects (kind/namespace/name) are errors;
   * checks the schemas cannot express: port ranges, enum strings;
   * the chart's own invariants for pubgate: probes, drain timing agreeing across the Deployment and
-    the config, rollout settings, restricted security context, selectors that match.
+    the config, rollout settings, restricted security context with RuntimeDefault seccomp, selectors
+    that match, Secret/ConfigMap volumes mounted without subPath (TLS hot reload), the metrics port on
+    no Service or Ingress that leaves the cluster, a PodDisruptionBudget that allows one eviction and
+    never all pods at any scale.
 Exit status 1 when anything failed.
 """
 import argparse
@@ -136,6 +139,25 @@ def walk(node, path, where):
             walk(val, f"{path}[{i}]", where)
 
 
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def check_names(d, where):
+    """What the API server checks and the JSON schemas do not: object names (a Service's is a DNS label
+    of at most 63 characters, which a long release name plus a suffix can exceed) and label values."""
+    name = d.get("metadata", {}).get("name", "")
+    if d["kind"] == "Service":
+        if len(name) > 63 or not DNS_LABEL.match(name):
+            err(where, f"Service name {name!r} ({len(name)} characters) is not a DNS label of at most 63")
+    elif len(name) > 253 or not DNS_SUBDOMAIN.match(name):
+        err(where, f"name {name!r} is not a DNS subdomain of at most 253 characters")
+    for k, v in (d.get("metadata", {}).get("labels") or {}).items():
+        if not isinstance(v, str) or len(v) > 63 or not LABEL_VALUE.match(v):
+            err(where, f"label {k}={v!r} is not a valid label value (at most 63 characters)")
+
+
 def parse_duration(s):
     m = re.fullmatch(r"([0-9]+)(ms|s|m|h)", s)
     if not m:
@@ -146,6 +168,90 @@ def parse_duration(s):
 
 def selects(selector, labels):
     return all(labels.get(k) == v for k, v in (selector or {}).items())
+
+
+def check_mounts(w, pod, c):
+    """Secret and ConfigMap volumes are mounted whole: a subPath mount is a copy made at start that the
+    kubelet never updates, which would silently defeat certificate hot reload."""
+    vols = {v["name"]: v for v in pod.get("volumes", [])}
+    for m in c.get("volumeMounts", []):
+        v = vols.get(m["name"], {})
+        source = next((k for k in ("secret", "configMap", "projected") if k in v), None)
+        if source and (m.get("subPath") or m.get("subPathExpr")):
+            err(w, f"volumeMount {m['name']} uses subPath on a {source} volume: it never receives updates "
+                   "(a renewed certificate would not reach pubgate); mount the directory")
+
+
+def check_services(where, docs, pod_selector, ports):
+    """The metrics port (/metrics, probes) is never reachable from outside the cluster: no Service that
+    leaves the cluster (LoadBalancer, NodePort, externalIPs) and no Ingress may lead to it."""
+    metrics = {"metrics", ports.get("metrics")}
+    exposed_ports = {}  # service name -> {port name/number that leads to the metrics container port}
+    for d in docs:
+        if d["kind"] != "Service" or d["spec"].get("selector") != pod_selector:
+            continue
+        sw = f"{where} Service/{d['metadata']['name']}"
+        external = d["spec"].get("type", "ClusterIP") in ("LoadBalancer", "NodePort") or d["spec"].get("externalIPs")
+        to_metrics = set()
+        for p in d["spec"]["ports"]:
+            tp = p.get("targetPort", p.get("port"))
+            if isinstance(tp, str) and tp not in ports:
+                err(sw, f"targetPort {tp} is no container port")
+            if tp in metrics:
+                to_metrics |= {p.get("name"), p.get("port")}
+                if external:
+                    err(sw, f"exposes the metrics port ({p.get('name')}: {p.get('port')}) on a "
+                            f"{d['spec'].get('type', 'ClusterIP')} Service; metrics belong on a ClusterIP Service")
+        exposed_ports[d["metadata"]["name"]] = to_metrics
+    for d in docs:
+        if d["kind"] != "Ingress":
+            continue
+        for rule in d["spec"].get("rules", []):
+            for path in rule.get("http", {}).get("paths", []):
+                svc = path.get("backend", {}).get("service", {})
+                port = svc.get("port", {})
+                if {port.get("name"), port.get("number")} & exposed_ports.get(svc.get("name"), set()) - {None}:
+                    err(f"{where} Ingress/{d['metadata']['name']}", f"routes {path.get('path')} to the metrics port")
+
+
+def pod_count_range(docs, dep):
+    """The smallest and largest number of pods: the HPA's range when one scales the Deployment."""
+    for d in docs:
+        ref = d.get("spec", {}).get("scaleTargetRef", {}) if d["kind"] == "HorizontalPodAutoscaler" else {}
+        if ref.get("kind") == "Deployment" and ref.get("name") == dep["metadata"]["name"]:
+            return d["spec"].get("minReplicas", 1), d["spec"]["maxReplicas"]
+    n = dep["spec"].get("replicas", 1)
+    return n, n
+
+
+def scaled(value, replicas):
+    """An int-or-percent of `replicas`, rounded up (what the disruption controller does)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * replicas // 100)
+    return int(value)
+
+
+def check_pdb_budget(w, spec, replicas):
+    """At every scale the budget allows one voluntary eviction (else node drains hang) and never allows
+    the last pod to go (else a drain can take the service down)."""
+    lo, hi = replicas
+    if lo < 2:
+        err(w, f"a PodDisruptionBudget on {lo} pod(s) either blocks every node drain or lets the only pod go")
+        return
+    for n in range(lo, hi + 1):
+        if "maxUnavailable" in spec:
+            allowed = min(scaled(spec["maxUnavailable"], n), n)
+        elif "minAvailable" in spec:
+            allowed = n - min(scaled(spec["minAvailable"], n), n)
+        else:
+            err(w, "neither maxUnavailable nor minAvailable is set")
+            return
+        if allowed < 1:
+            err(w, f"with {n} pods the budget allows no voluntary eviction: node drains would hang")
+            return
+        if allowed >= n:
+            err(w, f"with {n} pods the budget allows all {n} to be evicted at once (0 available)")
+            return
 
 
 def pubgate_invariants(docs, where):
@@ -181,6 +287,11 @@ def pubgate_invariants(docs, where):
         err(w, "capabilities must drop ALL")
     if not c.get("resources", {}).get("requests"):
         err(w, "resources.requests must be set")
+    # The container's seccompProfile overrides the pod's; the effective one must confine syscalls.
+    seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        err(w, f"seccompProfile must be RuntimeDefault (or Localhost), got {seccomp!r}")
+    check_mounts(w, pod, c)
     # Drain timing: the config's drain.grace/delay, the preStop sleep and the grace period agree.
     cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     cfg_vol = next((v for v in pod.get("volumes", []) if v["name"] == "config"), None)
@@ -211,14 +322,24 @@ def pubgate_invariants(docs, where):
         val = env.get(var, {}).get("value", "")
         if port not in ports or not val.endswith(f":{ports[port]}"):
             err(w, f"{var}={val!r} does not match container port {port}")
+    tls_cfg = toml.get("tls", {})
+    if tls_cfg.get("cert"):
+        mounts = {m["mountPath"].rstrip("/"): m for m in c.get("volumeMounts", [])}
+        for key in ("cert", "key"):
+            path = tls_cfg.get(key, "")
+            mp = path.rsplit("/", 1)[0]
+            if mp not in mounts:
+                err(w, f"tls.{key} {path!r} is not in a mounted directory (the Secret must be mounted as a "
+                       "directory for certificate hot reload)")
+    check_services(where, docs, spec["selector"]["matchLabels"], ports)
+    replicas = pod_count_range(docs, dep)
     for d in docs:
         k = d["kind"]
-        if k == "Service" and d["spec"].get("selector") == spec["selector"]["matchLabels"]:
-            for p in d["spec"]["ports"]:
-                if isinstance(p.get("targetPort"), str) and p["targetPort"] not in ports:
-                    err(f"{where} Service/{d['metadata']['name']}", f"targetPort {p['targetPort']} is no container port")
-        if k == "PodDisruptionBudget" and not selects(d["spec"]["selector"]["matchLabels"], labels):
-            err(f"{where} PodDisruptionBudget/{d['metadata']['name']}", "selector does not match the pods")
+        if k == "PodDisruptionBudget":
+            pw = f"{where} PodDisruptionBudget/{d['metadata']['name']}"
+            if not selects(d["spec"]["selector"]["matchLabels"], labels):
+                err(pw, "selector does not match the pods")
+            check_pdb_budget(pw, d["spec"], replicas)
 
 
 def main():
@@ -248,6 +369,7 @@ def main():
                 err(where, "duplicate object")
             seen.add(key)
             walk(d, "", where)
+            check_names(d, where)
             crd = CRD_SCHEMAS.get((d["apiVersion"], d["kind"]))
             if crd is not None:
                 for e in jsonschema.Draft202012Validator(crd).iter_errors(d):

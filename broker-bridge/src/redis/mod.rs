@@ -145,6 +145,9 @@ struct Inner {
     unsubscribing: Unsubscribing,
     /// Messages Redis pushed that the node has not handled yet.
     backlog: Arc<Backlog>,
+    /// The prefixes whose pattern subscription is confirmed on the current connection: what
+    /// decides which copy of a message the node takes (see the subscriber's `is_source`).
+    active_prefixes: crate::PrefixSet,
     /// Generation of the current subscription connection (a copy of `control`'s, readable without
     /// waiting).
     generation: std::sync::atomic::AtomicU64,
@@ -206,6 +209,7 @@ impl RedisBroker {
             reads,
             control: tokio::sync::Mutex::new(Control::default()),
             unsubscribing: Default::default(),
+            active_prefixes: Default::default(),
             backlog: Arc::new(Backlog::new(config_backlog_bytes)),
             generation: std::sync::atomic::AtomicU64::new(0),
             next_generation: std::sync::atomic::AtomicU64::new(0),

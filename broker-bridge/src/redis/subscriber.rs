@@ -201,7 +201,10 @@ impl Inner {
         let result =
             tokio::time::timeout(self.config.command_timeout, conn.psubscribe(&pattern)).await;
         let error = match result {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => {
+                self.active_prefixes.add(prefix);
+                return Ok(());
+            }
             Ok(Err(e)) if !is_connection_error(&e) => {
                 self.topics.forget_prefix(prefix);
                 return Err(broker_error(e));
@@ -224,6 +227,8 @@ impl Inner {
         if !self.topics.forget_prefix(prefix) {
             return Ok(());
         }
+        // Before the PUNSUBSCRIBE: the topics it covered switch to their other source now.
+        self.active_prefixes.remove(prefix);
         let Some(conn) = control.conn.as_mut() else {
             return Ok(());
         };
@@ -296,6 +301,7 @@ impl Inner {
             }
             // Connect without holding the control lock, so subscribes meanwhile fail fast.
             self.control.lock().await.conn = None;
+            self.active_prefixes.clear();
             let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
             let push_route = route.clone();
             let push: PushFn = Box::new(move |info| push_route.route(generation, info));
@@ -312,7 +318,7 @@ impl Inner {
                     // a concurrent subscribe either is in the snapshot or sees the new connection.
                     let mut control = self.control.lock().await;
                     let mut channels = vec![self.names.canary_channel(&self.node_id)];
-                    channels.extend(self.topics.all().iter().map(|t| self.names.channel(t)));
+                    channels.extend(self.topics.exact().iter().map(|t| self.names.channel(t)));
                     let patterns: Vec<String> = self
                         .topics
                         .prefixes()
@@ -329,6 +335,9 @@ impl Inner {
                     .await;
                     match subscribed {
                         Ok(Ok(())) => {
+                            for prefix in self.topics.prefixes() {
+                                self.active_prefixes.add(&prefix);
+                            }
                             control.conn = Some(conn);
                             lock(&self.unsubscribing).clear();
                             self.generation.store(generation, Ordering::Relaxed);
@@ -435,8 +444,16 @@ impl Task {
     }
 
     /// Handles one message push (not a canary).
-    fn on_message(&mut self, push: PushInfo) {
-        let pattern = push.kind == PushKind::PMessage;
+    fn on_message(&mut self, mut push: PushInfo) {
+        // A pattern message starts with its pattern.
+        let pattern = match push.kind {
+            PushKind::PMessage if !push.data.is_empty() => match push.data.remove(0) {
+                Value::BulkString(b) => Some(b),
+                _ => return,
+            },
+            _ => None,
+        };
+        push.kind = PushKind::Message;
         let Some((channel, payload)) = message_parts(&push.kind, push.data) else {
             return;
         };
@@ -450,17 +467,42 @@ impl Task {
             .ok()
             .and_then(|c| self.inner.names.topic_of(c))
         else {
+            let internal = channel
+                .strip_prefix(self.inner.names.prefix().as_bytes())
+                .is_some_and(|rest| rest.starts_with(b"#") || rest.starts_with(b"{#"));
+            if pattern.is_some() && !internal {
+                // A raw publisher's channel below a prefix that is no topic name (other nodes'
+                // canaries, which a root pattern brings too, are not counted).
+                self.inner.observer.rejected("topic");
+            }
             return;
         };
-        // A topic subscribed by name and covered by a prefix arrives twice: the copy of its own
-        // subscription is the one taken (a raw message has no offset to drop a duplicate by).
-        if pattern && self.inner.topics.is_exact(topic) {
+        if !self.is_source(topic, pattern.as_deref()) {
             return;
         }
         if self.inner.topics.on_wire(topic, Bytes::from(payload)) == Handled::StartFill
             && let Some(name) = self.inner.topics.name(topic)
         {
             fill::spawn(&self.inner, vec![name]);
+        }
+    }
+
+    /// Whether this copy of a message is the one the node takes. A topic can reach the node
+    /// several times: on its own channel (subscribed by name) and once per subscribed prefix that
+    /// covers it. A raw message has no offset to drop duplicates by, so exactly one source counts
+    /// per topic: the shortest active prefix covering it, else its own channel. Which prefixes
+    /// are active changes only after a `PSUBSCRIBE` is confirmed and before a `PUNSUBSCRIBE` is
+    /// sent, so subscribing and unsubscribing topics by name never changes a topic's source.
+    fn is_source(&self, topic: &str, pattern: Option<&[u8]>) -> bool {
+        let canonical = self.inner.active_prefixes.shortest_covering(topic);
+        match (pattern, canonical) {
+            (None, None) => true,
+            (Some(pattern), Some(len)) => std::str::from_utf8(pattern)
+                .ok()
+                .and_then(|p| self.inner.names.prefix_of_pattern(p))
+                .is_some_and(|p| p == &topic[..len]),
+            // The pattern's copy is the one taken; or a pattern not (or no longer) active.
+            (None, Some(_)) | (Some(_), None) => false,
         }
     }
 

@@ -158,11 +158,6 @@ impl Topics {
         self.prefixes.all()
     }
 
-    /// Whether the topic is subscribed by name (not only covered by a prefix).
-    pub(super) fn is_exact(&self, topic: &str) -> bool {
-        lock(&self.map).get(topic).is_some_and(|t| t.exact)
-    }
-
     /// Whether the topic is wanted.
     pub(super) fn is_wanted(&self, topic: &str) -> bool {
         lock(&self.map).contains_key(topic)
@@ -173,9 +168,14 @@ impl Topics {
         lock(&self.map).get_key_value(topic).map(|(k, _)| k.clone())
     }
 
-    /// Every wanted topic.
-    pub(super) fn all(&self) -> Vec<Arc<str>> {
-        lock(&self.map).keys().cloned().collect()
+    /// Every topic subscribed by name: the channels a new subscription connection subscribes
+    /// (topics only a prefix covers come with the prefix's pattern).
+    pub(super) fn exact(&self) -> Vec<Arc<str>> {
+        lock(&self.map)
+            .iter()
+            .filter(|(_, t)| t.exact)
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 
     /// Remembers a freshly read position and salt of a wanted topic.

@@ -47,6 +47,11 @@ impl Names {
         }
     }
 
+    /// The channel prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// Whether names carry cluster hash tags (and sharded pub/sub is used).
     pub fn is_cluster(&self) -> bool {
         self.cluster
@@ -81,13 +86,7 @@ impl Names {
     /// the empty prefix). Topic characters are never glob characters; the channel prefix is
     /// escaped. Redis's `*` spans levels, so this is exactly "below the prefix".
     pub fn prefix_pattern(&self, prefix: &str) -> String {
-        let mut glob = String::with_capacity(self.prefix.len() + prefix.len() + 2);
-        for c in self.prefix.chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                glob.push('\\');
-            }
-            glob.push(c);
-        }
+        let mut glob = self.escaped_prefix();
         if !prefix.is_empty() {
             glob.push_str(prefix);
             glob.push('.');
@@ -96,7 +95,30 @@ impl Names {
         glob
     }
 
-    /// The topic a channel belongs to, or `None` for a channel that is not a topic channel.
+    /// The prefix a pattern of [`Names::prefix_pattern`] was made for.
+    pub fn prefix_of_pattern<'a>(&self, pattern: &'a str) -> Option<&'a str> {
+        let rest = pattern.strip_prefix(self.escaped_prefix().as_str())?;
+        if rest == "*" {
+            return Some("");
+        }
+        rest.strip_suffix(".*")
+    }
+
+    /// The channel prefix with glob characters escaped.
+    fn escaped_prefix(&self) -> String {
+        let mut glob = String::with_capacity(self.prefix.len() + 8);
+        for c in self.prefix.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                glob.push('\\');
+            }
+            glob.push(c);
+        }
+        glob
+    }
+
+    /// The topic a channel belongs to, or `None` for a channel that is not a topic channel. A
+    /// pattern subscription brings whatever channel names raw publishers made up, so the name must
+    /// be a valid topic (1–200 characters of `A-Z a-z 0-9 _ . : -`, no empty level).
     pub fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_str())?;
         let topic = if self.cluster {
@@ -104,8 +126,19 @@ impl Names {
         } else {
             rest
         };
-        (!topic.is_empty() && !topic.starts_with('#')).then_some(topic)
+        is_topic(topic).then_some(topic)
     }
+}
+
+/// Whether `name` is a valid topic name: the gateway's rules (1–200 characters of
+/// `A-Z a-z 0-9 _ . : -`, `.` between non-empty levels).
+pub fn is_topic(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        && !name.split('.').any(str::is_empty)
 }
 
 /// How many hex digits of the SHA-1 a message tag keeps (64 bits).
@@ -290,6 +323,36 @@ mod tests {
         assert_eq!(cluster.topic_of("pubgate:{scores.nba}"), Some("scores.nba"));
         assert_eq!(cluster.topic_of("pubgate:scores.nba"), None);
         assert_eq!(cluster.canary_channel("n1"), "pubgate:{#canary.n1}");
+    }
+
+    #[test]
+    fn raw_channel_names_must_be_topics() {
+        let n = Names::new("pubgate:", false);
+        for bad in [
+            "scores.a b",
+            "scores..x",
+            "scores.\u{202e}x",
+            "scores.x\"",
+            "",
+            "a.",
+        ] {
+            assert_eq!(n.topic_of(&format!("pubgate:{bad}")), None, "{bad:?}");
+        }
+        assert_eq!(n.topic_of(&format!("pubgate:{}", "a".repeat(201))), None);
+        assert!(
+            n.topic_of(&format!("pubgate:{}", "a".repeat(200)))
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn prefix_patterns_escape_the_channel_prefix_and_round_trip() {
+        let n = Names::new("pg*[1]:", false);
+        assert_eq!(n.prefix_pattern("scores"), "pg\\*\\[1\\]:scores.*");
+        assert_eq!(n.prefix_pattern(""), "pg\\*\\[1\\]:*");
+        assert_eq!(n.prefix_of_pattern(&n.prefix_pattern("a.b")), Some("a.b"));
+        assert_eq!(n.prefix_of_pattern(&n.prefix_pattern("")), Some(""));
+        assert_eq!(n.prefix_of_pattern("pubgate:a.*"), None);
     }
 
     #[test]

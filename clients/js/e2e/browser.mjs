@@ -8,135 +8,30 @@
 //    another node: after the reconnect every one of them appears, none twice;
 // 3. the same through HAProxy in front of two nodes;
 // 4. two tabs share one connection when sharing is on (the node counts one WebSocket);
-// 5. a screenshot of the page is saved to $E2E_OUT/page.png.
-import { spawn } from 'node:child_process';
-import { mkdirSync, writeFileSync, mkdtempSync, rmSync } from 'node:fs';
-import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+// 5. a screenshot of the page is saved to $E2E_OUT/page.png;
+// 6. shared mode (tabs.mjs): a crashed tab's topics are released, `online` reconnects the worker at
+//    once, a tab joining a topic another tab has gets exactly what follows its ack (or its `since`);
+// 7. `persist: 'session'`: a reload while messages are published loses none and repeats none.
+import { mkdirSync, writeFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
+import { checkExactlyOnce, children, freePort, metric, publish, sleep, startHaproxy, startNode, startRedis, stop, until } from './harness.mjs';
+import { persistScenario, sharedScenarios } from './tabs.mjs';
 
-const BIN = process.env.PUBGATE_BIN || 'target/debug/pubgate';
 const OUT = process.env.E2E_OUT || 'target/e2e';
 const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 const started = Date.now();
-const children = new Set();
 const results = {};
 
 function log(...a) {
   console.log(`[e2e ${((Date.now() - started) / 1000).toFixed(1)}s]`, ...a);
 }
 
-async function freePort() {
-  return new Promise((resolve, reject) => {
-    const s = createServer();
-    s.once('error', reject);
-    s.listen(0, '127.0.0.1', () => {
-      const { port } = s.address();
-      s.close(() => resolve(port));
-    });
-  });
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what, fn, timeoutMs = 20000) {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await sleep(50);
-  }
-}
-
-function run(cmd, args, env = {}, name = cmd) {
-  const child = spawn(cmd, args, { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
-  child.name = name;
-  child.output = '';
-  child.stdout.on('data', (d) => (child.output += d));
-  child.stderr.on('data', (d) => (child.output += d));
-  child.exited = new Promise((r) => child.on('exit', (code, sig) => r({ code, sig })));
-  children.add(child);
-  child.exited.then(() => children.delete(child));
-  return child;
-}
-
-async function stop(child, signal = 'SIGTERM') {
-  if (child.exitCode !== null || child.signalCode !== null) return;
-  child.kill(signal);
-  const t = setTimeout(() => child.kill('SIGKILL'), 10000);
-  await child.exited;
-  clearTimeout(t);
-}
-
-async function startRedis() {
-  const port = await freePort();
-  const dir = mkdtempSync(join(tmpdir(), 'pubgate-e2e-redis-'));
-  const child = run('redis-server', ['--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir], {}, 'redis');
-  child.dir = dir;
-  await until('redis', () => child.output.includes('Ready to accept connections'), 10000);
-  return { port, child, url: `redis://127.0.0.1:${port}` };
-}
-
-async function startNode(redisUrl, port, name) {
-  const child = run(
-    BIN,
-    ['--listen', `127.0.0.1:${port}`],
-    {
-      PUBGATE__BROKER__KIND: 'redis',
-      PUBGATE__BROKER__URL: redisUrl,
-      PUBGATE__HISTORY__SIZE: '1000',
-      PUBGATE__DRAIN__GRACE: '2s',
-      PUBGATE__LOG__FORMAT: 'plain',
-    },
-    name,
-  );
-  await until(`${name} listening`, () => child.output.includes('pubgate listening on') || child.exitCode !== null, 30000);
-  if (child.exitCode !== null) throw new Error(`${name} exited: ${child.output}`);
-  const base = `http://127.0.0.1:${port}`;
-  await until(`${name} ready`, async () => (await fetch(base + '/readyz').catch(() => null))?.ok, 20000);
-  return { child, port, base, name };
-}
-
-async function publish(base, topic, data) {
-  const r = await fetch(`${base}/v1/publish/${topic}`, { method: 'POST', body: JSON.stringify(data), headers: { 'content-type': 'application/json' } });
-  if (!r.ok) throw new Error(`publish ${topic} via ${base}: ${r.status} ${await r.text()}`);
-  return r.json();
-}
-
-async function connections(base) {
-  const text = await (await fetch(base + '/metrics')).text();
-  const m = text.match(/^pubgate_connections (\d+)/m);
-  return m ? Number(m[1]) : NaN;
-}
-
-async function startHaproxy(backends) {
-  const port = await freePort();
-  const dir = mkdtempSync(join(tmpdir(), 'pubgate-e2e-haproxy-'));
-  const servers = backends.map((b, i) => `    server n${i} 127.0.0.1:${b} check inter 300ms fall 2 rise 2\n`).join('');
-  const cfg =
-    `global\n    maxconn 512\n\ndefaults\n    mode http\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n` +
-    `    option http-server-close\n    retries 3\n    option redispatch 1\n\nfrontend pubgate\n    bind 127.0.0.1:${port}\n    default_backend nodes\n\n` +
-    `backend nodes\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n${servers}`;
-  writeFileSync(join(dir, 'haproxy.cfg'), cfg);
-  const child = run('haproxy', ['-db', '-f', join(dir, 'haproxy.cfg')], {}, 'haproxy');
-  child.dir = dir;
-  await until('haproxy', async () => (await fetch(`http://127.0.0.1:${port}/healthz`).catch(() => null))?.ok, 10000);
-  return { port, child, base: `http://127.0.0.1:${port}` };
-}
+const connections = (base) => metric(base, 'pubgate_connections');
 
 /** Offsets the page delivered for `topic`. */
 const received = (page, topic) => page.evaluate((t) => (window.pubgatePage.received[t] || []).slice(), topic);
 const rows = (page, topic) => page.locator(`.stream[data-topic="${topic}"] .messages li:not(.note)`).count();
-
-function checkExactlyOnce(label, offsets, n) {
-  const want = Array.from({ length: n }, (_, i) => i + 1);
-  const dups = offsets.length - new Set(offsets).size;
-  const ok = JSON.stringify(offsets) === JSON.stringify(want);
-  if (!ok) throw new Error(`${label}: expected offsets 1..${n} once each, got ${JSON.stringify(offsets)} (${dups} duplicates)`);
-  return dups;
-}
 
 /**
  * Restarts the node `page` is connected to while `duringOutage` messages are published through
@@ -266,21 +161,27 @@ async function main() {
     results.sharedTabs = { tabs: 2, connections: conns };
     log('4. two tabs share one connection:', JSON.stringify(results.sharedTabs));
     await sctx.close();
+
+    // 6. shared mode: a crashed tab's topics are released, `online` reconnects the worker, a tab
+    // joining a topic gets what follows its ack and nothing before; 7. a reload resumes (persist).
+    results.shared = await sharedScenarios(browser, { a, b, log, received });
+    a = results.shared.node; // restarted by the online scenario
+    delete results.shared.node;
+    results.persist = await persistScenario(browser, { a, b, log });
   } finally {
     await browser.close();
     await Promise.all([stop(a.child), stop(b.child)]);
-    await stop(redis.child);
-    rmSync(redis.child.dir, { recursive: true, force: true });
+    await redis.stop();
   }
   writeFileSync(join(OUT, 'results.json'), JSON.stringify(results, null, 2) + '\n');
   log(`passed in ${((Date.now() - started) / 1000).toFixed(1)}s:`, JSON.stringify(results));
 }
 
 const watchdog = setTimeout(() => {
-  console.error('e2e: over the 150 s budget');
+  console.error('e2e: over the 200 s budget');
   for (const c of children) c.kill('SIGKILL');
   process.exit(1);
-}, 150000);
+}, 200000);
 
 main().then(
   () => {

@@ -340,3 +340,40 @@ test('a static token refused with 4001 stops reconnecting and says why', async (
   assert.equal(ctx.client.state, 'closed');
   assert.ok(ctx.events.some(([e, a]) => e === 'error' && a.code === 'token_expired'));
 });
+
+test('wildcards: acked without a position, each matching (topic, offset) once, nothing else, no since after a reconnect', async () => {
+  const ctx = setup();
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  const got = [];
+  const gaps = [];
+  const p = ctx.client.subscribe('scores.*', { onMessage: (d, m) => got.push(`${m.topic}#${m.offset ?? 'raw'}`), onGap: (g) => gaps.push(g.topic) });
+  const sub = ws.last('subscribe');
+  assert.equal(sub.topic, 'scores.*');
+  ws.recv({ op: 'ack', id: sub.id, topic: 'scores.*' });
+  assert.deepEqual(await p, { topic: 'scores.*' });
+  ws.recv({ op: 'message', topic: 'scores.nba', epoch: 'E', offset: 1, data: 1 });
+  ws.recv({ op: 'message', topic: 'scores.nhl', offset: 7, data: 1 });
+  ws.recv({ op: 'message', topic: 'scores.nba', offset: 2, data: 1 });
+  ws.recv({ op: 'message', topic: 'scores.nba', offset: 2, data: 1 }); // a duplicate
+  ws.recv({ op: 'message', topic: 'scores.nba.live', offset: 1, data: 1 }); // one level too deep
+  ws.recv({ op: 'message', topic: 'news.nba', offset: 1, data: 1 });
+  ws.recv({ op: 'message', topic: 'scores.nba', data: 'raw' });
+  ws.recv({ op: 'gap', topic: 'scores.nhl', epoch: 'E2', offset: 3 });
+  assert.deepEqual(got, ['scores.nba#1', 'scores.nhl#7', 'scores.nba#2', 'scores.nba#raw']);
+  assert.deepEqual(gaps, ['scores.nhl']);
+  assert.ok(!ctx.events.some(([e]) => e === 'error'), JSON.stringify(ctx.events));
+  // After a reconnect the wildcard is subscribed again, live, without `since`.
+  ws.serverClose(1001, 'going away');
+  await ctx.clock.advance(DEFAULTS.backoffMax + DEFAULTS.drainSpread);
+  await flush();
+  const ws2 = ctx.sockets.at(-1);
+  assert.notEqual(ws2, ws);
+  ws2.open();
+  await flush();
+  const again = ws2.last('subscribe');
+  assert.equal(again.topic, 'scores.*');
+  assert.equal(again.since, undefined);
+});

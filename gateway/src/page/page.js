@@ -6,15 +6,28 @@ const wsUrl = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.h
 const share = params.get('share') === '1';
 const token = params.get('token') || undefined;
 const MAX_ROWS = 500;
+const MAX_SHOWN = 600;
 
 const $ = (id) => document.getElementById(id);
-const client = connect(wsUrl, { share, token, drainSpread: Number(params.get('drainSpread') || 2000) });
+// Options a URL can set, for demos and the browser tests: ?share=1&persist=session&backoffBase=…
+// Clamped: a crafted link must not turn the page into a reconnect loop (backoffBase=0.000001).
+function num(key, fallback, min, max) {
+  const v = Number(params.get(key));
+  return params.has(key) && Number.isFinite(v) ? Math.min(max, Math.max(min, v)) : fallback;
+}
+const options = { share, token, drainSpread: num('drainSpread', 2000, 0, 60000) };
+if (params.get('persist') === 'session') options.persist = 'session';
+if (params.has('backoffBase')) options.backoffBase = num('backoffBase', 250, 100, 60000);
+if (params.has('backoffMax')) options.backoffMax = num('backoffMax', 15000, options.backoffBase || 250, 300000);
+const client = connect(wsUrl, options);
 const streams = new Map(); // topic -> {el, list, count, times: [], rateEl, countEl}
 // For tests and the curious: what arrived, per topic (offsets), and the client.
-const page = (window.pubgatePage = { client, received: {}, shared: !!client.shared, events: [] });
+const page = (window.pubgatePage = { client, received: {}, acks: {}, shared: !!client.shared, events: [] });
 
 $('endpoint').textContent = wsUrl + (client.shared ? ' · shared by all tabs' : '');
-$('curl-example').textContent = `curl -d '{"home":3}' ${location.origin}/v1/publish/scores.nba`;
+// curl takes plain http without the scheme, which keeps the example inside its card.
+const curlTarget = location.protocol === 'http:' ? location.host : location.origin;
+$('curl-example').textContent = `curl -d '{"home":3}' \\\n  ${curlTarget}/v1/publish/scores.nba`;
 
 function setStatus(state, text) {
   const s = $('status');
@@ -41,6 +54,12 @@ if (client.state === 'open') setStatus('open', 'connected');
 function time() {
   const d = new Date();
   return d.toTimeString().slice(0, 8) + '.' + String(d.getMilliseconds()).padStart(3, '0').slice(0, 1);
+}
+
+/** A message's data as one line of the stream: long ones cut (a 64 KiB message would fill the screen). */
+function shown(data) {
+  const text = JSON.stringify(data);
+  return text.length > MAX_SHOWN ? text.slice(0, MAX_SHOWN) + ` … (${text.length} characters)` : text;
 }
 
 function row(list, cls, parts) {
@@ -106,7 +125,9 @@ async function subscribe(topic) {
         s.times.push(performance.now());
         s.countEl.textContent = s.count;
         page.received[topic].push(msg.offset);
-        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', JSON.stringify(data)]]);
+        // A test that reloads the page watches deliveries from outside it (Playwright's exposeFunction).
+        if (typeof window.pubgateObserve === 'function') window.pubgateObserve(topic, msg.offset);
+        row(s.list, '', [['off', msg.offset === undefined ? '–' : '#' + msg.offset], ['time', time()], ['data', shown(data)]]);
       },
       onGap(g) {
         row(s.list, 'note', [['data', `gap signalled at offset ${g.offset}: asking history to fill it`]]);
@@ -115,6 +136,7 @@ async function subscribe(topic) {
         row(s.list, 'note', [['data', `history could not cover the outage: continuing live from offset ${info.offset}`]]);
       },
     });
+    page.acks[topic] = ack;
     row(s.list, 'note info', [['data', `subscribed at offset ${ack.offset ?? '?'}`]]);
     s.el.dataset.subscribed = 'true';
   } catch (e) {

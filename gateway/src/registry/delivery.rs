@@ -245,17 +245,16 @@ impl Registry {
                 }
                 continue;
             }
-            match cursor.step(h.position.as_ref()) {
-                Step::Skip => {}
-                Step::Deliver => {
-                    self.push(flushes, queue, h.frame);
-                }
-                Step::GapThenDeliver => {
-                    if let Some(p) = &h.position {
-                        self.push_gap(flushes, queue, protocol::gap(topic, &before(p)));
-                    }
-                    self.push(flushes, queue, h.frame);
-                }
+            let step = cursor.step(h.position.as_ref());
+            if step == Step::GapThenDeliver
+                && let Some(p) = &h.position
+            {
+                self.push_gap(flushes, queue, protocol::gap(topic, &before(p)));
+            }
+            // Held back, then delivered: counted now, as live messages are when queued.
+            if step != Step::Skip && self.push(flushes, queue, h.frame) {
+                self.metrics.delivered.inc();
+                self.namespaces.of(topic).delivered.inc();
             }
         }
     }

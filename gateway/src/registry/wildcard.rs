@@ -84,6 +84,12 @@ impl WildIndex {
 }
 
 impl Registry {
+    /// Whether the node may serve `pattern`: it does already, or it serves fewer than `max`
+    /// patterns. Checked before joining, so concurrent subscribes may pass it by a few.
+    pub fn has_room_for_pattern(&self, pattern: &str, max: usize) -> bool {
+        self.wild.len.load(Ordering::Acquire) < max || self.shard(pattern).contains_key(pattern)
+    }
+
     /// Turns a wildcard subscriber live: queues its ack, and from then on it gets every message of
     /// the topics its pattern matches. Both under the entry's lock, so no message is queued before
     /// the ack and none that comes after it is missed.

@@ -11,7 +11,10 @@ use super::queue::State;
 
 /// A socket that can be written without waiting, from any thread.
 pub trait DirectWrite: Send + Sync {
-    /// Writes what the socket takes now; `WouldBlock` when it takes nothing.
+    /// Writes what the socket takes now; `WouldBlock` when it takes nothing. Bytes reported as not
+    /// written must be offered again, first, by the next write on the connection: a TLS connection
+    /// holds one byte back this way when the socket left ciphertext over, so that the writer task
+    /// takes over and waits for the socket (see [`crate::tls_stream`]).
     fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 

@@ -8,7 +8,7 @@
 //!
 //! - [`queue`]: the queue itself: bounds, the slow-consumer policy, close requests, and what the
 //!   connection's writer task ([`crate::writer`]) takes out of it.
-//! - [`direct`]: the direct-write rules: on a plain TCP connection, whoever queues a frame while the
+//! - [`direct`]: the direct-write rules: on a TCP or TLS connection, whoever queues a frame while the
 //!   writer task is idle writes it straight to the socket ([`SendQueue::flush`]) and hands over to
 //!   the writer only when the socket would block. Waking a writer task per delivered message
 //!   (scheduling, a second lock, the task's poll) cost a third of the fan-out path's CPU in
@@ -29,7 +29,8 @@
 //!   the lock is held for one system call at most per batch of 16 frames.
 //! - **Lock order.** The queue's lock is the innermost lock: fan-out takes it while holding its
 //!   topic's lock (to queue frames), never the other way round, and no other lock is taken while it
-//!   is held. No system call runs under a topic's lock: flushes that are due are collected
+//!   is held, but a TLS connection's own state lock inside the direct write
+//!   ([`crate::tls_stream`]), which never takes another. No system call runs under a topic's lock: flushes that are due are collected
 //!   ([`Flushes`]) and run after the topic's lock is released.
 //! - **Handing over to the writer.** A flush that leaves bytes queued (the socket would block, or
 //!   failed) wakes the writer. The writer takes the whole queue (`writer_busy` turns true), writes

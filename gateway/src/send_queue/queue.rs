@@ -51,7 +51,7 @@ pub(super) struct State {
     pub(super) writer_busy: bool,
     /// The first frame was partly written by a flush: it cannot be dropped.
     pub(super) head_sent: bool,
-    /// Where frames go while the writer is idle; `None` on TLS, and once the session ended.
+    /// Where frames go while the writer is idle; `None` once the session ended.
     pub(super) direct: Option<Arc<dyn DirectWrite>>,
 }
 

@@ -16,6 +16,17 @@
 {{- end -}}
 {{- end -}}
 
+{{/* fullname plus a suffix ("redis", "metrics"), still at most 63 characters: a Service name is a
+DNS label, which the API server refuses longer (no offline schema checks it; k8s_validate.py does). */}}
+{{- define "pubgate.suffixedName" -}}
+{{- $suffix := printf "-%s" .suffix -}}
+{{- printf "%s%s" (include "pubgate.fullname" .ctx | trunc (int (sub 63 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}
+
+{{- define "pubgate.redisName" -}}
+{{- include "pubgate.suffixedName" (dict "ctx" . "suffix" "redis") -}}
+{{- end -}}
+
 {{- define "pubgate.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "pubgate.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -60,9 +71,9 @@ app.kubernetes.io/part-of: pubgate
 {{- end -}}
 {{- end -}}
 
-{{/* The Secret holding the chart-managed credentials (api keys, JWT secret/key, Redis URL). */}}
+{{/* The Secret holding the credentials given inline in values (API keys, JWT secret, JWT public key). */}}
 {{- define "pubgate.secretName" -}}
-{{- printf "%s-auth" (include "pubgate.fullname" .) -}}
+{{- include "pubgate.suffixedName" (dict "ctx" . "suffix" "auth") -}}
 {{- end -}}
 
 {{- define "pubgate.hasInlineSecret" -}}
@@ -78,11 +89,26 @@ Called from the Deployment so every render runs it.
 {{- if ge (int $d.delaySeconds) (int $d.graceSeconds) -}}
 {{- fail (printf "drain.delaySeconds (%d) must be shorter than drain.graceSeconds (%d): pubgate refuses drain.delay >= drain.grace" (int $d.delaySeconds) (int $d.graceSeconds)) -}}
 {{- end -}}
-{{- if and (not .Values.broker.url) (not .Values.broker.existingSecret.name) (not .Values.redis.enabled) -}}
+{{- /* Exactly one broker source, so nothing is rendered that is not used (an idle bundled Redis next to
+an external one) and no source silently wins over another. */ -}}
+{{- $sources := list -}}
+{{- if .Values.broker.url -}}{{- $sources = append $sources "broker.url" -}}{{- end -}}
+{{- if .Values.broker.existingSecret.name -}}{{- $sources = append $sources "broker.existingSecret.name" -}}{{- end -}}
+{{- if .Values.redis.enabled -}}{{- $sources = append $sources "redis.enabled" -}}{{- end -}}
+{{- if eq (len $sources) 0 -}}
 {{- fail "broker: set broker.url, broker.existingSecret.name, or redis.enabled=true (the bundled Redis is for trying the chart out)" -}}
+{{- end -}}
+{{- if gt (len $sources) 1 -}}
+{{- fail (printf "broker: %s are %s set; choose one broker source (with an external Redis, also set redis.enabled=false: the bundled Redis would run unused)" (join " and " $sources) (ternary "both" "all" (eq (len $sources) 2))) -}}
 {{- end -}}
 {{- if and .Values.redis.enabled (eq .Values.broker.kind "redis-cluster") -}}
 {{- fail "broker.kind=redis-cluster needs an external Redis Cluster (broker.url); the bundled Redis is a single instance" -}}
+{{- end -}}
+{{- if and .Values.auth.existingSecret.name (include "pubgate.hasInlineSecret" .) -}}
+{{- fail "auth: auth.existingSecret.name and inline credentials (auth.apiKeys, auth.jwtSecret, auth.jwtPublicKey) are both set; use one (the existing Secret would win and the inline values would be ignored)" -}}
+{{- end -}}
+{{- if eq (int .Values.service.targetPort) (int .Values.service.metricsPort) -}}
+{{- fail "service.targetPort and service.metricsPort must differ: the metrics listener is a separate port, kept off the client-facing Service" -}}
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) -}}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" -}}
@@ -90,10 +116,45 @@ Called from the Deployment so every render runs it.
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) -}}
 {{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" -}}
 {{- end -}}
+{{- $maxConn := int (dig "server" "max_connections" 0 .Values.config) -}}
+{{- $target := int .Values.autoscaling.targetConnectionsPerPod -}}
+{{- if and .Values.autoscaling.enabled (gt $target 0) (gt $maxConn 0) (ge $target $maxConn) -}}
+{{- fail (printf "autoscaling.targetConnectionsPerPod (%d) must be below config.server.max_connections (%d): pods would refuse connections before the autoscaler adds any" $target $maxConn) -}}
+{{- end -}}
 {{- $surge := toString .Values.strategy.maxSurge -}}
 {{- $unavail := toString .Values.strategy.maxUnavailable -}}
 {{- if and (has $surge (list "0" "0%")) (has $unavail (list "0" "0%")) -}}
 {{- fail "strategy.maxSurge and strategy.maxUnavailable cannot both be 0" -}}
+{{- end -}}
+{{- if include "pubgate.pdbEnabled" . -}}
+{{- $replicas := int (include "pubgate.minReplicas" .) -}}
+{{- $budget := int (include "pubgate.pdbBudget" .) -}}
+{{- if ge $budget $replicas -}}
+{{- fail (printf "podDisruptionBudget.maxUnavailable (%v) allows all %d pods to be evicted at once: the budget must leave at least one pod running" .Values.podDisruptionBudget.maxUnavailable $replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The fewest pods the Deployment runs: replicaCount, or the HPA's minReplicas. */}}
+{{- define "pubgate.minReplicas" -}}
+{{- if .Values.autoscaling.enabled -}}{{ .Values.autoscaling.minReplicas }}{{- else -}}{{ .Values.replicaCount }}{{- end -}}
+{{- end -}}
+
+{{/* A PodDisruptionBudget only protects two or more pods: with one, any budget either blocks every
+node drain or allows the only pod to go, so none is rendered. */}}
+{{- define "pubgate.pdbEnabled" -}}
+{{- if and .Values.podDisruptionBudget.enabled (ge (int (include "pubgate.minReplicas" .)) 2) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Pods the budget lets go at the smallest scale, rounded up like the disruption controller does
+for a percentage. */}}
+{{- define "pubgate.pdbBudget" -}}
+{{- $v := toString .Values.podDisruptionBudget.maxUnavailable -}}
+{{- $replicas := int (include "pubgate.minReplicas" .) -}}
+{{- if hasSuffix "%" $v -}}
+{{- div (add (mul (int (trimSuffix "%" $v)) $replicas) 99) 100 -}}
+{{- else -}}
+{{- int $v -}}
 {{- end -}}
 {{- end -}}
 
@@ -110,8 +171,8 @@ Called from the Deployment so every render runs it.
 {{- $_ := set $broker "kind" .Values.broker.kind -}}
 {{- if .Values.broker.url -}}
 {{- $_ := set $broker "url" .Values.broker.url -}}
-{{- else if and .Values.redis.enabled (not .Values.broker.existingSecret.name) -}}
-{{- $_ := set $broker "url" (printf "redis://%s-redis:6379" (include "pubgate.fullname" .)) -}}
+{{- else if .Values.redis.enabled -}}
+{{- $_ := set $broker "url" (printf "redis://%s:6379" (include "pubgate.redisName" .)) -}}
 {{- end -}}
 {{- $_ := set $c "broker" $broker -}}
 {{- if .Values.tls.enabled -}}
