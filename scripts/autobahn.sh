@@ -19,8 +19,8 @@
 #                                    cases that stay cover the same code (fragmented too)
 #   AUTOBAHN_OUT=DIR                 where the spec, logs and reports go (default target/autobahn)
 #   AUTOBAHN_TIMEOUT=SECONDS         bound on the wstest run (default 900; the default selection
-#                                    takes about 8 minutes on 2 busy cores, sections 12 and 13 most
-#                                    of it)
+#                                    takes 5 to 8 minutes on 2 shared cores, sections 12 and 13
+#                                    most of it)
 #   WSTEST=PATH                      a wstest binary to use instead of the pyenv 2.7.18 one
 #
 # Exits non-zero when wstest cannot be installed or run, when pubgate dies, or when any case is
