@@ -15,7 +15,9 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::topic::Pattern;
+pub use compression::Compression;
 
+mod compression;
 mod env;
 mod namespaces;
 mod source;
@@ -83,6 +85,8 @@ pub struct Settings {
     pub drain: Drain,
     /// Message history for recovery.
     pub history: History,
+    /// permessage-deflate toward clients.
+    pub compression: Compression,
     /// Logging.
     pub log: Log,
     /// Options by topic pattern (`[[namespaces]]`), first match wins.
@@ -523,6 +527,11 @@ delay = "0s"
 size = 100
 ttl = "5m"
 rules = []
+
+[compression]
+enabled = true
+min_size = 256
+level = 6
 
 [log]
 format = "plain"

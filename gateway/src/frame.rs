@@ -57,13 +57,38 @@ impl FrameBuilder {
 
     /// Fills in the header and returns the complete frame.
     pub fn finish(self, opcode: OpCode) -> Bytes {
+        self.finish_with(opcode, 0)
+    }
+
+    /// Like [`FrameBuilder::finish`], for a payload compressed with permessage-deflate: RSV1 marks
+    /// it (RFC 7692 §6).
+    pub fn finish_compressed(self, opcode: OpCode) -> Bytes {
+        self.finish_with(opcode, RSV1)
+    }
+
+    fn finish_with(self, opcode: OpCode, flags: u8) -> Bytes {
         let mut buf = self.buf;
         let len = buf.len() - MAX_HEADER;
         let header_len = header_len(len);
         let start = MAX_HEADER - header_len;
         write_header(&mut buf[start..MAX_HEADER], opcode, len);
+        buf[start] |= flags;
         buf.freeze().slice(start..)
     }
+}
+
+/// The RSV1 bit of a frame's first byte: "compressed" under permessage-deflate.
+pub const RSV1: u8 = 0x40;
+
+/// The payload of a complete server frame (unmasked, as built here).
+pub fn payload(frame: &[u8]) -> &[u8] {
+    let header = match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        Some(_) => 2,
+        None => return &[],
+    };
+    frame.get(header..).unwrap_or_default()
 }
 
 fn header_len(payload_len: usize) -> usize {
@@ -159,5 +184,18 @@ mod tests {
         b.put_json_str("a\"b");
         let f = b.finish(OpCode::Text);
         assert_eq!(&f[2..], b"0,18446744073709551615\"a\\\"b\"");
+    }
+
+    #[test]
+    fn payload_skips_each_header_class_and_rsv1_is_set() {
+        for len in [0usize, 125, 126, 70_000] {
+            let body = vec![b'x'; len];
+            let mut b = FrameBuilder::with_capacity(len);
+            b.put(&body);
+            let f = b.finish_compressed(OpCode::Text);
+            assert_eq!(f[0], 0xC1);
+            assert_eq!(payload(&f), &body[..]);
+        }
+        assert_eq!(payload(&[]), b"");
     }
 }

@@ -55,6 +55,9 @@ pub struct RawFrame {
     pub fin: bool,
     /// The opcode.
     pub opcode: Opcode,
+    /// RSV1: under permessage-deflate, set on the first frame of a compressed message (only ever
+    /// set when the reader was told deflate was negotiated, and only on a text or binary frame).
+    pub rsv1: bool,
     /// The unmasked payload.
     pub payload: BytesMut,
 }
@@ -74,6 +77,8 @@ pub struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     max_frame: usize,
+    /// permessage-deflate was negotiated: RSV1 may mark the first frame of a message.
+    rsv1_allowed: bool,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -83,7 +88,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::new(),
             max_frame,
+            rsv1_allowed: false,
         }
+    }
+
+    /// Lets RSV1 through on text and binary frames, for a connection that negotiated
+    /// permessage-deflate.
+    pub fn allow_rsv1(&mut self, allowed: bool) {
+        self.rsv1_allowed = allowed;
     }
 
     /// Reads until `self.buf` holds at least `n` bytes.
@@ -108,11 +120,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.fill(2).await?;
         let (b0, b1) = (self.buf[0], self.buf[1]);
         let fin = b0 & 0x80 != 0;
-        if b0 & 0x70 != 0 {
+        // RSV2 and RSV3 belong to no extension the node negotiates.
+        if b0 & 0x30 != 0 {
+            return Err(ReadError::Violation(1002, "reserved bits set"));
+        }
+        let rsv1 = b0 & 0x40 != 0;
+        if rsv1 && !self.rsv1_allowed {
             return Err(ReadError::Violation(1002, "reserved bits set"));
         }
         let opcode =
             Opcode::from_bits(b0 & 0x0F).ok_or(ReadError::Violation(1002, "unknown opcode"))?;
+        // RFC 7692 §6.1: only the first frame of a data message says it is compressed.
+        if rsv1 && !matches!(opcode, Opcode::Text | Opcode::Binary) {
+            return Err(ReadError::Violation(
+                1002,
+                "RSV1 set on a control or continuation frame",
+            ));
+        }
         if b1 & 0x80 == 0 {
             return Err(ReadError::Violation(1002, "client frames must be masked"));
         }
@@ -158,6 +182,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(RawFrame {
             fin,
             opcode,
+            rsv1,
             payload,
         })
     }
@@ -234,6 +259,11 @@ mod tests {
                 .unwrap()
         };
         assert_eq!(
+            first_err(masked(0xA1, b"x"), 100).await,
+            ReadError::Violation(1002, "reserved bits set")
+        );
+        // RSV1 without permessage-deflate.
+        assert_eq!(
             first_err(masked(0xC1, b"x"), 100).await,
             ReadError::Violation(1002, "reserved bits set")
         );
@@ -257,6 +287,28 @@ mod tests {
             first_err(vec![0x81, 0x01, b'a'], 100).await,
             ReadError::Violation(1002, "client frames must be masked")
         );
+    }
+
+    #[tokio::test]
+    async fn rsv1_with_deflate_only_on_data_frames() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut r = FrameReader::new(b, 100);
+        r.allow_rsv1(true);
+        a.write_all(&masked(0xC1, b"x")).await.unwrap();
+        a.write_all(&masked(0x81, b"y")).await.unwrap();
+        a.write_all(&masked(0xC9, b"")).await.unwrap();
+        let f = r.read().await.unwrap();
+        assert!(f.rsv1 && f.opcode == Opcode::Text);
+        assert!(!r.read().await.unwrap().rsv1);
+        assert_eq!(
+            r.read().await.unwrap_err(),
+            ReadError::Violation(1002, "RSV1 set on a control or continuation frame")
+        );
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut r = FrameReader::new(b, 100);
+        r.allow_rsv1(true);
+        a.write_all(&masked(0x40, b"x")).await.unwrap();
+        assert!(matches!(r.read().await, Err(ReadError::Violation(1002, _))));
     }
 
     #[tokio::test]

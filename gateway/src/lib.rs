@@ -15,6 +15,7 @@ pub mod topic;
 pub mod ws_read;
 
 pub(crate) mod auth;
+pub(crate) mod deflate;
 pub(crate) mod drain;
 pub(crate) mod frame;
 pub(crate) mod frame_read;

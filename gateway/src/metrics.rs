@@ -81,6 +81,13 @@ pub struct Metrics {
     pub ns_conflated: IntCounterVec,
     /// Messages from the broker dropped before fan-out (once per message), by reason.
     pub broker_dropped: IntCounterVec,
+    /// Message frames compressed for fan-out: at most one per message per node, however many
+    /// deflate subscribers it has.
+    pub deflate_frames: IntCounter,
+    /// Compressed message frames queued to subscribers.
+    pub deflate_deliveries: IntCounter,
+    /// Bytes the compressed deliveries saved against their plain frames.
+    pub deflate_bytes_saved: IntCounter,
 }
 
 impl Metrics {
@@ -280,6 +287,21 @@ impl Metrics {
                 v.with_label_values(&["too_deep"]);
                 v
             },
+            deflate_frames: counter(
+                r,
+                "deflate_frames_total",
+                "Message frames compressed for fan-out (at most once per message per node).",
+            ),
+            deflate_deliveries: counter(
+                r,
+                "deflate_deliveries_total",
+                "Compressed message frames queued to subscribers.",
+            ),
+            deflate_bytes_saved: counter(
+                r,
+                "deflate_bytes_saved_total",
+                "Bytes compressed deliveries saved against their plain frames.",
+            ),
             registry,
         };
         #[cfg(target_os = "linux")]

@@ -75,6 +75,7 @@ impl Node {
                 max_held_bytes: settings.limits.send_queue_bytes,
                 max_json_depth: settings.limits.max_json_depth,
                 unsubscribe_delay: settings.broker.unsubscribe_delay,
+                compression: settings.compression.outbound(),
             },
             namespaces.clone(),
         ));
@@ -187,14 +188,17 @@ impl Node {
     }
 
     /// A fresh send queue sized by the settings.
-    pub fn new_queue(&self, direct: Option<Arc<dyn DirectWrite>>) -> Arc<SendQueue> {
+    pub fn new_queue(&self, direct: Option<Arc<dyn DirectWrite>>, deflate: bool) -> Arc<SendQueue> {
         let l = &self.settings.limits;
-        Arc::new(SendQueue::with_direct(
-            l.send_queue_frames,
-            l.send_queue_bytes,
-            l.slow_consumer,
-            direct,
-        ))
+        Arc::new(
+            SendQueue::with_direct(
+                l.send_queue_frames,
+                l.send_queue_bytes,
+                l.slow_consumer,
+                direct,
+            )
+            .with_deflate(deflate),
+        )
     }
 
     /// Reads a page of a validated topic's history (`GET /v1/history`), through the same broker

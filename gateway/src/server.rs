@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::config::Settings;
+use crate::deflate;
 use crate::http_api::{self, Body};
 use crate::node::Node;
 use crate::per_ip;
@@ -430,6 +431,24 @@ fn refuse(node: &Node, status: StatusCode, reason: &'static str, message: &str) 
     http_api::error(status, code, message)
 }
 
+/// What the client's permessage-deflate offers come to: `None` when compression is off, or no offer
+/// is acceptable (the connection then goes on uncompressed, as RFC 7692 §7.1 says).
+fn negotiate_deflate(node: &Node, req: &Request<Incoming>) -> Option<deflate::Agreement> {
+    if !node.settings.compression.enabled {
+        return None;
+    }
+    let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+    match deflate::negotiate(offers.iter().map(|v| v.as_bytes())) {
+        Ok(agreed) => Some(agreed),
+        Err(why) => {
+            if !matches!(why, deflate::Decline::NotOffered) {
+                tracing::debug!(reason = %why, "permessage-deflate declined");
+            }
+            None
+        }
+    }
+}
+
 /// Checks an upgrade request and, if it passes, answers 101 and starts the session.
 async fn upgrade<T: Transport>(
     node: Arc<Node>,
@@ -490,7 +509,7 @@ async fn upgrade<T: Transport>(
     // Validate the handshake before claiming a slot: an invalid request gets its 400 even when the
     // node is full, and never counts as an accepted connection. Refusing after this point just drops
     // the upgrade future; without a 101 the connection is never upgraded.
-    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+    let (mut response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
             return refuse(
@@ -501,6 +520,14 @@ async fn upgrade<T: Transport>(
             );
         }
     };
+    let deflate = negotiate_deflate(&node, &req);
+    if let Some(agreed) = &deflate
+        && let Ok(value) = http::HeaderValue::from_str(&agreed.response())
+    {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_EXTENSIONS, value);
+    }
     let client = per_ip::client_ip(peer, req.headers(), &node.trusted_proxies);
     let ip_slot = match node.per_ip.claim(client) {
         Ok(slot) => slot,
@@ -543,7 +570,7 @@ async fn upgrade<T: Transport>(
                 let early = Bytes::copy_from_slice(&parts.read_buf);
                 drop(parts.read_buf);
                 let r = std::io::Cursor::new(early).chain(r);
-                session::run(node, admission, r, w, direct, route).await;
+                session::run(node, admission, r, w, direct, route, deflate).await;
                 drop(ip_slot);
             }
             Err(_) => tracing::error!("upgraded connection has an unexpected transport type"),

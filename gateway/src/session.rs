@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::auth::Identity;
+use crate::deflate::{Agreement, Outbound};
 use crate::frame::{self, OpCode};
 use crate::node::{Admission, Node};
 use crate::protocol::{self, ErrorCode, ProtocolError, Request};
@@ -59,7 +60,7 @@ pub enum Route {
 
 /// Runs a connection to its end. `admission` holds the connection slot until then. `direct`, when
 /// given, is a handle to the same socket as `write` that fan-out may write through while the writer
-/// is idle.
+/// is idle. `deflate` is what permessage-deflate negotiation agreed, if it did.
 pub async fn run<R, W>(
     node: Arc<Node>,
     admission: Admission,
@@ -67,22 +68,28 @@ pub async fn run<R, W>(
     write: W,
     direct: Option<Arc<dyn DirectWrite>>,
     route: Route,
+    deflate: Option<Agreement>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let conn = admission.id;
+    // Compressed frames go out only with the full window they are built with (see Agreement).
+    let takes_deflate = deflate.is_some_and(|a| a.takes_full_window());
     let queue = match route {
         Route::Echo => {
             let l = &node.settings.limits;
-            Arc::new(SendQueue::with_direct(
-                l.send_queue_frames,
-                l.send_queue_bytes.max(ECHO_QUEUE_BYTES),
-                l.slow_consumer,
-                direct,
-            ))
+            Arc::new(
+                SendQueue::with_direct(
+                    l.send_queue_frames,
+                    l.send_queue_bytes.max(ECHO_QUEUE_BYTES),
+                    l.slow_consumer,
+                    direct,
+                )
+                .with_deflate(takes_deflate),
+            )
         }
-        Route::PubSub(_) => node.new_queue(direct),
+        Route::PubSub(_) => node.new_queue(direct, takes_deflate),
     };
     let heard = Arc::new(LastHeard::new());
     // The token's expiry, moved by refreshes; a task of its own closes the connection when it
@@ -101,7 +108,7 @@ pub async fn run<R, W>(
         Route::PubSub(_) => node.settings.limits.max_message_size,
     };
     let reader = Reader {
-        ws: WsReader::new(read, max_message),
+        ws: WsReader::new(read, max_message).with_inflate(deflate.is_some()),
         queue: queue.clone(),
         heard: heard.clone(),
         subs: Subscriptions {
@@ -347,9 +354,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             }
             match incoming {
                 Ok(Incoming::Text(data)) => match self.route {
-                    Route::Echo => {
-                        self.queue.push(frame::frame(OpCode::Text, &data));
-                    }
+                    Route::Echo => self.echo(OpCode::Text, &data),
                     Route::PubSub(_) => {
                         // WsReader has validated UTF-8 already.
                         let text = std::str::from_utf8(&data).unwrap_or_default();
@@ -359,9 +364,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     }
                 },
                 Ok(Incoming::Binary(data)) => match self.route {
-                    Route::Echo => {
-                        self.queue.push(frame::frame(OpCode::Binary, &data));
-                    }
+                    Route::Echo => self.echo(OpCode::Binary, &data),
                     Route::PubSub(_) => self.reply_error(
                         None,
                         ProtocolError::new(
@@ -404,6 +407,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     fn reply(&self, frame: Bytes) {
         self.queue.push(frame);
+    }
+
+    /// Echoes a message (echo route), compressed when the connection negotiated deflate.
+    fn echo(&self, opcode: OpCode, data: &[u8]) {
+        let out = self.subs.node.settings.compression.outbound();
+        let deflate = self.queue.takes_deflate();
+        self.queue
+            .push(Outbound::frame(out.as_ref(), deflate, opcode, data));
     }
 
     fn reply_error(&self, id: Option<&serde_json::value::RawValue>, err: ProtocolError) {

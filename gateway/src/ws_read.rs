@@ -3,12 +3,14 @@
 //! [`crate::frame_read`] reads single frames (with a read buffer that costs almost nothing while a
 //! connection is idle); this layer reassembles fragmented messages under a size cap, validates UTF-8
 //! as fragments arrive (failing at the first bad fragment), checks close frames, and names the
-//! RFC 6455 close code for every violation. Nothing is written from the read side: the session
-//! answers pings and closes through its own send queue.
+//! RFC 6455 close code for every violation. Messages compressed with permessage-deflate (RSV1 on
+//! their first frame, RFC 7692 §6) are inflated here, under the same size cap. Nothing is written
+//! from the read side: the session answers pings and closes through its own send queue.
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncRead;
 
+use crate::deflate::{self, InflateError};
 pub use crate::frame_read::ReadError;
 use crate::frame_read::{FrameReader, Opcode, RawFrame};
 
@@ -41,6 +43,8 @@ struct Partial {
     /// Text only: `buf[..utf8_valid]` is known to be valid UTF-8. What follows is at most an
     /// incomplete character that the next fragment may finish.
     utf8_valid: usize,
+    /// The message is compressed: `buf` holds DEFLATE data, checked once inflated.
+    compressed: bool,
 }
 
 /// Close codes a peer may send (RFC 6455 §7.4, as the Autobahn suite checks them).
@@ -57,6 +61,13 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
             max_message,
             partial: None,
         }
+    }
+
+    /// Reads compressed messages too: for a connection that negotiated permessage-deflate.
+    /// Without it, RSV1 on any frame closes with 1002.
+    pub fn with_inflate(mut self, inflate: bool) -> Self {
+        self.frames.allow_rsv1(inflate);
+        self
     }
 
     /// Reads until one complete message or control frame is available.
@@ -80,9 +91,11 @@ fn accept(
     max_message: usize,
     frame: RawFrame,
 ) -> Result<Option<Incoming>, ReadError> {
+    // RSV1 comes only on text and binary frames of a deflate connection (see FrameReader).
     let RawFrame {
         fin,
         opcode,
+        rsv1,
         payload,
     } = frame;
     match opcode {
@@ -98,20 +111,18 @@ fn accept(
                 ));
             }
             if fin {
-                if opcode == Opcode::Text && simdutf8::basic::from_utf8(&payload).is_err() {
-                    return Err(ReadError::Violation(1007, "invalid UTF-8 in text message"));
-                }
-                let data = payload.freeze();
-                return Ok(Some(if opcode == Opcode::Text {
-                    Incoming::Text(data)
+                let data = if rsv1 {
+                    inflated(&payload, max_message)?
                 } else {
-                    Incoming::Binary(data)
-                }));
+                    payload.freeze()
+                };
+                return complete(opcode, data).map(Some);
             }
             let mut p = Partial {
                 opcode,
                 buf: payload,
                 utf8_valid: 0,
+                compressed: rsv1,
             };
             // Check the first fragment now, so invalid text fails fast instead of after the whole
             // message arrived.
@@ -132,6 +143,10 @@ fn accept(
                 return Ok(None);
             }
             let p = partial.take().expect("checked above");
+            if p.compressed {
+                let data = inflated(&p.buf, max_message)?;
+                return complete(p.opcode, data).map(Some);
+            }
             let data = p.buf.freeze();
             Ok(Some(if p.opcode == Opcode::Text {
                 Incoming::Text(data)
@@ -142,13 +157,33 @@ fn accept(
     }
 }
 
+/// A whole unfragmented (or inflated) message, its text checked for UTF-8.
+fn complete(opcode: Opcode, data: Bytes) -> Result<Incoming, ReadError> {
+    if opcode == Opcode::Text {
+        if simdutf8::basic::from_utf8(&data).is_err() {
+            return Err(ReadError::Violation(1007, "invalid UTF-8 in text message"));
+        }
+        return Ok(Incoming::Text(data));
+    }
+    Ok(Incoming::Binary(data))
+}
+
+/// Inflates a compressed message under the message size cap.
+fn inflated(compressed: &[u8], max_message: usize) -> Result<Bytes, ReadError> {
+    match deflate::inflate(compressed, max_message) {
+        Ok(data) => Ok(Bytes::from(data)),
+        Err(InflateError::TooLarge) => Err(ReadError::Violation(1009, "message too large")),
+        Err(InflateError::Corrupt) => Err(ReadError::Violation(1007, "invalid compressed data")),
+    }
+}
+
 impl Partial {
     /// Validates the text received since the last call (binary messages pass). Fails on the first
     /// invalid sequence, so a message is refused as soon as the fragment that breaks it arrives
     /// (RFC 6455 §8.1); an incomplete character at the end is allowed until the last fragment.
     /// Each byte is validated about once: only an unfinished tail of at most 3 bytes is re-read.
     fn check_utf8(&mut self, fin: bool) -> Result<(), ReadError> {
-        if self.opcode != Opcode::Text {
+        if self.opcode != Opcode::Text || self.compressed {
             return Ok(());
         }
         match simdutf8::compat::from_utf8(&self.buf[self.utf8_valid..]) {
@@ -195,6 +230,7 @@ mod tests {
         RawFrame {
             fin,
             opcode,
+            rsv1: false,
             payload: BytesMut::from(payload),
         }
     }
@@ -284,6 +320,62 @@ mod tests {
         assert_eq!(
             close_code(&[0x03, 0xe8, 0xff]),
             Err(ReadError::Violation(1007, "invalid UTF-8 in close reason"))
+        );
+    }
+
+    fn deflated(data: &[u8]) -> Vec<u8> {
+        let f = deflate::compress_frame(crate::frame::OpCode::Text, data, 6).unwrap();
+        crate::frame::payload(&f).to_vec()
+    }
+
+    fn compressed(fin: bool, opcode: Opcode, payload: &[u8]) -> RawFrame {
+        RawFrame {
+            rsv1: true,
+            ..frame(fin, opcode, payload)
+        }
+    }
+
+    #[test]
+    fn compressed_messages_inflate_whole_or_fragmented() {
+        let text = "é, ".repeat(100);
+        let z = deflated(text.as_bytes());
+        let mut partial = None;
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &z));
+        assert!(matches!(r, Ok(Some(Incoming::Text(t))) if t == text.as_bytes()));
+        // Split mid-stream: only the first frame has RSV1.
+        let (a, b) = z.split_at(z.len() / 2);
+        assert!(matches!(
+            accept(&mut partial, 1024, compressed(false, Opcode::Text, a)),
+            Ok(None)
+        ));
+        let r = accept(&mut partial, 1024, frame(true, Opcode::Continuation, b));
+        assert!(matches!(r, Ok(Some(Incoming::Text(t))) if t == text.as_bytes()));
+    }
+
+    #[test]
+    fn compressed_violations() {
+        let z = deflated(&[b'a'; 2000]);
+        let mut partial = None;
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &z));
+        assert_eq!(
+            r.unwrap_err(),
+            ReadError::Violation(1009, "message too large")
+        );
+        let r = accept(
+            &mut partial,
+            1024,
+            compressed(true, Opcode::Binary, &[0xff; 8]),
+        );
+        assert_eq!(
+            r.unwrap_err(),
+            ReadError::Violation(1007, "invalid compressed data")
+        );
+        // Inflated text is checked for UTF-8 like any other.
+        let bad = deflated(&[0xff; 300]);
+        let r = accept(&mut partial, 1024, compressed(true, Opcode::Text, &bad));
+        assert_eq!(
+            r.unwrap_err(),
+            ReadError::Violation(1007, "invalid UTF-8 in text message")
         );
     }
 }

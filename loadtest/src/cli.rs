@@ -27,6 +27,11 @@ pub struct Target {
     /// delivery (repeatable).
     #[arg(long = "broker-pid", value_name = "PID")]
     pub broker_pids: Vec<u32>,
+    /// Offer permessage-deflate on every subscriber connection (a node that declines fails the
+    /// connection); every compressed message is inflated and checked.
+    #[arg(long)]
+    #[serde(default)]
+    pub deflate: bool,
     /// Source addresses 127.0.0.2… to spread connections over (0: one per 16,000 connections).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub source_ips: usize,
@@ -56,7 +61,11 @@ pub struct Target {
 impl Target {
     /// The parsed nodes.
     pub fn nodes(&self) -> anyhow::Result<Vec<Node>> {
-        Node::parse_all(&self.urls, self.tls_ca.as_deref())
+        let mut nodes = Node::parse_all(&self.urls, self.tls_ca.as_deref())?;
+        for n in &mut nodes {
+            n.deflate = self.deflate;
+        }
+        Ok(nodes)
     }
 
     /// Topic names.

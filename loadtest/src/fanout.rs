@@ -97,6 +97,10 @@ pub struct Phase {
     pub counters: Counters,
     /// Delivered per second, from the first publish to the last delivery.
     pub deliveries_per_s: f64,
+    /// WebSocket bytes on the wire per received message frame (header included; with --deflate,
+    /// compressed size).
+    #[serde(default)]
+    pub wire_bytes_per_delivery: f64,
     /// End-to-end latency: publisher send → subscriber receive.
     pub latency: Percentiles,
     /// Subscribers still connected at the end.
@@ -351,6 +355,11 @@ impl Setup {
             } else {
                 0.0
             },
+            wire_bytes_per_delivery: if counters.received > 0 {
+                r3(counters.wire_bytes as f64 / counters.received as f64)
+            } else {
+                0.0
+            },
             latency: stats::percentiles(&hist),
             subscribers_alive: ramp::running(&self.live) as u64,
             server_us_per_delivery: (!servers.is_empty() && delivered > 0)
@@ -404,7 +413,7 @@ impl Setup {
 
 pub(crate) fn print_phase(name: &str, p: &Phase) {
     eprintln!(
-        "{name}: offered {:.0} deliveries/s ({:.0} publishes/s via {}): delivered {} of {} ({:.0}/s), lost {}, dup {}, late {}; e2e p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs max {:.0}µs; server {} µs/delivery{}; tool {:.2} µs/msg; other load {:.0}%",
+        "{name}: offered {:.0} deliveries/s ({:.0} publishes/s via {}): delivered {} of {} ({:.0}/s), lost {}, dup {}, late {}; e2e p50 {:.0}µs p99 {:.0}µs p99.9 {:.0}µs max {:.0}µs; server {} µs/delivery{}; {:.1} B/delivery on the wire; tool {:.2} µs/msg; other load {:.0}%",
         p.offered_delivery_rate,
         p.offered_publish_rate,
         p.publish.path,
@@ -422,6 +431,7 @@ pub(crate) fn print_phase(name: &str, p: &Phase) {
             .map_or("-".into(), |v| format!("{v:.2}")),
         p.server_and_broker_us_per_delivery
             .map_or(String::new(), |v| format!(" ({v:.2} with the broker)")),
+        p.wire_bytes_per_delivery,
         p.tool.us_per_received,
         p.cpu.other_pct,
     );
@@ -430,6 +440,7 @@ pub(crate) fn print_phase(name: &str, p: &Phase) {
 pub(crate) fn params(args: &FanoutArgs, setup: &Setup, rate: f64) -> serde_json::Value {
     json!({
         "urls": args.target.urls, "tls": setup.nodes.iter().any(|n| n.tls.is_some()),
+        "deflate": args.target.deflate,
         "subscribers": args.subscribers, "topics": setup.topics.len(),
         "publish_rate": r3(rate), "delivery_rate": r3(rate * setup.subs_per_topic()),
         "duration_s": args.duration, "warmup_s": args.warmup, "payload": args.payload,

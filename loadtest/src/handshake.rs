@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 
+use crate::deflate::{self, DeflateWs};
 use crate::scan::{Kind, scan};
 use crate::ws::Node;
 
@@ -70,6 +71,10 @@ pub enum Ws {
     Plain(WebSocket<TcpStream>),
     /// `wss://`.
     Tls(Box<WebSocket<TlsStream<TcpStream>>>),
+    /// `ws://` with permessage-deflate.
+    Deflate(Box<DeflateWs<TcpStream>>),
+    /// `wss://` with permessage-deflate.
+    DeflateTls(Box<DeflateWs<TlsStream<TcpStream>>>),
 }
 
 /// An open, subscribed connection.
@@ -188,8 +193,9 @@ async fn read_head_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>
     Ok(head)
 }
 
-/// Checks the response head: `101` with the right `Sec-WebSocket-Accept`.
-fn check_head(head: &[u8]) -> Result<(), OpenError> {
+/// Checks the response head: `101` with the right `Sec-WebSocket-Accept`, and permessage-deflate
+/// accepted when it was offered.
+fn check_head(head: &[u8], deflate: bool) -> Result<(), OpenError> {
     let head = String::from_utf8_lossy(head);
     let status: u16 = head
         .split_whitespace()
@@ -211,6 +217,12 @@ fn check_head(head: &[u8]) -> Result<(), OpenError> {
         return Err(OpenError::new(
             "upgrade_bad_accept",
             "wrong Sec-WebSocket-Accept",
+        ));
+    }
+    if deflate && !deflate::accepted(&head) {
+        return Err(OpenError::new(
+            "deflate_declined",
+            "the node did not accept permessage-deflate",
         ));
     }
     Ok(())
@@ -264,6 +276,40 @@ async fn subscribe<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// [`subscribe`] on a deflate connection.
+async fn subscribe_deflate<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut DeflateWs<S>,
+    topic: &str,
+) -> Result<u64, OpenError> {
+    let sub = format!(r#"{{"op":"subscribe","topic":"{topic}","id":1}}"#);
+    ws.send(OpCode::Text, sub.as_bytes())
+        .await
+        .map_err(|e| OpenError::new("subscribe_write", e))?;
+    loop {
+        let m = ws
+            .read()
+            .await
+            .map_err(|e| OpenError::new("subscribe_read", e))?;
+        match m.opcode {
+            OpCode::Text => {
+                let s = scan(m.payload);
+                match s.kind {
+                    Kind::Ack => return Ok(s.offset.unwrap_or(0)),
+                    Kind::Error => {
+                        return Err(OpenError::new(
+                            "subscribe_error",
+                            String::from_utf8_lossy(m.payload),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            OpCode::Close => return Err(OpenError::new("subscribe_closed", "server closed")),
+            _ => {}
+        }
+    }
+}
+
 /// Connects (TCP, then TLS for a `wss://` node), upgrades and subscribes to `topic`; returns once
 /// the ack arrived. `upgrade_ns` includes the TLS handshake.
 pub async fn open(
@@ -294,16 +340,24 @@ pub async fn open_with(
         .map_err(in_time("connect"))?
         .map_err(|e| OpenError::new(io_label("connect", &e), e))?;
     let tcp_ns = started.elapsed().as_nanos() as u64;
+    let offer = if node.deflate { deflate::OFFER } else { "" };
     let (ws, upgrade_ns, ack_offset) = match &node.tls {
         None => {
             let up = async {
-                send_upgrade(&mut stream, node, "").await?;
-                check_head(&read_head_tcp(&mut stream).await?)
+                send_upgrade(&mut stream, node, offer).await?;
+                check_head(&read_head_tcp(&mut stream).await?, node.deflate)
             };
             tokio::time::timeout_at(deadline, up)
                 .await
                 .map_err(in_time("upgrade"))??;
             let upgrade_ns = started.elapsed().as_nanos() as u64;
+            if node.deflate {
+                let mut ws = Box::new(DeflateWs::new(stream));
+                let ack = tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
+                    .await
+                    .map_err(in_time("subscribe"))??;
+                return Ok(opened(Ws::Deflate(ws), ack, tcp_ns, upgrade_ns, started));
+            }
             let mut ws = client_ws(stream);
             let ack = tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
                 .await
@@ -316,13 +370,20 @@ pub async fn open_with(
                 .map_err(in_time("tls"))?
                 .map_err(|e| OpenError::new(io_label("tls", &e), e))?;
             let up = async {
-                send_upgrade(&mut stream, node, "").await?;
-                check_head(&read_head_bytes(&mut stream).await?)
+                send_upgrade(&mut stream, node, offer).await?;
+                check_head(&read_head_bytes(&mut stream).await?, node.deflate)
             };
             tokio::time::timeout_at(deadline, up)
                 .await
                 .map_err(in_time("upgrade"))??;
             let upgrade_ns = started.elapsed().as_nanos() as u64;
+            if node.deflate {
+                let mut ws = Box::new(DeflateWs::new(stream));
+                let ack = tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
+                    .await
+                    .map_err(in_time("subscribe"))??;
+                return Ok(opened(Ws::DeflateTls(ws), ack, tcp_ns, upgrade_ns, started));
+            }
             let mut ws = Box::new(client_ws(stream));
             let ack = tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
                 .await
@@ -330,7 +391,12 @@ pub async fn open_with(
             (Ws::Tls(ws), upgrade_ns, ack)
         }
     };
-    Ok(Conn {
+    Ok(opened(ws, ack_offset, tcp_ns, upgrade_ns, started))
+}
+
+/// The open connection and its setup timings.
+fn opened(ws: Ws, ack_offset: u64, tcp_ns: u64, upgrade_ns: u64, started: Instant) -> Conn {
+    Conn {
         ws,
         ack_offset,
         timing: OpenTiming {
@@ -338,5 +404,5 @@ pub async fn open_with(
             upgrade_ns,
             total_ns: started.elapsed().as_nanos() as u64,
         },
-    })
+    }
 }

@@ -9,6 +9,7 @@ pub mod chart;
 pub mod churn;
 pub mod cli;
 pub mod connect;
+pub mod deflate;
 pub mod fanout;
 pub mod handshake;
 pub mod procfs;

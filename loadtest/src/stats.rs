@@ -94,6 +94,9 @@ pub struct Counters {
     pub bad_frames: u64,
     /// Latest receive time, ns since the Unix epoch.
     pub last_recv_ns: u64,
+    /// Bytes the message frames took on the wire (WebSocket header included, TLS records not).
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
 impl Counters {
@@ -105,6 +108,7 @@ impl Counters {
         self.gaps += o.gaps;
         self.errors += o.errors;
         self.bad_frames += o.bad_frames;
+        self.wire_bytes += o.wire_bytes;
         self.last_recv_ns = self.last_recv_ns.max(o.last_recv_ns);
     }
 

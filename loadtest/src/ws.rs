@@ -15,6 +15,7 @@ use fastwebsockets::{Frame, OpCode, WebSocket};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::deflate::DeflateWs;
 use crate::scan::{Kind, scan};
 use crate::stats::{Recorder, record};
 use crate::tls::TlsClient;
@@ -39,6 +40,9 @@ pub struct Node {
     /// TLS (`wss://`), with the name the certificate must carry.
     #[serde(skip)]
     pub tls: Option<TlsClient>,
+    /// Offer permessage-deflate (`--deflate`); the upgrade fails unless the node accepts it.
+    #[serde(default)]
+    pub deflate: bool,
 }
 
 impl Node {
@@ -111,6 +115,7 @@ impl Node {
             addr,
             ws_path: path.to_string(),
             tls: None,
+            deflate: false,
         })
     }
 
@@ -213,7 +218,48 @@ pub async fn receive(
     match conn.ws {
         Ws::Plain(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
         Ws::Tls(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
+        Ws::Deflate(mut ws) => receive_deflate(&mut ws, order, &topic, &rec, until).await,
+        Ws::DeflateTls(mut ws) => receive_deflate(&mut ws, order, &topic, &rec, until).await,
     }
+}
+
+/// [`receive_on`] for a permessage-deflate connection: every message is inflated, then checked
+/// the same way.
+async fn receive_deflate<S: AsyncRead + AsyncWrite + Unpin>(
+    ws: &mut DeflateWs<S>,
+    mut order: Order,
+    topic: &str,
+    rec: &Recorder,
+    until: Option<(tokio::time::Instant, Leave)>,
+) -> Received {
+    let deadline = until.map(|(at, _)| at);
+    let end = loop {
+        let read = match deadline {
+            None => ws.read().await,
+            Some(at) => match tokio::time::timeout_at(at, ws.read()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    if until.is_some_and(|(_, l)| l == Leave::Close) {
+                        let close = 1000u16.to_be_bytes();
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            ws.send(OpCode::Close, &close),
+                        )
+                        .await;
+                    }
+                    break End::Left;
+                }
+            },
+        };
+        let end = match read {
+            Ok(m) => on_message(m.opcode, m.payload, m.wire_bytes, topic, rec, &mut order),
+            Err(e) => Some(End::Failed(e)),
+        };
+        if let Some(end) = end {
+            break end;
+        }
+    };
+    Received { order, end }
 }
 
 async fn receive_on<S: AsyncRead + AsyncWrite + Unpin>(
@@ -269,10 +315,36 @@ fn on_frame(
         Ok(f) => f,
         Err(e) => return Some(End::Failed(e.to_string())),
     };
-    match frame.opcode {
+    let wire_bytes = wire_len(frame.payload.len());
+    on_message(frame.opcode, &frame.payload, wire_bytes, topic, rec, order)
+}
+
+/// Bytes a server frame with a payload of `len` bytes takes on the wire (unmasked header included).
+#[inline]
+fn wire_len(len: usize) -> u64 {
+    let header = match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    };
+    (header + len) as u64
+}
+
+/// Checks one message (its payload inflated if it came compressed); `Some` when the connection is
+/// over.
+#[inline]
+fn on_message(
+    opcode: OpCode,
+    payload: &[u8],
+    wire_bytes: u64,
+    topic: &str,
+    rec: &Recorder,
+    order: &mut Order,
+) -> Option<End> {
+    match opcode {
         OpCode::Text => {
             let now = now_ns();
-            let s = scan(&frame.payload);
+            let s = scan(payload);
             match s.kind {
                 Kind::Message => {
                     let seen = order.observe(s.offset, s.s);
@@ -280,6 +352,7 @@ fn on_frame(
                     rec.with(|sh| {
                         let c = &mut sh.counters;
                         c.received += 1;
+                        c.wire_bytes += wire_bytes;
                         c.last_recv_ns = now;
                         match seen {
                             Some(Seen::Duplicate) => c.duplicates += 1,
@@ -301,8 +374,8 @@ fn on_frame(
             None
         }
         OpCode::Close => {
-            let code = if frame.payload.len() >= 2 {
-                u16::from_be_bytes([frame.payload[0], frame.payload[1]])
+            let code = if payload.len() >= 2 {
+                u16::from_be_bytes([payload[0], payload[1]])
             } else {
                 1005
             };

@@ -56,6 +56,51 @@ fn tiny_fanout_loses_nothing() {
 }
 
 #[test]
+fn tiny_fanout_with_deflate_inflates_and_checks_every_message() {
+    let server = Server::start();
+    let url = format!("ws://{}/ws", server.addr);
+    let pid = server.pid();
+    let json = tmp("fanout-deflate");
+    // 10 subscribers over 2 topics, 100 messages of 600 bytes (over compression.min_size).
+    let r = run_tool(
+        &[
+            "fanout",
+            "--url",
+            &url,
+            "--server-pid",
+            &pid,
+            "--deflate",
+            "--subscribers",
+            "10",
+            "--topics",
+            "2",
+            "--rate",
+            "50",
+            "--duration",
+            "2",
+            "--warmup",
+            "0",
+            "--payload",
+            "600",
+            "--drain",
+            "5",
+        ],
+        &json,
+    );
+    let _ = std::fs::remove_file(&json);
+    let res = &r["result"];
+    assert_eq!(res["subscribers_established"], 10, "{res:#}");
+    let p = &res["phase"];
+    assert_eq!(p["expected"], 500, "{p:#}");
+    assert_eq!(p["delivered"], 500, "{p:#}");
+    assert_eq!(p["counters"]["bad_frames"], 0, "{p:#}");
+    assert_eq!(p["counters"]["duplicates"], 0, "{p:#}");
+    // A plain frame would be more than the 600-byte payload; compressed it is far less.
+    let wire = p["wire_bytes_per_delivery"].as_f64().unwrap();
+    assert!(wire > 50.0 && wire < 450.0, "{wire} B/delivery: {p:#}");
+}
+
+#[test]
 fn small_connect_reports_memory_and_limits() {
     let server = Server::start();
     let url = format!("ws://{}/ws", server.addr);

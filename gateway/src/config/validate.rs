@@ -206,6 +206,9 @@ impl Settings {
         if self.drain.delay >= self.drain.grace {
             return invalid("drain.delay", "must be shorter than drain.grace");
         }
+        if self.compression.level > super::Compression::MAX_LEVEL {
+            return invalid("compression.level", "must be 0 to 9");
+        }
         if self.history.size > MAX_HISTORY {
             return invalid("history.size", "must be at most 1000000");
         }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
+use crate::deflate::SharedFrame;
 use crate::json_depth;
 use crate::namespace::Namespace;
 use crate::protocol;
@@ -297,13 +298,11 @@ impl MessageSink for Registry {
             return;
         }
         let started = Instant::now();
-        // Encoded once for the node, when the first subscriber needs it.
-        let mut encoded: Option<Bytes> = None;
-        let mut frame = || {
-            encoded
-                .get_or_insert_with(|| protocol::message(&message))
-                .clone()
-        };
+        // Encoded once for the node, when the first subscriber needs it; compressed at most once,
+        // when the first subscriber that negotiated deflate needs it.
+        let encode = || protocol::message(&message);
+        let shared = SharedFrame::new(&encode, self.limits.compression.as_ref(), &self.metrics);
+        let mut frame = |queue: &SendQueue| shared.for_subscriber(queue.takes_deflate());
         let ns = self.namespaces.of(&message.topic);
         let mut key = None;
         let how = How {
@@ -362,7 +361,7 @@ impl Registry {
         flushes: &mut Flushes,
         message: &Message,
         how: &How<'_>,
-        frame: &mut dyn FnMut() -> Bytes,
+        frame: &mut dyn FnMut(&SendQueue) -> Bytes,
     ) -> u64 {
         let mut shard = self.shard(&message.topic);
         let Some(entry) = shard.get_mut(&*message.topic) else {
@@ -385,14 +384,15 @@ impl Registry {
                             .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)));
                         self.push_gap(flushes, &sub.queue, gap.clone());
                     }
-                    if step != Step::Skip && how.push(self, flushes, &sub.queue, frame()) {
+                    if step != Step::Skip && how.push(self, flushes, &sub.queue, frame(&sub.queue))
+                    {
                         delivered += 1;
                     }
                 }
                 SubState::Pending(pending) => pending.hold(
                     Held {
                         position: message.position.clone(),
-                        frame: frame(),
+                        frame: frame(&sub.queue),
                         gap: false,
                     },
                     max_frames,

@@ -62,6 +62,9 @@ pub struct RegistryLimits {
     /// How long a topic keeps its broker subscription after its last local subscriber left:
     /// `broker.unsubscribe_delay`.
     pub unsubscribe_delay: Duration,
+    /// How messages are compressed for subscribers that negotiated permessage-deflate; `None`
+    /// when `compression.enabled` is off.
+    pub compression: Option<crate::deflate::Outbound>,
 }
 
 /// The topic → local subscribers table.

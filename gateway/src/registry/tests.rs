@@ -34,6 +34,7 @@ fn registry(max_held: usize) -> Arc<Registry> {
             max_held_bytes: 1 << 20,
             max_json_depth: 3,
             unsubscribe_delay: Duration::ZERO,
+            compression: None,
         },
         namespaces,
     ))

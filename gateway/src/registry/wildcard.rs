@@ -20,7 +20,7 @@ use broker_bridge::{Position, strict_prefixes};
 use bytes::Bytes;
 
 use crate::protocol;
-use crate::send_queue::Flushes;
+use crate::send_queue::{Flushes, SendQueue};
 use crate::topic::Pattern;
 
 use super::delivery::{How, SubState};
@@ -109,7 +109,7 @@ impl Registry {
         flushes: &mut Flushes,
         topic: &str,
         how: &How<'_>,
-        frame: &mut dyn FnMut() -> Bytes,
+        frame: &mut dyn FnMut(&SendQueue) -> Bytes,
     ) -> u64 {
         let mut delivered = 0;
         for key in self.wild.matching(topic) {
@@ -119,7 +119,7 @@ impl Registry {
             };
             for sub in &mut entry.subs {
                 if matches!(sub.state, SubState::Wild)
-                    && how.push(self, flushes, &sub.queue, frame())
+                    && how.push(self, flushes, &sub.queue, frame(&sub.queue))
                 {
                     delivered += 1;
                 }

@@ -36,6 +36,9 @@ pub struct SendQueue {
     max_frames: usize,
     max_bytes: usize,
     policy: SlowConsumerPolicy,
+    /// The connection takes full-window permessage-deflate frames: fan-out gives it the shared
+    /// compressed frame of each message ([`crate::deflate::SharedFrame`]).
+    deflate: bool,
 }
 
 pub(super) struct State {
@@ -114,7 +117,19 @@ impl SendQueue {
             max_frames,
             max_bytes,
             policy,
+            deflate: false,
         }
+    }
+
+    /// Marks the queue's connection as one that takes compressed frames (before it is shared).
+    pub fn with_deflate(mut self, deflate: bool) -> Self {
+        self.deflate = deflate;
+        self
+    }
+
+    /// Whether the connection takes full-window permessage-deflate frames.
+    pub fn takes_deflate(&self) -> bool {
+        self.deflate
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {

@@ -31,6 +31,8 @@ pub mod op {
 pub struct RawFrame {
     /// FIN bit.
     pub fin: bool,
+    /// RSV1: a permessage-deflate compressed message (only on connections that negotiated it).
+    pub rsv1: bool,
     /// Opcode (see [`op`]).
     pub opcode: u8,
     /// Unmasked payload.
@@ -110,11 +112,24 @@ impl RawWs {
 
     /// Like [`RawWs::handshake`], with extra request headers (e.g. `Origin`).
     pub async fn handshake_with(
-        mut stream: TcpStream,
+        stream: TcpStream,
         addr: SocketAddr,
         path: &str,
         extra_headers: &[(&str, &str)],
     ) -> Result<RawWs, HttpResponse> {
+        RawWs::handshake_full(stream, addr, path, extra_headers)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
+    /// Like [`RawWs::handshake_with`], returning the 101 response too (its headers say what was
+    /// negotiated).
+    pub async fn handshake_full(
+        mut stream: TcpStream,
+        addr: SocketAddr,
+        path: &str,
+        extra_headers: &[(&str, &str)],
+    ) -> Result<(RawWs, HttpResponse), HttpResponse> {
         let mut request = format!(
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {RAW_KEY}\r\nSec-WebSocket-Version: 13\r\n"
@@ -132,7 +147,7 @@ impl RawWs {
             .await
             .unwrap_or_else(|e| panic!("reading the upgrade response: {e}"));
         if response.status == 101 {
-            Ok(RawWs { stream, buf })
+            Ok((RawWs { stream, buf }, response))
         } else {
             Err(response)
         }
@@ -203,6 +218,7 @@ impl RawWs {
                 .read_frame(left)
                 .await
                 .unwrap_or_else(|e| panic!("expected a text frame: {e:?}"));
+            assert!(!frame.rsv1, "compressed frame on a plain read: {frame:?}");
             match frame.opcode {
                 op::PING | op::PONG => continue,
                 op::TEXT if frame.fin => {
@@ -337,7 +353,8 @@ fn parse_server_frame(buf: &[u8]) -> Result<Option<(RawFrame, usize)>, RawReadEr
     }
     let fin = buf[0] & 0x80 != 0;
     let opcode = buf[0] & 0x0f;
-    if buf[0] & 0x70 != 0 {
+    // RSV1 is read (permessage-deflate); whoever reads the frame decides whether it may be set.
+    if buf[0] & 0x30 != 0 {
         return Err(RawReadError::Protocol("reserved bits set".into()));
     }
     if buf[1] & 0x80 != 0 {
@@ -370,6 +387,7 @@ fn parse_server_frame(buf: &[u8]) -> Result<Option<(RawFrame, usize)>, RawReadEr
     }
     let frame = RawFrame {
         fin,
+        rsv1: buf[0] & 0x40 != 0,
         opcode,
         payload: buf[header..header + len].to_vec(),
     };
