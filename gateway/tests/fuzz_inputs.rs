@@ -36,6 +36,20 @@ fn topic_is_valid(t: &str) -> bool {
         && t.split('.').all(|l| !l.is_empty())
 }
 
+/// What a subscribe or unsubscribe may name: a topic, or a pattern whose levels are names, `*`,
+/// or (last) `>`.
+fn subscription_is_valid(t: &str) -> bool {
+    if topic_is_valid(t) {
+        return true;
+    }
+    let levels: Vec<&str> = t.split('.').collect();
+    (1..=MAX_TOPIC_LEN).contains(&t.len())
+        && levels
+            .iter()
+            .enumerate()
+            .all(|(i, l)| *l == "*" || (*l == ">" && i + 1 == levels.len()) || topic_is_valid(l))
+}
+
 /// Reference matcher: `*` is one level, `>` (last) one or more.
 fn oracle_matches(pattern: &[&str], topic: &[&str]) -> bool {
     match (pattern.split_first(), topic.split_first()) {
@@ -205,7 +219,7 @@ fn check_parse(text: &str) -> Result<(), TestCaseError> {
     }
     match &parsed.request {
         Ok(Request::Subscribe { topic, .. } | Request::Unsubscribe { topic }) => {
-            prop_assert!(topic_is_valid(topic), "accepted topic {:?}", topic);
+            prop_assert!(subscription_is_valid(topic), "accepted topic {:?}", topic);
         }
         Ok(Request::Publish { topic, data }) => {
             prop_assert!(topic_is_valid(topic), "accepted topic {:?}", topic);

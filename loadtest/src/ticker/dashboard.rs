@@ -140,6 +140,10 @@ pub async fn run(
     let end = match conn.ws {
         Ws::Plain(mut ws) => read(&mut ws, pace, &names, &board, &stop, &mut tally).await,
         Ws::Tls(mut ws) => read(&mut *ws, pace, &names, &board, &stop, &mut tally).await,
+        // Dashboards never offer permessage-deflate.
+        Ws::Deflate(_) | Ws::DeflateTls(_) => {
+            End::Failed("permessage-deflate was not offered".into())
+        }
     };
     tally.end = end_label(&end);
     tally
