@@ -61,6 +61,7 @@ export class PubgateClient extends Emitter {
     this._refreshTimer = null;
     this._connectTimer = null;
     this._pingTimer = null;
+    this._opening = 0; // counts connection attempts (see _open)
     this._onOnline = () => this.reconnect();
     this._store = new PositionStore(options.persist === 'session' ? sessionStore(options) : null, url);
     const win = options.window !== undefined ? options.window : globalThis.window;
@@ -119,11 +120,16 @@ export class PubgateClient extends Emitter {
         /* already closed */
       }
     }
+    this._opening++; // an attempt still fetching its token opens nothing
     this._failPending(new PubgateError('closed', 'client closed'), () => true);
-    // A subscribe still waiting for its first ack (the server never answered) ends here too.
-    for (const sub of this._subs.values()) {
-      if (sub.first) sub.first.reject(new PubgateError('closed', 'client closed before the subscribe was acknowledged'));
+    // A subscribe still waiting for its first ack (the server never answered) ends here too, and
+    // is forgotten: its caller was told it failed, so a later connect() must not revive it.
+    for (const [topic, sub] of [...this._subs]) {
+      if (!sub.first) continue;
+      sub.first.reject(new PubgateError('closed', 'client closed before the subscribe was acknowledged'));
       sub.first = null;
+      this._subs.delete(topic);
+      this._store.remove(topic);
     }
     this.emit('disconnected', { code: 1000, reason: 'client closed', willReconnect: false });
   }
@@ -206,15 +212,19 @@ export class PubgateClient extends Emitter {
   }
 
   async _open() {
+    // A close() and connect() while the token is fetched start another attempt: only the latest
+    // one may open a socket (the other would be left open, unseen).
+    const attempt = ++this._opening;
     let token;
     try {
       token = await this._currentToken();
     } catch (e) {
+      if (attempt !== this._opening) return;
       this.emit('error', e);
       this._scheduleReconnect(backoffDelay(this._attempt++, this.opts.backoffBase, this.opts.backoffMax, this._random));
       return;
     }
-    if (this._state !== 'connecting') return;
+    if (this._state !== 'connecting' || attempt !== this._opening) return;
     let url = this.url;
     if (token) url += (url.includes('?') ? '&' : '?') + 'access_token=' + encodeURIComponent(token);
     let ws;

@@ -445,3 +445,22 @@ test('a silent server (no pong within ackTimeout) is dropped and the client reco
   assert.ok(ctx.sockets.length >= 2, 'reconnected');
   assert.ok(ctx.events.some(([e, a]) => e === 'disconnected' && a.willReconnect), JSON.stringify(ctx.events));
 });
+
+test('close() then connect() while a token is fetched opens one socket; a subscribe close() rejected stays gone', async () => {
+  let release;
+  const gate = new Promise((r) => (release = r));
+  const ctx = setup({ token: () => gate });
+  ctx.client.connect();
+  const p = ctx.client.subscribe('t', () => {});
+  ctx.client.close();
+  await assert.rejects(p, (e) => e.code === 'closed');
+  ctx.client.connect();
+  release(jwt({ sub: 'u', exp: 4_000_000_000 }));
+  await flush();
+  await flush();
+  assert.equal(ctx.sockets.length, 1, 'one socket, not one per attempt');
+  ctx.sockets[0].open();
+  await flush();
+  assert.equal(ctx.sockets[0].last('subscribe'), undefined, 'the rejected subscribe is not revived');
+  ctx.client.close();
+});
