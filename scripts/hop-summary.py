@@ -47,6 +47,8 @@ def main():
         add("loss_pct", phase["loss_pct"])
         add("server_us_per_delivery", phase.get("server_us_per_delivery"))
         add("server_and_redis_us_per_delivery", phase.get("server_and_broker_us_per_delivery"))
+        # Other work on the machine during the window, % of all cores: what the spread is read against.
+        add("other_load_pct", phase.get("cpu", {}).get("other_pct"))
         try:
             stats = open(base + ".commandstats").read()
             m = re.search(r"cmdstat_evalsha:calls=(\d+),usec=(\d+),usec_per_call=([\d.]+)", stats)
