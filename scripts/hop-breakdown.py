@@ -127,7 +127,8 @@ def main():
             continue
         for mid in ids:
             m = msgs.setdefault(mid, {"push": {}, "first": {}, "last": {}})
-            if dport in nodes and payload.startswith(b"POST "):
+            if dport in nodes:
+                # Only the publish carries the text towards a node: subscribers' frames are masked.
                 m.setdefault("post", (ts, nodes[dport]))
             elif dport == a.redis_port:
                 m.setdefault("eval", ts)
