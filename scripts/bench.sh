@@ -13,8 +13,9 @@
 #                 against ws://, three interleaved rounds; needs openssl),
 #                 ticker (1,000 price topics at 50k ticks/s, 20 dashboards on one wildcard each,
 #                 10 of them slow and conflated), redis3 (3 nodes + Redis: fan-out at 20k/40k and
-#                 a step), scale100k (100k connections over 6 nodes + Redis); the last two need
-#                 redis-server and haproxy
+#                 a step), scale100k (100k connections over 6 nodes + Redis), hop (2 nodes + Redis
+#                 at 20k deliveries/s, three rounds, the hop split into its parts with tcpdump);
+#                 the last three need redis-server and haproxy
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k,hop"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -36,7 +37,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -105,8 +106,10 @@ want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
 if [[ $QUICK == 1 ]]; then
   MEM_SIZES="500 2000"; HOLD=3; DUR=3; STEP_DUR=2; SUBS=200; LIMIT_N=2000
+  HOP_CAPTURE_DELAY=3; HOP_CAPTURE_SECS=1
 else
   MEM_SIZES="1000 5000 10000 19000"; HOLD=15; DUR=20; STEP_DUR=10; SUBS=2000; LIMIT_N=20000
+  HOP_CAPTURE_DELAY=6; HOP_CAPTURE_SECS=3
 fi
 
 # 1. Memory per idle subscribed connection: a fresh server per size.
@@ -270,6 +273,47 @@ if want scale100k && have_stack_tools scale100k; then
   stack_start 6 PUBGATE__SERVER__MAX_CONNECTIONS=20000
   run_multi "scale-$SCALE_N" connect --connections "$SCALE_N" --procs 6 --topics 100 --connect-rate 3000 --hold "$HOLD" --settle 3
   stack_stop
+fi
+
+# 11. Cross-node hop: 2 nodes + Redis, fan-out at 20k deliveries/s (2,000 subscribers over 20
+#     topics, 256 B, publishes spread over both nodes), three rounds, each on a fresh stack so that one
+#     round's Redis state cannot favour the next. Per round: the measured run (latency, CPU per
+#     delivery with Redis's, and Redis's own cost of the publish script from INFO commandstats), then,
+#     with tcpdump, a shorter run on the same stack whose loopback capture scripts/hop-breakdown.py
+#     splits into the hop's parts (kept apart so that capturing cannot slow the measured run).
+#     hop-summary.json holds the medians and spread over the rounds. nchan is not measured: the load
+#     tool speaks only pubgate's protocol (docs/benchmarks.md, "Cross-node hop").
+if want hop && have_stack_tools hop; then
+  HOP_ARGS=(fanout --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --warmup 2 --publishers 8 --shared-broker)
+  for round in 1 2 3; do
+    stack_start 2
+    redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+    run_multi "hop-$round" "${HOP_ARGS[@]}" --duration "$DUR"
+    redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/hop-$round.commandstats"
+    if command -v tcpdump >/dev/null; then
+      # The capture starts after the run's connect ramp and warm-up and stops by its own PID.
+      (
+        sleep "$HOP_CAPTURE_DELAY"
+        tcpdump -i lo -s 0 -U -w "$OUT/hop-$round.pcap" \
+          "tcp port $REDIS_PORT or tcp port $NODE1_PORT or tcp port $NODE2_PORT" 2>"$OUT/hop-$round.tcpdump.err" &
+        tpid=$!
+        sleep 1
+        ss -tnpH > "$OUT/hop-$round.ss"
+        sleep "$HOP_CAPTURE_SECS"
+        kill -INT "$tpid" 2>/dev/null || true
+        wait "$tpid" 2>/dev/null || true
+      ) &
+      capture_pid=$!
+      run_multi "hop-capture-$round" "${HOP_ARGS[@]}" --duration "$((HOP_CAPTURE_SECS + 5))"
+      wait "$capture_pid" 2>/dev/null || true
+      scripts/hop-breakdown.py "$OUT/hop-$round.pcap" --redis-port "$REDIS_PORT" \
+        --node "$NODE1_PORT:$NODE1_PID" --node "$NODE2_PORT:$NODE2_PID" --ss "$OUT/hop-$round.ss" \
+        --json "$OUT/hop-$round.breakdown.json" >/dev/null || echo "bench.sh: hop-$round breakdown failed" >&2
+      rm -f "$OUT/hop-$round.pcap"
+    fi
+    stack_stop
+  done
+  scripts/hop-summary.py "$OUT" > "$OUT/hop-summary.json" && cat "$OUT/hop-summary.json" >&2
 fi
 
 if [[ -n "$CHARTS" ]]; then

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""Splits the cross-node hop into its parts from a loopback packet capture.
+
+    scripts/hop-breakdown.py CAPTURE.pcap --redis-port P --node PORT:PID --node PORT:PID [--json OUT]
+
+Why a capture: it times every step with one clock, on the real processes, without instrumenting
+them. Each message of `pubgate-loadtest` carries `{"t":<send ns>` at the start of its data, and
+that text travels unchanged through every hop, so every packet that carries it can be placed:
+
+  post      the HTTP POST reaching node A (the publishing node)
+  eval      node A's EVALSHA to Redis (the publish script's request)
+  push      Redis's pub/sub push of the message to each node's subscriber connection
+  first     the first WebSocket frame of the message a node writes
+  last      the last one (each node writes one per subscriber of the topic)
+
+The parts, per message and node (A: the node that took the POST, B: the other):
+  http      post → eval on A: HTTP parsing, checks, building the script call
+  redis     eval → push to B: Redis reading the call, running the script, writing the push
+  route     push to B → B's first frame: B reading the push, routing, handing it to the registry,
+            the first write
+  fanout    B's first frame → B's last frame: the writes to the rest of B's subscribers
+  hop       post → B's last frame
+
+Redis's pushes go to connections whose local port is known only to the node; `ss` tells which
+(`--node PORT:PID` with `--ss FILE`, the output of `ss -tnpH` taken during the capture).
+Only the standard library is used: the capture is read as classic pcap (tcpdump -w) on `lo`
+(Linux cooked or Ethernet-style loopback headers, IPv4).
+"""
+
+import argparse
+import json
+import re
+import statistics
+import struct
+import sys
+
+T_RE = re.compile(rb'\{"t":(\d{12,20}),')
+
+
+def packets(path):
+    """Yields (ts_ns, src_port, dst_port, payload) for each IPv4 TCP packet with a payload."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        if len(head) < 24:
+            return
+        magic = struct.unpack("<I", head[:4])[0]
+        if magic in (0xA1B2C3D4, 0xA1B23C4D):
+            endian = "<"
+        else:
+            endian = ">"
+            magic = struct.unpack(">I", head[:4])[0]
+        nano = magic == 0xA1B23C4D
+        linktype = struct.unpack(endian + "I", head[20:24])[0]
+        # 1: Ethernet (lo on Linux), 113: Linux cooked, 276: Linux cooked v2
+        link_len = {1: 14, 113: 16, 276: 20, 0: 4}.get(linktype)
+        if link_len is None:
+            sys.exit(f"hop-breakdown: unsupported link type {linktype}")
+        while True:
+            rec = f.read(16)
+            if len(rec) < 16:
+                return
+            sec, frac, incl, _orig = struct.unpack(endian + "IIII", rec)
+            data = f.read(incl)
+            ts = sec * 1_000_000_000 + (frac if nano else frac * 1000)
+            ip = data[link_len:]
+            if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != 6:
+                continue
+            ihl = (ip[0] & 0x0F) * 4
+            tcp = ip[ihl:]
+            if len(tcp) < 20:
+                continue
+            sport, dport = struct.unpack(">HH", tcp[:4])
+            off = (tcp[12] >> 4) * 4
+            payload = tcp[off:]
+            if payload:
+                yield ts, sport, dport, payload
+
+
+def redis_conn_owners(ss_path, node_pids, redis_port):
+    """Maps the local port of each node's connection to Redis to that node's PID."""
+    owners = {}
+    if not ss_path:
+        return owners
+    for line in open(ss_path, encoding="utf-8", errors="replace"):
+        m = re.search(r"127\.0\.0\.1:(\d+)\s+127\.0\.0\.1:(\d+).*pid=(\d+)", line)
+        if not m:
+            continue
+        local, peer, pid = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        if peer == redis_port and pid in node_pids:
+            owners[local] = pid
+    return owners
+
+
+def summary(values):
+    """Median, 90th and 99th percentile of a list of µs values."""
+    if not values:
+        return None
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]
+    return {
+        "count": len(v),
+        "p50_us": round(statistics.median(v), 1),
+        "p90_us": round(pick(0.90), 1),
+        "p99_us": round(pick(0.99), 1),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("pcap")
+    ap.add_argument("--redis-port", type=int, required=True)
+    ap.add_argument("--node", action="append", required=True, help="PORT:PID of a node")
+    ap.add_argument("--ss", help="`ss -tnpH` output taken during the capture")
+    ap.add_argument("--json", help="write the summary here too")
+    a = ap.parse_args()
+    nodes = {}
+    for n in a.node:
+        port, pid = n.split(":")
+        nodes[int(port)] = int(pid)
+    owners = redis_conn_owners(a.ss, set(nodes.values()), a.redis_port)
+
+    # msg -> {"post": (ts, node_pid), "eval": ts, "push": {pid: ts}, "first": {pid: ts}, "last": {pid: ts}}
+    msgs = {}
+    for ts, sport, dport, payload in packets(a.pcap):
+        ids = T_RE.findall(payload)
+        if not ids:
+            continue
+        for mid in ids:
+            m = msgs.setdefault(mid, {"push": {}, "first": {}, "last": {}})
+            if dport in nodes:
+                # Only the publish carries the text towards a node: subscribers' frames are masked.
+                m.setdefault("post", (ts, nodes[dport]))
+            elif dport == a.redis_port:
+                m.setdefault("eval", ts)
+            elif sport == a.redis_port:
+                pid = owners.get(dport, -dport)
+                m["push"].setdefault(pid, ts)
+            elif sport in nodes:
+                pid = nodes[sport]
+                m["first"].setdefault(pid, ts)
+                m["last"][pid] = ts
+
+    parts = {k: [] for k in ("http", "redis", "route", "fanout", "hop", "redis_a", "route_a", "fanout_a")}
+    complete = 0
+    for m in msgs.values():
+        if "post" not in m or "eval" not in m:
+            continue
+        t_post, a_pid = m["post"]
+        others = [p for p in nodes.values() if p != a_pid]
+        if len(others) != 1:
+            continue
+        b_pid = others[0]
+        if b_pid not in m["push"] or b_pid not in m["first"] or a_pid not in m["push"] or a_pid not in m["first"]:
+            continue
+        complete += 1
+        us = lambda d: d / 1000.0
+        parts["http"].append(us(m["eval"] - t_post))
+        parts["redis"].append(us(m["push"][b_pid] - m["eval"]))
+        parts["route"].append(us(m["first"][b_pid] - m["push"][b_pid]))
+        parts["fanout"].append(us(m["last"][b_pid] - m["first"][b_pid]))
+        parts["hop"].append(us(m["last"][b_pid] - t_post))
+        parts["redis_a"].append(us(m["push"][a_pid] - m["eval"]))
+        parts["route_a"].append(us(m["first"][a_pid] - m["push"][a_pid]))
+        parts["fanout_a"].append(us(m["last"][a_pid] - m["first"][a_pid]))
+    out = {
+        "messages_seen": len(msgs),
+        "messages_complete": complete,
+        "redis_connections_mapped": len(owners),
+        "parts": {k: summary(v) for k, v in parts.items()},
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if a.json:
+        with open(a.json, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    if complete == 0:
+        sys.exit("hop-breakdown: no message was seen on every step (was the capture on lo, with full packets?)")
+
+
+if __name__ == "__main__":
+    main()
