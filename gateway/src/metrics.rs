@@ -256,7 +256,7 @@ impl Metrics {
             broker_received: counter(
                 r,
                 "broker_messages_received_total",
-                "Messages that arrived on the Redis subscription connection, before any check.",
+                "Messages taken from the Redis subscription connection (one copy per topic), before any other check.",
             ),
             ns_published: counter_vec(
                 r,
