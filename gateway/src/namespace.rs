@@ -113,7 +113,7 @@ impl Namespaces {
     pub fn reaches_conflation(&self, name: &str) -> bool {
         let conflates = |n: &Namespace| n.policy == Some(NamespacePolicy::Conflate);
         match Pattern::parse(name) {
-            Ok(p) if name.bytes().any(|b| matches!(b, b'*' | b'>')) => self
+            Ok(p) if crate::topic::is_wildcard(name) => self
                 .list
                 .iter()
                 .any(|n| conflates(n) && n.pattern.as_ref().is_some_and(|np| np.overlaps(&p))),

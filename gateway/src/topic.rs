@@ -29,6 +29,11 @@ pub enum TopicError {
     BadWildcard,
 }
 
+/// Whether a subscription name has a wildcard level character (`*` or `>`): a pattern, not a topic.
+pub fn is_wildcard(name: &str) -> bool {
+    name.bytes().any(|b| matches!(b, b'*' | b'>'))
+}
+
 /// Checks a topic name.
 pub fn validate(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() || topic.len() > MAX_TOPIC_LEN {
@@ -38,7 +43,7 @@ pub fn validate(topic: &str) -> Result<(), TopicError> {
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
     {
-        if topic.bytes().any(|b| matches!(b, b'*' | b'>')) {
+        if is_wildcard(topic) {
             return Err(TopicError::Wildcard);
         }
         return Err(TopicError::Character);
@@ -189,7 +194,7 @@ pub fn any_matches(patterns: &[Pattern], topic: &str) -> bool {
 /// Whether `patterns` grant a subscription to `name`: a topic one of them matches, or a wildcard
 /// one of them covers entirely.
 pub fn grants(patterns: &[Pattern], name: &str) -> bool {
-    if !name.bytes().any(|b| matches!(b, b'*' | b'>')) {
+    if !is_wildcard(name) {
         return any_matches(patterns, name);
     }
     Pattern::parse(name).is_ok_and(|wanted| patterns.iter().any(|p| p.covers(&wanted)))

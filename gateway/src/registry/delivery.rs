@@ -264,7 +264,11 @@ impl Registry {
     /// consumer, and one nested deeper than client parsers take would break them. What may not go
     /// is counted (`pubgate_broker_messages_dropped_total{reason}`) and logged, rate-limited.
     pub(super) fn deliverable(&self, message: &Message) -> bool {
-        let ns = self.namespaces.of(&message.topic);
+        self.deliverable_in(message, self.namespaces.of(&message.topic))
+    }
+
+    /// [`Registry::deliverable`] for a message whose namespace was looked up already.
+    fn deliverable_in(&self, message: &Message, ns: &Namespace) -> bool {
         let (reason, what) = if message.data.len() > ns.max_message_size {
             (
                 "too_large",
@@ -294,7 +298,9 @@ impl Registry {
 
 impl MessageSink for Registry {
     fn deliver(&self, message: Message) {
-        if !self.deliverable(&message) {
+        // One namespace lookup per message: its size limit, its policy and its counters.
+        let ns = self.namespaces.of(&message.topic);
+        if !self.deliverable_in(&message, ns) {
             return;
         }
         let started = Instant::now();
@@ -303,7 +309,6 @@ impl MessageSink for Registry {
         let encode = || protocol::message(&message);
         let shared = SharedFrame::new(&encode, self.limits.compression.as_ref(), &self.metrics);
         let mut frame = |queue: &SendQueue| shared.for_subscriber(queue.takes_deflate());
-        let ns = self.namespaces.of(&message.topic);
         let mut key = None;
         let how = How {
             policy: ns.queue_policy(&message.topic, &message.data, &mut key),

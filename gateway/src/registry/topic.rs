@@ -16,10 +16,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::send_queue::SendQueue;
-use crate::topic::Pattern;
+use crate::topic::{Pattern, is_wildcard};
 
 use super::delivery::SubState;
-use super::wildcard::is_pattern;
 use super::{ConnId, Registry};
 
 /// A topic's table entry.
@@ -135,7 +134,7 @@ impl Registry {
             None => {
                 let name: Arc<str> = topic.into();
                 // A pattern (validated by the caller) is indexed by its literal prefix.
-                let pattern = is_pattern(topic)
+                let pattern = is_wildcard(topic)
                     .then(|| Pattern::parse(topic).ok())
                     .flatten();
                 let prefix = pattern.as_ref().map(Pattern::literal_prefix);

@@ -26,11 +26,6 @@ use crate::topic::Pattern;
 use super::delivery::{How, SubState};
 use super::{Registry, Subscription};
 
-/// Whether a subscription name is a pattern rather than a topic.
-pub(super) fn is_pattern(name: &str) -> bool {
-    name.bytes().any(|b| matches!(b, b'*' | b'>'))
-}
-
 /// The patterns of one literal prefix: each entry's key and its parsed pattern.
 type PrefixPatterns = Vec<(Arc<str>, Pattern)>;
 
