@@ -42,6 +42,11 @@ self_test() {
   expect_failure "value the chart owns set in config (schema)" "false schema" \
     render_chart "$st/chart-a" "$st/r-a" "$st/values-drain-in-config.yaml"
 
+  printf 'config:\n  namespaces:\n    - name: prices\n      pattern: "prices.>"\n      slow_consumer: latest\n' \
+    >"$st/values-ns-policy.yaml"
+  expect_failure "unknown namespace slow_consumer (schema)" "value must be one of|is not one of|enum" \
+    render_chart "$st/chart-a" "$st/r-ns-policy" "$st/values-ns-policy.yaml"
+
   printf 'replicaCount: 0\n' >"$st/values-zero-replicas.yaml"
   expect_failure "replicaCount 0 (schema minimum)" "minimum: got 0, want 1" \
     render_chart "$st/chart-a" "$st/r-b" "$st/values-zero-replicas.yaml"
@@ -141,6 +146,12 @@ self_test() {
     "$helm" template pubgate "$st/chart-a" --kube-version "$kube_version" -f "$st/values-zero-ttl.yaml" >"$st/r-ttl/zero-ttl.yaml"
     expect_failure "a config value pubgate refuses (history.ttl 0s)" "pubgate refused the config" \
       check_rendered_config "$st/r-ttl" "$out/pubgate-probe"
+    printf 'config:\n  namespaces:\n    - name: prices\n      pattern: "prices.>"\n      conflate_key: symbol\n' \
+      >"$st/values-ns-key.yaml"
+    mkdir -p "$st/r-ns"
+    "$helm" template pubgate "$st/chart-a" --kube-version "$kube_version" -f "$st/values-ns-key.yaml" >"$st/r-ns/ns-key.yaml"
+    expect_failure "a namespace pubgate refuses (conflate_key without conflate)" \
+      "namespaces\[0\]\.conflate_key" check_rendered_config "$st/r-ns" "$out/pubgate-probe"
   fi
 
   sed -e 's|^FROM gcr.io/distroless/cc-debian12:nonroot AS runtime|FROM debian:latest AS runtime\nRUN apt-get update \&\& apt-get install -y curl|' \

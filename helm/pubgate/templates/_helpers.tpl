@@ -192,12 +192,21 @@ for a percentage. */}}
 {{/*
 Renders a two-level map (section -> key -> value) as TOML. Scalars and lists of scalars are written with
 toJson, whose strings, numbers (integers stay integers) and arrays are valid TOML; a list of maps becomes
-an array of tables ([[history.rules]]).
+an array of tables: inside a section ([[history.rules]]) or as a section of its own ([[namespaces]]).
 */}}
 {{- define "pubgate.toml" -}}
 {{- $c := . -}}
 {{- range $section := keys $c | sortAlpha }}
 {{- $body := get $c $section }}
+{{- if kindIs "slice" $body }}
+{{- /* a top-level array of tables: one [[section]] per entry, in the order given (first match wins) */}}
+{{- range $t := $body }}
+[[{{ $section }}]]
+{{- range $tk := keys $t | sortAlpha }}
+{{ $tk }} = {{ get $t $tk | toJson }}
+{{- end }}
+{{- end }}
+{{- else }}
 [{{ $section }}]
 {{- /* scalars and lists of scalars first: keys after a [[table]] header would belong to it */}}
 {{- range $key := keys $body | sortAlpha }}
@@ -213,6 +222,7 @@ an array of tables ([[history.rules]]).
 [[{{ $section }}.{{ $key }}]]
 {{- range $tk := keys $t | sortAlpha }}
 {{ $tk }} = {{ get $t $tk | toJson }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
