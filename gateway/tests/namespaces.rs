@@ -358,3 +358,84 @@ async fn a_conflating_subscriber_that_keeps_sending_requests_is_not_cut_off() {
     let m = server.metrics().await;
     assert_eq!(m.value("pubgate_slow_consumer_disconnects_total"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowly_reading_conflating_subscriber_is_not_served_from_a_deep_kernel_buffer() {
+    // A dashboard that reads, only slower than the ticks come. What its socket has not sent yet
+    // is stale by the time it is read; the node keeps that part small (TCP_NOTSENT_LOWAT) so that
+    // ticks wait in its queue, where conflation replaces them. Measured as what the reader still
+    // gets after the last tick was published until it holds every topic's final value.
+    const TOPICS: u64 = 10;
+    const ROUNDS: u64 = 1500;
+    const PAD: usize = 1000;
+    let (server, _config) = node("").await;
+    let mut slow = RawWs::connect(server.addr).await;
+    for t in 0..TOPICS {
+        let ack = slow.subscribe(&format!("prices.s{t}"), t + 1).await;
+        assert_eq!(ack["op"], "ack", "{ack}");
+    }
+    let addr = server.addr;
+    let publisher = tokio::spawn(async move {
+        let mut http = HttpClient::connect(addr).await;
+        let pad = "p".repeat(PAD);
+        for round in 1..=ROUNDS {
+            let batch = (0..TOPICS)
+                .map(|t| json!({"topic": format!("prices.s{t}"), "data": {"round": round, "pad": pad}}))
+                .collect();
+            publish_batch(&mut http, batch).await;
+        }
+    });
+
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let read = |frame: &[u8], last: &mut BTreeMap<String, u64>| {
+        let v: Value = serde_json::from_slice(frame).expect("JSON frame");
+        if v["op"] != "message" {
+            return;
+        }
+        let (topic, offset) = (v["topic"].as_str().unwrap(), v["offset"].as_u64().unwrap());
+        assert_eq!(
+            v["data"]["round"].as_u64(),
+            Some(offset),
+            "{topic}: data of its offset"
+        );
+        let before = last.insert(topic.to_string(), offset);
+        assert!(
+            before.is_none_or(|b| b < offset),
+            "{topic}: offsets only grow"
+        );
+    };
+    // About 1 MB/s: far below what the publisher sends, far above nothing.
+    let mut frames_while_publishing = 0u64;
+    while !publisher.is_finished() {
+        let frame = slow
+            .read_frame(Duration::from_secs(10))
+            .await
+            .expect("a frame");
+        read(&frame.payload, &mut last);
+        frames_while_publishing += 1;
+        if frames_while_publishing.is_multiple_of(4) {
+            tokio::time::sleep(Duration::from_millis(4)).await;
+        }
+    }
+    publisher.await.expect("publisher");
+    let mut stale = 0u64;
+    while last.len() as u64 != TOPICS || last.values().any(|o| *o != ROUNDS) {
+        let frame = slow
+            .read_frame(Duration::from_secs(10))
+            .await
+            .expect("a frame");
+        read(&frame.payload, &mut last);
+        stale += 1;
+    }
+    // Bound: the unsent limit (32 KiB) plus the socket buffers of one loopback connection that
+    // were in flight, the queue's one frame per topic, in frames of ~1.1 KB. Without the limit
+    // the node's send buffer grows to megabytes for such a reader: thousands of stale frames.
+    eprintln!("read while publishing: {frames_while_publishing}, after the last tick: {stale}");
+    assert!(
+        stale < 400,
+        "{stale} frames arrived after the last tick before the final values"
+    );
+    let m = server.metrics().await;
+    assert!(m.value("pubgate_namespace_messages_conflated_total{namespace=\"prices\"}") > 0.0);
+    assert_eq!(m.value("pubgate_slow_consumer_disconnects_total"), 0.0);
+}
