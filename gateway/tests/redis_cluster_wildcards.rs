@@ -471,3 +471,51 @@ async fn a_master_restarted_without_data_gets_its_watches_back_and_the_loss_is_r
         "the lost epoch is reported as a gap: {frames:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn churning_wildcards_cannot_make_a_node_write_unbounded_prefixes() {
+    let cluster = Cluster::start(3);
+    let env = [
+        ("PUBGATE__LIMITS__MAX_WILDCARD_PATTERNS", "2".to_string()),
+        ("PUBGATE__BROKER__WATCH_REFRESH", "1s".to_string()),
+        ("PUBGATE__BROKER__WATCH_LEASE", "3s".to_string()),
+    ];
+    let serving = node(&cluster, &env).await;
+    let mut ws = serving.ws().await;
+    for pattern in ["p1.*", "p1.>", "p2.*"] {
+        subscribe(&mut ws, pattern).await;
+        assert_eq!(ws.unsubscribe(pattern).await["op"], "ack");
+    }
+    // `p1` and `p2` still hold a lease from this node: a third prefix would be a third write
+    // into every slot, past limits.max_wildcard_patterns.
+    let refused = ws.subscribe("p3.*").await;
+    assert_eq!(refused["code"], "broker_unavailable", "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("try again later")),
+        "{refused}"
+    );
+    // Coming back to a leased prefix costs no new lease.
+    subscribe(&mut ws, "p1.*").await;
+    assert_eq!(ws.unsubscribe("p1.*").await["op"], "ack");
+    // Once the leases end, a new prefix is welcome, and it works.
+    let mut accepted = false;
+    for _ in 0..40 {
+        let reply = ws.subscribe("p3.*").await;
+        if reply["op"] == "ack" {
+            accepted = true;
+            break;
+        }
+        assert_eq!(reply["code"], "broker_unavailable", "{reply}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(accepted, "p3.* still refused after the leases ended");
+    let publisher = node(&cluster, &[]).await;
+    assert_eq!(publish(&publisher, "p3.x", &json!({"ok": true})).await, 1);
+    let m = ws.next_message(Duration::from_secs(5)).await.expect("p3.x");
+    assert_eq!(
+        (m["topic"].clone(), m["data"].clone()),
+        (json!("p3.x"), json!({"ok": true}))
+    );
+}

@@ -84,6 +84,9 @@ pub struct RedisConfig {
     pub watch_lease: Duration,
     /// Cluster: how often a node renews its watches (must be well below the lease).
     pub watch_refresh: Duration,
+    /// Cluster: the most distinct prefixes that may hold a watch lease from this node at once,
+    /// counting unsubscribed ones until their lease ends (each costs a write to every slot).
+    pub watch_limit: usize,
 }
 
 impl RedisConfig {
@@ -104,6 +107,7 @@ impl RedisConfig {
             fill_limit: (512, 2 << 20),
             watch_lease: Duration::from_secs(60),
             watch_refresh: Duration::from_secs(15),
+            watch_limit: 1000,
         }
     }
 

@@ -22,10 +22,16 @@
 //! frame where history cannot), as after a reconnect; so does a node whose renewals failed until a
 //! lease ran out. Unwatching never removes a member (another node may watch the same prefix): it
 //! just stops being renewed and expires.
+//!
+//! Writing a prefix costs 16,384 commands, and a written prefix stays in every slot for a lease, so
+//! a client churning through made-up prefixes must not make a node write without end: a prefix whose
+//! lease from this node is still long enough is watched again without writing, writes are one at a
+//! time per node, and at most [`RedisConfig::watch_limit`](super::RedisConfig) distinct prefixes
+//! may hold a lease from this node at once (past that a new one is refused until leases end).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{StreamExt, TryStreamExt};
 use redis::Script;
@@ -132,6 +138,9 @@ pub(super) struct Watches {
     renew: Script,
     /// Prefixes written into every slot (and so renewed by the refresh task).
     written: Mutex<HashSet<String>>,
+    /// When each prefix this node wrote stops being watched unless renewed, by the node's clock
+    /// (from the start of the write: never later than Redis's lease end).
+    leased: Mutex<HashMap<String, Instant>>,
     /// Held while writing, so a refresh and a new prefix's first write do not interleave with a
     /// rewrite after a reconnect.
     writing: tokio::sync::Mutex<()>,
@@ -143,6 +152,7 @@ impl Watches {
             tags: SlotTags::new(),
             renew: Script::new(RENEW),
             written: Mutex::default(),
+            leased: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
         }
     }
@@ -196,8 +206,31 @@ impl Inner {
     /// Starts watching `prefix`: writes it into every slot before the wildcard is acknowledged.
     pub(super) async fn watch(&self, prefix: &str) -> Result<(), BrokerError> {
         let _writing = self.watches.writing.lock().await;
+        let started = Instant::now();
+        {
+            let mut leased = lock(&self.watches.leased);
+            leased.retain(|_, until| *until > started);
+            if leased
+                .get(prefix)
+                .is_some_and(|until| *until > started + self.config.watch_refresh * 2)
+            {
+                // Written a moment ago (a wildcard that comes and goes): the lease outlasts the
+                // next renewal, which carries it on.
+                lock(&self.watches.written).insert(prefix.to_string());
+                return Ok(());
+            }
+            if !leased.contains_key(prefix) && leased.len() >= self.config.watch_limit {
+                return Err(BrokerError::Unavailable(format!(
+                    "this node holds watches for {} wildcard prefixes already (including recently \
+                     unsubscribed ones, until their lease ends); try again later",
+                    leased.len()
+                )));
+            }
+        }
         self.write_watches(&[prefix.to_string()]).await?;
         lock(&self.watches.written).insert(prefix.to_string());
+        lock(&self.watches.leased).insert(prefix.to_string(), started + self.config.watch_lease);
+        tracing::debug!(prefix, elapsed = ?started.elapsed(), "wildcard watch written into every slot");
         Ok(())
     }
 
@@ -229,6 +262,7 @@ impl Inner {
             let written = lock(&self.watches.written);
             wanted.iter().map(|p| written.contains(p)).collect()
         };
+        let started = Instant::now();
         let added = match self.write_watches(&wanted).await {
             Ok(added) => added,
             Err(e) => {
@@ -241,6 +275,13 @@ impl Inner {
         let new = known.iter().filter(|k| !**k).count() as u64;
         let lost = added.iter().filter(|&&n| n > new).count();
         *lock(&self.watches.written) = wanted.iter().cloned().collect();
+        {
+            let until = started + self.config.watch_lease;
+            let mut leased = lock(&self.watches.leased);
+            for p in &wanted {
+                leased.insert(p.clone(), until);
+            }
+        }
         if lost > 0 && known.iter().any(|k| *k) {
             let lost_prefixes: Vec<String> = wanted
                 .iter()
