@@ -400,7 +400,12 @@ async fn a_deleted_watch_is_rewritten_and_what_it_missed_is_filled_from_history(
 async fn a_master_restarted_without_data_gets_its_watches_back_and_the_loss_is_reported() {
     let mut cluster = Cluster::start(3);
     let publisher = node(&cluster, &[]).await;
-    let serving = node(&cluster, &[]).await;
+    // No renewal within the test: the lost watch must be found by the node's probe.
+    let renewal = [
+        ("PUBGATE__BROKER__WATCH_REFRESH", "120s".to_string()),
+        ("PUBGATE__BROKER__WATCH_LEASE", "300s".to_string()),
+    ];
+    let serving = node(&cluster, &renewal).await;
     let mut ws = serving.ws().await;
     subscribe(&mut ws, "r.>").await;
     let topic = "r.t0";
@@ -518,4 +523,33 @@ async fn churning_wildcards_cannot_make_a_node_write_unbounded_prefixes() {
         (m["topic"].clone(), m["data"].clone()),
         (json!("p3.x"), json!({"ok": true}))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_without_a_literal_prefix_watches_the_root_and_matches_in_the_node() {
+    let cluster = Cluster::start(3);
+    let publisher = node(&cluster, &[]).await;
+    let serving = node(&cluster, &[]).await;
+    let mut ws = serving.ws().await;
+    subscribe(&mut ws, "*.x").await;
+    assert!(
+        cluster
+            .cli(&["ZSCORE", &watch_key_of(&cluster, "q.x"), ""])
+            .trim()
+            .parse::<u64>()
+            .is_ok(),
+        "the root prefix is watched"
+    );
+    let mut want: BTreeMap<String, Vec<(Value, Value)>> = BTreeMap::new();
+    for topic in ["q.x", "r.x", "r.y", "q.r.x", "x", "xx.x"] {
+        let data = json!({ "t": topic });
+        let offset = publish(&publisher, topic, &data).await;
+        if topic.ends_with(".x") && topic.matches('.').count() == 1 {
+            want.entry(topic.to_string())
+                .or_default()
+                .push((json!(offset), data));
+        }
+    }
+    let got = drain(&mut ws, Duration::from_secs(2)).await;
+    assert_eq!(by_topic(&got), want);
 }

@@ -18,7 +18,8 @@
 //!
 //! A watch lost in some slot (a master restarted without data, a failover to a replica that never
 //! had it, an operator's `DEL`) shows at the next renewal: a member the node had written comes back
-//! as *added*. The node then fills the topics it tracks below that prefix from history (a gap
+//! as *added*. A master that lost its data is usually noticed sooner: every second the node probes
+//! a spread of 64 slots' sets, and renews at once when its watch is missing from one. The node then fills the topics it tracks below that prefix from history (a gap
 //! frame where history cannot), as after a reconnect; so does a node whose renewals failed until a
 //! lease ran out. Unwatching never removes a member (another node may watch the same prefix): it
 //! just stops being renewed and expires.
@@ -308,23 +309,65 @@ impl Inner {
     }
 }
 
-/// Renews the watches every `watch_refresh`, and sooner after a failure. A node whose renewals
-/// kept failing until its leases ran out fills its wildcard topics when renewal works again: its
-/// members then come back as added.
+/// Slots probed every second for a lost watch: one every `SLOTS / PROBES`, so every master that
+/// owns a run of at least that many slots (any usual layout of up to 64 masters) is probed.
+const PROBES: usize = 64;
+
+impl Inner {
+    /// Whether a watch this node wrote is missing from one of the probed slots' sets: a master
+    /// restarted without data, or a failover lost it. A renewal would find it too, but only at
+    /// the next `watch_refresh`; meanwhile that master's topics would not reach the node.
+    async fn watch_missing(&self) -> bool {
+        let Some(prefix) = lock(&self.watches.written).iter().next().cloned() else {
+            return false;
+        };
+        let prefix = &prefix;
+        let probes = (0..PROBES).map(|i| {
+            let key = self
+                .names
+                .watch_key(self.watches.tags.tag(i * (SLOTS / PROBES)));
+            async move {
+                self.with_cmd(|mut c| async move {
+                    c.query::<Option<f64>>(redis::cmd("ZSCORE").arg(&key).arg(prefix))
+                        .await
+                })
+                .await
+            }
+        });
+        let found: Result<Vec<Option<f64>>, BrokerError> = futures_util::stream::iter(probes)
+            .buffered(PROBES)
+            .try_collect()
+            .await;
+        // A failed probe proves nothing; the renewal's own retries cover an unreachable Redis.
+        found.is_ok_and(|scores| scores.iter().any(Option::is_none))
+    }
+}
+
+/// Renews the watches every `watch_refresh`, sooner after a failure, and at once when a probe
+/// finds one missing. A node whose renewals kept failing until its leases ran out fills its
+/// wildcard topics when renewal works again: its members then come back as added.
 pub(super) async fn run(inner: Arc<Inner>) {
     let every = inner.config.watch_refresh;
-    let retry = Duration::from_secs(1).min(every);
-    let mut wait = every;
+    let tick = Duration::from_secs(1).min(every);
+    let mut next = Instant::now() + every;
     loop {
-        tokio::time::sleep(wait).await;
+        tokio::time::sleep(tick).await;
         if inner.health.is_closed() {
             return;
         }
-        wait = if inner.renew_watches().await {
-            every
-        } else {
-            retry
-        };
+        let due = Instant::now() >= next;
+        if !due && !inner.watch_missing().await {
+            continue;
+        }
+        if !due {
+            tracing::warn!("a wildcard watch is missing in Redis; rewriting the watches now");
+        }
+        next = Instant::now()
+            + if inner.renew_watches().await {
+                every
+            } else {
+                tick
+            };
     }
 }
 
