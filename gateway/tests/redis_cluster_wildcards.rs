@@ -553,3 +553,39 @@ async fn a_wildcard_without_a_literal_prefix_watches_the_root_and_matches_in_the
     let got = drain(&mut ws, Duration::from_secs(2)).await;
     assert_eq!(by_topic(&got), want);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_whose_watch_cannot_be_written_is_refused_and_leaves_nothing_subscribed() {
+    let mut cluster = Cluster::start(3);
+    let serving = node(&cluster, &[]).await;
+    // A master gone for good: its slots cannot take the watch.
+    cluster.nodes[2].stop();
+    assert!(
+        eventually(Duration::from_secs(15), async || cluster.nodes[0]
+            .cli(&["CLUSTER", "INFO"])
+            .contains("cluster_state:fail"))
+        .await,
+        "the cluster did not notice the dead master"
+    );
+    let mut ws = serving.ws().await;
+    let refused = ws.subscribe("z.*").await;
+    assert_eq!(refused["code"], "broker_unavailable", "{refused}");
+    let numpat = || -> u64 {
+        cluster.nodes[..2]
+            .iter()
+            .map(|n| {
+                n.cli(&["PUBSUB", "NUMPAT"])
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), async || numpat() == 0).await,
+        "a refused wildcard left {} pattern subscriptions",
+        numpat()
+    );
+    // The connection is still usable.
+    assert_eq!(ws.unsubscribe("z.*").await["code"], "not_subscribed");
+}
