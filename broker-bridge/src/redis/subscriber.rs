@@ -253,19 +253,9 @@ impl Inner {
         }
     }
 
-    /// Counts a prefix subscription; the first one pattern-subscribes its channels (and on a
-    /// cluster then writes its watch into every slot, [`super::watch`]).
-    pub(super) async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
-        let first = self.psubscribe_prefix(prefix).await?;
-        // A second subscription of the prefix may come while the first one's watch is written.
-        if self.names.is_cluster() && (first || !self.watches.is_written(prefix)) {
-            self.watch_or_undo(prefix).await?;
-        }
-        Ok(())
-    }
-
-    /// The pattern-subscribing part of [`Inner::subscribe_prefix`]; true for the prefix's first.
-    async fn psubscribe_prefix(&self, prefix: &str) -> Result<bool, BrokerError> {
+    /// Counts a prefix subscription; the first one pattern-subscribes its channels. True for the
+    /// prefix's first. (On a cluster, [`Inner::subscribe_prefix`] then writes its watch.)
+    pub(super) async fn psubscribe_prefix(&self, prefix: &str) -> Result<bool, BrokerError> {
         let mut control = self.control.lock().await;
         let Some(conn) = control.conn.as_mut() else {
             return Err(BrokerError::Unavailable(

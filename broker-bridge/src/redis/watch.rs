@@ -235,10 +235,21 @@ impl Inner {
         Ok(())
     }
 
+    /// Counts a prefix subscription; the first one pattern-subscribes its channels (and on a
+    /// cluster then writes its watch into every slot, [`super::watch`]).
+    pub(super) async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
+        let first = self.psubscribe_prefix(prefix).await?;
+        // A second subscription of the prefix may come while the first one's watch is written.
+        if self.names.is_cluster() && (first || !self.watches.is_written(prefix)) {
+            self.watch_or_undo(prefix).await?;
+        }
+        Ok(())
+    }
+
     /// [`Inner::watch`] for a prefix just pattern-subscribed; when the watch cannot be written,
     /// the prefix subscription is taken back and the wildcard refused (a subscriber acknowledged
     /// without a watch would silently receive nothing).
-    pub(super) async fn watch_or_undo(&self, prefix: &str) -> Result<(), BrokerError> {
+    async fn watch_or_undo(&self, prefix: &str) -> Result<(), BrokerError> {
         let Err(e) = self.watch(prefix).await else {
             return Ok(());
         };
