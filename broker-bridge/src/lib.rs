@@ -175,7 +175,7 @@ pub enum BrokerError {
     /// The broker configuration is unusable (bad URL, unknown kind).
     #[error("broker configuration error: {0}")]
     Config(String),
-    /// This broker cannot do what was asked (e.g. prefix subscriptions on Redis Cluster).
+    /// This broker cannot do what was asked (e.g. prefix subscriptions on a broker without them).
     #[error("not supported by this broker: {0}")]
     Unsupported(String),
 }

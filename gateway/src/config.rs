@@ -223,6 +223,14 @@ pub struct BrokerSettings {
     /// so a client that comes back (or churns) does not cost a broker unsubscribe and subscribe.
     #[serde(with = "humantime_serde")]
     pub unsubscribe_delay: Duration,
+    /// Redis Cluster: how long a wildcard prefix stays watched in the slots' watch sets unless the
+    /// node renews it (publishes below it keep costing a broadcast this long after its last
+    /// subscriber left).
+    #[serde(with = "humantime_serde")]
+    pub watch_lease: Duration,
+    /// Redis Cluster: how often a node renews its wildcard watches (at most half the lease).
+    #[serde(with = "humantime_serde")]
+    pub watch_refresh: Duration,
 }
 
 /// `[tls]`
@@ -508,6 +516,8 @@ topic_idle_ttl = "24h"
 backlog_messages = 65536
 backlog_bytes = 67108864
 unsubscribe_delay = "1s"
+watch_lease = "60s"
+watch_refresh = "15s"
 
 [tls]
 max_handshakes = 1024

@@ -10,9 +10,8 @@ use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, FromRedisValue,
-    IntoConnectionInfo, ProtocolVersion, PushInfo, RedisError, RedisResult, ScriptInvocation,
-    ToRedisArgs,
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, FromRedisValue, IntoConnectionInfo,
+    ProtocolVersion, PushInfo, RedisError, RedisResult, ScriptInvocation, ToRedisArgs,
 };
 
 use super::sentinel::{self, SentinelTarget};
@@ -255,22 +254,35 @@ impl Conn {
         }
     }
 
-    /// `PSUBSCRIBE`, on a single server only: sharded pub/sub (a cluster) has no pattern form.
-    pub async fn psubscribe(&mut self, patterns: impl ToRedisArgs) -> RedisResult<()> {
+    /// `PSUBSCRIBE` of one pattern. On a cluster this is classic (not sharded) pub/sub: the
+    /// cluster connection sends it to one node, and every node sees classic `PUBLISH`es (the
+    /// watch channels of wildcard subscriptions, [`super::watch`]).
+    pub async fn psubscribe(&mut self, pattern: &str) -> RedisResult<()> {
         match self {
-            Conn::Single(c) => c.psubscribe(patterns).await,
-            Conn::Cluster(_) => Err(RedisError::from((
-                ErrorKind::InvalidClientConfig,
-                "pattern subscriptions need a single Redis server (standalone or Sentinel)",
-            ))),
+            Conn::Single(c) => c.psubscribe(pattern).await,
+            Conn::Cluster(c) => c.psubscribe(pattern).await,
         }
     }
 
-    /// `PUNSUBSCRIBE` (a no-op on a cluster, which never pattern-subscribes).
-    pub async fn punsubscribe(&mut self, patterns: impl ToRedisArgs) -> RedisResult<()> {
+    /// `PSUBSCRIBE` of many patterns: at once on a single server, one by one on a cluster (whose
+    /// connection routes each command to a single node).
+    pub async fn psubscribe_all(&mut self, patterns: &[String]) -> RedisResult<()> {
         match self {
-            Conn::Single(c) => c.punsubscribe(patterns).await,
-            Conn::Cluster(_) => Ok(()),
+            Conn::Single(c) => c.psubscribe(patterns).await,
+            Conn::Cluster(c) => {
+                for pattern in patterns {
+                    c.psubscribe(pattern).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// `PUNSUBSCRIBE` of one pattern.
+    pub async fn punsubscribe(&mut self, pattern: &str) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => c.punsubscribe(pattern).await,
+            Conn::Cluster(c) => c.punsubscribe(pattern).await,
         }
     }
 

@@ -10,6 +10,8 @@
 //!   back recently, which catches a wedged subscription connection that still looks open.
 //! * The same code serves a single Redis, a Sentinel-managed master (found again after a failover)
 //!   and Redis Cluster (sharded pub/sub with hash-tagged names) ([`conn`]).
+//! * Wildcard subscriptions pattern-subscribe on a single Redis; on a cluster, publishers are told
+//!   which prefixes are watched through per-slot watch sets ([`watch`]).
 //!
 //! The wire format is in [`wire`] and `docs/broker.md`.
 
@@ -22,6 +24,7 @@ mod scripts;
 mod sentinel;
 mod subscriber;
 mod topics;
+mod watch;
 pub mod wire;
 
 use std::sync::Arc;
@@ -77,6 +80,13 @@ pub struct RedisConfig {
     /// hole is signalled as a gap, and subscribers resume it from history at their own pace (set it
     /// to what a subscriber's send queue takes comfortably).
     pub fill_limit: (usize, usize),
+    /// Cluster: how long a wildcard prefix's watch lasts in the slots' watch sets unless renewed.
+    pub watch_lease: Duration,
+    /// Cluster: how often a node renews its watches (must be well below the lease).
+    pub watch_refresh: Duration,
+    /// Cluster: the most distinct prefixes that may hold a watch lease from this node at once,
+    /// counting unsubscribed ones until their lease ends (each costs a write to every slot).
+    pub watch_limit: usize,
 }
 
 impl RedisConfig {
@@ -95,6 +105,9 @@ impl RedisConfig {
             backlog_messages: 65_536,
             backlog_bytes: 64 << 20,
             fill_limit: (512, 2 << 20),
+            watch_lease: Duration::from_secs(60),
+            watch_refresh: Duration::from_secs(15),
+            watch_limit: 1000,
         }
     }
 
@@ -105,6 +118,11 @@ impl RedisConfig {
         if self.canary_interval.is_zero() || self.canary_timeout <= self.canary_interval {
             return Err(BrokerError::Config(
                 "the canary timeout must be longer than the canary interval".into(),
+            ));
+        }
+        if self.watch_refresh.is_zero() || self.watch_lease < self.watch_refresh * 2 {
+            return Err(BrokerError::Config(
+                "the watch lease must be at least twice the watch refresh interval".into(),
             ));
         }
         Ok(())
@@ -145,6 +163,8 @@ struct Inner {
     unsubscribing: Unsubscribing,
     /// Messages Redis pushed that the node has not handled yet.
     backlog: Arc<Backlog>,
+    /// Cluster: the wildcard prefixes this node watches in the slots' watch sets.
+    watches: watch::Watches,
 
     /// Generation of the current subscription connection (a copy of `control`'s, readable without
     /// waiting).
@@ -193,13 +213,14 @@ impl RedisBroker {
         let _ = reads.get();
         let config_backlog_bytes = config.backlog_bytes;
         let config_fill_limit = config.fill_limit;
+        let config_cluster = target.is_cluster();
         let inner = Arc::new(Inner {
             names: Arc::new(Names::new(&config.prefix, target.is_cluster())),
             config,
             target,
             timeouts,
             node_id,
-            scripts: Scripts::new(),
+            scripts: Scripts::new(config_cluster),
             topics: Topics::new(sink, observer.clone(), config_fill_limit),
             observer,
             health,
@@ -209,12 +230,16 @@ impl RedisBroker {
             unsubscribing: Default::default(),
 
             backlog: Arc::new(Backlog::new(config_backlog_bytes)),
+            watches: watch::Watches::new(),
             generation: std::sync::atomic::AtomicU64::new(0),
             next_generation: std::sync::atomic::AtomicU64::new(0),
             kick: tokio::sync::Notify::new(),
         });
         tracing::info!(node = %inner.node_id, cluster = inner.names.is_cluster(), "Redis broker starting");
         let mut tasks = vec![tokio::spawn(subscriber::run(inner.clone()))];
+        if inner.names.is_cluster() {
+            tasks.push(tokio::spawn(watch::run(inner.clone())));
+        }
         if let Target::Sentinel(_) = &*inner.target {
             let watcher = inner.clone();
             tasks.push(tokio::spawn(async move {
@@ -404,6 +429,12 @@ impl Broker for RedisBroker {
             "PUBLISH"
         };
         let limits = inner.limits(topic);
+        // Cluster: the topic's slot's watch set and the watch channels' prefix (see `watch`).
+        let watched = inner.names.is_cluster().then(|| {
+            let tag = inner.watches.tags().tag(watch::slot_of(topic));
+            (inner.names.watch_key(tag), inner.names.watch_channel(""))
+        });
+        let watched = &watched;
         let value = inner
             .with_cmd(|mut c| async move {
                 let mut inv = inner.scripts.publish.prepare_invoke();
@@ -417,6 +448,9 @@ impl Broker for RedisBroker {
                     .arg(limits.size)
                     .arg(limits.ttl.as_millis() as u64)
                     .arg(command);
+                if let Some((watch_key, watch_channels)) = &watched {
+                    inv.key(watch_key).arg(watch_channels).arg(topic);
+                }
                 c.eval::<redis::Value>(&inv).await
             })
             .await?;

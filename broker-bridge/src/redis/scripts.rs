@@ -80,7 +80,8 @@ end
 "#;
 
 /// Publish. `ARGV[3]` channel, `ARGV[4]` data, `ARGV[5]` history size, `ARGV[6]` history TTL in ms
-/// (0: none), `ARGV[7]` `PUBLISH` or `SPUBLISH`. Returns `{epoch, offset}`.
+/// (0: none), `ARGV[7]` `PUBLISH` or `SPUBLISH`; on a cluster also [`WATCHED`]'s. Returns
+/// `{epoch, offset}`.
 const PUBLISH: &str = r#"
 local offset = redis.call('INCR', KEYS[2])
 local size = tonumber(ARGV[5])
@@ -108,8 +109,33 @@ if size > 0 then
 end
 local off = string.format('%d', offset)
 local tag = string.sub(redis.sha1hex(salt .. ' ' .. off .. '\n' .. ARGV[4]), 1, 16)
-redis.call(ARGV[7], ARGV[3], 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4])
+local payload = 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4]
+redis.call(ARGV[7], ARGV[3], payload)
+WATCHED
 return {epoch, offset}
+"#;
+
+/// The cluster-only part of the publish script (wildcards; [`super::watch`]), in place of
+/// `WATCHED`. `KEYS[4]` the watch set of the topic's slot, `ARGV[8]` the watch channels' prefix
+/// (`{prefix}~w:`), `ARGV[9]` the topic. When a strict prefix of the topic (`""`, `a`, `a.b` for
+/// `a.b.c`) has a live lease there, the message also goes out on the watch channel, a classic
+/// `PUBLISH` the cluster bus carries to every node.
+const WATCHED: &str = r#"
+local watch_now = now_ms()
+local function watched(p)
+  local until_ms = redis.call('ZSCORE', KEYS[4], p)
+  return until_ms and tonumber(until_ms) > watch_now
+end
+local topic = ARGV[9]
+local hit = watched('')
+local dot = string.find(topic, '.', 1, true)
+while (not hit) and dot do
+  hit = watched(string.sub(topic, 1, dot - 1))
+  dot = string.find(topic, '.', dot + 1, true)
+end
+if hit then
+  redis.call('PUBLISH', ARGV[8] .. topic, payload)
+end
 "#;
 
 /// Position. Returns `{epoch, offset, salt}`.
@@ -166,8 +192,8 @@ pub struct Scripts {
 }
 
 impl Scripts {
-    /// Prepares the scripts.
-    pub fn new() -> Self {
+    /// Prepares the scripts; `cluster` adds the wildcard watch check to the publish script.
+    pub fn new(cluster: bool) -> Self {
         let preamble = |writer: bool| {
             PREAMBLE
                 .replace("WRITER", if writer { "true" } else { "false" })
@@ -175,7 +201,11 @@ impl Scripts {
         };
         let empty = format!("'{EMPTY_EPOCH}'");
         Scripts {
-            publish: Script::new(&format!("{}{PUBLISH}", preamble(true))),
+            publish: Script::new(&format!(
+                "{}{}",
+                preamble(true),
+                PUBLISH.replace("WATCHED", if cluster { WATCHED } else { "" })
+            )),
             position: Script::new(&format!("{}{POSITION}", preamble(false))),
             history: Script::new(&format!(
                 "{}{}",

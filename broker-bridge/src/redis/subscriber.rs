@@ -171,6 +171,12 @@ impl PushRoute {
     /// changes a topic's source. Messages whose channel is no topic are let through (and refused
     /// later).
     fn is_source(&self, info: &PushInfo) -> bool {
+        if self.names.is_cluster() {
+            // A cluster's shard channels and watch channels come over different connections, in
+            // no common order: every copy goes on, and duplicates are dropped by offset (only
+            // gateway messages, which have offsets, are ever published on watch channels).
+            return true;
+        }
         let pattern = info.kind == PushKind::PMessage;
         let Some((channel, _)) = message_parts_ref(&info.kind, &info.data) else {
             return true;
@@ -247,14 +253,9 @@ impl Inner {
         }
     }
 
-    /// Counts a prefix subscription; the first one pattern-subscribes its channels.
-    pub(super) async fn subscribe_prefix(&self, prefix: &str) -> Result<(), BrokerError> {
-        if self.names.is_cluster() {
-            return Err(BrokerError::Unsupported(
-                "wildcard subscriptions on Redis Cluster (sharded pub/sub has no pattern form)"
-                    .into(),
-            ));
-        }
+    /// Counts a prefix subscription; the first one pattern-subscribes its channels. True for the
+    /// prefix's first. (On a cluster, [`Inner::subscribe_prefix`] then writes its watch.)
+    pub(super) async fn psubscribe_prefix(&self, prefix: &str) -> Result<bool, BrokerError> {
         let mut control = self.control.lock().await;
         let Some(conn) = control.conn.as_mut() else {
             return Err(BrokerError::Unavailable(
@@ -262,13 +263,13 @@ impl Inner {
             ));
         };
         if !self.topics.want_prefix(prefix) {
-            return Ok(());
+            return Ok(false);
         }
         let pattern = self.names.prefix_pattern(prefix);
         let result =
             tokio::time::timeout(self.config.command_timeout, conn.psubscribe(&pattern)).await;
         let error = match result {
-            Ok(Ok(())) => return Ok(()),
+            Ok(Ok(())) => return Ok(true),
             Ok(Err(e)) if !is_connection_error(&e) => {
                 self.topics.forget_prefix(prefix);
                 return Err(broker_error(e));
@@ -291,6 +292,7 @@ impl Inner {
         if !self.topics.forget_prefix(prefix) {
             return Ok(());
         }
+        self.watches.forget(prefix);
         let Some(conn) = control.conn.as_mut() else {
             return Ok(());
         };
@@ -393,7 +395,7 @@ impl Inner {
                     let subscribed = tokio::time::timeout(budget, async {
                         conn.subscribe_all(&channels).await?;
                         if !patterns.is_empty() {
-                            conn.psubscribe(&patterns).await?;
+                            conn.psubscribe_all(&patterns).await?;
                         }
                         Ok::<(), redis::RedisError>(())
                     })
@@ -501,6 +503,11 @@ impl Task {
             tracing::info!("Redis subscription connection re-established");
             inner.observer.reconnected();
             fill::spawn(inner, to_fill);
+            if inner.names.is_cluster() {
+                // Redis may have lost the watches along with the connection (a restart).
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.rewrite_watches().await });
+            }
         }
         true
     }
@@ -525,6 +532,12 @@ impl Task {
             .fetch_sub(payload.len(), Ordering::AcqRel);
         self.inner.observer.received();
         self.take_dropped();
+        if pattern.is_some() && self.inner.names.is_cluster() && !payload.starts_with(wire::MAGIC) {
+            // Only the publish script writes to watch channels, always with an offset: a raw
+            // message there was made up by someone else.
+            self.inner.observer.rejected("header");
+            return;
+        }
         let Some(topic) = std::str::from_utf8(&channel)
             .ok()
             .and_then(|c| self.inner.names.topic_of(c))

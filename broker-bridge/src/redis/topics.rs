@@ -214,6 +214,20 @@ impl Topics {
         start
     }
 
+    /// Puts the wanted topics below any of `prefixes` into the filling state (a watch of theirs
+    /// was lost, so they may have missed messages). Returns the topics whose fill must be started.
+    pub(super) fn fill_below(&self, prefixes: &[String]) -> Vec<Arc<str>> {
+        let mut map = lock(&self.map);
+        let mut start = Vec::new();
+        for (topic, track) in map.iter_mut() {
+            let below = crate::strict_prefixes(topic).any(|p| prefixes.iter().any(|w| w == p));
+            if below && Self::begin_fill(track) {
+                start.push(topic.clone());
+            }
+        }
+        start
+    }
+
     /// Puts one topic into the filling state; `raw_lost` records that a raw message of it was
     /// dropped. Returns whether a fill must be started.
     pub(super) fn fill_one(&self, topic: &str, raw_lost: bool) -> bool {

@@ -8,6 +8,10 @@
 //!   and the history stream of a topic share one slot.
 //! * Keys of a topic: the channel name plus `:epoch` (string), `:offset` (integer string) and
 //!   `:history` (stream).
+//! * Redis Cluster only, for wildcard subscriptions ([`super::watch`]): the watch set of hash slot
+//!   `s` is the ZSET `{prefix}~watch:{TAG_s}`, and a topic below a watched prefix is also published
+//!   (classic `PUBLISH`) on `{prefix}~w:<topic>`, which nodes pattern-subscribe. `~` never occurs in
+//!   a topic, so these names collide with no topic's.
 //! * A message published through a gateway is `pg1 <epoch> <offset> <tag>\n<data>` (see [`tag`]);
 //!   anything else on a topic channel is a raw publish and is delivered as `data` without an
 //!   offset. Payloads starting with `pg1 ` are reserved: one that does not verify is dropped.
@@ -82,9 +86,20 @@ impl Names {
         self.channel(&format!("#canary.{node_id}"))
     }
 
+    /// The key of one hash slot's watch set (cluster), from that slot's tag.
+    pub fn watch_key(&self, tag: &str) -> String {
+        format!("{}~watch:{{{tag}}}", self.prefix)
+    }
+
+    /// The classic channel a cluster publish also uses when the topic is below a watched prefix.
+    pub fn watch_channel(&self, topic: &str) -> String {
+        format!("{}{WATCH_CHANNEL}{topic}", self.prefix)
+    }
+
     /// The `PSUBSCRIBE` pattern of the channels of every topic below `prefix` (of every topic for
-    /// the empty prefix). Topic characters are never glob characters; the channel prefix is
-    /// escaped. Redis's `*` spans levels, so this is exactly "below the prefix".
+    /// the empty prefix): the topic channels on a single Redis, the watch channels on a cluster.
+    /// Topic characters are never glob characters; the channel prefix is escaped. Redis's `*`
+    /// spans levels, so this is exactly "below the prefix".
     pub fn prefix_pattern(&self, prefix: &str) -> String {
         let mut glob = self.escaped_prefix();
         if !prefix.is_empty() {
@@ -104,7 +119,7 @@ impl Names {
         rest.strip_suffix(".*")
     }
 
-    /// The channel prefix with glob characters escaped.
+    /// The channel prefix with glob characters escaped, and on a cluster the watch channels' mark.
     fn escaped_prefix(&self) -> String {
         let mut glob = String::with_capacity(self.prefix.len() + 8);
         for c in self.prefix.chars() {
@@ -112,6 +127,9 @@ impl Names {
                 glob.push('\\');
             }
             glob.push(c);
+        }
+        if self.cluster {
+            glob.push_str(WATCH_CHANNEL);
         }
         glob
     }
@@ -122,13 +140,19 @@ impl Names {
     pub fn topic_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
         let rest = channel.strip_prefix(self.prefix.as_str())?;
         let topic = if self.cluster {
-            rest.strip_prefix('{')?.strip_suffix('}')?
+            match rest.strip_prefix(WATCH_CHANNEL) {
+                Some(watched) => watched,
+                None => rest.strip_prefix('{')?.strip_suffix('}')?,
+            }
         } else {
             rest
         };
         is_topic(topic).then_some(topic)
     }
 }
+
+/// What follows the prefix in a watch channel's name (cluster; [`Names::watch_channel`]).
+const WATCH_CHANNEL: &str = "~w:";
 
 /// Whether `name` is a valid topic name: the gateway's rules (1–200 characters of
 /// `A-Z a-z 0-9 _ . : -`, `.` between non-empty levels).
@@ -323,6 +347,15 @@ mod tests {
         assert_eq!(cluster.topic_of("pubgate:{scores.nba}"), Some("scores.nba"));
         assert_eq!(cluster.topic_of("pubgate:scores.nba"), None);
         assert_eq!(cluster.canary_channel("n1"), "pubgate:{#canary.n1}");
+        assert_eq!(cluster.watch_key("3x"), "pubgate:~watch:{3x}");
+        assert_eq!(cluster.watch_channel("a.b"), "pubgate:~w:a.b");
+        assert_eq!(cluster.topic_of("pubgate:~w:a.b"), Some("a.b"));
+        assert_eq!(cluster.topic_of("pubgate:~w:a..b"), None);
+        assert_eq!(cluster.topic_of("pubgate:~w:"), None);
+        assert_eq!(cluster.prefix_pattern("a"), "pubgate:~w:a.*");
+        assert_eq!(cluster.prefix_pattern(""), "pubgate:~w:*");
+        assert_eq!(cluster.prefix_of_pattern("pubgate:~w:a.*"), Some("a"));
+        assert_eq!(cluster.prefix_of_pattern("pubgate:a.*"), None);
     }
 
     #[test]

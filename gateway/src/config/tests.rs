@@ -124,6 +124,14 @@ fn redis_kinds_need_a_url() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("broker.canary_timeout"), "{e}");
+    let e = load_toml("[broker]\nwatch_lease = \"20s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broker.watch_lease"), "{e}");
+    let e = load_toml("[broker]\nwatch_refresh = \"0s\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("broker.watch_refresh"), "{e}");
 }
 
 #[test]

@@ -177,6 +177,15 @@ impl Settings {
                 "must hold at least one message of limits.max_message_size",
             );
         }
+        if self.broker.watch_refresh.is_zero() {
+            return invalid("broker.watch_refresh", "must be greater than zero");
+        }
+        if self.broker.watch_lease < self.broker.watch_refresh * 2 {
+            return invalid(
+                "broker.watch_lease",
+                "must be at least twice broker.watch_refresh",
+            );
+        }
         if self.broker.canary_interval.is_zero() {
             return invalid("broker.canary_interval", "must be greater than zero");
         }
