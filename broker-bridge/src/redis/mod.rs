@@ -15,6 +15,7 @@
 
 mod canary;
 mod conn;
+mod directory;
 mod fill;
 mod link;
 mod retry;
@@ -35,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     Broker, BrokerError, BrokerObserver, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
-    MAX_OFFSET, MessageSink, Position, Replay,
+    Directory, MAX_OFFSET, MessageSink, Position, Replay, Seek,
 };
 use conn::{Target, Timeouts, broker_error};
 use link::{CmdLink, Health};
@@ -77,6 +78,9 @@ pub struct RedisConfig {
     /// hole is signalled as a gap, and subscribers resume it from history at their own pace (set it
     /// to what a subscriber's send queue takes comfortably).
     pub fill_limit: (usize, usize),
+    /// How long the topic directory remembers a publish (standalone and Sentinel): how far back
+    /// a wildcard resume may reach.
+    pub directory_window: Duration,
 }
 
 impl RedisConfig {
@@ -95,6 +99,7 @@ impl RedisConfig {
             backlog_messages: 65_536,
             backlog_bytes: 64 << 20,
             fill_limit: (512, 2 << 20),
+            directory_window: Duration::from_secs(3600),
         }
     }
 
@@ -404,6 +409,10 @@ impl Broker for RedisBroker {
             "PUBLISH"
         };
         let limits = inner.limits(topic);
+        // Standalone and Sentinel keep the topic directory; its keys span slots, so not a cluster.
+        let dir = (!inner.names.is_cluster())
+            .then(|| directory::publish_keys(inner.names.prefix(), topic));
+        let dir_window = inner.config.directory_window.as_millis() as u64;
         let value = inner
             .with_cmd(|mut c| async move {
                 let mut inv = inner.scripts.publish.prepare_invoke();
@@ -417,6 +426,10 @@ impl Broker for RedisBroker {
                     .arg(limits.size)
                     .arg(limits.ttl.as_millis() as u64)
                     .arg(command);
+                if let Some([all, level, run, first]) = &dir {
+                    inv.key(all).key(level).key(run);
+                    inv.arg(dir_window).arg(topic).arg(first);
+                }
                 c.eval::<redis::Value>(&inv).await
             })
             .await?;
@@ -454,6 +467,18 @@ impl Broker for RedisBroker {
         let (page, salt) = self.inner.history(&name, read).await?;
         self.inner.topics.hint(topic, &page.position, &salt);
         Ok(page)
+    }
+
+    async fn clock(&self) -> Result<u64, BrokerError> {
+        self.inner.clock().await
+    }
+
+    async fn directory(&self, prefix: &str, since_ms: u64) -> Result<Directory, BrokerError> {
+        self.inner.directory(prefix, since_ms).await
+    }
+
+    async fn seek(&self, topic: &str, since_ms: u64, max: u64) -> Result<Seek, BrokerError> {
+        self.inner.seek(topic, since_ms, max).await
     }
 
     fn is_ready(&self) -> bool {

@@ -109,6 +109,7 @@ end
 local off = string.format('%d', offset)
 local tag = string.sub(redis.sha1hex(salt .. ' ' .. off .. '\n' .. ARGV[4]), 1, 16)
 redis.call(ARGV[7], ARGV[3], 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4])
+-- STANDALONE_DIRECTORY
 return {epoch, offset}
 "#;
 
@@ -155,7 +156,7 @@ end
 return out
 "#;
 
-/// The three scripts, hashed once.
+/// The scripts, hashed once.
 pub struct Scripts {
     /// See [`PUBLISH`].
     pub publish: Script,
@@ -163,6 +164,10 @@ pub struct Scripts {
     pub position: Script,
     /// See [`HISTORY`].
     pub history: Script,
+    /// See [`super::directory`].
+    pub directory: Script,
+    /// See [`super::directory`].
+    pub seek: Script,
 }
 
 impl Scripts {
@@ -175,7 +180,13 @@ impl Scripts {
         };
         let empty = format!("'{EMPTY_EPOCH}'");
         Scripts {
-            publish: Script::new(&format!("{}{PUBLISH}", preamble(true))),
+            publish: Script::new(&format!(
+                "{}{}",
+                preamble(true),
+                PUBLISH.replace("-- STANDALONE_DIRECTORY", super::directory::PUBLISH_BLOCK)
+            )),
+            directory: super::directory::directory_script(),
+            seek: Script::new(&format!("{}{}", preamble(false), super::directory::SEEK)),
             position: Script::new(&format!("{}{POSITION}", preamble(false))),
             history: Script::new(&format!(
                 "{}{}",
@@ -186,11 +197,11 @@ impl Scripts {
     }
 }
 
-fn protocol(what: &str) -> BrokerError {
+pub(super) fn protocol(what: &str) -> BrokerError {
     BrokerError::Protocol(format!("unexpected script reply: {what}"))
 }
 
-fn as_bytes(v: &Value) -> Option<&[u8]> {
+pub(super) fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),
@@ -198,14 +209,14 @@ fn as_bytes(v: &Value) -> Option<&[u8]> {
     }
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
+pub(super) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Int(n) => u64::try_from(*n).ok(),
         other => std::str::from_utf8(as_bytes(other)?).ok()?.parse().ok(),
     }
 }
 
-fn items(v: Value) -> Result<Vec<Value>, BrokerError> {
+pub(super) fn items(v: Value) -> Result<Vec<Value>, BrokerError> {
     match v {
         Value::Array(items) => Ok(items),
         _ => Err(protocol("not an array")),

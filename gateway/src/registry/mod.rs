@@ -20,6 +20,7 @@
 
 mod delivery;
 mod topic;
+mod wild_hold;
 mod wildcard;
 
 use std::collections::HashMap;
