@@ -44,6 +44,21 @@ if dir_window > 0 then
 end
 "#;
 
+/// The clock of a wildcard ack: Redis `TIME` in ms, after making sure `P~dir~run` names this
+/// run (`KEYS[1]`), so every ack's time is covered by the directory of the run that gave it, and
+/// none given before a restart is.
+const CLOCK: &str = r#"
+local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
+  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
+local tm = redis.call('TIME')
+local now = string.format('%d', tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000))
+local meta = redis.call('GET', KEYS[1])
+if (not meta) or string.match(meta, '^(%x*) ') ~= run then
+  redis.call('SET', KEYS[1], run .. ' ' .. now)
+end
+return now
+"#;
+
 /// The directory read. `KEYS[1]` `P~dir`, `KEYS[2]` `P~dir~run`, `KEYS[3]` `P~dir:<first level>`
 /// (absent for the empty prefix); `ARGV[1]` since (ms), `ARGV[2]` the window (ms), `ARGV[3]` the
 /// most topics, `ARGV[4]` `P~dir:` (the level keys for the empty prefix, standalone only).
@@ -106,6 +121,11 @@ pub(super) fn directory_script() -> redis::Script {
     redis::Script::new(DIRECTORY)
 }
 
+/// The clock script (see [`CLOCK`]).
+pub(super) fn clock_script() -> redis::Script {
+    redis::Script::new(CLOCK)
+}
+
 /// The directory keys of a topic's publish: `P~dir`, `P~dir:<first level>`, `P~dir~run`, and the
 /// first level.
 pub(super) fn publish_keys(prefix: &str, topic: &str) -> [String; 4] {
@@ -119,12 +139,23 @@ pub(super) fn publish_keys(prefix: &str, topic: &str) -> [String; 4] {
 }
 
 impl Inner {
-    /// Redis `TIME` in ms.
+    /// Redis `TIME` in ms (see [`CLOCK`]; plain `TIME` on a cluster, which has no directory).
     pub(super) async fn clock(&self) -> Result<u64, BrokerError> {
-        let (secs, micros): (u64, u64) = self
-            .with_cmd(|mut c| async move { c.query(&redis::cmd("TIME")).await })
+        if self.names.is_cluster() {
+            let (secs, micros): (u64, u64) = self
+                .with_cmd(|mut c| async move { c.query(&redis::cmd("TIME")).await })
+                .await?;
+            return Ok(secs * 1000 + micros / 1000);
+        }
+        let run = format!("{}~dir~run", self.names.prefix());
+        let value = self
+            .with_cmd(|mut c| {
+                let mut inv = self.scripts.clock.prepare_invoke();
+                inv.key(&run);
+                async move { c.eval::<Value>(&inv).await }
+            })
             .await?;
-        Ok(secs * 1000 + micros / 1000)
+        as_u64(&value).ok_or_else(|| protocol("clock"))
     }
 
     /// Lists the topics below `prefix` published since `since_ms` (see [`DIRECTORY`]).

@@ -168,6 +168,8 @@ pub struct Scripts {
     pub directory: Script,
     /// See [`super::directory`].
     pub seek: Script,
+    /// See [`super::directory`].
+    pub clock: Script,
 }
 
 impl Scripts {
@@ -186,6 +188,7 @@ impl Scripts {
                 PUBLISH.replace("-- STANDALONE_DIRECTORY", super::directory::PUBLISH_BLOCK)
             )),
             directory: super::directory::directory_script(),
+            clock: super::directory::clock_script(),
             seek: Script::new(&format!("{}{}", preamble(false), super::directory::SEEK)),
             position: Script::new(&format!("{}{POSITION}", preamble(false))),
             history: Script::new(&format!(
