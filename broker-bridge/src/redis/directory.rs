@@ -10,8 +10,10 @@
 //!   keeps the directory and since when. A restart, promotion or resync changes the run: the
 //!   directory may have lost entries with the data, so it only answers from that moment on.
 //!
-//! The publish script maintains them (the block below), dropping members older than the window
-//! and letting a set expire a window after its last publish. Redis Cluster has no directory: the
+//! The publish script maintains the sets (the block below), dropping members older than the window
+//! and letting a set expire a window after its last publish. The run key is written by the clock
+//! a wildcard ack reads ([`CLOCK`]), which every resume reads before the directory: a resume across
+//! a restart finds it rewritten after its `time`. Redis Cluster has no directory: the
 //! sets would span every slot, which no script there may touch.
 
 use std::sync::Arc;
@@ -22,25 +24,27 @@ use super::Inner;
 use super::scripts::{as_bytes, as_u64, items, protocol};
 use crate::{BrokerError, Directory, EMPTY_EPOCH, Epoch, MAX_DIRECTORY_TOPICS, Position, Seek};
 
-/// Appended to the publish script, standalone and Sentinel only (`KEYS[4..6]`: `P~dir`,
-/// `P~dir:<first level>`, `P~dir~run`; `ARGV[8]` the window in ms, `ARGV[9]` the topic,
-/// `ARGV[10]` its first level). Without `ARGV[8]` (Redis Cluster) it does nothing.
+/// Appended to the publish script, standalone and Sentinel only (`KEYS[4]` `P~dir`, `KEYS[5]`
+/// `P~dir:<first level>`; `ARGV[8]` the window in ms, `ARGV[9]` the topic, `ARGV[10]` its first
+/// level). Without `ARGV[8]` (Redis Cluster) it does nothing. The run key is not touched here: the
+/// ack's clock ([`CLOCK`]) keeps it, so a publish pays only for the two sets.
 pub(super) const PUBLISH_BLOCK: &str = r#"
 local dir_window = tonumber(ARGV[8] or '0') or 0
 if dir_window > 0 then
   local t = now_ms()
   local ts = string.format('%d', t)
-  local meta = redis.call('GET', KEYS[6])
-  if (not meta) or string.match(meta, '^(%x*) ') ~= run then
-    redis.call('SET', KEYS[6], run .. ' ' .. ts)
-  end
-  local old = '(' .. string.format('%d', t - dir_window)
   redis.call('ZADD', KEYS[5], ts, ARGV[9])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', old)
   redis.call('PEXPIRE', KEYS[5], dir_window)
   redis.call('ZADD', KEYS[4], ts, ARGV[10])
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', old)
   redis.call('PEXPIRE', KEYS[4], dir_window)
+  -- Members older than the window are dropped by one publish in 16 (by its ms): reads skip them
+  -- anyway (they ask for scores within the window), so this only bounds the sets' size, and
+  -- doing it every time cost a fifth of the script.
+  if t % 16 == 0 then
+    local old = '(' .. string.format('%d', t - dir_window)
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', old)
+    redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', old)
+  end
 end
 "#;
 
@@ -126,14 +130,13 @@ pub(super) fn clock_script() -> redis::Script {
     redis::Script::new(CLOCK)
 }
 
-/// The directory keys of a topic's publish: `P~dir`, `P~dir:<first level>`, `P~dir~run`, and the
-/// first level.
-pub(super) fn publish_keys(prefix: &str, topic: &str) -> [String; 4] {
+/// The directory keys of a topic's publish, `P~dir` and `P~dir:<first level>`, and the first
+/// level.
+pub(super) fn publish_keys(prefix: &str, topic: &str) -> [String; 3] {
     let first = topic.split('.').next().unwrap_or(topic);
     [
         format!("{prefix}~dir"),
         format!("{prefix}~dir:{first}"),
-        format!("{prefix}~dir~run"),
         first.to_string(),
     ]
 }

@@ -426,8 +426,8 @@ impl Broker for RedisBroker {
                     .arg(limits.size)
                     .arg(limits.ttl.as_millis() as u64)
                     .arg(command);
-                if let Some([all, level, run, first]) = &dir {
-                    inv.key(all).key(level).key(run);
+                if let Some([all, level, first]) = &dir {
+                    inv.key(all).key(level);
                     inv.arg(dir_window).arg(topic).arg(first);
                 }
                 c.eval::<redis::Value>(&inv).await

@@ -9,8 +9,9 @@
 //!
 //! A wildcard subscriber has no cursor: the broker hands each topic over in offset order, once, and
 //! the subscriber gets every message after its ack. Messages of its topics that arrive before the
-//! ack is queued are not owed to it and are skipped; at the ack it turns live under the entry's
-//! lock, so nothing slips in between.
+//! ack is queued (and during a resume's replay) are held back ([`super::wild_hold`]) and released
+//! after it, under the entry's lock, so nothing slips in between and nothing stamped after the
+//! ack's `time` is missed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
