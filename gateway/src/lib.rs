@@ -30,9 +30,9 @@ pub(crate) mod registry;
 pub(crate) mod send_queue;
 pub(crate) mod session;
 pub(crate) mod subscribe;
-pub(crate) mod wild_resume;
 pub(crate) mod tcp;
 pub(crate) mod tls_stream;
+pub(crate) mod wild_resume;
 pub(crate) mod writer;
 
 pub use error::Error;

@@ -516,9 +516,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 self.subs
                     .list
                     .push(node.join(self.subs.conn, &self.queue, &topic));
-                let started = node
-                    .start(&self.subs.list[i], id, since, wild_since)
-                    .await;
+                let started = node.start(&self.subs.list[i], id, since, wild_since).await;
                 if started.is_err() {
                     self.subs.list.swap_remove(i);
                 }

@@ -94,7 +94,10 @@ impl Node {
         // Messages up to the position read are in history; later ones were published after the
         // broker subscription was in place, so they are held back for the subscriber.
         let goal = first.position.clone();
-        if let Some(cursor) = self.send_page(sub.queue(), resumed, &first, &mut pager).await {
+        if let Some(cursor) = self
+            .send_page(sub.queue(), resumed, &first, &mut pager)
+            .await
+        {
             self.catch_up(sub, cursor, goal, pager).await;
         }
         Ok(())

@@ -36,8 +36,14 @@ async fn collect(ws: &mut Ws, quiet: Duration, seen: &mut Seen) {
                 };
                 let topic = v["topic"].as_str().expect("topic").to_string();
                 let offset = v["offset"].as_u64().unwrap_or(0);
-                let data = if kind == "m" { v["data"].clone() } else { v["epoch"].clone() };
-                seen.entry(topic).or_default().push((kind.into(), offset, data));
+                let data = if kind == "m" {
+                    v["data"].clone()
+                } else {
+                    v["epoch"].clone()
+                };
+                seen.entry(topic)
+                    .or_default()
+                    .push((kind.into(), offset, data));
             }
         }
     }
@@ -65,7 +71,9 @@ fn data(topic: &str, i: u64) -> Value {
 }
 
 fn messages(topic: &str, offsets: std::ops::RangeInclusive<u64>) -> Vec<(String, u64, Value)> {
-    offsets.map(|i| ("m".to_string(), i, data(topic, i))).collect()
+    offsets
+        .map(|i| ("m".to_string(), i, data(topic, i)))
+        .collect()
 }
 
 async fn publish_n(node: &Node, topic: &str, offsets: std::ops::RangeInclusive<u64>) {
@@ -81,13 +89,21 @@ async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publ
     let mut ws = first.ws().await;
     let ack = subscribe(&mut ws, "scores.*", 1, None).await;
     assert_eq!(ack["op"], "ack", "{ack}");
-    let time = ack["time"].as_u64().expect("a wildcard ack carries the time");
-    assert!(ack.get("epoch").is_none() && ack.get("recovered").is_none(), "{ack}");
+    let time = ack["time"]
+        .as_u64()
+        .expect("a wildcard ack carries the time");
+    assert!(
+        ack.get("epoch").is_none() && ack.get("recovered").is_none(),
+        "{ack}"
+    );
     publish_n(publisher, "scores.a", 1..=5).await;
     let mut epoch = None;
     for i in 1..=5 {
         let m = ws.next_message(WAIT).await.expect("live message");
-        assert_eq!((m["topic"].as_str(), m["offset"].as_u64()), (Some("scores.a"), Some(i)));
+        assert_eq!(
+            (m["topic"].as_str(), m["offset"].as_u64()),
+            (Some("scores.a"), Some(i))
+        );
         if i == 1 {
             epoch = m["epoch"].as_str().map(str::to_string);
         }
@@ -107,7 +123,11 @@ async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publ
     let mut ws = second.ws().await;
     let since = json!({"time": time, "topics": {"scores.a": {"epoch": epoch, "offset": 5}}});
     let ack = subscribe(&mut ws, "scores.*", 2, Some(since)).await;
-    assert_eq!((&ack["op"], &ack["recovered"]), (&json!("ack"), &json!(true)), "{ack}");
+    assert_eq!(
+        (&ack["op"], &ack["recovered"]),
+        (&json!("ack"), &json!(true)),
+        "{ack}"
+    );
     assert!(ack["time"].as_u64().expect("time") >= time, "{ack}");
     // Published while the replay runs: in the replay or held, once either way.
     publish_n(publisher, "scores.a", 9..=9).await;
@@ -126,10 +146,17 @@ async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publ
     want.insert("scores.new".into(), messages("scores.new", 1..=1));
     // History holds 3..=6 of it: offsets 1 and 2, which the client never got, are gone.
     let t = seen.get("scores.t").cloned().unwrap_or_default();
-    assert_eq!(t.first().map(|f| (f.0.as_str(), f.1)), Some(("gap", 6)), "{t:?}");
+    assert_eq!(
+        t.first().map(|f| (f.0.as_str(), f.1)),
+        Some(("gap", 6)),
+        "{t:?}"
+    );
     want.insert(
         "scores.t".into(),
-        vec![("gap".into(), 6, t[0].2.clone()), ("m".into(), 7, data("scores.t", 7))],
+        vec![
+            ("gap".into(), 6, t[0].2.clone()),
+            ("m".into(), 7, data("scores.t", 7)),
+        ],
     );
     assert_eq!(seen, want);
 }
@@ -152,16 +179,33 @@ async fn seen_and_unseen_topics_replay_exactly_across_redis_nodes() {
     seen_and_unseen_topics_replay_exactly(&a, &b, &a).await;
     // The directory is in Redis, in the documented keys.
     let levels = redis.cli(&["ZRANGE", "pubgate:~dir", "0", "-1"]);
-    assert_eq!(levels.split_whitespace().collect::<Vec<_>>(), ["other", "scores"]);
+    assert_eq!(
+        levels.split_whitespace().collect::<Vec<_>>(),
+        ["other", "scores"]
+    );
     let topics = redis.cli(&["ZRANGE", "pubgate:~dir:scores", "0", "-1"]);
     let mut topics: Vec<_> = topics.split_whitespace().collect();
     topics.sort();
     assert_eq!(
         topics,
-        ["scores.a", "scores.b", "scores.c", "scores.new", "scores.t", "scores.x.y"]
+        [
+            "scores.a",
+            "scores.b",
+            "scores.c",
+            "scores.new",
+            "scores.t",
+            "scores.x.y"
+        ]
     );
-    let ttl: i64 = redis.cli(&["PTTL", "pubgate:~dir:scores"]).trim().parse().expect("pttl");
-    assert!((1..=3_600_000).contains(&ttl), "the directory expires: {ttl}");
+    let ttl: i64 = redis
+        .cli(&["PTTL", "pubgate:~dir:scores"])
+        .trim()
+        .parse()
+        .expect("pttl");
+    assert!(
+        (1..=3_600_000).contains(&ttl),
+        "the directory expires: {ttl}"
+    );
 }
 
 /// A `time` older than the directory keeps (or from before the broker started) is not served:
@@ -176,7 +220,11 @@ async fn too_old_is_not_recovered(node: &Node) {
     let mut ws = node.ws().await;
     let since = json!({"time": time - 2 * 3_600_000, "topics": {}});
     let ack = subscribe(&mut ws, "scores.*", 2, Some(since)).await;
-    assert_eq!((&ack["op"], &ack["recovered"]), (&json!("ack"), &json!(false)), "{ack}");
+    assert_eq!(
+        (&ack["op"], &ack["recovered"]),
+        (&json!("ack"), &json!(false)),
+        "{ack}"
+    );
     assert!(ack["time"].as_u64().is_some(), "{ack}");
     publish_n(node, "scores.a", 4..=4).await;
     let mut seen = Seen::new();
@@ -250,23 +298,53 @@ async fn a_reset_mid_wildcard_replay_leaves_nothing_behind() {
     // 3,000 × 4 KB of a topic the client never saw: far more than its queue and socket take.
     publish_range(&node, "big.one", 1..=3000, 4096).await;
     let mut raw = common::RawWs::connect_small_rcvbuf(node.addr, 4096).await;
-    let resume = json!({"op":"subscribe","topic":"big.*","id":"r","since":{"time":time,"topics":{}}});
+    let resume =
+        json!({"op":"subscribe","topic":"big.*","id":"r","since":{"time":time,"topics":{}}});
     raw.send_text(&resume.to_string()).await;
     let ack = raw.recv_json(WAIT).await;
-    assert_eq!((&ack["op"], &ack["recovered"]), (&json!("ack"), &json!(true)), "{ack}");
+    assert_eq!(
+        (&ack["op"], &ack["recovered"]),
+        (&json!("ack"), &json!(true)),
+        "{ack}"
+    );
     let replayed = wait_steady(&node, "pubgate_messages_replayed_total").await;
-    assert!((1.0..3000.0).contains(&replayed), "the replay waits mid-way: {replayed}");
+    assert!(
+        (1.0..3000.0).contains(&replayed),
+        "the replay waits mid-way: {replayed}"
+    );
     assert_eq!(metric(&node, "pubgate_wildcards").await, 1.0);
     raw.reset();
     wait_metric(&node, "pubgate_connections", |v| v == 0.0).await;
     wait_metric(&node, "pubgate_subscriptions", |v| v == 0.0).await;
     wait_metric(&node, "pubgate_wildcards", |v| v == 0.0).await;
     assert_eq!(metric(&node, "pubgate_topics").await, 0.0);
-    assert_eq!(metric(&node, "pubgate_slow_consumer_disconnects_total").await, 0.0);
+    assert_eq!(
+        metric(&node, "pubgate_slow_consumer_disconnects_total").await,
+        0.0
+    );
+}
+
+/// How Redis loses what was published while the client was away.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Loss {
+    /// Restarted without data.
+    Everything,
+    /// Restarted from a snapshot taken before the client left (a rollback): the directory comes
+    /// back, with the old run.
+    Rollback,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restart_without_data_is_never_silent() {
+    redis_loss_is_never_silent(Loss::Everything).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_rollback_to_a_snapshot_is_never_silent() {
+    redis_loss_is_never_silent(Loss::Rollback).await;
+}
+
+async fn redis_loss_is_never_silent(loss: Loss) {
     let mut redis = Redis::start();
     let node = redis_node(&redis, &[]).await;
     let mut ws = node.ws().await;
@@ -282,10 +360,18 @@ async fn a_redis_restart_without_data_is_never_silent() {
         }
     }
     ws.close().await;
+    if loss == Loss::Rollback {
+        assert_eq!(redis.cli(&["SAVE"]).trim(), "OK");
+    }
     // Published while away, then lost with Redis's data.
     publish_n(&node, "scores.a", 3..=3).await;
     publish_n(&node, "scores.b", 1..=1).await;
     redis.restart();
+    if loss == Loss::Rollback {
+        // The snapshot is back: scores.a at 2, the directory as it was, with the old run.
+        assert_eq!(redis.cli(&["GET", "pubgate:scores.a:offset"]).trim(), "2");
+        assert!(redis.cli(&["GET", "pubgate:~dir~run"]).trim().len() > 10);
+    }
     node.wait_ready(Duration::from_secs(15)).await;
     let since = json!({"time": time, "topics": {"scores.a": {"epoch": epoch, "offset": 2}}});
     // Before any publish (the directory is gone), and after one (a new directory, younger than
@@ -293,7 +379,11 @@ async fn a_redis_restart_without_data_is_never_silent() {
     for id in [2, 3] {
         let mut ws = node.ws().await;
         let ack = subscribe(&mut ws, "scores.*", id, Some(since.clone())).await;
-        assert_eq!((&ack["op"], &ack["recovered"]), (&json!("ack"), &json!(false)), "{ack}");
+        assert_eq!(
+            (&ack["op"], &ack["recovered"]),
+            (&json!("ack"), &json!(false)),
+            "{loss:?}: {ack}"
+        );
         let mut seen = Seen::new();
         collect(&mut ws, Duration::from_millis(500), &mut seen).await;
         // scores.c 1, published after the restart, may still be on its way to the node when the

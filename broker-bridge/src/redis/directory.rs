@@ -168,9 +168,7 @@ impl Inner {
         since_ms: u64,
     ) -> Result<Directory, BrokerError> {
         if self.names.is_cluster() {
-            return Ok(Directory::Unknown(
-                "Redis Cluster keeps no topic directory",
-            ));
+            return Ok(Directory::Unknown("Redis Cluster keeps no topic directory"));
         }
         let p = self.names.prefix();
         let (all, run) = (format!("{p}~dir"), format!("{p}~dir~run"));

@@ -35,8 +35,8 @@ use redis::RedisError;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Broker, BrokerError, BrokerObserver, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
-    Directory, MAX_OFFSET, MessageSink, Position, Replay, Seek,
+    Broker, BrokerError, BrokerObserver, Directory, Epoch, HistoryLimits, HistoryPolicy,
+    HistoryRead, MAX_OFFSET, MessageSink, Position, Replay, Seek,
 };
 use conn::{Target, Timeouts, broker_error};
 use link::{CmdLink, Health};

@@ -107,8 +107,10 @@ impl Registry {
             queue.close(CloseReason::SLOW_CONSUMER);
             return;
         }
-        let mut cursors: HashMap<Arc<str>, Cursor> =
-            sent.iter().map(|(t, p)| (t.clone(), Cursor::at(p))).collect();
+        let mut cursors: HashMap<Arc<str>, Cursor> = sent
+            .iter()
+            .map(|(t, p)| (t.clone(), Cursor::at(p)))
+            .collect();
         if let Some(dropped) = held.dropped {
             for (topic, newest) in dropped {
                 let Some(newest) = newest else { continue };

@@ -105,9 +105,8 @@ impl Registry {
             for sub in &mut entry.subs {
                 match &mut sub.state {
                     SubState::Wild => {
-                        if how.push(self, flushes, &sub.queue, frame(&sub.queue)) {
-                            delivered += 1;
-                        }
+                        delivered +=
+                            u64::from(how.push(self, flushes, &sub.queue, frame(&sub.queue)));
                     }
                     SubState::WildPending(held) => held.hold(
                         &message.topic,
