@@ -455,6 +455,7 @@ mod tests {
         let b = MemoryBroker::new(
             MemoryConfig {
                 history: Arc::new(policy),
+                directory_window: Duration::from_secs(3600),
             },
             sink,
         );
