@@ -397,3 +397,42 @@ async fn redis_loss_is_never_silent(loss: Loss) {
         }
     }
 }
+
+/// A pattern without a literal prefix (`>`, `*.b`) asks the whole directory.
+async fn patterns_without_a_prefix_resume_every_first_level(node: &Node) {
+    let mut times = Vec::new();
+    for (id, pattern) in [(1, ">"), (2, "*.b")] {
+        let mut ws = node.ws().await;
+        let ack = subscribe(&mut ws, pattern, id, None).await;
+        times.push((pattern, ack["time"].as_u64().expect("time")));
+        ws.close().await;
+    }
+    publish_n(node, "x.b", 1..=2).await;
+    publish_n(node, "y.b.c", 1..=1).await;
+    publish_n(node, "z", 1..=1).await;
+    for (i, (pattern, time)) in times.into_iter().enumerate() {
+        let mut ws = node.ws().await;
+        let since = json!({"time": time});
+        let ack = subscribe(&mut ws, pattern, 10 + i as u64, Some(since)).await;
+        assert_eq!(ack["recovered"], json!(true), "{ack}");
+        let mut seen = Seen::new();
+        collect(&mut ws, Duration::from_millis(800), &mut seen).await;
+        let mut want = Seen::from([("x.b".to_string(), messages("x.b", 1..=2))]);
+        if pattern == ">" {
+            want.insert("y.b.c".into(), messages("y.b.c", 1..=1));
+            want.insert("z".into(), messages("z", 1..=1));
+        }
+        assert_eq!(seen, want, "{pattern}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_without_a_prefix_resume_every_first_level_on_memory() {
+    patterns_without_a_prefix_resume_every_first_level(&memory_node(&[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patterns_without_a_prefix_resume_every_first_level_on_redis() {
+    let redis = Redis::start();
+    patterns_without_a_prefix_resume_every_first_level(&redis_node(&redis, &[]).await).await;
+}
