@@ -39,8 +39,17 @@ impl Node {
     ) -> Result<(), ProtocolError> {
         // Read after the pattern subscription is confirmed: every message stamped at or after it
         // reaches this node, and is held for the subscriber until its ack is queued.
-        let time = self.broker.clock().await.map_err(broker_error)?;
         let pattern = &**sub.topic();
+        let time = match self.broker.clock().await {
+            Ok(time) => Some(time),
+            // A plain subscribe does not need the clock to be served: it goes live without a
+            // `time` (it cannot be resumed later, as against an older server).
+            Err(e) if since.is_none() => {
+                tracing::warn!(pattern, error = %e, "broker clock unreadable: wildcard ack without time");
+                None
+            }
+            Err(e) => return Err(broker_error(e)),
+        };
         let Some(since) = since else {
             let ack = wildcard_ack(id, pattern, time, None);
             self.registry

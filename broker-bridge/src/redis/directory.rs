@@ -26,7 +26,7 @@ use crate::{BrokerError, Directory, EMPTY_EPOCH, Epoch, MAX_DIRECTORY_TOPICS, Po
 
 /// Appended to the publish script, standalone and Sentinel only (`KEYS[4]` `P~dir`, `KEYS[5]`
 /// `P~dir:<first level>`; `ARGV[8]` the window in ms, `ARGV[9]` the topic, `ARGV[10]` its first
-/// level). Without `ARGV[8]` (Redis Cluster) it does nothing. The run key is not touched here: the
+/// level). Without a numeric `ARGV[8]` (Redis Cluster) it does nothing. The run key is not touched here: the
 /// ack's clock ([`CLOCK`]) keeps it, so a publish pays only for the two sets.
 pub(super) const PUBLISH_BLOCK: &str = r#"
 local dir_window = tonumber(ARGV[8] or '0') or 0

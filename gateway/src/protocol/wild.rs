@@ -72,19 +72,22 @@ impl WildSince {
     }
 }
 
-/// `{"op":"ack","id":…,"topic":<pattern>,"time":…[,"recovered":…]}`: a wildcard subscribe's ack,
-/// with the broker's time at which every later message is delivered live.
+/// `{"op":"ack","id":…,"topic":<pattern>[,"time":…][,"recovered":…]}`: a wildcard subscribe's
+/// ack, with the broker's time at which every later message is delivered live (absent when the
+/// clock could not be read: the subscription is live all the same, but cannot be resumed).
 pub fn wildcard_ack(
     id: Option<&RawValue>,
     pattern: &str,
-    time: Offset,
+    time: Option<Offset>,
     recovered: Option<bool>,
 ) -> Bytes {
     let mut b = start("ack", id, pattern.len() + 48);
     b.put(b",\"topic\":");
     b.put_json_str(pattern);
-    b.put(b",\"time\":");
-    b.put_u64(time);
+    if let Some(time) = time {
+        b.put(b",\"time\":");
+        b.put_u64(time);
+    }
     if let Some(r) = recovered {
         b.put(if r {
             b",\"recovered\":true"
@@ -139,7 +142,7 @@ mod tests {
     #[test]
     fn the_ack_carries_the_time() {
         let id: Box<RawValue> = serde_json::from_str("3").expect("id");
-        let ack = wildcard_ack(Some(&id), "scores.*", 17, Some(true));
+        let ack = wildcard_ack(Some(&id), "scores.*", Some(17), Some(true));
         let text = std::str::from_utf8(&ack[2..]).expect("utf8");
         let v: serde_json::Value = serde_json::from_str(text).expect("json");
         assert_eq!(
