@@ -251,26 +251,38 @@ impl Broker for MemoryBroker {
 
     async fn directory(&self, prefix: &str, since_ms: u64) -> Result<Directory, BrokerError> {
         let window = self.config.directory_window.as_millis() as u64;
-        let topics = lock(&self.topics);
-        if since_ms < wall_ms().saturating_sub(window) {
-            return Ok(Directory::Unknown("older than history.directory_window"));
-        }
-        if since_ms < topics.started_ms || since_ms <= topics.forgot_ms {
-            return Ok(Directory::Unknown(
-                "the broker restarted or forgot a topic since",
-            ));
-        }
+        // Only the names below the prefix are taken under the table's lock, which every publish
+        // needs too; each topic's time is read after it is released.
+        let candidates: Vec<Arc<Mutex<TopicLog>>> = {
+            let topics = lock(&self.topics);
+            if since_ms < wall_ms().saturating_sub(window) {
+                return Ok(Directory::Unknown("older than history.directory_window"));
+            }
+            if since_ms < topics.started_ms || since_ms <= topics.forgot_ms {
+                return Ok(Directory::Unknown(
+                    "the broker restarted or forgot a topic since",
+                ));
+            }
+            topics
+                .map
+                .iter()
+                .filter(|(name, _)| {
+                    prefix.is_empty()
+                        || (name.len() > prefix.len()
+                            && name.starts_with(prefix)
+                            && name.as_bytes()[prefix.len()] == b'.')
+                })
+                .map(|(_, log)| log.clone())
+                .collect()
+        };
         let mut found = Vec::new();
-        for (name, log) in &topics.map {
-            let below = prefix.is_empty()
-                || (name.len() > prefix.len()
-                    && name.starts_with(prefix)
-                    && name.as_bytes()[prefix.len()] == b'.');
-            if below && lock(log).last_publish_ms >= since_ms {
+        for log in candidates {
+            let log = lock(&log);
+            if log.last_publish_ms >= since_ms {
                 if found.len() == MAX_DIRECTORY_TOPICS {
                     return Ok(Directory::Unknown("too many topics changed"));
                 }
-                found.push(name.clone());
+                found.push(log.name.clone());
             }
         }
         Ok(Directory::Topics(found))
