@@ -86,6 +86,10 @@ async fn publish_n(node: &Node, topic: &str, offsets: std::ops::RangeInclusive<u
 /// The scenario. `first` serves the first connection, `second` the resume (another node
 /// on Redis), `publisher` publishes. History keeps 4 messages per topic.
 async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publisher: &Node) {
+    // Published before the subscription: never owed to the client, even once it is away.
+    publish_n(publisher, "scores.d", 1..=2).await;
+    // Stamps are in ms: the ack's time must come in a later ms than those two.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let mut ws = first.ws().await;
     let ack = subscribe(&mut ws, "scores.*", 1, None).await;
     assert_eq!(ack["op"], "ack", "{ack}");
@@ -117,6 +121,7 @@ async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publ
     publish_n(publisher, "scores.b", 1..=3).await;
     publish_n(publisher, "scores.c", 1..=3).await;
     publish_n(publisher, "scores.t", 1..=6).await;
+    publish_n(publisher, "scores.d", 3..=4).await;
     publish_n(publisher, "scores.x.y", 1..=2).await;
     publish_n(publisher, "other.z", 1..=2).await;
 
@@ -144,6 +149,8 @@ async fn seen_and_unseen_topics_replay_exactly(first: &Node, second: &Node, publ
     want.insert("scores.b".into(), messages("scores.b", 1..=3));
     want.insert("scores.c".into(), messages("scores.c", 1..=3));
     want.insert("scores.new".into(), messages("scores.new", 1..=1));
+    // A topic the client never saw, with messages from before its first ack: only the later ones.
+    want.insert("scores.d".into(), messages("scores.d", 3..=4));
     // History holds 3..=6 of it: offsets 1 and 2, which the client never got, are gone.
     let t = seen.get("scores.t").cloned().unwrap_or_default();
     assert_eq!(
@@ -192,6 +199,7 @@ async fn seen_and_unseen_topics_replay_exactly_across_redis_nodes() {
             "scores.a",
             "scores.b",
             "scores.c",
+            "scores.d",
             "scores.new",
             "scores.t",
             "scores.x.y"
