@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use redis_support::faults::{metric, publish_range, wait_metric, wait_steady};
 use redis_support::history::{WAIT, memory_node, publish, redis_node};
-use redis_support::{Frame, Node, Redis, Ws};
+use redis_support::{Frame, Node, Redis, SentinelSet, Ws, cli_output, eventually};
 use serde_json::{Value, json};
 
 /// What a client saw of one topic, in arrival order: `("m", offset, data)` or `("gap", offset, _)`.
@@ -443,4 +443,62 @@ async fn patterns_without_a_prefix_resume_every_first_level_on_memory() {
 async fn patterns_without_a_prefix_resume_every_first_level_on_redis() {
     let redis = Redis::start();
     patterns_without_a_prefix_resume_every_first_level(&redis_node(&redis, &[]).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_never_silent() {
+    let set = SentinelSet::start();
+    let node = Node::redis("redis", &set.url(), &[]).await;
+    node.wait_ready(Duration::from_secs(20)).await;
+    let mut ws = node.ws().await;
+    let time = subscribe(&mut ws, "scores.*", 1, None).await["time"]
+        .as_u64()
+        .expect("time");
+    publish_n(&node, "scores.a", 1..=1).await;
+    let m = ws.next_message(WAIT).await.expect("live");
+    let epoch = m["epoch"].as_str().expect("epoch").to_string();
+    ws.close().await;
+    publish_n(&node, "scores.a", 2..=2).await;
+    publish_n(&node, "scores.b", 1..=1).await;
+    // The replica has everything before it is promoted: the failover loses nothing, but nothing
+    // tells the node so (replication is asynchronous), so the resume must not claim it.
+    assert!(
+        eventually(Duration::from_secs(5), async || {
+            cli_output(set.replica.port, None, &["ZCARD", "pubgate:~dir:scores"])
+                .is_some_and(|o| o.trim() == "2")
+        })
+        .await
+    );
+    assert_eq!(
+        set.sentinel(&["SENTINEL", "FAILOVER", "mymaster"]).trim(),
+        "OK"
+    );
+    assert!(
+        eventually(Duration::from_secs(30), async || set.master_port()
+            == Some(set.replica.port))
+        .await,
+        "sentinel did not promote the replica"
+    );
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            node.metric("pubgate_broker_reconnects_total").await >= Some(1.0)
+                && node.is_ready().await
+        })
+        .await,
+        "node did not follow the failover:\n{}",
+        node.log()
+    );
+    let since = json!({"time": time, "topics": {"scores.a": {"epoch": epoch, "offset": 1}}});
+    let mut ack = Value::Null;
+    for id in 2..200 {
+        let mut ws = node.ws().await;
+        ack = subscribe(&mut ws, "scores.*", id, Some(since.clone())).await;
+        if ack["op"] == "ack" {
+            break;
+        }
+        // The switch may refuse for a moment (broker_unavailable), never answer wrongly.
+        assert_eq!(ack["code"], "broker_unavailable", "{ack}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ack["recovered"], json!(false), "{ack}");
 }
