@@ -346,8 +346,8 @@ pub fn ack(
     b.finish(OpCode::Text)
 }
 
-/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe, and for a wildcard subscribe (which has no
-/// position of its own).
+/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe (a wildcard subscribe's is
+/// [`wildcard_ack`]).
 pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
     let mut b = start("ack", id, topic.len());
     b.put(b",\"topic\":");
