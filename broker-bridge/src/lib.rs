@@ -7,6 +7,7 @@
 //! Every topic has an [`Epoch`] and contiguous offsets starting at 1, on every broker implementation, so
 //! the client protocol is the same whether a node runs alone ([`MemoryBroker`]) or with Redis.
 
+mod directory;
 mod memory;
 mod prefixes;
 pub mod redis;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use directory::{Directory, MAX_DIRECTORY_TOPICS, Seek};
 pub use memory::{MemoryBroker, MemoryConfig};
 pub use prefixes::{PrefixSet, strict_prefixes};
 pub use redis::{RedisBroker, RedisConfig};
@@ -388,6 +390,30 @@ pub trait Broker: Send + Sync + 'static {
             },
         )
         .await
+    }
+
+    /// The broker's clock, in ms since the Unix epoch: the time the history entries and the
+    /// directory are stamped with. A wildcard ack carries it, read after the pattern subscription
+    /// is in place, so every message stamped at or after it reaches the node live.
+    async fn clock(&self) -> Result<u64, BrokerError> {
+        Err(BrokerError::Unsupported("a broker clock".into()))
+    }
+
+    /// The topics below `prefix` (every topic for the empty prefix) published to at or after
+    /// `since_ms` on [`Broker::clock`], if the broker can tell: what a wildcard resume replays.
+    /// [`Directory::Unknown`] when it cannot (more than [`MAX_DIRECTORY_TOPICS`], a window older
+    /// than the directory keeps, a directory lost or restarted since, a broker without one).
+    async fn directory(&self, prefix: &str, since_ms: u64) -> Result<Directory, BrokerError> {
+        let _ = (prefix, since_ms);
+        Ok(Directory::Unknown("this broker keeps no topic directory"))
+    }
+
+    /// Where a topic's messages stamped at or after `since_ms` start in its history, looking at
+    /// most `max` messages back (see [`Seek`]): a wildcard resume's replay of a topic the client
+    /// never saw.
+    async fn seek(&self, topic: &str, since_ms: u64, max: u64) -> Result<Seek, BrokerError> {
+        let _ = (topic, since_ms, max);
+        Err(BrokerError::Unsupported("seeking history by time".into()))
     }
 
     /// Whether the broker path currently works end to end.

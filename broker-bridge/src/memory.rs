@@ -7,9 +7,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::directory::{seek_in, wall_ms};
 use crate::{
-    Broker, BrokerError, Epoch, HistoryLimits, HistoryPolicy, HistoryRead, Message, MessageSink,
-    Offset, Position, PrefixSet, Replay,
+    Broker, BrokerError, Directory, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
+    MAX_DIRECTORY_TOPICS, Message, MessageSink, Offset, Position, PrefixSet, Replay, Seek,
 };
 
 /// Settings of the in-memory broker.
@@ -17,6 +18,8 @@ use crate::{
 pub struct MemoryConfig {
     /// How much history each topic keeps (looked up once, when the broker first sees the topic).
     pub history: Arc<dyn HistoryPolicy>,
+    /// How far back a wildcard resume may reach ([`Broker::directory`]).
+    pub directory_window: Duration,
 }
 
 impl MemoryConfig {
@@ -24,6 +27,7 @@ impl MemoryConfig {
     pub fn uniform(limits: HistoryLimits) -> Self {
         MemoryConfig {
             history: Arc::new(limits),
+            directory_window: Duration::from_secs(3600),
         }
     }
 }
@@ -52,6 +56,12 @@ pub struct MemoryBroker {
 struct Topics {
     map: HashMap<Arc<str>, Arc<Mutex<TopicLog>>>,
     last_sweep: Instant,
+    /// When the broker started (ms): a wildcard resume from before it cannot be served, whatever
+    /// the node that acknowledged it had.
+    started_ms: u64,
+    /// The latest publish (ms) of any topic forgotten by a sweep: a wildcard resume from before it
+    /// may have missed that topic's messages, which are gone.
+    forgot_ms: u64,
 }
 
 struct TopicLog {
@@ -60,8 +70,11 @@ struct TopicLog {
     last: Offset,
     subscribed: bool,
     last_publish: Instant,
+    /// The last publish on the wall clock (ms), for the directory.
+    last_publish_ms: u64,
     limits: HistoryLimits,
-    history: VecDeque<(Offset, Instant, Bytes)>,
+    /// Each message with its offset and when it was published (monotonic, and wall ms).
+    history: VecDeque<(Offset, Instant, u64, Bytes)>,
 }
 
 impl TopicLog {
@@ -82,7 +95,7 @@ impl TopicLog {
         while self.history.len() > self.limits.size {
             self.history.pop_front();
         }
-        while let Some((_, at, _)) = self.history.front() {
+        while let Some((_, at, _, _)) = self.history.front() {
             if now.duration_since(*at) <= self.limits.ttl {
                 break;
             }
@@ -100,6 +113,8 @@ impl MemoryBroker {
             topics: Mutex::new(Topics {
                 map: HashMap::new(),
                 last_sweep: Instant::now(),
+                started_ms: wall_ms(),
+                forgot_ms: 0,
             }),
             prefixes: PrefixSet::default(),
         }
@@ -111,10 +126,17 @@ impl MemoryBroker {
         // Sweep at most every 30 s (half the shortest idle limit).
         if now.duration_since(topics.last_sweep) > Duration::from_secs(30) {
             topics.last_sweep = now;
+            let mut forgot_ms = topics.forgot_ms;
             topics.map.retain(|_, log| {
                 let log = lock(log);
-                log.subscribed || now.duration_since(log.last_publish) < log.idle_limit()
+                let keep =
+                    log.subscribed || now.duration_since(log.last_publish) < log.idle_limit();
+                if !keep {
+                    forgot_ms = forgot_ms.max(log.last_publish_ms);
+                }
+                keep
             });
+            topics.forgot_ms = forgot_ms;
         }
         if let Some(log) = topics.map.get(name) {
             return log.clone();
@@ -126,6 +148,7 @@ impl MemoryBroker {
             last: 0,
             subscribed: false,
             last_publish: now,
+            last_publish_ms: 0,
             limits: self.config.history.limits(&name),
             history: VecDeque::new(),
         }));
@@ -147,13 +170,17 @@ impl Broker for MemoryBroker {
         let now = Instant::now();
         log.last += 1;
         log.last_publish = now;
+        // Never behind the previous stamp, so stamps follow offsets even if the wall clock steps
+        // back.
+        let stamp = wall_ms().max(log.last_publish_ms);
+        log.last_publish_ms = stamp;
         let position = Position {
             epoch: log.epoch.clone(),
             offset: log.last,
         };
         if log.limits.size > 0 {
             let offset = log.last;
-            log.history.push_back((offset, now, data.clone()));
+            log.history.push_back((offset, now, stamp, data.clone()));
             log.trim(now);
         }
         // Checked under the topic's lock, like `subscribed`: a prefix subscribed before this
@@ -209,13 +236,64 @@ impl Broker for MemoryBroker {
         let position = log.position();
         let (start, _) = read.start(&position);
         // The ring is in offset order: skip to the start without walking what comes before.
-        let first = log.history.partition_point(|(o, _, _)| *o <= start);
+        let first = log.history.partition_point(|(o, _, _, _)| *o <= start);
         let held = log
             .history
             .range(first..)
             .take(read.limit)
-            .map(|(o, _, data)| (*o, data.clone()));
+            .map(|(o, _, _, data)| (*o, data.clone()));
         Ok(read.page(&log.name, position, held))
+    }
+
+    async fn clock(&self) -> Result<u64, BrokerError> {
+        Ok(wall_ms())
+    }
+
+    async fn directory(&self, prefix: &str, since_ms: u64) -> Result<Directory, BrokerError> {
+        let window = self.config.directory_window.as_millis() as u64;
+        // Only the names below the prefix are taken under the table's lock, which every publish
+        // needs too; each topic's time is read after it is released.
+        let candidates: Vec<Arc<Mutex<TopicLog>>> = {
+            let topics = lock(&self.topics);
+            if since_ms < wall_ms().saturating_sub(window) {
+                return Ok(Directory::Unknown("older than history.directory_window"));
+            }
+            if since_ms < topics.started_ms || since_ms <= topics.forgot_ms {
+                return Ok(Directory::Unknown(
+                    "the broker restarted or forgot a topic since",
+                ));
+            }
+            topics
+                .map
+                .iter()
+                .filter(|(name, _)| {
+                    prefix.is_empty()
+                        || (name.len() > prefix.len()
+                            && name.starts_with(prefix)
+                            && name.as_bytes()[prefix.len()] == b'.')
+                })
+                .map(|(_, log)| log.clone())
+                .collect()
+        };
+        let mut found = Vec::new();
+        for log in candidates {
+            let log = lock(&log);
+            if log.last_publish_ms >= since_ms {
+                if found.len() == MAX_DIRECTORY_TOPICS {
+                    return Ok(Directory::Unknown("too many topics changed"));
+                }
+                found.push(log.name.clone());
+            }
+        }
+        Ok(Directory::Topics(found))
+    }
+
+    async fn seek(&self, topic: &str, since_ms: u64, max: u64) -> Result<Seek, BrokerError> {
+        let log = self.topic(topic);
+        let mut log = lock(&log);
+        log.trim(Instant::now());
+        let held = log.history.iter().map(|(o, _, stamp, _)| (*o, *stamp));
+        Ok(seek_in(log.position(), held, since_ms, max))
     }
 
     fn is_ready(&self) -> bool {
@@ -389,6 +467,7 @@ mod tests {
         let b = MemoryBroker::new(
             MemoryConfig {
                 history: Arc::new(policy),
+                directory_window: Duration::from_secs(3600),
             },
             sink,
         );

@@ -198,12 +198,13 @@ export function deliverToWildcards(subs, m, call) {
   for (const sub of subs) {
     if (!sub.wild || sub.resyncing || !patternMatches(sub.topic, m.topic)) continue;
     if (isOffset(m.offset) && m.offset > 0) {
-      // Within one connection the server sends each message once per subscription; what can go
-      // back is an offset after an epoch change, which only message 1 and gap frames name. So a
-      // message is a duplicate only at the very offset already delivered in a known epoch.
+      // The server sends each message once per subscription and offsets only go back after an
+      // epoch change, which message 1 and gap frames name. So within the epoch last seen (known,
+      // or unknown on both sides), an offset at or below the last one was delivered already: the
+      // replay of a resumed wildcard resends those of topics whose epoch the client did not know.
       const last = sub.seen.get(m.topic);
       const epoch = typeof m.epoch === 'string' ? m.epoch : last ? last.epoch : null;
-      if (last && epoch === last.epoch && m.offset === last.offset) continue; // never twice
+      if (last && epoch === last.epoch && m.offset <= last.offset) continue; // never twice
       sub.seen.set(m.topic, { epoch, offset: m.offset });
     }
     call(sub, 'onMessage', m.data, m);

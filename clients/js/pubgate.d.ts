@@ -23,6 +23,8 @@ export interface SubscribeAck {
   epoch?: string | null;
   offset?: number | null;
   recovered?: boolean;
+  /** A wildcard's ack: the server's time (ms) its messages are live from, when the server offers it. */
+  time?: number;
 }
 
 export interface GapInfo {
@@ -131,8 +133,9 @@ export interface Client {
   readonly state: ClientState;
   /**
    * `topic` may be a wildcard (`scores.*` one level, `scores.>` the rest): its handlers get every matching
-   * topic's messages (each `(topic, offset)` once) from each ack on; it resumes live after a reconnect,
-   * without `since` (docs/topics.md). Wildcards are refused in shared mode.
+   * topic's messages (each `(topic, offset)` once) from each ack on. After a reconnect it resumes from
+   * its last ack's `time` and the positions seen (topics it never saw included) when the server offers
+   * `time`, else it goes on live (docs/topics.md). Wildcards are refused in shared mode.
    */
   subscribe<T = unknown>(topic: string, handlers: TopicHandlers<T> | ((data: T, message: Message<T>) => void), options?: { since?: Position }): Promise<SubscribeAck>;
   unsubscribe(topic: string): Promise<void>;

@@ -142,13 +142,15 @@ export class PubgateClient extends Emitter {
   subscribe(topic, handlers, options = {}) {
     if (this._subs.has(topic)) return Promise.reject(new PubgateError('already_subscribed', `already subscribed to ${topic}`));
     // With `persist: 'session'` a topic this page had before a reload resumes where it left off.
-    // A wildcard has no position of its own (docs/topics.md): it goes on live from each ack.
+    // A wildcard resumes as a whole from the `time` of its last ack and the positions it saw
+    // (docs/topics.md), when the server's ack offers a `time`.
     const wild = isWildcard(topic);
     const since = wild ? null : options.since || this._store.load(topic);
     const sub = {
       topic,
       wild, // a wildcard: `seen` holds each concrete topic's last (epoch, offset), for dedupe
       seen: wild ? new Map() : null,
+      time: null, // a wildcard: the `time` of its last ack, to resume from
       handlers: normalizeHandlers(handlers),
       epoch: since ? String(since.epoch) : null,
       offset: since ? Number(since.offset) : null,
@@ -445,7 +447,7 @@ export class PubgateClient extends Emitter {
 
   _sendSubscribe(sub) {
     const frame = { op: 'subscribe', topic: sub.topic };
-    const since = sub.offset !== null ? { epoch: sub.epoch, offset: sub.offset } : null;
+    const since = sub.wild ? wildcardSince(sub) : sub.offset !== null ? { epoch: sub.epoch, offset: sub.offset } : null;
     if (since) frame.since = since;
     sub.inflight = true;
     sub.resyncing = true;
@@ -501,9 +503,19 @@ export class PubgateClient extends Emitter {
       sub.inflight = false;
       sub.active = true;
       sub.resyncing = false;
-      // Live from this ack: what the last connection saw says nothing about the topics' epochs now.
-      sub.seen.clear();
-      if (sub.first) sub.first.resolve({ topic: sub.topic });
+      sub.time = isOffset(ack.time) ? ack.time : null;
+      if (since && ack.recovered !== false) {
+        // Resumed: what each topic missed follows, after the positions sent; keep them for dedupe.
+        this.emit('resumed', { topic: sub.topic, since, recovered: true });
+      } else {
+        // Live from this ack: what the last connection saw says nothing about the topics now.
+        sub.seen.clear();
+        if (since) {
+          this._call(sub, 'onRecoverFailed', { topic: sub.topic, since });
+          this.emit('resumed', { topic: sub.topic, since, recovered: false });
+        }
+      }
+      if (sub.first) sub.first.resolve(sub.time === null ? { topic: sub.topic } : { topic: sub.topic, time: sub.time });
       sub.first = null;
       return;
     }
@@ -656,4 +668,24 @@ export class PubgateClient extends Emitter {
     };
     this._request({ op: 'unsubscribe', topic: sub.topic }, 'unsubscribe', { internal: true, onReply: again, onError: again });
   }
+}
+
+/** Most topics a wildcard resume may name (the server refuses more). */
+const MAX_RESUME_TOPICS = 10000;
+
+/**
+ * A wildcard's `since`: the time of its last ack and the last position of each topic seen whose
+ * epoch is known (the others are replayed from that time and deduplicated by offset), or null when
+ * the server offered no time (an older server: the wildcard goes on live).
+ */
+function wildcardSince(sub) {
+  if (sub.time === null) return null;
+  const topics = {};
+  let n = 0;
+  for (const [topic, p] of sub.seen) {
+    if (typeof p.epoch !== 'string' || !isOffset(p.offset)) continue;
+    if (++n > MAX_RESUME_TOPICS) return null;
+    topics[topic] = { epoch: p.epoch, offset: p.offset };
+  }
+  return { time: sub.time, topics };
 }

@@ -322,6 +322,10 @@ pub struct History {
     pub ttl: Duration,
     /// Per-topic limits by topic pattern (`[[history.rules]]`); the first match wins.
     pub rules: Vec<HistoryRule>,
+    /// How far back a wildcard resume may reach: the broker's directory of recently published
+    /// topics keeps this long (a longer absence gets `recovered:false`).
+    #[serde(with = "humantime_serde")]
+    pub directory_window: Duration,
 }
 
 /// One `[[history.rules]]` entry: the history of topics matching `pattern`.
@@ -537,6 +541,7 @@ delay = "0s"
 size = 100
 ttl = "5m"
 rules = []
+directory_window = "1h"
 
 [compression]
 enabled = true

@@ -32,6 +32,7 @@ pub(crate) mod session;
 pub(crate) mod subscribe;
 pub(crate) mod tcp;
 pub(crate) mod tls_stream;
+pub(crate) mod wild_resume;
 pub(crate) mod writer;
 
 pub use error::Error;

@@ -84,6 +84,7 @@ impl Node {
             BrokerKind::Memory => Arc::new(MemoryBroker::new(
                 MemoryConfig {
                     history: settings.history.policy(&settings.namespaces),
+                    directory_window: settings.history.directory_window,
                 },
                 sink,
             )),
@@ -95,6 +96,7 @@ impl Node {
                 );
                 config.prefix = b.prefix.clone();
                 config.history = settings.history.policy(&settings.namespaces);
+                config.directory_window = settings.history.directory_window;
                 config.topic_idle_ttl = b.topic_idle_ttl;
                 config.command_timeout = b.command_timeout;
                 config.connect_timeout = b.command_timeout;

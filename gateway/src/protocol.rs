@@ -13,6 +13,9 @@ use serde_json::value::RawValue;
 use crate::frame::{FrameBuilder, OpCode};
 use crate::topic::Target;
 
+mod wild;
+pub use wild::{WildSince, wildcard_ack};
+
 /// The stable error codes of the protocol (extend, never rename).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
@@ -169,6 +172,8 @@ pub enum Request<'a> {
         topic: Cow<'a, str>,
         /// Resume point, if any.
         since: Option<Since>,
+        /// A wildcard's resume point, if any.
+        wild_since: Option<WildSince>,
     },
     /// Stop receiving a topic.
     Unsubscribe {
@@ -257,10 +262,13 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
     match &*op {
         "subscribe" => {
             let (topic, target) = target()?;
-            if env.since.is_some() && target != Target::Topic {
-                return Err(bad(
-                    "since resumes one topic: resume each topic seen under a wildcard with its own subscribe (docs/topics.md)",
-                ));
+            if let (Some(raw), Target::Wildcard(pattern)) = (env.since, &target) {
+                let wild_since = Some(WildSince::parse(raw, pattern)?);
+                return Ok(Request::Subscribe {
+                    topic,
+                    since: None,
+                    wild_since,
+                });
             }
             let since = match env.since {
                 None => None,
@@ -270,7 +278,11 @@ fn build_request(env: Envelope<'_>) -> Result<Request<'_>, ProtocolError> {
                     ))
                 })?),
             };
-            Ok(Request::Subscribe { topic, since })
+            Ok(Request::Subscribe {
+                topic,
+                since,
+                wild_since: None,
+            })
         }
         "unsubscribe" => Ok(Request::Unsubscribe { topic: target()?.0 }),
         "publish" => {
@@ -334,8 +346,8 @@ pub fn ack(
     b.finish(OpCode::Text)
 }
 
-/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe, and for a wildcard subscribe (which has no
-/// position of its own).
+/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe (a wildcard subscribe's is
+/// [`wildcard_ack`]).
 pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
     let mut b = start("ack", id, topic.len());
     b.put(b",\"topic\":");

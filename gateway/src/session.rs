@@ -478,7 +478,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             ));
         }
         match request {
-            Request::Subscribe { topic, since } => {
+            Request::Subscribe {
+                topic,
+                since,
+                wild_since,
+            } => {
                 if !node.access.may_subscribe(who, &topic) {
                     return Err(ProtocolError::new(
                         ErrorCode::Forbidden,
@@ -512,7 +516,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 self.subs
                     .list
                     .push(node.join(self.subs.conn, &self.queue, &topic));
-                let started = node.start(&self.subs.list[i], id, since).await;
+                let started = node.start(&self.subs.list[i], id, since, wild_since).await;
                 if started.is_err() {
                     self.subs.list.swap_remove(i);
                 }

@@ -22,12 +22,12 @@ use serde_json::value::RawValue;
 
 use crate::config::Limits;
 use crate::node::{Node, broker_error};
-use crate::protocol::{self, ProtocolError, Since};
+use crate::protocol::{self, ProtocolError, Since, WildSince};
 use crate::registry::{Activation, ConnId, Subscription};
 use crate::send_queue::SendQueue;
 
 /// Messages a resume may have missed at most; past it the ack says `recovered:false`.
-const MAX_REPLAY: Offset = 10_000;
+pub(crate) const MAX_REPLAY: Offset = 10_000;
 /// Messages per history page at most.
 const PAGE_MESSAGES: usize = 100;
 /// Frame bytes per history page, about (a message larger than this is a page of its own).
@@ -46,19 +46,17 @@ impl Node {
     /// Starts a joined subscription: makes sure the broker delivers the topic, queues the ack (and
     /// a resume's replay, paced by the client's reading) and turns the subscriber live. An error
     /// (broker unavailable) means nothing was acknowledged; the caller drops the guard and replies
-    /// with the error.
+    /// with the error. `wild_since` resumes a wildcard ([`crate::wild_resume`]).
     pub async fn start(
         &self,
         sub: &Subscription,
         id: Option<&RawValue>,
         since: Option<Since>,
+        wild_since: Option<WildSince>,
     ) -> Result<(), ProtocolError> {
         sub.link_broker().await.map_err(broker_error)?;
         if sub.is_wildcard() {
-            // Live from its ack on: no position, no replay (the protocol refuses `since`).
-            let ack = protocol::unsubscribe_ack(id, sub.topic());
-            self.registry.activate_wildcard(sub, ack);
-            return Ok(());
+            return self.start_wildcard(sub, id, wild_since).await;
         }
         let topic = &**sub.topic();
         let mut pager = Pager::new(&self.settings.limits, topic.len());
@@ -96,7 +94,10 @@ impl Node {
         // Messages up to the position read are in history; later ones were published after the
         // broker subscription was in place, so they are held back for the subscriber.
         let goal = first.position.clone();
-        if let Some(cursor) = self.send_page(sub, resumed, &first, &mut pager).await {
+        if let Some(cursor) = self
+            .send_page(sub.queue(), resumed, &first, &mut pager)
+            .await
+        {
             self.catch_up(sub, cursor, goal, pager).await;
         }
         Ok(())
@@ -112,52 +113,70 @@ impl Node {
         mut goal: Position,
         mut pager: Pager,
     ) {
-        let topic = &**sub.topic();
         loop {
-            if goal.epoch == cursor.epoch && cursor.offset >= goal.offset {
-                match self.registry.try_activate(sub, &cursor) {
+            let ranged = self
+                .replay_range(sub.queue(), sub.topic(), cursor, goal, &mut pager)
+                .await;
+            match ranged {
+                Ranged::Reached(at) => match self.registry.try_activate(sub, &at) {
                     Activation::Live | Activation::Gone => return,
                     // Its held list overflowed: read on to where the dropped messages went (in
                     // another epoch, the next read finds the hole and ends with a gap).
-                    Activation::Behind(newest) => goal = newest,
+                    Activation::Behind(newest) => (cursor, goal) = (at, newest),
+                },
+                Ranged::Gap(resume) => {
+                    self.registry.activate_after_gap(sub, &resume);
+                    return;
                 }
+                Ranged::Closed => return,
             }
-            let queue = sub.queue();
+        }
+    }
+
+    /// Sends `topic`'s history from `cursor` on, a page whenever `queue` has room, until it
+    /// reached `goal` (or the topic's latest offset); the one pager of every replay.
+    pub(crate) async fn replay_range(
+        &self,
+        queue: &Arc<SendQueue>,
+        topic: &str,
+        mut cursor: Position,
+        goal: Position,
+        pager: &mut Pager,
+    ) -> Ranged {
+        loop {
+            if goal.epoch == cursor.epoch && cursor.offset >= goal.offset {
+                return Ranged::Reached(cursor);
+            }
             queue.room().await;
             if queue.is_closing() {
-                return;
+                return Ranged::Closed;
             }
             let read = pager.read(cursor.epoch.as_str(), cursor.offset);
             let page = match self.broker.history(topic, read).await {
                 Ok(page) if page.complete => page,
-                Ok(page) => {
-                    // Trimmed while the client was reading, or the epoch changed: tell it.
-                    self.registry.activate_after_gap(sub, &page.position);
-                    return;
-                }
+                // Trimmed while the client was reading, or the epoch changed: tell it.
+                Ok(page) => return Ranged::Gap(page.position),
                 Err(e) => {
                     tracing::warn!(topic, error = %e, "history read failed during a replay");
-                    self.registry.activate_after_gap(sub, &goal);
-                    return;
+                    return Ranged::Gap(goal);
                 }
             };
             if page.messages.is_empty() {
                 // Complete and empty: the cursor is at the topic's latest offset.
-                goal = cursor.clone();
-                continue;
+                return Ranged::Reached(cursor);
             }
-            match self.queue_page(sub, cursor, &page, &mut pager) {
+            match self.queue_page(queue, cursor, &page, pager) {
                 Some(next) => cursor = next,
-                None => return,
+                None => return Ranged::Closed,
             }
         }
     }
 
     /// Waits until the client's queue has room, then queues `page`; returns where the subscriber
     /// then stands, or `None` when the connection is closing.
-    async fn send_page(
+    pub(crate) async fn send_page(
         &self,
-        sub: &Subscription,
+        queue: &Arc<SendQueue>,
         cursor: Position,
         page: &Replay,
         pager: &mut Pager,
@@ -165,22 +184,22 @@ impl Node {
         if page.messages.is_empty() {
             return Some(cursor);
         }
-        sub.queue().room().await;
-        self.queue_page(sub, cursor, page, pager)
+        queue.room().await;
+        self.queue_page(queue, cursor, page, pager)
     }
 
     /// Queues `page` (the queue has room); `None` when the connection is closing.
     fn queue_page(
         &self,
-        sub: &Subscription,
+        queue: &Arc<SendQueue>,
         cursor: Position,
         page: &Replay,
         pager: &mut Pager,
     ) -> Option<Position> {
-        if sub.queue().is_closing() {
+        if queue.is_closing() {
             return None;
         }
-        let queued = self.registry.queue_replay(sub.queue(), &page.messages);
+        let queued = self.registry.queue_replay(queue, &page.messages);
         self.metrics.replayed.inc_by(queued as u64);
         pager.observe(&page.messages);
         Some(
@@ -192,9 +211,20 @@ impl Node {
     }
 }
 
+/// Where [`Node::replay_range`] ended.
+pub(crate) enum Ranged {
+    /// Everything up to this position was queued.
+    Reached(Position),
+    /// History has a hole (trimmed, another epoch, a failed read): the subscriber must be told
+    /// that its stream continues after this position.
+    Gap(Position),
+    /// The connection is closing.
+    Closed,
+}
+
 /// Sizes history pages: at most [`PAGE_MESSAGES`] and about [`PAGE_BYTES`] (both at most a quarter
 /// of the send queue), judged by the largest message of the last page.
-struct Pager {
+pub(crate) struct Pager {
     max_frames: usize,
     max_bytes: usize,
     /// The largest frame expected in the next page.
@@ -204,7 +234,7 @@ struct Pager {
 }
 
 impl Pager {
-    fn new(limits: &Limits, topic_len: usize) -> Self {
+    pub(crate) fn new(limits: &Limits, topic_len: usize) -> Self {
         let overhead = topic_len + FRAME_ENVELOPE;
         Pager {
             max_frames: (limits.send_queue_frames / 4).clamp(1, PAGE_MESSAGES),
@@ -216,7 +246,7 @@ impl Pager {
     }
 
     /// The next page: messages after `since` in `epoch`, as many as fit.
-    fn read<'a>(&self, epoch: &'a str, since: Offset) -> HistoryRead<'a> {
+    pub(crate) fn read<'a>(&self, epoch: &'a str, since: Offset) -> HistoryRead<'a> {
         HistoryRead {
             epoch: Some(epoch),
             since: Some(since),

@@ -100,6 +100,12 @@ const NODE_ACL: &[&str] = &[
     "+xrange",
     "+xtrim",
     "+time",
+    "+psubscribe",
+    "+punsubscribe",
+    "+zadd",
+    "+zrangebyscore",
+    "+zremrangebyscore",
+    "+xrevrange",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,12 +114,41 @@ async fn acl_user_with_the_documented_minimal_permissions() {
     let mut args = vec!["ACL", "SETUSER", "pubgate"];
     args.extend_from_slice(NODE_ACL);
     assert_eq!(redis.cli(&args).trim(), "OK");
+    // Redis checks a PSUBSCRIBE pattern literally against the channel patterns: each wildcard
+    // prefix served needs its own (docs/broker.md).
+    let wild = ["ACL", "SETUSER", "pubgate", "&pubgate:auth.*"];
+    assert_eq!(redis.cli(&wild).trim(), "OK");
     let url = format!("redis://pubgate:pg-user-pw@127.0.0.1:{}", redis.port);
     let a = Node::redis("redis", &url, &[]).await;
     let b = Node::redis("redis", &url, &[]).await;
     a.wait_ready(READY).await;
     b.wait_ready(READY).await;
     round_trip(&a, &b, &redis, "auth.acl").await;
+    // A wildcard resume: pattern subscription, the directory, the seek by time.
+    let mut ws = a.ws().await;
+    let ack = ws.subscribe("auth.*").await;
+    let time = ack["time"].as_u64().unwrap_or_else(|| panic!("{ack}"));
+    ws.close().await;
+    let (status, body) = b.publish("auth.x", r#"{"n":1}"#).await;
+    assert_eq!(status, 200, "{body}");
+    let mut ws = a.ws().await;
+    ws.send(json!({"op":"subscribe","topic":"auth.*","id":"r","since":{"time":time}}))
+        .await;
+    let ack = ws.recv(Duration::from_secs(5)).await.expect("resume ack");
+    assert_eq!(
+        (&ack["id"], &ack["recovered"]),
+        (&json!("r"), &json!(true)),
+        "{ack}"
+    );
+    let m = ws
+        .next_message(Duration::from_secs(5))
+        .await
+        .expect("replay");
+    assert_eq!(
+        (&m["topic"], &m["offset"]),
+        (&json!("auth.x"), &json!(1)),
+        "{m}"
+    );
     let denied = redis.cli(&["ACL", "LOG"]);
     assert!(!denied.contains("pubgate"), "ACL denials: {denied}");
 }

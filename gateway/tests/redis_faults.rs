@@ -308,8 +308,8 @@ async fn reads_of_made_up_topics_create_no_keys() {
     let before = redis.cli(&["DBSIZE"]);
     assert_eq!(
         before.trim(),
-        "3",
-        "epoch, offset and history of the real topic"
+        "5",
+        "epoch, offset and history of the real topic, and the topic directory's two sets"
     );
     let mut ws = node.ws().await;
     for i in 0..50 {

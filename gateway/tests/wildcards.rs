@@ -486,7 +486,8 @@ async fn raw_messages_are_neither_lost_nor_doubled_while_a_covering_pattern_come
         tokio::spawn(async move {
             for i in 0..30 {
                 let pattern = if i % 2 == 0 { "sc.>" } else { "sc.*.g1" };
-                assert_eq!(ws.subscribe(pattern).await["op"], "ack");
+                let r = ws.subscribe(pattern).await;
+                assert_eq!(r["op"], "ack", "{r}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 assert_eq!(ws.unsubscribe(pattern).await["op"], "ack");
             }

@@ -17,6 +17,7 @@
 
 mod canary;
 mod conn;
+mod directory;
 mod fill;
 mod link;
 mod retry;
@@ -37,8 +38,8 @@ use redis::RedisError;
 use tokio::task::JoinHandle;
 
 use crate::{
-    Broker, BrokerError, BrokerObserver, Epoch, HistoryLimits, HistoryPolicy, HistoryRead,
-    MAX_OFFSET, MessageSink, Position, Replay,
+    Broker, BrokerError, BrokerObserver, Directory, Epoch, HistoryLimits, HistoryPolicy,
+    HistoryRead, MAX_OFFSET, MessageSink, Position, Replay, Seek,
 };
 use conn::{Target, Timeouts, broker_error};
 use link::{CmdLink, Health};
@@ -87,6 +88,9 @@ pub struct RedisConfig {
     /// Cluster: the most distinct prefixes that may hold a watch lease from this node at once,
     /// counting unsubscribed ones until their lease ends (each costs a write to every slot).
     pub watch_limit: usize,
+    /// How long the topic directory remembers a publish (standalone and Sentinel): how far back
+    /// a wildcard resume may reach.
+    pub directory_window: Duration,
 }
 
 impl RedisConfig {
@@ -108,6 +112,7 @@ impl RedisConfig {
             watch_lease: Duration::from_secs(60),
             watch_refresh: Duration::from_secs(15),
             watch_limit: 1000,
+            directory_window: Duration::from_secs(3600),
         }
     }
 
@@ -435,6 +440,10 @@ impl Broker for RedisBroker {
             (inner.names.watch_key(tag), inner.names.watch_channel(""))
         });
         let watched = &watched;
+        // Standalone and Sentinel keep the topic directory; its keys span slots, so not a cluster.
+        let dir = (!inner.names.is_cluster())
+            .then(|| directory::publish_keys(inner.names.prefix(), topic));
+        let dir_window = inner.config.directory_window.as_millis() as u64;
         let value = inner
             .with_cmd(|mut c| async move {
                 let mut inv = inner.scripts.publish.prepare_invoke();
@@ -450,6 +459,10 @@ impl Broker for RedisBroker {
                     .arg(command);
                 if let Some((watch_key, watch_channels)) = &watched {
                     inv.key(watch_key).arg(watch_channels).arg(topic);
+                }
+                if let Some([all, level, first]) = &dir {
+                    inv.key(all).key(level);
+                    inv.arg(dir_window).arg(topic).arg(first);
                 }
                 c.eval::<redis::Value>(&inv).await
             })
@@ -488,6 +501,18 @@ impl Broker for RedisBroker {
         let (page, salt) = self.inner.history(&name, read).await?;
         self.inner.topics.hint(topic, &page.position, &salt);
         Ok(page)
+    }
+
+    async fn clock(&self) -> Result<u64, BrokerError> {
+        self.inner.clock().await
+    }
+
+    async fn directory(&self, prefix: &str, since_ms: u64) -> Result<Directory, BrokerError> {
+        self.inner.directory(prefix, since_ms).await
+    }
+
+    async fn seek(&self, topic: &str, since_ms: u64, max: u64) -> Result<Seek, BrokerError> {
+        self.inner.seek(topic, since_ms, max).await
     }
 
     fn is_ready(&self) -> bool {

@@ -112,6 +112,7 @@ local tag = string.sub(redis.sha1hex(salt .. ' ' .. off .. '\n' .. ARGV[4]), 1, 
 local payload = 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4]
 redis.call(ARGV[7], ARGV[3], payload)
 WATCHED
+-- STANDALONE_DIRECTORY
 return {epoch, offset}
 "#;
 
@@ -181,7 +182,7 @@ end
 return out
 "#;
 
-/// The three scripts, hashed once.
+/// The scripts, hashed once.
 pub struct Scripts {
     /// See [`PUBLISH`].
     pub publish: Script,
@@ -189,6 +190,12 @@ pub struct Scripts {
     pub position: Script,
     /// See [`HISTORY`].
     pub history: Script,
+    /// See [`super::directory`].
+    pub directory: Script,
+    /// See [`super::directory`].
+    pub seek: Script,
+    /// See [`super::directory`].
+    pub clock: Script,
 }
 
 impl Scripts {
@@ -204,8 +211,20 @@ impl Scripts {
             publish: Script::new(&format!(
                 "{}{}",
                 preamble(true),
-                PUBLISH.replace("WATCHED", if cluster { WATCHED } else { "" })
+                PUBLISH
+                    .replace("WATCHED", if cluster { WATCHED } else { "" })
+                    .replace(
+                        "-- STANDALONE_DIRECTORY",
+                        if cluster {
+                            ""
+                        } else {
+                            super::directory::PUBLISH_BLOCK
+                        },
+                    )
             )),
+            directory: super::directory::directory_script(),
+            clock: super::directory::clock_script(),
+            seek: Script::new(&format!("{}{}", preamble(false), super::directory::SEEK)),
             position: Script::new(&format!("{}{POSITION}", preamble(false))),
             history: Script::new(&format!(
                 "{}{}",
@@ -216,11 +235,11 @@ impl Scripts {
     }
 }
 
-fn protocol(what: &str) -> BrokerError {
+pub(super) fn protocol(what: &str) -> BrokerError {
     BrokerError::Protocol(format!("unexpected script reply: {what}"))
 }
 
-fn as_bytes(v: &Value) -> Option<&[u8]> {
+pub(super) fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),
@@ -228,14 +247,14 @@ fn as_bytes(v: &Value) -> Option<&[u8]> {
     }
 }
 
-fn as_u64(v: &Value) -> Option<u64> {
+pub(super) fn as_u64(v: &Value) -> Option<u64> {
     match v {
         Value::Int(n) => u64::try_from(*n).ok(),
         other => std::str::from_utf8(as_bytes(other)?).ok()?.parse().ok(),
     }
 }
 
-fn items(v: Value) -> Result<Vec<Value>, BrokerError> {
+pub(super) fn items(v: Value) -> Result<Vec<Value>, BrokerError> {
     match v {
         Value::Array(items) => Ok(items),
         _ => Err(protocol("not an array")),

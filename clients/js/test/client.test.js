@@ -464,3 +464,52 @@ test('close() then connect() while a token is fetched opens one socket; a subscr
   assert.equal(ctx.sockets[0].last('subscribe'), undefined, 'the rejected subscribe is not revived');
   ctx.client.close();
 });
+
+test('wildcards: a server that offers `time` gets the wildcard resume; replayed duplicates are dropped; recovered:false reloads', async () => {
+  const ctx = setup();
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  const got = [];
+  const failed = [];
+  ctx.client.subscribe('scores.*', { onMessage: (d, m) => got.push(`${m.topic}#${m.offset}`), onRecoverFailed: (i) => failed.push(i) });
+  ws.recv({ op: 'ack', id: ws.last('subscribe').id, topic: 'scores.*', time: 1000 });
+  ws.recv({ op: 'message', topic: 'scores.a', epoch: 'EA', offset: 1, data: 1 });
+  ws.recv({ op: 'message', topic: 'scores.a', offset: 2, data: 2 });
+  ws.recv({ op: 'message', topic: 'scores.b', offset: 7, data: 7 }); // joined mid-epoch: epoch unknown
+  ws.serverClose(1001, 'going away');
+  await ctx.clock.advance(DEFAULTS.backoffMax + DEFAULTS.drainSpread);
+  await flush();
+  const ws2 = ctx.sockets.at(-1);
+  ws2.open();
+  await flush();
+  const again = ws2.last('subscribe');
+  // Only the topic whose epoch is known is named; scores.b comes again from `time`.
+  assert.deepEqual(again.since, { time: 1000, topics: { 'scores.a': { epoch: 'EA', offset: 2 } } });
+  ws2.recv({ op: 'ack', id: again.id, topic: 'scores.*', time: 2000, recovered: true });
+  ws2.recv({ op: 'message', topic: 'scores.a', offset: 3, data: 3 });
+  ws2.recv({ op: 'message', topic: 'scores.b', offset: 6, data: 6 }); // replayed, seen already
+  ws2.recv({ op: 'message', topic: 'scores.b', offset: 7, data: 7 }); // replayed, seen already
+  ws2.recv({ op: 'message', topic: 'scores.b', offset: 8, data: 8 });
+  ws2.recv({ op: 'message', topic: 'scores.c', epoch: 'EC', offset: 1, data: 1 }); // never seen
+  assert.deepEqual(got, ['scores.a#1', 'scores.a#2', 'scores.b#7', 'scores.a#3', 'scores.b#8', 'scores.c#1']);
+  assert.deepEqual(failed, []);
+  assert.ok(ctx.events.some(([e, a]) => e === 'resumed' && a.topic === 'scores.*' && a.recovered === true));
+  // The next resume starts from the new ack's time; a recovered:false one reloads and starts over.
+  ws2.serverClose(1001, 'going away');
+  await ctx.clock.advance(DEFAULTS.backoffMax + DEFAULTS.drainSpread);
+  await flush();
+  const ws3 = ctx.sockets.at(-1);
+  ws3.open();
+  await flush();
+  const third = ws3.last('subscribe');
+  assert.equal(third.since.time, 2000);
+  assert.deepEqual(Object.keys(third.since.topics).sort(), ['scores.a', 'scores.c']);
+  ws3.recv({ op: 'ack', id: third.id, topic: 'scores.*', time: 3000, recovered: false });
+  assert.equal(failed.length, 1);
+  assert.equal(failed[0].topic, 'scores.*');
+  // Live from that ack: the seen positions were dropped, so a lower offset (a new epoch) is delivered.
+  ws3.recv({ op: 'message', topic: 'scores.a', offset: 2, data: 2 });
+  assert.equal(got.at(-1), 'scores.a#2');
+});

@@ -221,6 +221,9 @@ impl Settings {
         if self.history.size > MAX_HISTORY {
             return invalid("history.size", "must be at most 1000000");
         }
+        if let Err(e) = check_ttl(self.history.directory_window) {
+            return invalid("history.directory_window", e);
+        }
         if let Err(e) = check_ttl(self.history.ttl) {
             return invalid("history.ttl", e);
         }

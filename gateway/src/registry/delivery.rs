@@ -34,6 +34,9 @@ pub(super) enum SubState {
     /// A wildcard subscriber, acknowledged: every message of its topics is delivered (see
     /// [`super::wildcard`]).
     Wild,
+    /// A wildcard subscriber not yet acknowledged (or replaying a resume): its topics' messages
+    /// are held back ([`super::wild_hold`]).
+    WildPending(super::wild_hold::WildHeld),
 }
 
 /// What a pending subscriber holds back.
@@ -50,11 +53,11 @@ pub(super) struct Pending {
 /// One thing a pending subscriber held back.
 pub(super) struct Held {
     /// The message's position (`None` for a raw message), or where a gap signal resumes.
-    position: Option<Position>,
+    pub(super) position: Option<Position>,
     /// The encoded frame (a message, or a gap frame).
-    frame: Bytes,
+    pub(super) frame: Bytes,
     /// Whether it is a gap signal rather than a message.
-    gap: bool,
+    pub(super) gap: bool,
 }
 
 impl Pending {
@@ -175,7 +178,7 @@ impl Cursor {
 }
 
 /// The position a gap frame in front of a message at `p` resumes at: the offset before it.
-fn before(p: &Position) -> Position {
+pub(super) fn before(p: &Position) -> Position {
     Position {
         epoch: p.epoch.clone(),
         offset: p.offset.saturating_sub(1),
@@ -316,7 +319,7 @@ impl MessageSink for Registry {
         };
         let mut flushes = Flushes::new();
         let mut delivered = self.deliver_exact(&mut flushes, &message, &how, &mut frame);
-        delivered += self.deliver_wild(&mut flushes, &message.topic, &how, &mut frame);
+        delivered += self.deliver_wild(&mut flushes, &message, &how, &mut frame);
         // Written in tasks of their own: the broker calls this under its topic's lock (memory) or
         // from its only subscription reader (Redis), and a big fan-out is spread over the workers.
         flushes.spawn();
@@ -349,7 +352,7 @@ impl MessageSink for Registry {
                         max_frames,
                         max_bytes,
                     ),
-                    SubState::Wild => {}
+                    SubState::Wild | SubState::WildPending(_) => {}
                 }
             }
         }
@@ -403,7 +406,7 @@ impl Registry {
                     max_frames,
                     max_bytes,
                 ),
-                SubState::Wild => {}
+                SubState::Wild | SubState::WildPending(_) => {}
             }
         }
         delivered

@@ -20,6 +20,7 @@
 
 mod delivery;
 mod topic;
+mod wild_hold;
 mod wildcard;
 
 use std::collections::HashMap;
@@ -274,3 +275,5 @@ impl Registry {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wild_tests;

@@ -24,7 +24,7 @@ fn at(epoch: &str, offset: Offset) -> Position {
     }
 }
 
-fn registry(max_held: usize) -> Arc<Registry> {
+pub(super) fn registry(max_held: usize) -> Arc<Registry> {
     let metrics = Arc::new(Metrics::new());
     let namespaces = Arc::new(Namespaces::new(&[], 100, &metrics));
     Arc::new(Registry::new(
@@ -40,7 +40,7 @@ fn registry(max_held: usize) -> Arc<Registry> {
     ))
 }
 
-fn queue() -> Arc<SendQueue> {
+pub(super) fn queue() -> Arc<SendQueue> {
     Arc::new(SendQueue::new(
         1000,
         1 << 20,
@@ -57,7 +57,7 @@ fn message(epoch: &str, offset: Offset) -> Message {
 }
 
 /// The JSON of one queued (unmasked, short) text frame.
-fn json_of(frame: &Bytes) -> Value {
+pub(super) fn json_of(frame: &Bytes) -> Value {
     let start = if frame[1] == 126 { 4 } else { 2 };
     serde_json::from_slice(&frame[start..]).expect("a JSON text frame")
 }

@@ -155,10 +155,16 @@ impl Registry {
         if entry.subs.is_empty() {
             self.entries_gauge(&entry.link).inc();
         }
+        // A wildcard subscriber holds its topics' messages back until its ack is queued.
+        let state = if entry.link.prefix.is_some() {
+            SubState::WildPending(Default::default())
+        } else {
+            SubState::Pending(Default::default())
+        };
         entry.subs.push(Subscriber {
             conn,
             queue: queue.clone(),
-            state: SubState::Pending(Default::default()),
+            state,
         });
         self.metrics.subscriptions.inc();
         Subscription {

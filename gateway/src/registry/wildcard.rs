@@ -9,22 +9,23 @@
 //!
 //! A wildcard subscriber has no cursor: the broker hands each topic over in offset order, once, and
 //! the subscriber gets every message after its ack. Messages of its topics that arrive before the
-//! ack is queued are not owed to it and are skipped; at the ack it turns live under the entry's
-//! lock, so nothing slips in between.
+//! ack is queued (and during a resume's replay) are held back ([`super::wild_hold`]) and released
+//! after it, under the entry's lock, so nothing slips in between and nothing stamped after the
+//! ack's `time` is missed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use broker_bridge::{Position, strict_prefixes};
+use broker_bridge::{Message, Position, strict_prefixes};
 use bytes::Bytes;
 
 use crate::protocol;
 use crate::send_queue::{Flushes, SendQueue};
 use crate::topic::Pattern;
 
-use super::delivery::{How, SubState};
-use super::{Registry, Subscription};
+use super::Registry;
+use super::delivery::{Held, How, SubState};
 
 /// The patterns of one literal prefix: each entry's key and its parsed pattern.
 type PrefixPatterns = Vec<(Arc<str>, Pattern)>;
@@ -85,38 +86,39 @@ impl Registry {
         self.wild.len.load(Ordering::Acquire) < max || self.shard(pattern).contains_key(pattern)
     }
 
-    /// Turns a wildcard subscriber live: queues its ack, and from then on it gets every message of
-    /// the topics its pattern matches. Both under the entry's lock, so no message is queued before
-    /// the ack and none that comes after it is missed.
-    pub fn activate_wildcard(&self, sub: &Subscription, ack: Bytes) {
-        let mut flushes = Flushes::new();
-        self.with_subscriber(sub, |s, reg| {
-            reg.push(&mut flushes, &s.queue, ack);
-            s.state = SubState::Wild;
-        });
-        flushes.run();
-    }
-
-    /// Queues `frame` (a message of `message.topic`, encoded once for the node) to the live
-    /// subscribers of every pattern that matches the topic. Returns how many got it.
+    /// Queues `frame` (`message`, encoded once for the node) to the live subscribers of every
+    /// pattern that matches its topic, and holds it for the pending ones. Returns how many got it.
     pub(super) fn deliver_wild(
         &self,
         flushes: &mut Flushes,
-        topic: &str,
+        message: &Message,
         how: &How<'_>,
         frame: &mut dyn FnMut(&SendQueue) -> Bytes,
     ) -> u64 {
         let mut delivered = 0;
-        for key in self.wild.matching(topic) {
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        for key in self.wild.matching(&message.topic) {
             let mut shard = self.shard(&key);
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
             for sub in &mut entry.subs {
-                if matches!(sub.state, SubState::Wild)
-                    && how.push(self, flushes, &sub.queue, frame(&sub.queue))
-                {
-                    delivered += 1;
+                match &mut sub.state {
+                    SubState::Wild => {
+                        delivered +=
+                            u64::from(how.push(self, flushes, &sub.queue, frame(&sub.queue)));
+                    }
+                    SubState::WildPending(held) => held.hold(
+                        &message.topic,
+                        Held {
+                            position: message.position.clone(),
+                            frame: frame(&sub.queue),
+                            gap: false,
+                        },
+                        max_frames,
+                        max_bytes,
+                    ),
+                    _ => {}
                 }
             }
         }
@@ -126,15 +128,30 @@ impl Registry {
     /// Queues a gap frame of `topic` to the live subscribers of the patterns that match it.
     pub(super) fn gap_wild(&self, flushes: &mut Flushes, topic: &str, resume: &Position) {
         let mut frame = None;
+        let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        let mut name: Option<Arc<str>> = None;
         for key in self.wild.matching(topic) {
             let mut shard = self.shard(&key);
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
             for sub in &mut entry.subs {
-                if matches!(sub.state, SubState::Wild) {
-                    let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
-                    self.push_gap(flushes, &sub.queue, f.clone());
+                let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
+                match &mut sub.state {
+                    SubState::Wild => {
+                        self.push_gap(flushes, &sub.queue, f.clone());
+                    }
+                    SubState::WildPending(held) => held.hold(
+                        name.get_or_insert_with(|| topic.into()),
+                        Held {
+                            position: Some(resume.clone()),
+                            frame: f.clone(),
+                            gap: true,
+                        },
+                        max_frames,
+                        max_bytes,
+                    ),
+                    _ => {}
                 }
             }
         }

@@ -1,0 +1,162 @@
+//! What a wildcard subscriber holds back until it turns live: the messages (and gap signals) of
+//! its topics that arrive while its ack is prepared and while a resume's replay is sent.
+//!
+//! Like a topic's pending subscriber, the held list is bounded (frames and bytes). When it would
+//! overflow, it is dropped and only the newest position dropped *per topic* is kept: at activation
+//! each such topic gets a gap frame (the client reloads it), never a silent hole. That map is
+//! bounded too; a subscriber whose live traffic overflows even that is closed as a slow consumer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use broker_bridge::{MAX_DIRECTORY_TOPICS, Position};
+use bytes::Bytes;
+
+use crate::protocol;
+use crate::send_queue::{CloseReason, Flushes, SendQueue};
+
+use super::Registry;
+use super::delivery::{Cursor, Held, Step, before};
+
+/// What a pending wildcard subscriber holds back.
+#[derive(Default)]
+pub(super) struct WildHeld {
+    held: Vec<(Arc<str>, Held)>,
+    bytes: usize,
+    /// Set once the held list overflowed: each topic whose messages were dropped since, with the
+    /// newest position dropped (`None` when only raw messages were).
+    dropped: Option<HashMap<Arc<str>, Option<Position>>>,
+    /// More topics were dropped than [`MAX_DIRECTORY_TOPICS`]: the subscriber cannot be told which.
+    lost: bool,
+}
+
+impl WildHeld {
+    /// Holds a message or gap signal of `topic`, or records it as dropped (see the module doc).
+    pub(super) fn hold(
+        &mut self,
+        topic: &Arc<str>,
+        held: Held,
+        max_frames: usize,
+        max_bytes: usize,
+    ) {
+        if self.dropped.is_none() {
+            if self.held.len() < max_frames && self.bytes + held.frame.len() <= max_bytes {
+                self.bytes += held.frame.len();
+                self.held.push((topic.clone(), held));
+                return;
+            }
+            let mut dropped = HashMap::new();
+            for (t, h) in std::mem::take(&mut self.held) {
+                note(&mut dropped, t, h.position);
+            }
+            self.bytes = 0;
+            self.dropped = Some(dropped);
+        }
+        if let Some(dropped) = &mut self.dropped {
+            note(dropped, topic.clone(), held.position);
+            if dropped.len() > MAX_DIRECTORY_TOPICS {
+                self.lost = true;
+                dropped.clear();
+            }
+        }
+    }
+}
+
+/// Records that `topic` dropped something at `position` (keeping the newest position).
+fn note(dropped: &mut HashMap<Arc<str>, Option<Position>>, topic: Arc<str>, p: Option<Position>) {
+    let newest = dropped.entry(topic).or_insert(None);
+    if p.is_some() {
+        *newest = p;
+    }
+}
+
+impl Registry {
+    /// Turns a wildcard subscriber live: queues `ack` (a plain subscribe's; a resume queued its
+    /// own before the replay), then what it held back, skipping per topic what the replay sent
+    /// already (`sent`: where the replay left each topic), all under the entry's lock so nothing
+    /// slips in between. From then on it gets every message of its topics.
+    pub fn activate_wildcard(
+        &self,
+        sub: &super::Subscription,
+        ack: Option<Bytes>,
+        sent: HashMap<Arc<str>, Position>,
+    ) {
+        let mut flushes = Flushes::new();
+        self.with_subscriber(sub, |s, reg| {
+            if let Some(ack) = ack {
+                reg.push(&mut flushes, &s.queue, ack);
+            }
+            let held = match std::mem::replace(&mut s.state, super::delivery::SubState::Wild) {
+                super::delivery::SubState::WildPending(held) => held,
+                _ => return,
+            };
+            reg.release_wild(&mut flushes, &s.queue, held, sent);
+        });
+        flushes.run();
+    }
+
+    fn release_wild(
+        &self,
+        flushes: &mut Flushes,
+        queue: &Arc<SendQueue>,
+        held: WildHeld,
+        sent: HashMap<Arc<str>, Position>,
+    ) {
+        if held.lost {
+            self.metrics.slow_consumer_disconnects.inc();
+            queue.close(CloseReason::SLOW_CONSUMER);
+            return;
+        }
+        let mut cursors: HashMap<Arc<str>, Cursor> = sent
+            .iter()
+            .map(|(t, p)| (t.clone(), Cursor::at(p)))
+            .collect();
+        if let Some(dropped) = held.dropped {
+            for (topic, newest) in dropped {
+                let Some(newest) = newest else { continue };
+                let missed = cursors
+                    .get_mut(&topic)
+                    .is_none_or(|c| c.gap(&newest, false));
+                if missed {
+                    self.push_gap(flushes, queue, protocol::gap(&topic, &newest));
+                }
+            }
+            return;
+        }
+        for (topic, h) in held.held {
+            if h.gap {
+                let tell = match (&h.position, cursors.get_mut(&topic)) {
+                    (Some(resume), Some(c)) => c.gap(resume, false),
+                    _ => true,
+                };
+                if tell {
+                    self.push_gap(flushes, queue, h.frame);
+                }
+                continue;
+            }
+            let step = match cursors.get_mut(&topic) {
+                Some(c) => c.step(h.position.as_ref()),
+                None => Step::Deliver,
+            };
+            if step == Step::GapThenDeliver
+                && let Some(p) = &h.position
+            {
+                self.push_gap(flushes, queue, protocol::gap(&topic, &before(p)));
+            }
+            if step != Step::Skip && self.push(flushes, queue, h.frame) {
+                self.metrics.delivered.inc();
+                self.namespaces.of(&topic).delivered.inc();
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Queues a gap frame of `topic` resuming at `resume` (a wildcard resume's topic that history
+    /// cannot cover).
+    pub fn queue_gap(&self, queue: &Arc<SendQueue>, topic: &str, resume: &Position) {
+        let mut flushes = Flushes::new();
+        self.push_gap(&mut flushes, queue, protocol::gap(topic, resume));
+        flushes.run();
+    }
+}
