@@ -14,8 +14,10 @@
 #                 ticker (1,000 price topics at 50k ticks/s, 20 dashboards on one wildcard each,
 #                 10 of them slow and conflated), redis3 (3 nodes + Redis: fan-out at 20k/40k and
 #                 a step), scale100k (100k connections over 6 nodes + Redis), hop (2 nodes + Redis
-#                 at 20k deliveries/s, three rounds, the hop split into its parts with tcpdump);
-#                 the last three need redis-server and haproxy
+#                 at 20k deliveries/s, three rounds, the hop split into its parts with tcpdump),
+#                 hopvs (the same 2-node load against pubgate and nginx + nchan, rounds
+#                 interleaved; HOPVS_ROUNDS (3), HOPVS_VARIANTS ("ws ws-deflate"));
+#                 the last four need redis-server and haproxy, hopvs also nginx + libnginx-mod-nchan
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k,hop"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k,hop,hopvs"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -37,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -240,7 +242,14 @@ stack_stop() {
     STACK_UP=0
   fi
 }
-trap 'stop_server; stack_stop' EXIT
+NCHAN_UP=0
+nchan_stop() {
+  if [[ $NCHAN_UP == 1 ]]; then
+    NCHAN_STACK_DIR="$OUT/nchan-stack" scripts/nchan/stack.sh stop >&2 || true
+    NCHAN_UP=0
+  fi
+}
+trap 'stop_server; stack_stop; nchan_stop' EXIT
 run_multi() { # name, then loadtest arguments (the stack's --url/--server-pid are added)
   local name="$1"; shift
   local cmd=(nice -n "$NICE" "$LT" "$@" "${STACK_ARGS[@]}" --json "$OUT/$name.json")
@@ -314,6 +323,63 @@ if want hop && have_stack_tools hop; then
     stack_stop
   done
   scripts/hop-summary.py "$OUT" > "$OUT/hop-summary.json" && cat "$OUT/hop-summary.json" >&2
+fi
+
+# 12. pubgate against nginx + nchan on the cross-node hop, in one run: the same load on both
+#     (2,000 subscribers split over two nodes/instances, 20 topics, 256 B, 20k deliveries/s, 8 HTTP
+#     publishers all posting to the first node/instance, so the second one's subscribers get every
+#     message across Redis), each round a fresh pubgate stack (deploy/local-cluster.sh) then a
+#     fresh nchan stack (scripts/nchan/stack.sh: nginx with as many workers as cores, as pubgate
+#     has runtime threads; nchan's Redis storage on its own redis-server). The tool checks every
+#     message of both (loss, duplicates, per-topic order) and measures the servers' and Redis's CPU
+#     (nginx: master and workers). Variants: ws, and ws-deflate (every subscriber offers
+#     permessage-deflate; pubgate accepts by default, nchan with nchan_deflate_message_for_websocket).
+#     hop-summary.py --compare writes hopvs-summary.json: medians [min–max] per system and variant.
+have_nchan() {
+  if command -v nginx >/dev/null && [[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]]; then
+    return 0
+  fi
+  echo "bench.sh: skipping $1: needs nginx and libnginx-mod-nchan" >&2
+  return 1
+}
+if want hopvs && have_stack_tools hopvs && have_nchan hopvs; then
+  VS_ARGS=(fanout --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --warmup 2
+    --publishers 8 --shared-broker --publish-nodes 1 --duration "$DUR")
+  for round in $(seq 1 "${HOPVS_ROUNDS:-3}"); do
+    for variant in ${HOPVS_VARIANTS:-ws ws-deflate}; do
+      EXTRA=()
+      [[ $variant == *deflate* ]] && EXTRA=(--deflate)
+      stack_start 2
+      redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+      echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/hopvs-pubgate-$variant-$round.load"
+      run_multi "hopvs-pubgate-$variant-$round" "${VS_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+      redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/hopvs-pubgate-$variant-$round.commandstats"
+      stack_stop
+
+      nchan_env=(NCHAN_STACK_DIR="$OUT/nchan-stack")
+      [[ $variant == *deflate* ]] && nchan_env+=(NCHAN_DEFLATE=1)
+      env "${nchan_env[@]}" scripts/nchan/stack.sh start 2 >&2
+      NCHAN_UP=1
+      # shellcheck disable=SC1091
+      . "$OUT/nchan-stack/state"
+      NCHAN_ARGS=(--protocol nchan --broker-pid "$REDIS_PID")
+      for i in 1 2; do
+        port="NODE${i}_PORT" pid="NODE${i}_PID" workers="NODE${i}_WORKERS"
+        NCHAN_ARGS+=(--url "ws://127.0.0.1:${!port}" --server-pid "${!pid}")
+        for w in ${!workers}; do NCHAN_ARGS+=(--server-pid "$w"); done
+      done
+      redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+      echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/hopvs-nchan-$variant-$round.load"
+      name="hopvs-nchan-$variant-$round"
+      cmd=(nice -n "$NICE" "$LT" "${VS_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "${NCHAN_ARGS[@]}" --json "$OUT/$name.json")
+      echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
+      echo "== $name: ${cmd[*]}" >&2
+      "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
+      redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/$name.commandstats"
+      nchan_stop
+    done
+  done
+  scripts/hop-summary.py "$OUT" --compare > "$OUT/hopvs-summary.json" && cat "$OUT/hopvs-summary.json" >&2
 fi
 
 if [[ -n "$CHARTS" ]]; then

@@ -2,6 +2,12 @@
 """Medians and spread of the `hop` rounds of scripts/bench.sh.
 
     scripts/hop-summary.py RESULTS_DIR
+    scripts/hop-summary.py RESULTS_DIR --compare
+
+With --compare it reads the `hopvs` rounds instead (hopvs-<system>-<variant>-<round>.json, systems
+`pubgate` and `nchan`) and prints, per variant, each system's figures and for the ones where lower
+is better (p50, p99, CPU per delivery) which system is lower and whether the two spreads overlap:
+`pubgate lower, apart` means pubgate's worst round beat nchan's best.
 
 Reads hop-<round>.json (pubgate-loadtest fanout), hop-<round>.commandstats (Redis INFO
 commandstats after the round) and hop-<round>.breakdown.json (scripts/hop-breakdown.py), and prints
@@ -25,7 +31,59 @@ def spread(values):
             "max": round(max(values), 2), "rounds": len(values)}
 
 
+def phase_figures(path, add):
+    """Adds the tool's figures of one round (a fanout JSON) through add(name, value)."""
+    phase = json.load(open(path))["result"]["phase"]
+    add("p50_ms", phase["latency"]["p50_us"] / 1000)
+    add("p99_ms", phase["latency"]["p99_us"] / 1000)
+    add("deliveries_per_s", phase["deliveries_per_s"])
+    add("loss_pct", phase["loss_pct"])
+    counters = phase.get("counters", {})
+    add("duplicates", counters.get("duplicates"))
+    add("out_of_order", (counters.get("late") or 0) + (counters.get("gaps") or 0))
+    add("wire_bytes_per_delivery", phase.get("wire_bytes_per_delivery"))
+    add("server_us_per_delivery", phase.get("server_us_per_delivery"))
+    add("server_and_redis_us_per_delivery", phase.get("server_and_broker_us_per_delivery"))
+    # Other work on the machine during the window, % of all cores: what the spread is read against.
+    add("other_load_pct", phase.get("cpu", {}).get("other_pct"))
+
+
+LOWER_IS_BETTER = ["p50_ms", "p99_ms", "server_us_per_delivery", "server_and_redis_us_per_delivery"]
+
+
+def compare(out):
+    """The hopvs rounds: {variant: {system: figures, "verdict": {figure: text}}}."""
+    figs = {}
+    for path in sorted(glob.glob(os.path.join(out, "hopvs-*-*-[0-9]*.json"))):
+        m = re.search(r"hopvs-(pubgate|nchan)-(.+)-(\d+)\.json$", path)
+        if not m:
+            continue
+        system, variant = m.group(1), m.group(2)
+        mine = figs.setdefault(variant, {}).setdefault(system, {})
+        phase_figures(path, lambda k, v: mine.setdefault(k, []).append(v))
+    if not figs:
+        sys.exit(f"hop-summary: no hopvs-<system>-<variant>-<round>.json in {out}")
+    result = {}
+    for variant, systems in sorted(figs.items()):
+        row = {name: {k: spread(v) for k, v in f.items()} for name, f in systems.items()}
+        verdict = {}
+        pg, nc = row.get("pubgate", {}), row.get("nchan", {})
+        for k in LOWER_IS_BETTER:
+            a, b = pg.get(k), nc.get(k)
+            if not a or not b:
+                continue
+            lower = "pubgate" if a["median"] < b["median"] else "nchan"
+            apart = a["max"] < b["min"] or b["max"] < a["min"]
+            verdict[k] = f"{lower} lower, {'apart' if apart else 'spreads overlap'}"
+        row["verdict"] = verdict
+        result[variant] = row
+    return result
+
+
 def main():
+    if len(sys.argv) == 3 and sys.argv[2] == "--compare":
+        print(json.dumps(compare(sys.argv[1]), indent=2))
+        return
     if len(sys.argv) != 2:
         sys.exit(__doc__)
     out = sys.argv[1]
