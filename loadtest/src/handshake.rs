@@ -365,7 +365,13 @@ pub async fn open_with(
                         .await
                         .map_err(in_time("subscribe"))??
                 };
-                return Ok(opened(Ws::Deflate(ws), ack, raw, (tcp_ns, upgrade_ns), started));
+                return Ok(opened(
+                    Ws::Deflate(ws),
+                    ack,
+                    raw,
+                    (tcp_ns, upgrade_ns),
+                    started,
+                ));
             }
             let mut ws = client_ws(stream);
             let ack = if raw {
@@ -399,7 +405,13 @@ pub async fn open_with(
                         .await
                         .map_err(in_time("subscribe"))??
                 };
-                return Ok(opened(Ws::DeflateTls(ws), ack, raw, (tcp_ns, upgrade_ns), started));
+                return Ok(opened(
+                    Ws::DeflateTls(ws),
+                    ack,
+                    raw,
+                    (tcp_ns, upgrade_ns),
+                    started,
+                ));
             }
             let mut ws = Box::new(client_ws(stream));
             let ack = if raw {
@@ -416,7 +428,13 @@ pub async fn open_with(
 }
 
 /// The open connection and its setup timings (`tcp`, `upgrade`: ns since `started`).
-fn opened(ws: Ws, ack_offset: u64, raw: bool, (tcp_ns, upgrade_ns): (u64, u64), started: Instant) -> Conn {
+fn opened(
+    ws: Ws,
+    ack_offset: u64,
+    raw: bool,
+    (tcp_ns, upgrade_ns): (u64, u64),
+    started: Instant,
+) -> Conn {
     Conn {
         ws,
         ack_offset,

@@ -358,7 +358,12 @@ async fn run_job(
         .nodes
         .iter()
         .any(|n| n.protocol == Protocol::Nchan)
-        .then(|| spec.topics.iter().map(|_| tokio::sync::Mutex::new(())).collect());
+        .then(|| {
+            spec.topics
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect()
+        });
     let turns = &turns;
     let tasks = senders.into_iter().enumerate().map(|(c, mut sender)| {
         let spec = spec.clone();

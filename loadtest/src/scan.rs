@@ -264,7 +264,10 @@ mod tests {
         let s = scan_raw(&buf, b"bench.3");
         assert_eq!(s.kind, Kind::Message);
         assert_eq!(s.topic, b"bench.3");
-        assert_eq!((s.t, s.s, s.offset), (Some(1_700_000_000_000_000_001), Some(77), None));
+        assert_eq!(
+            (s.t, s.s, s.offset),
+            (Some(1_700_000_000_000_000_001), Some(77), None)
+        );
         // Not the publisher's body: no `t`, so the receive loop counts it as bad.
         let s = scan_raw(br#"{"op":"message","topic":"a"}"#, b"a");
         assert_eq!((s.t, s.s), (None, None));

@@ -47,7 +47,11 @@ impl Nginx {
             .envs(env.iter().copied())
             .output()
             .expect("run stack.sh conf");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, &out.stdout).expect("write nginx.conf");
         let child = Command::new(bin)
@@ -82,14 +86,15 @@ impl Nginx {
         let req = "POST /pub/probe HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx";
         let mut buf = [0u8; 16];
         s.write_all(req.as_bytes()).is_ok()
-            && s.read(&mut buf).is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 20"))
+            && s.read(&mut buf)
+                .is_ok_and(|n| buf[..n].starts_with(b"HTTP/1.1 20"))
     }
 
     /// PIDs of the master and its workers (the workers do the work).
     fn pids(&self) -> Vec<String> {
         let pid = self.child.id();
-        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-            .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
         std::iter::once(pid.to_string())
             .chain(children.split_whitespace().map(str::to_string))
             .collect()
@@ -139,9 +144,31 @@ fn fanout(a: &Nginx, b: &Nginx, redis: &Redis, extra: &[&str], name: &str) -> se
         format!("ws://127.0.0.1:{}", b.port),
     );
     let mut args = vec![
-        "fanout", "--protocol", "nchan", "--url", &ua, "--url", &ub, "--shared-broker",
-        "--publish-nodes", "1", "--subscribers", "40", "--topics", "4", "--rate", "100",
-        "--duration", "2", "--warmup", "1", "--payload", "256", "--publishers", "4", "--drain",
+        "fanout",
+        "--protocol",
+        "nchan",
+        "--url",
+        &ua,
+        "--url",
+        &ub,
+        "--shared-broker",
+        "--publish-nodes",
+        "1",
+        "--subscribers",
+        "40",
+        "--topics",
+        "4",
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--warmup",
+        "1",
+        "--payload",
+        "256",
+        "--publishers",
+        "4",
+        "--drain",
         "5",
     ];
     let pids: Vec<String> = a.pids().into_iter().chain(b.pids()).collect();
@@ -176,7 +203,10 @@ fn assert_all_delivered(r: &serde_json::Value) {
         assert_eq!(c[k], 0, "{k}: {c:#}");
     }
     assert!(p["server_us_per_delivery"].as_f64().is_some(), "{p:#}");
-    assert!(p["server_and_broker_us_per_delivery"].as_f64().is_some(), "{p:#}");
+    assert!(
+        p["server_and_broker_us_per_delivery"].as_f64().is_some(),
+        "{p:#}"
+    );
 }
 
 #[test]
@@ -187,7 +217,10 @@ fn nchan_fanout_across_two_instances_delivers_every_message_in_order() {
     let r = fanout(&a, &b, &redis, &[], "nchan-fanout");
     assert_all_delivered(&r);
     // The bare 256-byte body in a frame with a 4-byte header: nothing else on the wire.
-    assert_eq!(r["result"]["phase"]["wire_bytes_per_delivery"], 260.0, "{r:#}");
+    assert_eq!(
+        r["result"]["phase"]["wire_bytes_per_delivery"], 260.0,
+        "{r:#}"
+    );
 }
 
 #[test]
@@ -200,5 +233,8 @@ fn nchan_fanout_with_permessage_deflate_inflates_every_message() {
     let bytes = r["result"]["phase"]["wire_bytes_per_delivery"]
         .as_f64()
         .expect("bytes");
-    assert!(bytes < 256.0, "compressed frames expected, got {bytes} B per delivery");
+    assert!(
+        bytes < 256.0,
+        "compressed frames expected, got {bytes} B per delivery"
+    );
 }

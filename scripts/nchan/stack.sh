@@ -116,6 +116,9 @@ http {
     $tls
     nchan_message_buffer_length $history;
     nchan_message_timeout 5m;
+    # The deflated copy is made when a message is published, so the publisher's location must see
+    # this (set here for both).
+    nchan_deflate_message_for_websocket $deflate;
     # nchan_redis_pass is not inherited from the server block (nchan_redis_pass_inheritable is
     # off): each location names the upstream, or nchan silently keeps channels in local memory.
     location ~ ^/pub/([A-Za-z0-9_.:-]+)\$ {
@@ -130,7 +133,6 @@ http {
       # Live messages only, as a pubgate subscribe without since (nchan's default is the oldest
       # buffered message).
       nchan_subscriber_first_message newest;
-      nchan_deflate_message_for_websocket $deflate;
     }
   }
 }
