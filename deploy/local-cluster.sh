@@ -102,6 +102,10 @@ start() {
     || die "redis-server did not start; see $dir/redis/redis.log"
 
   local servers="" i
+  # Nodes with TLS (PUBGATE__TLS__CERT/KEY in the environment) serve /readyz over https only: the
+  # checks below and HAProxy's then speak TLS to them (the balancer itself stays plain).
+  local node_scheme=http node_ssl=""
+  if [[ -n "${PUBGATE__TLS__CERT:-}" ]]; then node_scheme=https; node_ssl=" ssl verify none"; fi
   for (( i = 1; i <= n; i++ )); do
     local port; port=$(free_port)
     PUBGATE__BROKER__KIND=redis \
@@ -113,7 +117,7 @@ start() {
     all_pids+="$pid "
     echo "NODE${i}_PID=$pid" >>"$state.tmp"
     echo "NODE${i}_PORT=$port" >>"$state.tmp"
-    servers+="    server node$i 127.0.0.1:$port check inter 1s fall 2 rise 2"$'\n'
+    servers+="    server node$i 127.0.0.1:$port check inter 1s fall 2 rise 2$node_ssl"$'\n'
   done
   echo "NODES=$n" >>"$state.tmp"
   record_pids "$all_pids"; cp "$state.tmp" "$state"
@@ -160,7 +164,7 @@ EOF
   for (( i = 1; i <= n; i++ )); do
     local var="NODE${i}_PORT"
     local port; port=$(grep "^$var=" "$state" | cut -d= -f2)
-    wait_for "curl -fsS http://127.0.0.1:$port/readyz" 30 \
+    wait_for "curl -fsSk $node_scheme://127.0.0.1:$port/readyz" 30 \
       || die "node $i (127.0.0.1:$port) is not ready; see $dir/node$i.log (stack left running: '$0 stop')"
   done
   wait_for "curl -fsS http://127.0.0.1:$lb_port/readyz" 15 \

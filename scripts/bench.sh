@@ -14,8 +14,10 @@
 #                 ticker (1,000 price topics at 50k ticks/s, 20 dashboards on one wildcard each,
 #                 10 of them slow and conflated), redis3 (3 nodes + Redis: fan-out at 20k/40k and
 #                 a step), scale100k (100k connections over 6 nodes + Redis), hop (2 nodes + Redis
-#                 at 20k deliveries/s, three rounds, the hop split into its parts with tcpdump);
-#                 the last three need redis-server and haproxy
+#                 at 20k deliveries/s, three rounds, the hop split into its parts with tcpdump),
+#                 hopvs (the same 2-node load against pubgate and nginx + nchan, rounds
+#                 interleaved; HOPVS_ROUNDS (3), HOPVS_VARIANTS ("ws ws-deflate", also wss wss-deflate));
+#                 the last four need redis-server and haproxy, hopvs also nginx + libnginx-mod-nchan
 #   --charts DIR  also draw memory-per-connection.svg and latency-vs-rate.svg into DIR
 #   --nice N      run the server and the tool at this nice level (e.g. -10 on a machine shared with
 #                 builds, so they are scheduled first; negative values need root)
@@ -27,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 OUT="${CARGO_TARGET_DIR:-target}/bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 QUICK=0
-ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k,hop"
+ONLY="memory,limit,cpu40k,p99at20k,step,ceiling,churn,wss,ticker,redis3,scale100k,hop,hopvs"
 CHARTS=""
 NICE=0
 while [[ $# -gt 0 ]]; do
@@ -37,7 +39,7 @@ while [[ $# -gt 0 ]]; do
     --only) ONLY="$2"; shift 2 ;;
     --charts) CHARTS="$2"; shift 2 ;;
     --nice) NICE="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -171,7 +173,9 @@ fi
 # 8. TLS (wss://): idle memory per connection at the largest memory size, then server CPU per
 #    delivery at 40k/s on wss:// and ws://, three rounds interleaved so that other load on a shared
 #    machine hits both alike. ECDSA P-256 leaf signed by a private CA; TLS 1.3 is negotiated.
-if want wss; then
+# A private CA and an ECDSA P-256 leaf for 127.0.0.1 in $OUT/tls (once per run).
+make_tls() {
+  [[ -f "$OUT/tls/tls.crt" ]] && return 0
   mkdir -p "$OUT/tls"
   (
     cd "$OUT/tls"
@@ -183,6 +187,10 @@ if want wss; then
     openssl x509 -req -in tls.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out leaf.pem -extfile ext 2>/dev/null
     cat leaf.pem ca.pem > tls.crt
   )
+}
+
+if want wss; then
+  make_tls
   TLS_ENV=(PUBGATE__TLS__CERT="$OUT/tls/tls.crt" PUBGATE__TLS__KEY="$OUT/tls/tls.key")
   n="${MEM_SIZES##* }"
   SCHEME=wss TLS_ARGS=(--tls-ca "$OUT/tls/ca.pem")
@@ -219,6 +227,8 @@ fi
 # Multi-node scenarios: a local stack of N nodes on one Redis (deploy/local-cluster.sh), the load
 # spread over the nodes directly; Redis's CPU counts with the nodes' (--broker-pid).
 STACK_UP=0
+STACK_SCHEME=ws # wss when the nodes get PUBGATE__TLS__* (then STACK_TLS_ARGS holds --tls-ca)
+STACK_TLS_ARGS=()
 stack_start() { # nodes, then env assignments for the nodes
   local n="$1"; shift
   env "$@" PUBGATE__LOG__LEVEL=warn PUBGATE_BIN="$PUBGATE" PUBGATE_STACK_DIR="$OUT/stack" \
@@ -229,8 +239,9 @@ stack_start() { # nodes, then env assignments for the nodes
   STACK_ARGS=()
   for i in $(seq 1 "$n"); do
     local port="NODE${i}_PORT" pid="NODE${i}_PID"
-    STACK_ARGS+=(--url "ws://127.0.0.1:${!port}/ws" --server-pid "${!pid}")
+    STACK_ARGS+=(--url "$STACK_SCHEME://127.0.0.1:${!port}/ws" --server-pid "${!pid}")
   done
+  STACK_ARGS+=(${STACK_TLS_ARGS[@]+"${STACK_TLS_ARGS[@]}"})
   # Redis's CPU in each measured window counts with the nodes' (server_and_broker_us_per_delivery).
   STACK_ARGS+=(--broker-pid "$REDIS_PID")
 }
@@ -240,7 +251,14 @@ stack_stop() {
     STACK_UP=0
   fi
 }
-trap 'stop_server; stack_stop' EXIT
+NCHAN_UP=0
+nchan_stop() {
+  if [[ $NCHAN_UP == 1 ]]; then
+    NCHAN_STACK_DIR="$OUT/nchan-stack" scripts/nchan/stack.sh stop >&2 || true
+    NCHAN_UP=0
+  fi
+}
+trap 'stop_server; stack_stop; nchan_stop' EXIT
 run_multi() { # name, then loadtest arguments (the stack's --url/--server-pid are added)
   local name="$1"; shift
   local cmd=(nice -n "$NICE" "$LT" "$@" "${STACK_ARGS[@]}" --json "$OUT/$name.json")
@@ -314,6 +332,74 @@ if want hop && have_stack_tools hop; then
     stack_stop
   done
   scripts/hop-summary.py "$OUT" > "$OUT/hop-summary.json" && cat "$OUT/hop-summary.json" >&2
+fi
+
+# 12. pubgate against nginx + nchan on the cross-node hop, in one run: the same load on both
+#     (2,000 subscribers split over two nodes/instances, 20 topics, 256 B, 20k deliveries/s, 8 HTTP
+#     publishers all posting to the first node/instance, so the second one's subscribers get every
+#     message across Redis), each round a fresh pubgate stack (deploy/local-cluster.sh) then a
+#     fresh nchan stack (scripts/nchan/stack.sh: nginx with as many workers as cores, as pubgate
+#     has runtime threads; nchan's Redis storage on its own redis-server). The tool checks every
+#     message of both (loss, duplicates, per-topic order) and measures the servers' and Redis's CPU
+#     (nginx: master and workers). Variants: ws, ws-deflate (every subscriber offers
+#     permessage-deflate; pubgate accepts by default, nchan with nchan_deflate_message_for_websocket),
+#     wss and wss-deflate (TLS 1.3 on both, the bench CA's P-256 leaf; publishes over https).
+#     hop-summary.py --compare writes hopvs-summary.json: medians [min–max] per system and variant.
+have_nchan() {
+  if command -v nginx >/dev/null && [[ -f /usr/lib/nginx/modules/ngx_nchan_module.so ]]; then
+    return 0
+  fi
+  echo "bench.sh: skipping $1: needs nginx and libnginx-mod-nchan" >&2
+  return 1
+}
+if want hopvs && have_stack_tools hopvs && have_nchan hopvs; then
+  VS_ARGS=(fanout --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --warmup 2
+    --publishers 8 --shared-broker --publish-nodes 1 --duration "$DUR")
+  for round in $(seq 1 "${HOPVS_ROUNDS:-3}"); do
+    for variant in ${HOPVS_VARIANTS:-ws ws-deflate}; do
+      EXTRA=()
+      [[ $variant == *deflate* ]] && EXTRA=(--deflate)
+      PG_ENV=() NC_SCHEME=ws
+      STACK_SCHEME=ws STACK_TLS_ARGS=()
+      if [[ $variant == wss* ]]; then
+        make_tls
+        PG_ENV=(PUBGATE__TLS__CERT="$OUT/tls/tls.crt" PUBGATE__TLS__KEY="$OUT/tls/tls.key")
+        STACK_SCHEME=wss STACK_TLS_ARGS=(--tls-ca "$OUT/tls/ca.pem") NC_SCHEME=wss
+      fi
+      stack_start 2 ${PG_ENV[@]+"${PG_ENV[@]}"}
+      redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+      echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/hopvs-pubgate-$variant-$round.load"
+      run_multi "hopvs-pubgate-$variant-$round" "${VS_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+      STACK_SCHEME=ws STACK_TLS_ARGS=()
+      redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/hopvs-pubgate-$variant-$round.commandstats"
+      stack_stop
+
+      nchan_env=(NCHAN_STACK_DIR="$OUT/nchan-stack")
+      [[ $variant == *deflate* ]] && nchan_env+=(NCHAN_DEFLATE=1)
+      [[ $NC_SCHEME == wss ]] && nchan_env+=(NCHAN_TLS_CERT="$OUT/tls/tls.crt" NCHAN_TLS_KEY="$OUT/tls/tls.key")
+      env "${nchan_env[@]}" scripts/nchan/stack.sh start 2 >&2
+      NCHAN_UP=1
+      # shellcheck disable=SC1091
+      . "$OUT/nchan-stack/state"
+      NCHAN_ARGS=(--protocol nchan --broker-pid "$REDIS_PID")
+      [[ $NC_SCHEME == wss ]] && NCHAN_ARGS+=(--tls-ca "$OUT/tls/ca.pem")
+      for i in 1 2; do
+        port="NODE${i}_PORT" pid="NODE${i}_PID" workers="NODE${i}_WORKERS"
+        NCHAN_ARGS+=(--url "$NC_SCHEME://127.0.0.1:${!port}" --server-pid "${!pid}")
+        for w in ${!workers}; do NCHAN_ARGS+=(--server-pid "$w"); done
+      done
+      redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null
+      echo "load: $(cut -d' ' -f1-3 /proc/loadavg)" > "$OUT/hopvs-nchan-$variant-$round.load"
+      name="hopvs-nchan-$variant-$round"
+      cmd=(nice -n "$NICE" "$LT" "${VS_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"} "${NCHAN_ARGS[@]}" --json "$OUT/$name.json")
+      echo "$name: ${cmd[*]}" >> "$OUT/commands.txt"
+      echo "== $name: ${cmd[*]}" >&2
+      "${cmd[@]}" > /dev/null || echo "bench.sh: $name exited with $?" >&2
+      redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/$name.commandstats"
+      nchan_stop
+    done
+  done
+  scripts/hop-summary.py "$OUT" --compare > "$OUT/hopvs-summary.json" && cat "$OUT/hopvs-summary.json" >&2
 fi
 
 if [[ -n "$CHARTS" ]]; then

@@ -29,4 +29,5 @@ done
 
 # shellcheck source=scripts/apt-missing.sh
 source "$(dirname "${BASH_SOURCE[0]}")/apt-missing.sh"
-apt_missing test-deps redis-server:redis-server haproxy:haproxy
+# nginx + libnginx-mod-nchan: loadtest/tests/nchan.rs (pubgate-loadtest --protocol nchan).
+apt_missing test-deps redis-server:redis-server haproxy:haproxy "nginx:nginx libnginx-mod-nchan"

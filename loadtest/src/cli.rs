@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::ws::Node;
+use crate::ws::{Node, Protocol};
 
 /// Where to send load and what to watch.
 #[derive(Args, Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +32,12 @@ pub struct Target {
     #[arg(long)]
     #[serde(default)]
     pub deflate: bool,
+    /// The servers' protocol: `pubgate`, or `nchan` (nginx + nchan with subscribers on
+    /// `/sub/<topic>` and publishers on `/pub/<topic>`, as scripts/nchan/stack.sh configures them;
+    /// messages are checked by the payload's per-topic sequence number `s`).
+    #[arg(long, value_enum, default_value_t = Protocol::Pubgate)]
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Source addresses 127.0.0.2… to spread connections over (0: one per 16,000 connections).
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub source_ips: usize,
@@ -64,6 +70,7 @@ impl Target {
         let mut nodes = Node::parse_all(&self.urls, self.tls_ca.as_deref())?;
         for n in &mut nodes {
             n.deflate = self.deflate;
+            n.protocol = self.protocol;
         }
         Ok(nodes)
     }

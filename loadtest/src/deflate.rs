@@ -24,11 +24,18 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// Whether the 101 response accepted permessage-deflate, without context takeover on the server's
 /// side (needed: each message is inflated on its own).
 pub fn accepted(head: &str) -> bool {
+    accepted_with(head, true)
+}
+
+/// [`accepted`], where `need_no_takeover: false` also takes a bare `permessage-deflate`. nchan
+/// answers that way, yet deflates each message once for all its subscribers, so every message
+/// stands alone all the same; one that did not would fail to inflate and end its connection.
+pub fn accepted_with(head: &str, need_no_takeover: bool) -> bool {
     head.lines().any(|l| {
         l.split_once(':').is_some_and(|(k, v)| {
             k.trim().eq_ignore_ascii_case("sec-websocket-extensions")
                 && v.trim_start().starts_with("permessage-deflate")
-                && v.contains("server_no_context_takeover")
+                && (!need_no_takeover || v.contains("server_no_context_takeover"))
         })
     })
 }
@@ -229,5 +236,8 @@ mod tests {
             "HTTP/1.1 101 Switching Protocols\r\nsec-websocket-extensions: permessage-deflate; server_no_context_takeover; client_no_context_takeover\r\n\r\n"
         ));
         assert!(!accepted("HTTP/1.1 101 Switching Protocols\r\n\r\n"));
+        let bare = "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+        assert!(!accepted(bare));
+        assert!(accepted_with(bare, false));
     }
 }

@@ -60,6 +60,11 @@ pub struct FanoutArgs {
     /// Seconds to wait after the last publish for stragglers.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub drain: f64,
+    /// Publish to the first N --url nodes only (default: all of them). With --shared-broker, 1 sends
+    /// every publish to the first node, so the other nodes' subscribers get each message across the
+    /// broker (the cross-node hop) and the first node's locally.
+    #[arg(long, value_name = "N")]
+    pub publish_nodes: Option<usize>,
     /// The nodes share one broker (Redis): a publish to any node reaches subscribers on all.
     #[arg(long)]
     pub shared_broker: bool,
@@ -216,8 +221,19 @@ impl Setup {
                 ramped.stats.sample_errors
             );
         }
+        let pub_nodes = match args.publish_nodes {
+            None => nodes.len(),
+            Some(n) => {
+                anyhow::ensure!(
+                    (1..=nodes.len()).contains(&n),
+                    "--publish-nodes must be 1..={} (the number of --url)",
+                    nodes.len()
+                );
+                n
+            }
+        };
         let publishers = Publishers::start(PoolSpec {
-            nodes: nodes.clone(),
+            nodes: nodes[..pub_nodes].to_vec(),
             connections: args.publishers,
             topics: topics.clone(),
             payload: args.payload,
@@ -440,7 +456,8 @@ pub(crate) fn print_phase(name: &str, p: &Phase) {
 pub(crate) fn params(args: &FanoutArgs, setup: &Setup, rate: f64) -> serde_json::Value {
     json!({
         "urls": args.target.urls, "tls": setup.nodes.iter().any(|n| n.tls.is_some()),
-        "deflate": args.target.deflate,
+        "deflate": args.target.deflate, "protocol": args.target.protocol,
+        "publish_nodes": args.publish_nodes,
         "subscribers": args.subscribers, "topics": setup.topics.len(),
         "publish_rate": r3(rate), "delivery_rate": r3(rate * setup.subs_per_topic()),
         "duration_s": args.duration, "warmup_s": args.warmup, "payload": args.payload,

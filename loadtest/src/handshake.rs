@@ -13,7 +13,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::deflate::{self, DeflateWs};
 use crate::scan::{Kind, scan};
-use crate::ws::Node;
+use crate::ws::{Node, Protocol};
 
 /// Why opening a connection failed; the label is what the report counts.
 #[derive(Debug)]
@@ -85,6 +85,8 @@ pub struct Conn {
     pub ack_offset: u64,
     /// How long the setup took.
     pub timing: OpenTiming,
+    /// Messages are the published body alone (an nchan node), not pubgate's envelope.
+    pub raw: bool,
 }
 
 /// The well-known key/accept pair of RFC 6455 §1.3: the server's accept must match it.
@@ -131,11 +133,11 @@ async fn tcp_connect(
 async fn send_upgrade<S: AsyncWrite + Unpin>(
     stream: &mut S,
     node: &Node,
+    path: &str,
     extra_headers: &str,
 ) -> Result<(), OpenError> {
     let req = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n",
-        node.ws_path,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n",
         node.host()
     );
     stream.write_all(req.as_bytes()).await.map_err(upgrade_io)?;
@@ -195,7 +197,7 @@ async fn read_head_bytes<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>
 
 /// Checks the response head: `101` with the right `Sec-WebSocket-Accept`, and permessage-deflate
 /// accepted when it was offered.
-fn check_head(head: &[u8], deflate: bool) -> Result<(), OpenError> {
+fn check_head(head: &[u8], deflate: bool, raw: bool) -> Result<(), OpenError> {
     let head = String::from_utf8_lossy(head);
     let status: u16 = head
         .split_whitespace()
@@ -219,7 +221,7 @@ fn check_head(head: &[u8], deflate: bool) -> Result<(), OpenError> {
             "wrong Sec-WebSocket-Accept",
         ));
     }
-    if deflate && !deflate::accepted(&head) {
+    if deflate && !deflate::accepted_with(&head, !raw) {
         return Err(OpenError::new(
             "deflate_declined",
             "the node did not accept permessage-deflate",
@@ -341,11 +343,14 @@ pub async fn open_with(
         .map_err(|e| OpenError::new(io_label("connect", &e), e))?;
     let tcp_ns = started.elapsed().as_nanos() as u64;
     let offer = if node.deflate { deflate::OFFER } else { "" };
+    let path = node.protocol.subscribe_path(&node.ws_path, topic);
+    // An nchan subscriber is subscribed by its upgrade: no subscribe frame, no ack.
+    let raw = node.protocol == Protocol::Nchan;
     let (ws, upgrade_ns, ack_offset) = match &node.tls {
         None => {
             let up = async {
-                send_upgrade(&mut stream, node, offer).await?;
-                check_head(&read_head_tcp(&mut stream).await?, node.deflate)
+                send_upgrade(&mut stream, node, &path, offer).await?;
+                check_head(&read_head_tcp(&mut stream).await?, node.deflate, raw)
             };
             tokio::time::timeout_at(deadline, up)
                 .await
@@ -353,15 +358,29 @@ pub async fn open_with(
             let upgrade_ns = started.elapsed().as_nanos() as u64;
             if node.deflate {
                 let mut ws = Box::new(DeflateWs::new(stream));
-                let ack = tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
-                    .await
-                    .map_err(in_time("subscribe"))??;
-                return Ok(opened(Ws::Deflate(ws), ack, tcp_ns, upgrade_ns, started));
+                let ack = if raw {
+                    0
+                } else {
+                    tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
+                        .await
+                        .map_err(in_time("subscribe"))??
+                };
+                return Ok(opened(
+                    Ws::Deflate(ws),
+                    ack,
+                    raw,
+                    (tcp_ns, upgrade_ns),
+                    started,
+                ));
             }
             let mut ws = client_ws(stream);
-            let ack = tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
-                .await
-                .map_err(in_time("subscribe"))??;
+            let ack = if raw {
+                0
+            } else {
+                tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
+                    .await
+                    .map_err(in_time("subscribe"))??
+            };
             (Ws::Plain(ws), upgrade_ns, ack)
         }
         Some(tls) => {
@@ -370,8 +389,8 @@ pub async fn open_with(
                 .map_err(in_time("tls"))?
                 .map_err(|e| OpenError::new(io_label("tls", &e), e))?;
             let up = async {
-                send_upgrade(&mut stream, node, offer).await?;
-                check_head(&read_head_bytes(&mut stream).await?, node.deflate)
+                send_upgrade(&mut stream, node, &path, offer).await?;
+                check_head(&read_head_bytes(&mut stream).await?, node.deflate, raw)
             };
             tokio::time::timeout_at(deadline, up)
                 .await
@@ -379,26 +398,47 @@ pub async fn open_with(
             let upgrade_ns = started.elapsed().as_nanos() as u64;
             if node.deflate {
                 let mut ws = Box::new(DeflateWs::new(stream));
-                let ack = tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
-                    .await
-                    .map_err(in_time("subscribe"))??;
-                return Ok(opened(Ws::DeflateTls(ws), ack, tcp_ns, upgrade_ns, started));
+                let ack = if raw {
+                    0
+                } else {
+                    tokio::time::timeout_at(deadline, subscribe_deflate(&mut ws, topic))
+                        .await
+                        .map_err(in_time("subscribe"))??
+                };
+                return Ok(opened(
+                    Ws::DeflateTls(ws),
+                    ack,
+                    raw,
+                    (tcp_ns, upgrade_ns),
+                    started,
+                ));
             }
             let mut ws = Box::new(client_ws(stream));
-            let ack = tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
-                .await
-                .map_err(in_time("subscribe"))??;
+            let ack = if raw {
+                0
+            } else {
+                tokio::time::timeout_at(deadline, subscribe(&mut ws, topic))
+                    .await
+                    .map_err(in_time("subscribe"))??
+            };
             (Ws::Tls(ws), upgrade_ns, ack)
         }
     };
-    Ok(opened(ws, ack_offset, tcp_ns, upgrade_ns, started))
+    Ok(opened(ws, ack_offset, raw, (tcp_ns, upgrade_ns), started))
 }
 
-/// The open connection and its setup timings.
-fn opened(ws: Ws, ack_offset: u64, tcp_ns: u64, upgrade_ns: u64, started: Instant) -> Conn {
+/// The open connection and its setup timings (`tcp`, `upgrade`: ns since `started`).
+fn opened(
+    ws: Ws,
+    ack_offset: u64,
+    raw: bool,
+    (tcp_ns, upgrade_ns): (u64, u64),
+    started: Instant,
+) -> Conn {
     Conn {
         ws,
         ack_offset,
+        raw,
         timing: OpenTiming {
             tcp_ns,
             upgrade_ns,

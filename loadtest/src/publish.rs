@@ -21,7 +21,7 @@ use crate::procfs;
 use crate::redis_pub::{RedisPub, RedisTarget};
 use crate::scan::write_payload;
 use crate::stats::{self, Percentiles};
-use crate::ws::{Node, now_ns};
+use crate::ws::{Node, Protocol, now_ns};
 
 /// One batch of publishing: `count` messages at `rate` per second, spread round robin over the
 /// topics, stopping at `max_time` whatever happens.
@@ -279,9 +279,8 @@ impl PubConn {
         body: Bytes,
         api_key: Option<&str>,
     ) -> Result<u64, String> {
-        let body = self
-            .post(&format!("/v1/publish/{topic}"), body, api_key)
-            .await?;
+        let path = self.node.protocol.publish_path(topic);
+        let body = self.post(&path, body, api_key).await?;
         Ok(offset_field(&body).unwrap_or(0))
     }
 
@@ -353,6 +352,19 @@ async fn run_job(
     let hard_stop = start + job.max_time;
     let ntopics = spec.topics.len() as u64;
     let rate = job.rate.max(0.001);
+    // nchan messages carry no offset, so subscribers check order by `s`: a topic's publishes then go
+    // out one at a time, as with raw Redis publishes (pubgate orders by offset and needs no turn).
+    let turns: Option<Vec<tokio::sync::Mutex<()>>> = spec
+        .nodes
+        .iter()
+        .any(|n| n.protocol == Protocol::Nchan)
+        .then(|| {
+            spec.topics
+                .iter()
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect()
+        });
+    let turns = &turns;
     let tasks = senders.into_iter().enumerate().map(|(c, mut sender)| {
         let spec = spec.clone();
         let seqs = seqs.clone();
@@ -381,6 +393,10 @@ async fn run_job(
                 let t = ((c as u64 + k / nconn) % ntopics) as usize;
                 let (sent_at, outcome) = match &mut sender {
                     Sender::Http(conn) => {
+                        let _turn = match turns {
+                            Some(locks) => Some(locks[t].lock().await),
+                            None => None,
+                        };
                         let seq = seqs[t].fetch_add(1, Ordering::Relaxed) + 1;
                         let sent_at = now_ns();
                         write_payload(&mut buf, sent_at, seq, spec.payload);

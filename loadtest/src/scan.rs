@@ -141,6 +141,27 @@ pub fn scan(frame: &[u8]) -> Scanned<'_> {
     out
 }
 
+/// Scans a message that is the publisher's body alone (nchan delivers exactly what was posted):
+/// `topic` is the subscription's, there is no offset, and `t` and `s` must open the body the way
+/// [`write_payload`] writes them, so anything else counts as a bad frame.
+pub fn scan_raw<'a>(body: &[u8], topic: &'a [u8]) -> Scanned<'a> {
+    let mut out = Scanned {
+        kind: Kind::Message,
+        topic,
+        offset: None,
+        t: None,
+        s: None,
+    };
+    const T: &[u8] = b"{\"t\":";
+    if body.starts_with(T) {
+        out.t = parse_u64(body, T.len());
+        if let Some(j) = find_after(body, T.len(), b",\"s\":") {
+            out.s = parse_u64(body, j);
+        }
+    }
+    out
+}
+
 /// Builds the publisher's payload: `{"t":<ns>,"s":<seq>,"pad":"xxx…"}`, padded so the whole JSON is
 /// `size` bytes (or as short as possible when `size` is smaller than the fixed part).
 pub fn write_payload(buf: &mut Vec<u8>, t_ns: u64, seq: u64, size: usize) {
@@ -234,6 +255,23 @@ mod tests {
         assert_eq!(s.t, None);
         let f = br#"{"op":"message","topic":"unterminated"#;
         assert_eq!(scan(f).topic, b"");
+    }
+
+    #[test]
+    fn scans_a_bare_body() {
+        let mut buf = Vec::new();
+        write_payload(&mut buf, 1_700_000_000_000_000_001, 77, 256);
+        let s = scan_raw(&buf, b"bench.3");
+        assert_eq!(s.kind, Kind::Message);
+        assert_eq!(s.topic, b"bench.3");
+        assert_eq!(
+            (s.t, s.s, s.offset),
+            (Some(1_700_000_000_000_000_001), Some(77), None)
+        );
+        // Not the publisher's body: no `t`, so the receive loop counts it as bad.
+        let s = scan_raw(br#"{"op":"message","topic":"a"}"#, b"a");
+        assert_eq!((s.t, s.s), (None, None));
+        assert_eq!(scan_raw(b"", b"a").t, None);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::deflate::DeflateWs;
-use crate::scan::{Kind, scan};
+use crate::scan::{Kind, scan, scan_raw};
 use crate::stats::{Recorder, record};
 use crate::tls::TlsClient;
 use crate::track::{Seen, Tracker};
@@ -43,6 +43,45 @@ pub struct Node {
     /// Offer permessage-deflate (`--deflate`); the upgrade fails unless the node accepts it.
     #[serde(default)]
     pub deflate: bool,
+    /// Which server protocol the node speaks (`--protocol`).
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+/// The pub/sub protocol of the servers under test.
+///
+/// The same payload (`{"t":…,"s":…,"pad":"…"}`, the same size) goes through either, so the two can be
+/// compared message for message; only the envelope around it differs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// pubgate: `GET /ws` then a `subscribe` frame and its ack; messages arrive in the JSON
+    /// envelope with an offset; publishes are `POST /v1/publish/<topic>`.
+    #[default]
+    Pubgate,
+    /// nginx + nchan: a WebSocket on `/sub/<topic>` (`nchan_subscriber websocket`) is subscribed by
+    /// the upgrade itself, and each message arrives as a text frame holding exactly the published
+    /// body (no offset: order and loss are checked by the payload's `s`); publishes are
+    /// `POST /pub/<topic>` (`nchan_publisher`).
+    Nchan,
+}
+
+impl Protocol {
+    /// The path a subscriber of `topic` upgrades on (`ws_path` for pubgate).
+    pub fn subscribe_path(self, ws_path: &str, topic: &str) -> String {
+        match self {
+            Protocol::Pubgate => ws_path.to_string(),
+            Protocol::Nchan => format!("/sub/{topic}"),
+        }
+    }
+
+    /// The path a message for `topic` is posted to.
+    pub fn publish_path(self, topic: &str) -> String {
+        match self {
+            Protocol::Pubgate => format!("/v1/publish/{topic}"),
+            Protocol::Nchan => format!("/pub/{topic}"),
+        }
+    }
 }
 
 impl Node {
@@ -116,6 +155,7 @@ impl Node {
             ws_path: path.to_string(),
             tls: None,
             deflate: false,
+            protocol: Protocol::Pubgate,
         })
     }
 
@@ -215,12 +255,28 @@ pub async fn receive(
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
     let order = Order::new(conn.ack_offset);
+    let sub = Sub {
+        topic: &topic,
+        rec: &rec,
+        raw: conn.raw,
+    };
     match conn.ws {
-        Ws::Plain(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
-        Ws::Tls(mut ws) => receive_on(&mut ws, order, &topic, &rec, until).await,
-        Ws::Deflate(mut ws) => receive_deflate(&mut ws, order, &topic, &rec, until).await,
-        Ws::DeflateTls(mut ws) => receive_deflate(&mut ws, order, &topic, &rec, until).await,
+        Ws::Plain(mut ws) => receive_on(&mut ws, order, sub, until).await,
+        Ws::Tls(mut ws) => receive_on(&mut ws, order, sub, until).await,
+        Ws::Deflate(mut ws) => receive_deflate(&mut ws, order, sub, until).await,
+        Ws::DeflateTls(mut ws) => receive_deflate(&mut ws, order, sub, until).await,
     }
+}
+
+/// What a receive loop checks messages against.
+#[derive(Clone, Copy)]
+struct Sub<'a> {
+    /// The topic it subscribed to.
+    topic: &'a str,
+    /// Where latency and counters go.
+    rec: &'a Recorder,
+    /// Messages are the bare published body (nchan), not pubgate's envelope.
+    raw: bool,
 }
 
 /// [`receive_on`] for a permessage-deflate connection: every message is inflated, then checked
@@ -228,8 +284,7 @@ pub async fn receive(
 async fn receive_deflate<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut DeflateWs<S>,
     mut order: Order,
-    topic: &str,
-    rec: &Recorder,
+    sub: Sub<'_>,
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
     let deadline = until.map(|(at, _)| at);
@@ -252,7 +307,7 @@ async fn receive_deflate<S: AsyncRead + AsyncWrite + Unpin>(
             },
         };
         let end = match read {
-            Ok(m) => on_message(m.opcode, m.payload, m.wire_bytes, topic, rec, &mut order),
+            Ok(m) => on_message(m.opcode, m.payload, m.wire_bytes, sub, &mut order),
             Err(e) => Some(End::Failed(e)),
         };
         if let Some(end) = end {
@@ -265,14 +320,13 @@ async fn receive_deflate<S: AsyncRead + AsyncWrite + Unpin>(
 async fn receive_on<S: AsyncRead + AsyncWrite + Unpin>(
     ws: &mut WebSocket<S>,
     mut order: Order,
-    topic: &str,
-    rec: &Recorder,
+    sub: Sub<'_>,
     until: Option<(tokio::time::Instant, Leave)>,
 ) -> Received {
     let end = match until {
         None => loop {
             let frame = ws.read_frame().await;
-            if let Some(end) = on_frame(frame, topic, rec, &mut order) {
+            if let Some(end) = on_frame(frame, sub, &mut order) {
                 break end;
             }
         },
@@ -294,7 +348,7 @@ async fn receive_on<S: AsyncRead + AsyncWrite + Unpin>(
                         break End::Left;
                     }
                 };
-                if let Some(end) = on_frame(frame, topic, rec, &mut order) {
+                if let Some(end) = on_frame(frame, sub, &mut order) {
                     break end;
                 }
             }
@@ -307,8 +361,7 @@ async fn receive_on<S: AsyncRead + AsyncWrite + Unpin>(
 #[inline]
 fn on_frame(
     frame: Result<Frame<'_>, fastwebsockets::WebSocketError>,
-    topic: &str,
-    rec: &Recorder,
+    sub: Sub<'_>,
     order: &mut Order,
 ) -> Option<End> {
     let frame = match frame {
@@ -316,7 +369,7 @@ fn on_frame(
         Err(e) => return Some(End::Failed(e.to_string())),
     };
     let wire_bytes = wire_len(frame.payload.len());
-    on_message(frame.opcode, &frame.payload, wire_bytes, topic, rec, order)
+    on_message(frame.opcode, &frame.payload, wire_bytes, sub, order)
 }
 
 /// Bytes a server frame with a payload of `len` bytes takes on the wire (unmasked header included).
@@ -337,14 +390,19 @@ fn on_message(
     opcode: OpCode,
     payload: &[u8],
     wire_bytes: u64,
-    topic: &str,
-    rec: &Recorder,
+    sub: Sub<'_>,
     order: &mut Order,
 ) -> Option<End> {
+    let (topic, rec) = (sub.topic, sub.rec);
     match opcode {
         OpCode::Text => {
             let now = now_ns();
-            let s = scan(payload);
+            // nchan sends the body alone: the topic is the connection's, and there is no offset.
+            let s = if sub.raw {
+                scan_raw(payload, topic.as_bytes())
+            } else {
+                scan(payload)
+            };
             match s.kind {
                 Kind::Message => {
                     let seen = order.observe(s.offset, s.s);

@@ -177,6 +177,11 @@ impl Redis {
                 .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
     }
 
+    /// Its PID (for `--broker-pid`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
