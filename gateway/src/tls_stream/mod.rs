@@ -15,6 +15,9 @@
 
 mod engine;
 #[cfg(test)]
+mod record_tests;
+mod records;
+#[cfg(test)]
 mod tests;
 
 use std::io::{self, IoSlice};
@@ -74,11 +77,13 @@ impl Shared {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                if engine.is_read_closed() {
-                    return Poll::Ready(Ok(()));
-                }
+                // A failure (a forged or truncated record) is reported before the end of the
+                // stream, so it never passes for a clean close.
                 if let Some(e) = engine.failure() {
                     return Poll::Ready(Err(e));
+                }
+                if engine.is_read_closed() {
+                    return Poll::Ready(Ok(()));
                 }
             }
             ready!(self.tcp.poll_read_ready(cx))?;
@@ -147,6 +152,11 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         shared.tcp.readable().await?;
         shared.read_socket()?;
     }
+    // rustls' connection object goes; the record layer keeps the keys.
+    let switched = shared.lock().into_records();
+    // An alert for records that arrived behind the Finished and failed (best effort).
+    shared.lock().flush_to(&shared.tcp)?;
+    switched.map_err(io_error)?;
     Ok(TlsConn(Arc::new(shared)))
 }
 
