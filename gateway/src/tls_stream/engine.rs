@@ -15,12 +15,10 @@ use tokio::net::TcpStream;
 
 use super::records::{MAX_PLAINTEXT, RecordError, RecordLayer};
 
-/// Most plaintext gathered from several slices into one TLS record: the record size limit.
-const MAX_RECORD_PLAINTEXT: usize = MAX_PLAINTEXT;
-/// Most plaintext one write encrypts from a single large slice (a few records).
-const MAX_WRITE_PLAINTEXT: usize = 4 * MAX_RECORD_PLAINTEXT;
+/// Most records one write makes of a single large slice.
+const MAX_WRITE_RECORDS: usize = 4;
 /// Bytes taken from the socket per read: one full record with its header and tag.
-pub(super) const READ_CHUNK: usize = MAX_RECORD_PLAINTEXT + 512;
+pub(super) const READ_CHUNK: usize = MAX_PLAINTEXT + 512;
 /// Most ciphertext kept waiting for the rest of a message: rustls refuses handshake messages over
 /// 64 KiB and records over 16 KiB, so more than this is a peer that does not speak TLS.
 const MAX_INCOMING: usize = 64 * 1024 + READ_CHUNK;
@@ -437,24 +435,13 @@ impl Engine {
     }
 
     /// Encrypts up to one record's worth of `bufs` (or a few records of one large slice) into
-    /// `outgoing`; returns the plaintext bytes taken.
+    /// `outgoing`; returns the plaintext bytes taken. Frames are gathered straight into the
+    /// record: no intermediate copy.
     fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, RecordError> {
         let State::Traffic(records) = &mut self.state else {
             return Err(RecordError::UnsupportedSuite);
         };
-        let first = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &b[..]);
-        if first.len() < MAX_RECORD_PLAINTEXT {
-            // Frames gathered straight into the record: no intermediate copy.
-            return records.seal_data(bufs, &mut self.outgoing);
-        }
-        let plain = &first[..first.len().min(MAX_WRITE_PLAINTEXT)];
-        for chunk in plain.chunks(MAX_RECORD_PLAINTEXT) {
-            records.seal_data(&[IoSlice::new(chunk)], &mut self.outgoing)?;
-        }
-        Ok(plain.len())
+        records.seal_data(bufs, MAX_WRITE_RECORDS, &mut self.outgoing)
     }
 
     /// Queues a close_notify alert (once); the caller flushes it.

@@ -530,3 +530,16 @@ impl VectoredForTest for TlsWrite {
         assert_eq!(n, total, "small slices fit one record");
     }
 }
+
+#[test]
+fn print_sizes_tmp() {
+    eprintln!(
+        "SIZES kernel={} records={} engine={} shared={} lesssafekey={} failure={}",
+        std::mem::size_of::<rustls::kernel::KernelConnection<rustls::server::ServerConnectionData>>(),
+        std::mem::size_of::<super::records::RecordLayer>(),
+        std::mem::size_of::<super::engine::Engine>(),
+        std::mem::size_of::<super::Shared>(),
+        std::mem::size_of::<LessSafeKey>(),
+        std::mem::size_of::<super::engine::Failure>(),
+    );
+}
