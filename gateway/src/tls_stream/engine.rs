@@ -220,8 +220,7 @@ impl Engine {
     /// Notes that TCP reached end of file: reads end once the plaintext is taken. A record
     /// left incomplete is an error, not a clean end: its bytes were never authenticated.
     pub(super) fn receive_eof(&mut self) {
-        if !self.read_closed && self.traffic && !self.incoming.is_empty() && self.failed.is_none()
-        {
+        if !self.read_closed && self.traffic && !self.incoming.is_empty() && self.failed.is_none() {
             self.incoming = Vec::new();
             self.fail(RecordError::Truncated.into());
         }

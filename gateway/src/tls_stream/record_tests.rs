@@ -70,7 +70,10 @@ async fn pair_with(
     let client = tokio::spawn(async move {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         let name = ServerName::try_from("localhost").expect("name");
-        connector.connect(name, tcp).await.expect("client handshake")
+        connector
+            .connect(name, tcp)
+            .await
+            .expect("client handshake")
     });
     let (tcp, _) = listener.accept().await.expect("accept");
     let server = accept(tcp, pki.server.clone()).await.expect("handshake");
@@ -95,7 +98,10 @@ fn tls12_aes128() -> SupportedCipherSuite {
 async fn every_suite_carries_data_both_ways_through_the_record_layer() {
     for (suite, version) in suites() {
         let (server, mut client) = pair_with(suite, version).await;
-        assert!(server.0.lock().records_mut().is_some(), "{suite:?}: switched");
+        assert!(
+            server.0.lock().records_mut().is_some(),
+            "{suite:?}: switched"
+        );
         let (mut r, mut w, direct) = server.split();
         let up: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
         client.write_all(&up).await.unwrap();
@@ -123,19 +129,30 @@ async fn every_suite_carries_data_both_ways_through_the_record_layer() {
                 let mut one = [0u8; 1];
                 r.read_exact(&mut one).await.unwrap();
                 assert_eq!(one, [round], "{suite:?}: after the client's key update");
-                assert_eq!(direct.try_write_vectored(&[IoSlice::new(b"ok")]).unwrap(), 2);
+                assert_eq!(
+                    direct.try_write_vectored(&[IoSlice::new(b"ok")]).unwrap(),
+                    2
+                );
                 let mut two = [0u8; 2];
-                client.read_exact(&mut two).await.expect("after our key update");
+                client
+                    .read_exact(&mut two)
+                    .await
+                    .expect("after our key update");
                 assert_eq!(&two, b"ok");
             }
         }
         w.shutdown().await.unwrap();
         let mut rest = Vec::new();
-        client.read_to_end(&mut rest).await.expect("clean close_notify");
+        client
+            .read_to_end(&mut rest)
+            .await
+            .expect("clean close_notify");
         assert!(rest.is_empty());
         client.shutdown().await.unwrap();
         let mut rest = Vec::new();
-        r.read_to_end(&mut rest).await.expect("the client's close_notify");
+        r.read_to_end(&mut rest)
+            .await
+            .expect("the client's close_notify");
         assert!(rest.is_empty());
         assert_eq!(r.0.lock().buffered_capacity(), 0, "{suite:?}: idle again");
     }
@@ -163,7 +180,10 @@ async fn the_sending_limit_renews_the_key_or_ends_the_connection() {
             written.unwrap();
             w.flush().await.unwrap();
             let mut got = [0u8; 15];
-            client.read_exact(&mut got).await.expect("decrypts under the new key");
+            client
+                .read_exact(&mut got)
+                .await
+                .expect("decrypts under the new key");
             assert_eq!(&got, b"after the limit");
         } else {
             let e = written.expect_err("TLS 1.2 cannot renew its key");
@@ -225,7 +245,11 @@ async fn a_corrupted_record_fails_the_connection_with_bad_record_mac() {
 async fn a_record_over_the_size_limit_fails_with_record_overflow() {
     for (suite, version, len) in [
         (tls13_aes128(), &rustls::version::TLS13, (1 << 14) + 256 + 1),
-        (tls12_aes128(), &rustls::version::TLS12, (1 << 14) + 2048 + 1),
+        (
+            tls12_aes128(),
+            &rustls::version::TLS12,
+            (1 << 14) + 2048 + 1,
+        ),
     ] {
         let (server, mut client) = pair_with(suite, version).await;
         let (mut r, _w, _d) = server.split();
@@ -343,7 +367,11 @@ impl RawClient {
             let aad = Aad::from([record[0], record[1], record[2], record[3], record[4]]);
             let plain = self
                 .server_key
-                .open_in_place(nonce(self.server_iv, self.server_seq), aad, &mut record[5..])
+                .open_in_place(
+                    nonce(self.server_iv, self.server_seq),
+                    aad,
+                    &mut record[5..],
+                )
                 .expect("the server's records decrypt");
             self.server_seq += 1;
             last = Some(plain.to_vec());
@@ -380,14 +408,62 @@ async fn misplaced_and_malformed_records_are_refused() {
     let too_long = vec![b'x'; (1 << 14) + 1];
     type Case<'a> = (&'a str, Option<u8>, &'a [u8], &'a str, Option<u8>);
     let cases: [Case<'_>; 9] = [
-        ("plaintext over 2^14", Some(23), &too_long, "too large", Some(22)),
-        ("a NewSessionTicket", Some(22), &[4, 0, 0, 0], "unexpected", Some(10)),
-        ("a ClientHello", Some(22), &[1, 0, 0, 0], "unexpected", Some(10)),
-        ("a bad KeyUpdate request", Some(22), &[24, 0, 0, 1, 2], "malformed", Some(50)),
-        ("a long KeyUpdate", Some(22), &[24, 0, 0, 2, 0, 0], "malformed", Some(50)),
-        ("an empty handshake record", Some(22), &[], "malformed", Some(50)),
-        ("a record with no content type", None, &[], "unexpected", Some(10)),
-        ("an unknown content type", Some(99), b"x", "unexpected", Some(10)),
+        (
+            "plaintext over 2^14",
+            Some(23),
+            &too_long,
+            "too large",
+            Some(22),
+        ),
+        (
+            "a NewSessionTicket",
+            Some(22),
+            &[4, 0, 0, 0],
+            "unexpected",
+            Some(10),
+        ),
+        (
+            "a ClientHello",
+            Some(22),
+            &[1, 0, 0, 0],
+            "unexpected",
+            Some(10),
+        ),
+        (
+            "a bad KeyUpdate request",
+            Some(22),
+            &[24, 0, 0, 1, 2],
+            "malformed",
+            Some(50),
+        ),
+        (
+            "a long KeyUpdate",
+            Some(22),
+            &[24, 0, 0, 2, 0, 0],
+            "malformed",
+            Some(50),
+        ),
+        (
+            "an empty handshake record",
+            Some(22),
+            &[],
+            "malformed",
+            Some(50),
+        ),
+        (
+            "a record with no content type",
+            None,
+            &[],
+            "unexpected",
+            Some(10),
+        ),
+        (
+            "an unknown content type",
+            Some(99),
+            b"x",
+            "unexpected",
+            Some(10),
+        ),
         ("a fatal alert", Some(21), &[2, 40], "alert 40", None),
     ];
     for (what, typ, content, error, alert) in cases {
@@ -484,7 +560,10 @@ async fn openssl_s_client_talks_to_every_suite() {
                     }
                 }
             }
-            stdin.write_all(format!("{text}\n").as_bytes()).await.unwrap();
+            stdin
+                .write_all(format!("{text}\n").as_bytes())
+                .await
+                .unwrap();
             let mut line = String::new();
             lines.read_line(&mut line).await.expect("a line");
             assert_eq!(line, format!("{text}\n"), "{name}");
@@ -529,17 +608,4 @@ impl VectoredForTest for TlsWrite {
         let n = self.write_vectored(&slices).await.unwrap();
         assert_eq!(n, total, "small slices fit one record");
     }
-}
-
-#[test]
-fn print_sizes_tmp() {
-    eprintln!(
-        "SIZES kernel={} records={} engine={} shared={} lesssafekey={} failure={}",
-        std::mem::size_of::<rustls::kernel::KernelConnection<rustls::server::ServerConnectionData>>(),
-        std::mem::size_of::<super::records::RecordLayer>(),
-        std::mem::size_of::<super::engine::Engine>(),
-        std::mem::size_of::<super::Shared>(),
-        std::mem::size_of::<LessSafeKey>(),
-        std::mem::size_of::<super::engine::Failure>(),
-    );
 }

@@ -114,9 +114,7 @@ impl Secret {
         let (alg, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (&AES_128_GCM, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (&AES_256_GCM, key, iv),
-            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                (&CHACHA20_POLY1305, key, iv)
-            }
+            ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (&CHACHA20_POLY1305, key, iv),
             _ => return Err(RecordError::UnsupportedSuite),
         };
         let raw = key.as_ref();
@@ -315,7 +313,9 @@ impl RecordLayer {
                 .map_err(|_| RecordError::BadRecordMac)?;
             // Strip the padding; the last non-zero byte is the content type (RFC 8446 §5.2).
             let Some(type_at) = plain.iter().rposition(|&b| b != 0) else {
-                return Err(RecordError::UnexpectedMessage("record without content type"));
+                return Err(RecordError::UnexpectedMessage(
+                    "record without content type",
+                ));
             };
             if type_at > MAX_PLAINTEXT {
                 return Err(RecordError::RecordOverflow);
@@ -454,7 +454,10 @@ impl RecordLayer {
     ) -> Result<usize, RecordError> {
         self.prepare(out)?;
         let key = self.tx.secret.expand()?;
-        let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+        let first = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &b[..]);
         if first.len() < MAX_PLAINTEXT {
             return self.seal_one(&key, CONTENT_APPLICATION_DATA, bufs, out);
         }
