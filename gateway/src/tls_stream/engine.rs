@@ -180,7 +180,7 @@ impl Engine {
     /// handshake is done and everything rustls produced was sent.
     pub(super) fn into_records(&mut self) -> Result<(), Failure> {
         let State::Handshake(conn) = std::mem::replace(&mut self.state, State::Gone) else {
-            return Err(self.fail(RecordError::UnsupportedSuite.into()));
+            return Err(self.fail(RecordError::NotEstablished.into()));
         };
         let records = conn
             .dangerous_into_kernel_connection()
@@ -256,7 +256,7 @@ impl Engine {
                     }
                 }
             }
-            State::Gone => Err(RecordError::UnsupportedSuite.into()),
+            State::Gone => Err(RecordError::NotEstablished.into()),
         };
         result.map_err(|e| {
             // Nothing more will be read: dropping the rest also keeps it from being parsed (and
@@ -438,7 +438,7 @@ impl Engine {
     /// record: no intermediate copy.
     fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, RecordError> {
         let State::Traffic(records) = &mut self.state else {
-            return Err(RecordError::UnsupportedSuite);
+            return Err(RecordError::NotEstablished);
         };
         records.seal_data(bufs, MAX_WRITE_RECORDS, &mut self.outgoing)
     }

@@ -15,6 +15,8 @@
 
 mod engine;
 #[cfg(test)]
+mod openssl_tests;
+#[cfg(test)]
 mod record_tests;
 mod records;
 #[cfg(test)]

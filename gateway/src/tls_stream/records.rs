@@ -78,6 +78,9 @@ pub(super) enum RecordError {
     /// The negotiated cipher suite is not one this layer implements.
     #[error("TLS cipher suite not supported by the record layer")]
     UnsupportedSuite,
+    /// The connection has no record layer: the handshake is not done, or handing it over failed.
+    #[error("TLS connection not established")]
+    NotEstablished,
     /// The provider refused a key or an encryption (never expected with valid keys).
     #[error("TLS record encryption failed")]
     Crypto,
@@ -96,6 +99,7 @@ impl RecordError {
             RecordError::RecordLimit
             | RecordError::KeyUpdate(_)
             | RecordError::UnsupportedSuite
+            | RecordError::NotEstablished
             | RecordError::Crypto => Some(80),
         }
     }
