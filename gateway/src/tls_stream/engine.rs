@@ -24,6 +24,9 @@ pub(super) const READ_CHUNK: usize = MAX_PLAINTEXT + 512;
 const MAX_INCOMING: usize = 64 * 1024 + READ_CHUNK;
 
 /// Who protects records: rustls during the handshake, pubgate's record layer after it.
+// The record layer is what the connection keeps for its life: inline, it costs no allocation of
+// its own; the handshake state is the one boxed (and freed after the handshake).
+#[allow(clippy::large_enum_variant)]
 enum State {
     /// Boxed: rustls' connection object is about 1 KB and is dropped once the handshake is done;
     /// inline it would size the shared allocation for the connection's life.
@@ -178,7 +181,7 @@ impl Engine {
 
     /// Hands the established connection from rustls to the record layer. Called once the
     /// handshake is done and everything rustls produced was sent.
-    pub(super) fn into_records(&mut self) -> Result<(), Failure> {
+    pub(super) fn switch_to_records(&mut self) -> Result<(), Failure> {
         let State::Handshake(conn) = std::mem::replace(&mut self.state, State::Gone) else {
             return Err(self.fail(RecordError::NotEstablished.into()));
         };

@@ -155,7 +155,7 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         shared.read_socket()?;
     }
     // rustls' connection object goes; the record layer keeps the keys.
-    let switched = shared.lock().into_records();
+    let switched = shared.lock().switch_to_records();
     // An alert for records that arrived behind the Finished and failed (best effort).
     shared.lock().flush_to(&shared.tcp)?;
     switched.map_err(io_error)?;
