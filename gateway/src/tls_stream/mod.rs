@@ -4,10 +4,11 @@
 //! tokio-rustls over rustls' buffered `ServerConnection` kept about 10 KB per idle `wss://`
 //! connection: rustls' receive buffer is resized to 4 KiB before every socket read and stays so
 //! between reads, beside the connection state and tokio's split halves. Here rustls' unbuffered
-//! API does the protocol and this module owns every buffer ([`engine`]): ciphertext is read into a
-//! stack buffer, decrypted, and only a partial record or unread plaintext is kept on the heap;
-//! ciphertext goes out as soon as it is made and its buffer is given back. An idle connection holds
-//! the session's keys and nothing else.
+//! API runs the handshake, after which pubgate's own record layer ([`records`]) takes the keys and
+//! rustls' connection object is freed; this module owns every buffer ([`engine`]): ciphertext is
+//! read into a stack buffer, decrypted, and only a partial record or unread plaintext is kept on
+//! the heap; ciphertext goes out as soon as it is made and its buffer is given back. An idle
+//! connection holds the session's raw keys and nothing else.
 //!
 //! Both halves and the direct-write handle share one lock around the TLS state, held for
 //! non-blocking work only (one encryption and one `writev`, or one decryption): a TLS session has
