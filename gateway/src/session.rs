@@ -94,15 +94,19 @@ pub async fn run<R, W>(
     let heard = Arc::new(LastHeard::new());
     // The token's expiry, moved by refreshes; a task of its own closes the connection when it
     // passes, because the reader sits in a frame read that cannot be cancelled.
-    let (expiry, expiry_rx) = watch::channel(match &route {
-        Route::PubSub(Identity::Token(g)) => Some(g.exp),
-        _ => None,
-    });
-    // Only where tokens exist: an open node's idle connections do not pay for a task each.
-    let expirer = node
-        .access
-        .jwt()
-        .map(|j| tokio::spawn(expire(expiry_rx, queue.clone(), j.leeway(), node.clone())));
+    // Only where tokens exist: an open node's idle connections pay for neither the task nor the
+    // channel (a few hundred bytes each).
+    let (expiry, expirer) = match node.access.jwt() {
+        Some(j) => {
+            let (expiry, expiry_rx) = watch::channel(match &route {
+                Route::PubSub(Identity::Token(g)) => Some(g.exp),
+                _ => None,
+            });
+            let task = tokio::spawn(expire(expiry_rx, queue.clone(), j.leeway(), node.clone()));
+            (Some(expiry), Some(task))
+        }
+        None => (None, None),
+    };
     let max_message = match route {
         Route::Echo => ECHO_MAX_MESSAGE,
         Route::PubSub(_) => node.settings.limits.max_message_size,
@@ -312,8 +316,9 @@ struct Reader<R> {
     /// closed rather than answered with errors forever.
     refusals: TokenBucket,
     route: Route,
-    /// The expiry of the connection's token, for [`expire`].
-    expiry: watch::Sender<Option<u64>>,
+    /// The expiry of the connection's token, for [`expire`]; `None` on a node without JWT, where
+    /// no token (and no refresh) exists.
+    expiry: Option<watch::Sender<Option<u64>>>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -608,7 +613,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             drop(sub);
             self.reply(protocol::unsubscribed(&topic, "forbidden"));
         }
-        self.expiry.send_replace(Some(grant.exp));
+        if let Some(expiry) = &self.expiry {
+            expiry.send_replace(Some(grant.exp));
+        }
         self.reply(protocol::refresh_ack(id, grant.exp));
         self.route = Route::PubSub(new);
         Ok(())

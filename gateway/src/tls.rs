@@ -324,6 +324,9 @@ impl TlsTerminator {
         // per-client state for it, unlike the default 256-entry session cache that thousands of
         // clients would only churn. Tickets from another node fail to decrypt: a full handshake.
         config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new().map_err(TlsError::Config)?;
+        // After the handshake the keys move to pubgate's record layer (see `tls_stream`), which
+        // keeps far less per connection than rustls' connection object.
+        config.enable_secret_extraction = true;
         let tls_metrics = metrics.register_tls();
         tls_metrics.cert_expiry.set(loaded.not_after);
         tracing::info!(

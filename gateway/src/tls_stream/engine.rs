@@ -1,6 +1,7 @@
-//! The synchronous core of a lean TLS connection: rustls' unbuffered state machine and the three
-//! buffers it needs (ciphertext in, plaintext in, ciphertext out), each empty and unallocated
-//! whenever it holds nothing, so an idle connection keeps only the session's keys.
+//! The synchronous core of a lean TLS connection: rustls' unbuffered state machine for the
+//! handshake, then pubgate's own record layer ([`super::records`]), and the three buffers they
+//! need (ciphertext in, plaintext in, ciphertext out), each empty and unallocated whenever it
+//! holds nothing, so an idle connection keeps only the session's keys.
 //!
 //! Nothing here waits: every call either makes progress now or says `WouldBlock`. The async
 //! wrappers in [`super`] decide when to wait for the socket.
@@ -9,25 +10,46 @@ use std::io::{self, IoSlice};
 
 use rustls::Error as TlsError;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError};
+use rustls::unbuffered::{ConnectionState, EncodeError};
 use tokio::net::TcpStream;
 
-/// Most plaintext gathered from several slices into one TLS record: the record size limit.
-const MAX_RECORD_PLAINTEXT: usize = 16 * 1024;
-/// Most plaintext one write encrypts from a single large slice (a few records).
-const MAX_WRITE_PLAINTEXT: usize = 4 * MAX_RECORD_PLAINTEXT;
-/// Room per record for the header, the AEAD tag, TLS 1.3's content type or TLS 1.2's explicit
-/// nonce: a first guess at the ciphertext size (a short guess costs one retry, never an error).
-const RECORD_OVERHEAD: usize = 64;
+use super::records::{MAX_PLAINTEXT, RecordError, RecordLayer};
+
+/// Most records one write makes of a single large slice.
+const MAX_WRITE_RECORDS: usize = 4;
 /// Bytes taken from the socket per read: one full record with its header and tag.
-pub(super) const READ_CHUNK: usize = MAX_RECORD_PLAINTEXT + 512;
+pub(super) const READ_CHUNK: usize = MAX_PLAINTEXT + 512;
 /// Most ciphertext kept waiting for the rest of a message: rustls refuses handshake messages over
 /// 64 KiB and records over 16 KiB, so more than this is a peer that does not speak TLS.
 const MAX_INCOMING: usize = 64 * 1024 + READ_CHUNK;
 
+/// Who protects records: rustls during the handshake, pubgate's record layer after it.
+// The record layer is what the connection keeps for its life: inline, it costs no allocation of
+// its own; the handshake state is the one boxed (and freed after the handshake).
+#[allow(clippy::large_enum_variant)]
+enum State {
+    /// Boxed: rustls' connection object is about 1 KB and is dropped once the handshake is done;
+    /// inline it would size the shared allocation for the connection's life.
+    Handshake(Box<UnbufferedServerConnection>),
+    Traffic(RecordLayer),
+    /// Between the two, or after a switch that failed.
+    Gone,
+}
+
+/// Why a connection failed: during the handshake (rustls) or after it (the record layer).
+#[derive(Clone, Debug, thiserror::Error)]
+pub(super) enum Failure {
+    /// rustls refused the handshake.
+    #[error(transparent)]
+    Handshake(#[from] TlsError),
+    /// The record layer failed the connection.
+    #[error(transparent)]
+    Record(#[from] RecordError),
+}
+
 /// One TLS connection's state, without the socket.
 pub(super) struct Engine {
-    conn: UnbufferedServerConnection,
+    state: State,
     /// Ciphertext read but not yet processed: part of a record or of a handshake flight.
     incoming: Vec<u8>,
     /// Decrypted bytes the reader has not taken yet, from `plain_taken` on.
@@ -46,12 +68,17 @@ pub(super) struct Engine {
     /// We sent close_notify.
     close_sent: bool,
     /// The connection failed; every later call reports it.
-    failed: Option<TlsError>,
+    failed: Option<Failure>,
 }
 
-/// Turns a rustls error into the I/O error the stream reports.
-pub(super) fn io_error(e: TlsError) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, e)
+/// Turns a TLS failure into the I/O error the stream reports.
+pub(super) fn io_error(e: impl Into<Failure>) -> io::Error {
+    let e = e.into();
+    let kind = match e {
+        Failure::Record(RecordError::Truncated) => io::ErrorKind::UnexpectedEof,
+        _ => io::ErrorKind::InvalidData,
+    };
+    io::Error::new(kind, e)
 }
 
 fn total_len(bufs: &[IoSlice<'_>]) -> usize {
@@ -101,14 +128,7 @@ fn encode_required(e: &EncodeError) -> Option<usize> {
     }
 }
 
-fn encrypt_required(e: &EncryptError) -> Option<usize> {
-    match e {
-        EncryptError::InsufficientSize(s) => Some(s.required_size),
-        _ => None,
-    }
-}
-
-/// Where a round of record processing stopped.
+/// Where a round of handshake record processing stopped.
 enum Stop {
     /// Every complete record is processed; more must be read (or the handshake is done).
     Idle,
@@ -119,7 +139,7 @@ enum Stop {
 impl Engine {
     pub(super) fn new(conn: UnbufferedServerConnection) -> Self {
         Engine {
-            conn,
+            state: State::Handshake(Box::new(conn)),
             incoming: Vec::new(),
             plaintext: Vec::new(),
             plain_taken: 0,
@@ -150,13 +170,46 @@ impl Engine {
         self.incoming.capacity() + self.plaintext.capacity() + self.outgoing.capacity()
     }
 
+    /// The record layer (tests).
+    #[cfg(test)]
+    pub(super) fn records_mut(&mut self) -> Option<&mut RecordLayer> {
+        match &mut self.state {
+            State::Traffic(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Hands the established connection from rustls to the record layer. Called once the
+    /// handshake is done and everything rustls produced was sent.
+    pub(super) fn switch_to_records(&mut self) -> Result<(), Failure> {
+        let State::Handshake(conn) = std::mem::replace(&mut self.state, State::Gone) else {
+            return Err(self.fail(RecordError::NotEstablished.into()));
+        };
+        let records = conn
+            .dangerous_into_kernel_connection()
+            .map_err(Failure::from)
+            .and_then(|(secrets, kernel)| Ok(RecordLayer::new(secrets, kernel)?));
+        match records {
+            Ok(r) => {
+                self.state = State::Traffic(r);
+                // Records that arrived behind the client's Finished.
+                self.process()
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
     /// Takes ciphertext read from the socket and processes every complete record in it.
-    pub(super) fn receive(&mut self, data: &[u8]) -> Result<(), TlsError> {
+    pub(super) fn receive(&mut self, data: &[u8]) -> Result<(), Failure> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
+        if self.read_closed {
+            // After close_notify nothing the peer sends counts (RFC 8446 §6.1).
+            return Ok(());
+        }
         if self.incoming.len() + data.len() > MAX_INCOMING {
-            return Err(self.fail(TlsError::General("TLS message too large".into())));
+            return Err(self.fail(TlsError::General("TLS message too large".into()).into()));
         }
         self.incoming.extend_from_slice(data);
         let result = self.process();
@@ -167,37 +220,69 @@ impl Engine {
         result
     }
 
-    /// Notes that TCP reached end of file: reads end once the plaintext is taken.
+    /// Notes that TCP reached end of file: reads end once the plaintext is taken. A record
+    /// left incomplete is an error, not a clean end: its bytes were never authenticated.
     pub(super) fn receive_eof(&mut self) {
+        if !self.read_closed && self.traffic && !self.incoming.is_empty() && self.failed.is_none() {
+            self.incoming = Vec::new();
+            self.fail(RecordError::Truncated.into());
+        }
         self.read_closed = true;
     }
 
-    /// Processes complete records until rustls needs more ciphertext, queuing what it wants sent
-    /// and keeping the plaintext it decrypted.
-    pub(super) fn process(&mut self) -> Result<(), TlsError> {
+    /// Processes complete records until more ciphertext is needed, queuing what must be sent
+    /// and keeping the plaintext decrypted.
+    pub(super) fn process(&mut self) -> Result<(), Failure> {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        match self.run_records() {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                // Nothing more will be read: dropping the rest also keeps rustls from parsing it
-                // (and alerting) again. rustls queued an alert for the peer; send it along.
-                self.incoming = Vec::new();
-                self.collect_alerts();
-                Err(self.fail(e))
+        let result = match &mut self.state {
+            State::Handshake(_) => self.run_records().map(|_| ()).map_err(Failure::from),
+            State::Traffic(records) => {
+                match records.open(&mut self.incoming, &mut self.plaintext) {
+                    Ok(opened) => {
+                        if opened.closed {
+                            self.read_closed = true;
+                        }
+                        // The peer asked for our key update: it goes out now rather than with
+                        // the next delivery, which may be long in coming.
+                        if records.owes_key_update() && !self.close_sent {
+                            records.prepare(&mut self.outgoing).map_err(Failure::from)
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    Err(e) => {
+                        // The peer learns why before the connection closes; best effort.
+                        let _ = records.seal_alert(Some(&e), &mut self.outgoing);
+                        Err(e.into())
+                    }
+                }
             }
-        }
+            State::Gone => Err(RecordError::NotEstablished.into()),
+        };
+        result.map_err(|e| {
+            // Nothing more will be read: dropping the rest also keeps it from being parsed (and
+            // alerted on) again.
+            self.incoming = Vec::new();
+            if matches!(self.state, State::Handshake(_)) {
+                self.collect_alerts();
+            }
+            self.fail(e)
+        })
     }
 
-    fn fail(&mut self, e: TlsError) -> TlsError {
+    fn fail(&mut self, e: Failure) -> Failure {
         self.failed = Some(e.clone());
         e
     }
 
     fn run_records(&mut self) -> Result<Stop, TlsError> {
+        let State::Handshake(conn) = &mut self.state else {
+            return Err(TlsError::General("TLS handshake already done".into()));
+        };
         loop {
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let status = conn.process_tls_records(&mut self.incoming);
             let mut discard = status.discard;
             let stop = match status.state? {
                 ConnectionState::ReadTraffic(mut records) => {
@@ -242,11 +327,14 @@ impl Engine {
         }
     }
 
-    /// After a failure, moves the alert rustls queued into `outgoing` (best effort).
+    /// After a handshake failure, moves the alert rustls queued into `outgoing` (best effort).
     fn collect_alerts(&mut self) {
+        let State::Handshake(conn) = &mut self.state else {
+            return;
+        };
         for _ in 0..4 {
             // The alert is handed over before any record is looked at: nothing to discard.
-            let status = self.conn.process_tls_records(&mut self.incoming);
+            let status = conn.process_tls_records(&mut self.incoming);
             let Ok(ConnectionState::EncodeTlsData(mut data)) = status.state else {
                 return;
             };
@@ -338,7 +426,7 @@ impl Engine {
             ));
         }
         let taken = self.encrypt(bufs).map_err(|e| {
-            let e = self.fail(e);
+            let e = self.fail(e.into());
             io_error(e)
         })?;
         if self.flush_to(tcp)? || !direct {
@@ -349,84 +437,25 @@ impl Engine {
     }
 
     /// Encrypts up to one record's worth of `bufs` (or a few records of one large slice) into
-    /// `outgoing`; returns the plaintext bytes taken.
-    fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, TlsError> {
-        // Anything rustls queued (an alert, the key update answering the peer's) goes out first.
-        self.run_records()?;
-        let mut slices = bufs.iter().filter(|b| !b.is_empty());
-        let first = slices.next().map_or(&[][..], |b| &b[..]);
-        let gathered;
-        let plain: &[u8] = if first.len() >= MAX_RECORD_PLAINTEXT {
-            &first[..first.len().min(MAX_WRITE_PLAINTEXT)]
-        } else if slices.clone().next().is_none() {
-            // One frame (the usual direct write): encrypted from where it is.
-            first
-        } else {
-            let mut all = Vec::with_capacity(MAX_RECORD_PLAINTEXT.min(total_len(bufs)));
-            for b in bufs {
-                let n = b.len().min(MAX_RECORD_PLAINTEXT - all.len());
-                all.extend_from_slice(&b[..n]);
-                if all.len() == MAX_RECORD_PLAINTEXT {
-                    break;
-                }
-            }
-            gathered = all;
-            &gathered
+    /// `outgoing`; returns the plaintext bytes taken. Frames are gathered straight into the
+    /// record: no intermediate copy.
+    fn encrypt(&mut self, bufs: &[IoSlice<'_>]) -> Result<usize, RecordError> {
+        let State::Traffic(records) = &mut self.state else {
+            return Err(RecordError::NotEstablished);
         };
-        let start = self.outgoing.len();
-        let guess = plain.len() + RECORD_OVERHEAD * (plain.len() / MAX_RECORD_PLAINTEXT + 1);
-        let status = self.conn.process_tls_records(&mut self.incoming);
-        let discard = status.discard;
-        match status.state? {
-            ConnectionState::WriteTraffic(mut traffic) => {
-                append(
-                    &mut self.outgoing,
-                    guess,
-                    |out| traffic.encrypt(plain, out),
-                    encrypt_required,
-                )
-                .map_err(|e| TlsError::General(e.to_string()))?;
-            }
-            _ => return Err(TlsError::General("TLS connection not writable".into())),
-        }
-        self.incoming.drain(..discard);
-        // A key update that this encryption itself started (rustls renews the keys before they
-        // reach their usage limit) is handed over only after the data was encrypted under the new
-        // key; the peer must see the update first.
-        let mut before = Vec::new();
-        loop {
-            // Queued messages are handed over before any record is looked at: nothing to discard.
-            let status = self.conn.process_tls_records(&mut self.incoming);
-            let Ok(ConnectionState::EncodeTlsData(mut data)) = status.state else {
-                break;
-            };
-            append(&mut before, 0, |b| data.encode(b), encode_required)
-                .map_err(|e| TlsError::General(e.to_string()))?;
-        }
-        if !before.is_empty() {
-            self.outgoing.splice(start..start, before);
-        }
-        Ok(plain.len())
+        records.seal_data(bufs, MAX_WRITE_RECORDS, &mut self.outgoing)
     }
 
     /// Queues a close_notify alert (once); the caller flushes it.
-    pub(super) fn close_notify(&mut self) -> Result<(), TlsError> {
+    pub(super) fn close_notify(&mut self) -> Result<(), Failure> {
         if self.close_sent || !self.traffic || self.failed.is_some() {
             return Ok(());
         }
-        self.run_records()?;
-        let status = self.conn.process_tls_records(&mut self.incoming);
-        let discard = status.discard;
-        if let Ok(ConnectionState::WriteTraffic(mut traffic)) = status.state {
-            append(
-                &mut self.outgoing,
-                RECORD_OVERHEAD,
-                |out| traffic.queue_close_notify(out),
-                encrypt_required,
-            )
-            .map_err(|e| TlsError::General(e.to_string()))?;
+        if let State::Traffic(records) = &mut self.state {
+            records
+                .seal_alert(None, &mut self.outgoing)
+                .map_err(Failure::from)?;
         }
-        self.incoming.drain(..discard);
         self.close_sent = true;
         Ok(())
     }

@@ -4,16 +4,22 @@
 //! tokio-rustls over rustls' buffered `ServerConnection` kept about 10 KB per idle `wss://`
 //! connection: rustls' receive buffer is resized to 4 KiB before every socket read and stays so
 //! between reads, beside the connection state and tokio's split halves. Here rustls' unbuffered
-//! API does the protocol and this module owns every buffer ([`engine`]): ciphertext is read into a
-//! stack buffer, decrypted, and only a partial record or unread plaintext is kept on the heap;
-//! ciphertext goes out as soon as it is made and its buffer is given back. An idle connection holds
-//! the session's keys and nothing else.
+//! API runs the handshake, after which pubgate's own record layer ([`records`]) takes the keys and
+//! rustls' connection object is freed; this module owns every buffer ([`engine`]): ciphertext is
+//! read into a stack buffer, decrypted, and only a partial record or unread plaintext is kept on
+//! the heap; ciphertext goes out as soon as it is made and its buffer is given back. An idle
+//! connection holds the session's raw keys and nothing else.
 //!
 //! Both halves and the direct-write handle share one lock around the TLS state, held for
 //! non-blocking work only (one encryption and one `writev`, or one decryption): a TLS session has
 //! one state for both directions. Waiting for the socket happens outside it.
 
 mod engine;
+#[cfg(test)]
+mod openssl_tests;
+#[cfg(test)]
+mod record_tests;
+mod records;
 #[cfg(test)]
 mod tests;
 
@@ -74,11 +80,13 @@ impl Shared {
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                if engine.is_read_closed() {
-                    return Poll::Ready(Ok(()));
-                }
+                // A failure (a forged or truncated record) is reported before the end of the
+                // stream, so it never passes for a clean close.
                 if let Some(e) = engine.failure() {
                     return Poll::Ready(Err(e));
+                }
+                if engine.is_read_closed() {
+                    return Poll::Ready(Ok(()));
                 }
             }
             ready!(self.tcp.poll_read_ready(cx))?;
@@ -147,6 +155,11 @@ pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<Tls
         shared.tcp.readable().await?;
         shared.read_socket()?;
     }
+    // rustls' connection object goes; the record layer keeps the keys.
+    let switched = shared.lock().switch_to_records();
+    // An alert for records that arrived behind the Finished and failed (best effort).
+    shared.lock().flush_to(&shared.tcp)?;
+    switched.map_err(io_error)?;
     Ok(TlsConn(Arc::new(shared)))
 }
 

@@ -16,12 +16,12 @@ use tokio_rustls::client::TlsStream;
 
 use super::*;
 
-struct Pki {
-    server: Arc<ServerConfig>,
-    cert: CertificateDer<'static>,
+pub(super) struct Pki {
+    pub(super) server: Arc<ServerConfig>,
+    pub(super) cert: CertificateDer<'static>,
 }
 
-fn pki() -> Pki {
+pub(super) fn pki() -> Pki {
     crate::tls::install_default_provider();
     let c = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen");
     let cert = c.cert.der().clone();
@@ -31,6 +31,7 @@ fn pki() -> Pki {
         .with_single_cert(vec![cert.clone()], key)
         .expect("server config");
     server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    server.enable_secret_extraction = true;
     Pki {
         server: Arc::new(server),
         cert,
