@@ -35,10 +35,14 @@ impl Nginx {
     /// Starts an instance on a free port with the config scripts/nchan/stack.sh generates, and
     /// waits (bounded) until a publish is answered.
     fn start(bin: &Path, redis_port: u16, name: &str, env: &[(&str, &str)]) -> Nginx {
-        let dir = std::env::temp_dir().join(format!("pubgate-nchan-{}-{name}", std::process::id()));
+        // Named by the port too: the tests of this file run in parallel in one process.
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!(
+            "pubgate-nchan-{}-{name}-{port}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
-        let port = free_port();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/nchan/stack.sh");
         let out = Command::new("bash")
             .arg(&script)
