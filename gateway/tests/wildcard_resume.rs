@@ -502,3 +502,66 @@ async fn a_sentinel_failover_is_never_silent() {
     }
     assert_eq!(ack["recovered"], json!(false), "{ack}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_since_the_ack_is_never_silent() {
+    // Under a `volatile-*` policy Redis may evict the directory's sets (they carry a TTL): a
+    // resume must then not trust what is left of them.
+    let redis = Redis::start_with(
+        None,
+        &["--maxmemory", "8mb", "--maxmemory-policy", "volatile-ttl"],
+    );
+    let node = redis_node(&redis, &[("PUBGATE__HISTORY__TTL", "1h".to_string())]).await;
+    let mut ws = node.ws().await;
+    let time = subscribe(&mut ws, "ev.*", 1, None).await["time"]
+        .as_u64()
+        .expect("time");
+    ws.close().await;
+    for t in 0..10 {
+        publish_n(&node, &format!("ev.u{t}"), 1..=1).await;
+    }
+    // Other topics' history fills the memory until Redis evicts.
+    let pad = "x".repeat(20_000);
+    let mut filler = 0u64;
+    let evicted = |r: &Redis| -> u64 {
+        let stats = r.cli(&["INFO", "stats"]);
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix("evicted_keys:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // Until the directory's set of `ev` is among the evicted keys (the oldest TTLs go first).
+    while evicted(&redis) == 0 || redis.cli(&["EXISTS", "pubgate:~dir:ev"]).trim() == "1" {
+        filler += 1;
+        assert!(filler < 20_000, "Redis never evicted the set");
+        let (status, body) = node
+            .publish(
+                &format!("fill.t{filler}"),
+                &json!({ "pad": pad }).to_string(),
+            )
+            .await;
+        assert!(status == 200 || status == 503, "{status} {body}");
+    }
+    let mut ws = node.ws().await;
+    let ack = subscribe(&mut ws, "ev.*", 2, Some(json!({ "time": time }))).await;
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let mut seen = Seen::new();
+    collect(&mut ws, Duration::from_millis(800), &mut seen).await;
+    if ack["recovered"] == json!(true) {
+        // Only acceptable when every topic published since the ack is replayed whole, or named
+        // by a gap frame (its history went too).
+        for t in 0..10 {
+            let topic = format!("ev.u{t}");
+            let got = seen.get(&topic);
+            assert!(
+                got == Some(&messages(&topic, 1..=1))
+                    || got.is_some_and(|g| g.iter().any(|(kind, _, _)| kind == "gap")),
+                "recovered:true after {filler} fillers, yet {topic}: {got:?}"
+            );
+        }
+    } else {
+        assert_eq!(ack["recovered"], false, "{ack}");
+        assert!(seen.is_empty(), "nothing replayed: {seen:?}");
+    }
+}

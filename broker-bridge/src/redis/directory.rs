@@ -6,9 +6,11 @@
 //! * `P~dir`: a sorted set of first levels (`scores` for `scores.nba.live`), scored by the last
 //!   publish below each, in ms on Redis `TIME`;
 //! * `P~dir:<first level>`: a sorted set of the topics below that first level, scored the same way;
-//! * `P~dir~run`: `"<run> <ms>"`, the server run (as in the epoch key, see [`super::scripts`]) that
-//!   keeps the directory and since when. A restart, promotion or resync changes the run: the
-//!   directory may have lost entries with the data, so it only answers from that moment on.
+//! * `P~dir~run`: `"<run>/<evicted> <ms>"`, the server run (as in the epoch key, see
+//!   [`super::scripts`]) and its count of evicted keys (`INFO stats`), and since when both are so.
+//!   A restart, promotion or resync changes the run, and an eviction (under a `volatile-*` or
+//!   `allkeys-*` policy the sets, which carry a TTL, may go) changes the count: the directory may
+//!   have lost entries, so it only answers for moments after the change was seen.
 //!
 //! The publish script maintains the sets (the block below), dropping members older than the window
 //! and letting a set expire a window after its last publish. The run key is written by the clock
@@ -54,10 +56,11 @@ end
 const CLOCK: &str = r#"
 local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
   .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
+  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
 local tm = redis.call('TIME')
 local now = string.format('%d', tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000))
 local meta = redis.call('GET', KEYS[1])
-if (not meta) or string.match(meta, '^(%x*) ') ~= run then
+if (not meta) or string.match(meta, '^(%S*) ') ~= run then
   redis.call('SET', KEYS[1], run .. ' ' .. now)
 end
 return now
@@ -70,6 +73,7 @@ return now
 const DIRECTORY: &str = r#"
 local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
   .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
+  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 local since = tonumber(ARGV[1])
@@ -77,7 +81,7 @@ local cap = tonumber(ARGV[3])
 if since < now - tonumber(ARGV[2]) then return {'window'} end
 local meta = redis.call('GET', KEYS[2])
 if not meta then return {'reset'} end
-local mrun, mstart = string.match(meta, '^(%x*) (%d+)$')
+local mrun, mstart = string.match(meta, '^(%S*) (%d+)$')
 if mrun ~= run or since < tonumber(mstart) then return {'reset'} end
 local levels = {}
 if KEYS[3] then
