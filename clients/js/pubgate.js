@@ -671,7 +671,11 @@ export class PubgateClient extends Emitter {
 }
 
 /** Most topics a wildcard resume may name (the server refuses more). */
+/** What a wildcard resume lists at most: the server takes 10,000 entries, but the whole frame must
+ * also fit the server's `limits.max_message_size` (64 KiB by default), so the client stops adding
+ * positions at about 48 KB; the topics left out are replayed from `time` and deduplicated. */
 const MAX_RESUME_TOPICS = 10000;
+const MAX_RESUME_BYTES = 48 * 1024;
 
 /**
  * A wildcard's `since`: the time of its last ack and the last position of each topic seen whose
@@ -682,9 +686,12 @@ function wildcardSince(sub) {
   if (sub.time === null) return null;
   const topics = {};
   let n = 0;
+  let bytes = 0;
   for (const [topic, p] of sub.seen) {
     if (typeof p.epoch !== 'string' || !isOffset(p.offset)) continue;
-    if (++n > MAX_RESUME_TOPICS) return null;
+    // Roughly what the entry adds to the JSON: `"topic":{"epoch":"…","offset":N},`.
+    bytes += topic.length + p.epoch.length + String(p.offset).length + 32;
+    if (++n > MAX_RESUME_TOPICS || bytes > MAX_RESUME_BYTES) break;
     topics[topic] = { epoch: p.epoch, offset: p.offset };
   }
   return { time: sub.time, topics };

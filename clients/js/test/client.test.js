@@ -513,3 +513,33 @@ test('wildcards: a server that offers `time` gets the wildcard resume; replayed 
   ws3.recv({ op: 'message', topic: 'scores.a', offset: 2, data: 2 });
   assert.equal(got.at(-1), 'scores.a#2');
 });
+
+test('a wildcard that saw thousands of topics resumes with a frame the server takes; the rest replays from time', async () => {
+  const ctx = setup();
+  ctx.client.connect();
+  await flush();
+  const ws = ctx.sockets.at(-1);
+  ws.open();
+  const got = [];
+  ctx.client.subscribe('big.>', { onMessage: (d, m) => got.push(`${m.topic}#${m.offset}`) });
+  ws.recv({ op: 'ack', id: ws.last('subscribe').id, topic: 'big.>', time: 1000 });
+  for (let i = 0; i < 3000; i++) {
+    ws.recv({ op: 'message', topic: `big.game.t${i}`, epoch: 'E0123456789abcde', offset: 5, data: i });
+  }
+  ws.serverClose(1001, 'going away');
+  await ctx.clock.advance(DEFAULTS.backoffMax + DEFAULTS.drainSpread);
+  await flush();
+  const ws2 = ctx.sockets.at(-1);
+  ws2.open();
+  await flush();
+  const again = ws2.last('subscribe');
+  assert.equal(again.since.time, 1000, 'still a resume, never a plain subscribe');
+  const listed = Object.keys(again.since.topics).length;
+  assert.ok(listed > 500 && listed < 3000, `${listed} listed`);
+  assert.ok(JSON.stringify(again).length < 64 * 1024, 'fits the default max_message_size');
+  // A topic left out comes again from `time`: what the client has is dropped, the new one kept.
+  ws2.recv({ op: 'ack', id: again.id, topic: 'big.>', time: 2000, recovered: true });
+  ws2.recv({ op: 'message', topic: 'big.game.t2999', offset: 5, data: 2999 });
+  ws2.recv({ op: 'message', topic: 'big.game.t2999', offset: 6, data: 2999 });
+  assert.deepEqual(got.slice(3000), ['big.game.t2999#6']);
+});
