@@ -231,6 +231,9 @@ pub struct BrokerSettings {
     /// Redis Cluster: how often a node renews its wildcard watches (at most half the lease).
     #[serde(with = "humantime_serde")]
     pub watch_refresh: Duration,
+    /// Redis Cluster: distinct wildcard prefixes one node may hold watches for at once (each
+    /// costs every hash slot a member, about 0.5–2 MB of cluster memory, while its lease lasts).
+    pub watch_prefixes: usize,
 }
 
 /// `[tls]`
@@ -522,6 +525,7 @@ backlog_bytes = 67108864
 unsubscribe_delay = "1s"
 watch_lease = "60s"
 watch_refresh = "15s"
+watch_prefixes = 64
 
 [tls]
 max_handshakes = 1024

@@ -104,8 +104,8 @@ impl Node {
                 config.canary_timeout = b.canary_timeout;
                 config.watch_lease = b.watch_lease;
                 config.watch_refresh = b.watch_refresh;
-                // As many distinct prefixes in the watch sets as patterns the node may serve.
-                config.watch_limit = settings.limits.max_wildcard_patterns;
+                // Never more distinct prefixes in the watch sets than patterns the node may serve.
+                config.watch_limit = b.watch_prefixes.min(settings.limits.max_wildcard_patterns);
                 config.backlog_messages = b.backlog_messages;
                 config.backlog_bytes = b.backlog_bytes;
                 // Half a send queue: a hole that fits is pushed to subscribers with the live

@@ -549,6 +549,52 @@ async fn churning_wildcards_cannot_make_a_node_write_unbounded_prefixes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcards_that_arrive_together_share_a_write_and_the_node_cap_holds() {
+    // Each new prefix is a write into all 16,384 slots. Prefixes asked for while one is written
+    // go together in the next pass, so a crowd of new wildcards does not queue pass after pass;
+    // and `broker.watch_prefixes` bounds what one node makes the cluster hold.
+    const PREFIXES: usize = 12;
+    let cluster = Cluster::start(3);
+    let env = [("PUBGATE__BROKER__WATCH_PREFIXES", PREFIXES.to_string())];
+    let serving = node(&cluster, &env).await;
+    let mut clients = Vec::new();
+    for i in 0..PREFIXES {
+        let mut ws = serving.ws().await;
+        ws.send(json!({"op": "subscribe", "topic": format!("g{i}.*"), "id": 1}))
+            .await;
+        clients.push(ws);
+    }
+    for (i, ws) in clients.iter_mut().enumerate() {
+        let ack = ws.recv(Duration::from_secs(30)).await.expect("a reply");
+        assert_eq!(ack["op"], "ack", "g{i}.*: {ack}");
+    }
+    let passes = serving
+        .log()
+        .matches("wildcard watches written into every slot")
+        .count();
+    assert!(
+        (1..PREFIXES).contains(&passes),
+        "{PREFIXES} new prefixes took {passes} passes over the slots"
+    );
+    for i in [0, PREFIXES - 1] {
+        assert!(
+            cluster
+                .cli(&[
+                    "ZSCORE",
+                    &watch_key_of(&cluster, &format!("g{i}.x")),
+                    &format!("g{i}")
+                ])
+                .trim()
+                .parse::<u64>()
+                .is_ok(),
+            "g{i} is watched"
+        );
+    }
+    let refused = clients[0].subscribe("over.*").await;
+    assert_eq!(refused["code"], "broker_unavailable", "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_without_a_literal_prefix_watches_the_root_and_matches_in_the_node() {
     let cluster = Cluster::start(3);
     let publisher = node(&cluster, &[]).await;

@@ -142,6 +142,10 @@ pub(super) struct Watches {
     /// When each prefix this node wrote stops being watched unless renewed, by the node's clock
     /// (from the start of the write: never later than Redis's lease end).
     leased: Mutex<HashMap<String, Instant>>,
+    /// New prefixes waiting for their first write. Whoever gets `writing` next writes all of
+    /// them in one pass over the slots, so wildcards that arrive together wait for one pass, not
+    /// for one pass each.
+    pending: Mutex<HashSet<String>>,
     /// Held while writing, so a refresh and a new prefix's first write do not interleave with a
     /// rewrite after a reconnect.
     writing: tokio::sync::Mutex<()>,
@@ -154,6 +158,7 @@ impl Watches {
             renew: Script::new(RENEW),
             written: Mutex::default(),
             leased: Mutex::default(),
+            pending: Mutex::default(),
             writing: tokio::sync::Mutex::new(()),
         }
     }
@@ -205,33 +210,58 @@ impl Inner {
     }
 
     /// Starts watching `prefix`: writes it into every slot before the wildcard is acknowledged.
+    /// Prefixes asked for while a write is under way are written together by the next one.
     pub(super) async fn watch(&self, prefix: &str) -> Result<(), BrokerError> {
-        let _writing = self.watches.writing.lock().await;
-        let started = Instant::now();
         {
+            let now = Instant::now();
             let mut leased = lock(&self.watches.leased);
-            leased.retain(|_, until| *until > started);
+            leased.retain(|_, until| *until > now);
             if leased
                 .get(prefix)
-                .is_some_and(|until| *until > started + self.config.watch_refresh * 2)
+                .is_some_and(|until| *until > now + self.config.watch_refresh * 2)
             {
                 // Written a moment ago (a wildcard that comes and goes): the lease outlasts the
                 // next renewal, which carries it on.
                 lock(&self.watches.written).insert(prefix.to_string());
                 return Ok(());
             }
-            if !leased.contains_key(prefix) && leased.len() >= self.config.watch_limit {
+            let mut pending = lock(&self.watches.pending);
+            let new = !leased.contains_key(prefix) && !pending.contains(prefix);
+            if new && leased.len() + pending.len() >= self.config.watch_limit {
                 return Err(BrokerError::Unavailable(format!(
                     "this node holds watches for {} wildcard prefixes already (including recently \
                      unsubscribed ones, until their lease ends); try again later",
-                    leased.len()
+                    leased.len() + pending.len()
                 )));
             }
+            pending.insert(prefix.to_string());
         }
-        self.write_watches(&[prefix.to_string()]).await?;
-        lock(&self.watches.written).insert(prefix.to_string());
-        lock(&self.watches.leased).insert(prefix.to_string(), started + self.config.watch_lease);
-        tracing::debug!(prefix, elapsed = ?started.elapsed(), "wildcard watch written into every slot");
+        let _writing = self.watches.writing.lock().await;
+        let batch: Vec<String> = {
+            let mut pending = lock(&self.watches.pending);
+            if !pending.contains(prefix) {
+                // An earlier writer took it along; it either wrote it or failed.
+                drop(pending);
+                return if self.watches.is_written(prefix) {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Unavailable(
+                        "the wildcard's watch could not be written".into(),
+                    ))
+                };
+            }
+            pending.drain().collect()
+        };
+        let started = Instant::now();
+        self.write_watches(&batch).await?;
+        let until = started + self.config.watch_lease;
+        let mut leased = lock(&self.watches.leased);
+        let mut written = lock(&self.watches.written);
+        for p in &batch {
+            written.insert(p.clone());
+            leased.insert(p.clone(), until);
+        }
+        tracing::debug!(prefixes = batch.len(), elapsed = ?started.elapsed(), "wildcard watches written into every slot");
         Ok(())
     }
 

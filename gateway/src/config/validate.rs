@@ -177,6 +177,9 @@ impl Settings {
                 "must hold at least one message of limits.max_message_size",
             );
         }
+        if self.broker.watch_prefixes == 0 {
+            return invalid("broker.watch_prefixes", "must be at least 1");
+        }
         if self.broker.watch_refresh.is_zero() {
             return invalid("broker.watch_refresh", "must be greater than zero");
         }
