@@ -22,6 +22,9 @@ pub(super) const READ_CHUNK: usize = MAX_PLAINTEXT + 512;
 /// Most ciphertext kept waiting for the rest of a message: rustls refuses handshake messages over
 /// 64 KiB and records over 16 KiB, so more than this is a peer that does not speak TLS.
 const MAX_INCOMING: usize = 64 * 1024 + READ_CHUNK;
+/// Ciphertext waiting to be sent past which a requested key update is refused: only a peer that
+/// floods key update requests without reading the answers gets there (writes wait for the socket).
+const MAX_UNSENT_KEY_UPDATES: usize = 256 * 1024;
 
 /// Who protects records: rustls during the handshake, pubgate's record layer after it.
 // The record layer is what the connection keeps for its life: inline, it costs no allocation of
@@ -52,6 +55,13 @@ pub(super) struct Engine {
     state: State,
     /// Ciphertext read but not yet processed: part of a record or of a handshake flight.
     incoming: Vec<u8>,
+    /// During the handshake, how much of `incoming` rustls has been given: whole records, one
+    /// more each time it needs more. Records behind the client's Finished are never shown to it,
+    /// so everything after the handshake (a coalesced KeyUpdate, say) is the record layer's.
+    offered: usize,
+    /// Where the last record given to rustls starts: after a failure its alert is collected
+    /// against the buffer as rustls knew it before that record (see [`Engine::collect_alerts`]).
+    last_offered: usize,
     /// Decrypted bytes the reader has not taken yet, from `plain_taken` on.
     plaintext: Vec<u8>,
     plain_taken: usize,
@@ -128,6 +138,21 @@ fn encode_required(e: &EncodeError) -> Option<usize> {
     }
 }
 
+/// How far rustls may look into `buf` when it has used everything up to `from` (a record
+/// boundary): to the end of the next record when it is all there; to the end of `buf` when that
+/// record's header cannot be TLS (so rustls refuses it with its alert now, rather than after
+/// waiting for a length that will never come); `None` while the next record is still arriving.
+fn next_record_end(buf: &[u8], from: usize) -> Option<usize> {
+    let header = buf.get(from..from + 5)?;
+    let len = usize::from(u16::from_be_bytes([header[3], header[4]]));
+    let plausible = matches!(header[0], 20..=23) && header[1] == 3 && len <= (1 << 14) + 2048;
+    if !plausible {
+        return (buf.len() > from).then_some(buf.len());
+    }
+    let end = from + 5 + len;
+    (end <= buf.len()).then_some(end)
+}
+
 /// Where a round of handshake record processing stopped.
 enum Stop {
     /// Every complete record is processed; more must be read (or the handshake is done).
@@ -141,6 +166,8 @@ impl Engine {
         Engine {
             state: State::Handshake(Box::new(conn)),
             incoming: Vec::new(),
+            offered: 0,
+            last_offered: 0,
             plaintext: Vec::new(),
             plain_taken: 0,
             outgoing: Vec::new(),
@@ -192,6 +219,11 @@ impl Engine {
         match records {
             Ok(r) => {
                 self.state = State::Traffic(r);
+                // What rustls was given is its own (it processed the client's Finished); the
+                // records after it were never shown to it.
+                self.incoming.drain(..self.offered);
+                self.offered = 0;
+                self.last_offered = 0;
                 // Records that arrived behind the client's Finished.
                 self.process()
             }
@@ -247,6 +279,13 @@ impl Engine {
                         // The peer asked for our key update: it goes out now rather than with
                         // the next delivery, which may be long in coming.
                         if records.owes_key_update() && !self.close_sent {
+                            if self.outgoing.len() - self.out_sent > MAX_UNSENT_KEY_UPDATES {
+                                // A peer that asks for key updates and reads none of them.
+                                return Err(self.fail(
+                                    TlsError::General("peer does not read its key updates".into())
+                                        .into(),
+                                ));
+                            }
                             records.prepare(&mut self.outgoing).map_err(Failure::from)
                         } else {
                             Ok(())
@@ -262,12 +301,15 @@ impl Engine {
             State::Gone => Err(RecordError::NotEstablished.into()),
         };
         result.map_err(|e| {
-            // Nothing more will be read: dropping the rest also keeps it from being parsed (and
-            // alerted on) again.
-            self.incoming = Vec::new();
+            // rustls queues its alert against the buffer as it last saw it (its deframer keeps
+            // offsets into it): collect first, then drop the rest, which also keeps it from being
+            // parsed (and alerted on) again.
             if matches!(self.state, State::Handshake(_)) {
                 self.collect_alerts();
             }
+            self.incoming = Vec::new();
+            self.offered = 0;
+            self.last_offered = 0;
             self.fail(e)
         })
     }
@@ -282,7 +324,7 @@ impl Engine {
             return Err(TlsError::General("TLS handshake already done".into()));
         };
         loop {
-            let status = conn.process_tls_records(&mut self.incoming);
+            let status = conn.process_tls_records(&mut self.incoming[..self.offered]);
             let mut discard = status.discard;
             let stop = match status.state? {
                 ConnectionState::ReadTraffic(mut records) => {
@@ -311,7 +353,18 @@ impl Engine {
                     self.read_closed = true;
                     Some(Stop::Closed)
                 }
-                ConnectionState::BlockedHandshake => Some(Stop::Idle),
+                ConnectionState::BlockedHandshake => {
+                    match next_record_end(&self.incoming, self.offered) {
+                        // One more whole record for rustls (never a partial one: the bytes past
+                        // `offered` stay exactly as they came).
+                        Some(end) => {
+                            self.last_offered = self.offered;
+                            self.offered = end;
+                            None
+                        }
+                        None => Some(Stop::Idle),
+                    }
+                }
                 ConnectionState::WriteTraffic(_) => {
                     self.traffic = true;
                     Some(Stop::Idle)
@@ -321,6 +374,8 @@ impl Engine {
                 _ => return Err(TlsError::General("unexpected TLS state".into())),
             };
             self.incoming.drain(..discard);
+            self.offered -= discard;
+            self.last_offered = self.last_offered.saturating_sub(discard);
             if let Some(stop) = stop {
                 return Ok(stop);
             }
@@ -332,9 +387,14 @@ impl Engine {
         let State::Handshake(conn) = &mut self.state else {
             return;
         };
+        // The buffer as rustls knew it before the record that failed: its deframer may still
+        // point into what it kept of an unfinished handshake message there (an empty buffer made
+        // it slice out of range), and the failed record must not be parsed (and alerted on)
+        // twice.
+        let known = self.last_offered.min(self.offered);
         for _ in 0..4 {
             // The alert is handed over before any record is looked at: nothing to discard.
-            let status = conn.process_tls_records(&mut self.incoming);
+            let status = conn.process_tls_records(&mut self.incoming[..known]);
             let Ok(ConnectionState::EncodeTlsData(mut data)) = status.state else {
                 return;
             };

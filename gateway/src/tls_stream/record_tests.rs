@@ -453,8 +453,8 @@ async fn misplaced_and_malformed_records_are_refused() {
             "a bad KeyUpdate request",
             Some(22),
             &[24, 0, 0, 1, 2],
-            "malformed",
-            Some(50),
+            "illegal",
+            Some(47),
         ),
         (
             "a long KeyUpdate",
@@ -532,4 +532,19 @@ impl VectoredForTest for TlsWrite {
         let n = self.write_vectored(&slices).await.unwrap();
         assert_eq!(n, total, "small slices fit one record");
     }
+}
+
+/// Padding counts towards the limit: an inner plaintext of more than 2^14 + 1 bytes is a
+/// record_overflow even when the excess is zeros (RFC 8446 §5.4).
+#[tokio::test]
+async fn padding_past_the_plaintext_limit_is_a_record_overflow() {
+    let (mut r, mut c) = RawClient::connect().await;
+    let over = c.seal(Some(23), b"x", super::records::MAX_PLAINTEXT, c.seq);
+    c.seq += 1;
+    c.tcp.write_all(&over).await.unwrap();
+    let mut buf = [0u8; 16];
+    let e = r.read(&mut buf).await.expect_err("padded past 2^14 + 1");
+    assert!(e.to_string().contains("too large"), "{e}");
+    drop(r);
+    c.expect_alert(22).await;
 }

@@ -59,6 +59,9 @@ pub(super) enum RecordError {
     /// A message that does not parse.
     #[error("malformed TLS message: {0}")]
     Decode(&'static str),
+    /// A message that parses but carries a value the protocol forbids.
+    #[error("illegal TLS parameter: {0}")]
+    IllegalParameter(&'static str),
     /// The stream ended inside a record.
     #[error("TLS stream ended inside a record")]
     Truncated,
@@ -94,6 +97,7 @@ impl RecordError {
             RecordError::RecordOverflow => Some(22),
             RecordError::UnexpectedMessage(_) => Some(10),
             RecordError::Decode(_) => Some(50),
+            RecordError::IllegalParameter(_) => Some(47),
             RecordError::PeerAlert(_) | RecordError::Truncated => None,
             RecordError::TooManyKeyUpdates => Some(10),
             RecordError::RecordLimit
@@ -321,7 +325,8 @@ impl RecordLayer {
                     "record without content type",
                 ));
             };
-            if type_at > MAX_PLAINTEXT {
+            // The inner plaintext, padding included, is at most 2^14 + 1 bytes (RFC 8446 §5.4).
+            if plain.len() > MAX_PLAINTEXT + 1 {
                 return Err(RecordError::RecordOverflow);
             }
             let inner = plain[type_at];
@@ -393,8 +398,8 @@ impl RecordLayer {
             _ => return Err(RecordError::UnexpectedMessage("post-handshake message")),
         };
         if request > 1 {
-            // RFC 8446 §4.6.3: any other value is an illegal_parameter; decode_error is as fatal.
-            return Err(RecordError::Decode("key update request"));
+            // RFC 8446 §4.6.3: any other value is an illegal_parameter.
+            return Err(RecordError::IllegalParameter("key update request"));
         }
         self.updates_in_row += 1;
         if self.updates_in_row > MAX_KEY_UPDATES_IN_ROW {

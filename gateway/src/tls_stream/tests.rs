@@ -250,3 +250,109 @@ async fn a_key_update_requested_by_the_client_is_answered_in_order() {
         assert_eq!(&got, b"ok");
     }
 }
+
+/// The start of a ClientHello (a handshake message rustls keeps unfinished) followed by a record
+/// that is not TLS: refused with an alert. The alert used to be collected against an emptied
+/// buffer while rustls still pointed into the unfinished message: a panic.
+#[tokio::test]
+async fn an_unfinished_hello_then_garbage_is_refused_without_a_panic() {
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    for garbage in [
+        &[0x63, 3, 3, 0, 1, 0][..],
+        &[0x17, 3, 3, 0, 1, 0],
+        &[0x15, 3, 3, 0, 2, 2, 40],
+    ] {
+        let mut tcp = TcpStream::connect(addr).await.expect("connect");
+        let mut bytes = vec![0x16, 3, 1, 0, 4, 1, 0, 0, 0xc8];
+        bytes.extend_from_slice(garbage);
+        tcp.write_all(&bytes).await.unwrap();
+        let (server_tcp, _) = listener.accept().await.expect("accept");
+        let accepted = tokio::spawn(accept(server_tcp, pki.server.clone()));
+        let result = accepted.await.expect("the handshake task must not panic");
+        assert!(result.is_err(), "{garbage:?} is not a handshake");
+        let mut reply = Vec::new();
+        let _ = tcp.read_to_end(&mut reply).await;
+        assert!(
+            reply.first().is_none_or(|b| *b == 21),
+            "an alert or nothing: {reply:?}"
+        );
+    }
+}
+
+/// A client that asks for a key update in the same write as its Finished: the record layer
+/// answers it (rustls, which would otherwise have taken the KeyUpdate during the handshake, queued
+/// its answer where the switch to the record layer dropped it, and the client could not decrypt
+/// anything after).
+#[tokio::test]
+async fn a_key_update_coalesced_with_the_finished_is_answered() {
+    use std::io::{Read, Write};
+    let pki = pki();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut roots = RootCertStore::empty();
+    roots.add(pki.cert.clone()).expect("root");
+    let config = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").expect("name");
+    let mut client = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let server_config = pki.server.clone();
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut conn = accept(tcp, server_config).await.expect("server handshake");
+        let mut got = [0u8; 4];
+        conn.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"ping");
+        conn.write_all(b"pong").await.expect("write");
+        conn.flush().await.expect("flush");
+        conn
+    });
+    // Drive the client by hand over a blocking socket, so its Finished and the KeyUpdate leave
+    // in one write.
+    let tcp = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(addr).expect("connect");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        loop {
+            if client.wants_write() {
+                client.write_tls(&mut tcp).expect("send");
+                continue;
+            }
+            client.read_tls(&mut tcp).expect("read_tls");
+            client.process_new_packets().expect("handshake");
+            if !client.is_handshaking() {
+                break;
+            }
+        }
+        // The Finished is queued, not sent: a key update request and data go in the same write.
+        client.refresh_traffic_keys().expect("key update");
+        client.writer().write_all(b"ping").expect("ping");
+        let mut out = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut out).expect("write_tls");
+        }
+        tcp.write_all(&out).expect("send");
+        let mut pong = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            client.read_tls(&mut tcp).expect("read_tls");
+            client
+                .process_new_packets()
+                .expect("the server's records decrypt");
+            got += client.reader().read(&mut pong[got..]).unwrap_or(0);
+        }
+        assert_eq!(&pong, b"pong");
+        tcp
+    });
+    let limit = std::time::Duration::from_secs(20);
+    let _tcp = tokio::time::timeout(limit, tcp)
+        .await
+        .expect("in time")
+        .expect("client");
+    let _server = tokio::time::timeout(limit, server)
+        .await
+        .expect("in time")
+        .expect("server");
+}
