@@ -748,3 +748,25 @@ async fn a_wildcard_whose_watch_cannot_be_written_is_refused_and_leaves_nothing_
     // The connection is still usable.
     assert_eq!(ws.unsubscribe("z.*").await["code"], "not_subscribed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_set_redis_cannot_read_fails_the_publish_without_side_effects() {
+    // The watch is checked before the offset is taken: a publish that fails on it leaves nothing
+    // behind, so the publisher's retry does not publish the message twice.
+    let cluster = Cluster::start(3);
+    let publisher = node(&cluster, &[]).await;
+    let key = watch_key_of(&cluster, "wt.a");
+    let master = master_of(&cluster, &key);
+    master.cli(&["DEL", &key]);
+    master.cli(&["SET", &key, "not a sorted set"]);
+    let (status, body) = publisher.publish("wt.a", r#"{"n":1}"#).await;
+    assert_ne!(status, 200, "{body}");
+    let offset_key = "pubgate:{wt.a}:offset";
+    let offset = master_of(&cluster, offset_key).cli(&["GET", offset_key]);
+    assert!(
+        matches!(offset.trim(), "" | "0"),
+        "no offset taken: {offset:?}"
+    );
+    master.cli(&["DEL", &key]);
+    assert_eq!(publish(&publisher, "wt.a", &json!({"n": 1})).await, 1);
+}

@@ -565,3 +565,21 @@ async fn an_eviction_since_the_ack_is_never_silent() {
         assert!(seen.is_empty(), "nothing replayed: {seen:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_key_redis_cannot_write_fails_the_publish_without_side_effects() {
+    // The directory is written before the offset is taken: a publish that fails on it leaves
+    // nothing behind, so the publisher's retry does not publish the message twice.
+    let redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    redis.cli(&["SET", "pubgate:~dir:wt", "not a sorted set"]);
+    let (status, body) = node.publish("wt.a", r#"{"n":1}"#).await;
+    assert_ne!(status, 200, "{body}");
+    let offset = redis.cli(&["GET", "pubgate:wt.a:offset"]);
+    assert!(
+        matches!(offset.trim(), "" | "0"),
+        "no offset taken: {offset:?}"
+    );
+    redis.cli(&["DEL", "pubgate:~dir:wt"]);
+    assert_eq!(publish(&node, "wt.a", r#"{"n":1}"#).await, 1);
+}

@@ -26,7 +26,8 @@ use super::Inner;
 use super::scripts::{as_bytes, as_u64, items, protocol};
 use crate::{BrokerError, Directory, EMPTY_EPOCH, Epoch, MAX_DIRECTORY_TOPICS, Position, Seek};
 
-/// Appended to the publish script, standalone and Sentinel only (`KEYS[4]` `P~dir`, `KEYS[5]`
+/// First in the publish script, before the offset is taken (so a set Redis cannot write fails
+/// the publish without side effects), standalone and Sentinel only (`KEYS[4]` `P~dir`, `KEYS[5]`
 /// `P~dir:<first level>`; `ARGV[8]` the window in ms, `ARGV[9]` the topic, `ARGV[10]` its first
 /// level). Without a numeric `ARGV[8]` (Redis Cluster) it does nothing. The run key is not touched here: the
 /// ack's clock ([`CLOCK`]) keeps it, so a publish pays only for the two sets.

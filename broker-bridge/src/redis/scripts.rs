@@ -83,6 +83,7 @@ end
 /// (0: none), `ARGV[7]` `PUBLISH` or `SPUBLISH`; on a cluster also [`WATCHED`]'s. Returns
 /// `{epoch, offset}`.
 const PUBLISH: &str = r#"
+-- BEFORE_PUBLISH
 local offset = redis.call('INCR', KEYS[2])
 local size = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
@@ -112,16 +113,15 @@ local tag = string.sub(redis.sha1hex(salt .. ' ' .. off .. '\n' .. ARGV[4]), 1, 
 local payload = 'pg1 ' .. epoch .. ' ' .. off .. ' ' .. tag .. '\n' .. ARGV[4]
 redis.call(ARGV[7], ARGV[3], payload)
 WATCHED
--- STANDALONE_DIRECTORY
 return {epoch, offset}
 "#;
 
-/// The cluster-only part of the publish script (wildcards; [`super::watch`]), in place of
-/// `WATCHED`. `KEYS[4]` the watch set of the topic's slot, `ARGV[8]` the watch channels' prefix
-/// (`{prefix}~w:`), `ARGV[9]` the topic. When a strict prefix of the topic (`""`, `a`, `a.b` for
-/// `a.b.c`) has a live lease there, the message also goes out on the watch channel, a classic
-/// `PUBLISH` the cluster bus carries to every node.
-const WATCHED: &str = r#"
+/// The cluster-only check of the publish script (wildcards; [`super::watch`]), first in it, before
+/// anything is written. `KEYS[4]` the watch set of the topic's slot, `ARGV[8]` the watch channels'
+/// prefix (`{prefix}~w:`), `ARGV[9]` the topic. When a strict prefix of the topic (`""`, `a`,
+/// `a.b` for `a.b.c`) has a live lease there, [`WATCHED`] sends the message on the watch channel
+/// too, a classic `PUBLISH` the cluster bus carries to every node.
+const WATCH_CHECK: &str = r#"
 local watch_now = now_ms()
 local function watched(p)
   local until_ms = redis.call('ZSCORE', KEYS[4], p)
@@ -134,6 +134,11 @@ while (not hit) and dot do
   hit = watched(string.sub(topic, 1, dot - 1))
   dot = string.find(topic, '.', dot + 1, true)
 end
+"#;
+
+/// The copy of a watched topic's message (after [`WATCH_CHECK`], which runs before anything is
+/// written, so that a watch set Redis cannot read fails the publish without side effects).
+const WATCHED: &str = r#"
 if hit then
   redis.call('PUBLISH', ARGV[8] .. topic, payload)
 end
@@ -212,15 +217,18 @@ impl Scripts {
                 "{}{}",
                 preamble(true),
                 PUBLISH
-                    .replace("WATCHED", if cluster { WATCHED } else { "" })
+                    // Reads and writes that can fail on a key of the wrong type come before the
+                    // offset is taken, so a failed publish leaves nothing behind (a retry would
+                    // otherwise publish the message twice).
                     .replace(
-                        "-- STANDALONE_DIRECTORY",
+                        "-- BEFORE_PUBLISH",
                         if cluster {
-                            ""
+                            WATCH_CHECK
                         } else {
                             super::directory::PUBLISH_BLOCK
                         },
                     )
+                    .replace("WATCHED", if cluster { WATCHED } else { "" })
             )),
             directory: super::directory::directory_script(),
             clock: super::directory::clock_script(),
