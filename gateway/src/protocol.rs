@@ -335,6 +335,15 @@ pub fn ack(
     b.put_json_str(position.epoch.as_str());
     b.put(b",\"offset\":");
     b.put_u64(position.offset);
+    put_recovered(&mut b, recovered);
+    b.put(b"}");
+    b.finish(OpCode::Text)
+}
+
+/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe (a wildcard subscribe's is
+/// [`wildcard_ack`]).
+/// `,"recovered":…` of a resume's ack, when it is one.
+fn put_recovered(b: &mut FrameBuilder, recovered: Option<bool>) {
     if let Some(r) = recovered {
         b.put(if r {
             b",\"recovered\":true"
@@ -342,12 +351,8 @@ pub fn ack(
             b",\"recovered\":false"
         });
     }
-    b.put(b"}");
-    b.finish(OpCode::Text)
 }
 
-/// `{"op":"ack","id":…,"topic":…}` for an unsubscribe (a wildcard subscribe's is
-/// [`wildcard_ack`]).
 pub fn unsubscribe_ack(id: Option<&RawValue>, topic: &str) -> Bytes {
     let mut b = start("ack", id, topic.len());
     b.put(b",\"topic\":");

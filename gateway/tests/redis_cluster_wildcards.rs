@@ -65,6 +65,20 @@ fn without_epoch(mut v: Value) -> Value {
     v
 }
 
+/// Pattern subscriptions over every master (`PUBSUB NUMPAT`).
+fn numpat(cluster: &Cluster) -> u64 {
+    cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.cli(&["PUBSUB", "NUMPAT"])
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// A CRC16 (XMODEM), the hash of Redis Cluster's key slots.
 fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
@@ -256,18 +270,7 @@ async fn wildcards_get_exactly_their_topics_across_masters_and_nothing_else_reac
     // The last wildcard of the prefix gone, its pattern subscription is gone too.
     assert_eq!(all.unsubscribe("a.>").await["op"], "ack");
     assert_eq!(one_level.unsubscribe("a.*").await["op"], "ack");
-    let numpat = || -> u64 {
-        cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                n.cli(&["PUBSUB", "NUMPAT"])
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let numpat = || numpat(&cluster);
     assert!(
         eventually(Duration::from_secs(5), async || numpat() == 0).await,
         "PUBSUB NUMPAT stayed {}",
@@ -663,18 +666,7 @@ async fn a_wildcard_resume_on_a_cluster_says_not_recovered_and_goes_on_live() {
         .await,
         "the node dropped the pattern"
     );
-    let numpat = || -> u64 {
-        cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                n.cli(&["PUBSUB", "NUMPAT"])
-                    .trim()
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-            .sum()
-    };
+    let numpat = || numpat(&cluster);
     assert!(
         eventually(Duration::from_secs(5), async || numpat() == 0).await,
         "PUBSUB NUMPAT stayed {}",
@@ -729,6 +721,7 @@ async fn a_wildcard_whose_watch_cannot_be_written_is_refused_and_leaves_nothing_
     let mut ws = serving.ws().await;
     let refused = ws.subscribe("z.*").await;
     assert_eq!(refused["code"], "broker_unavailable", "{refused}");
+    // Only the masters still up can be asked.
     let numpat = || -> u64 {
         cluster.nodes[..2]
             .iter()

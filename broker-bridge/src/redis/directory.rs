@@ -51,13 +51,18 @@ if dir_window > 0 then
 end
 "#;
 
+/// What the directory belongs to, first in [`CLOCK`] and [`DIRECTORY`]: the server run (as in
+/// the epoch key) and its count of evicted keys.
+const RUN: &str = r#"
+local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
+  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
+  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
+"#;
+
 /// The clock of a wildcard ack: Redis `TIME` in ms, after making sure `P~dir~run` names this
 /// run (`KEYS[1]`), so every ack's time is covered by the directory of the run that gave it, and
 /// none given before a restart is.
 const CLOCK: &str = r#"
-local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
-  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
-  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
 local tm = redis.call('TIME')
 local now = string.format('%d', tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000))
 local meta = redis.call('GET', KEYS[1])
@@ -72,9 +77,6 @@ return now
 /// most topics, `ARGV[4]` `P~dir:` (the level keys for the empty prefix, standalone only).
 /// Returns `{"ok", topic₁, …}` or `{reason}`.
 const DIRECTORY: &str = r#"
-local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
-  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
-  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
 local tm = redis.call('TIME')
 local now = tonumber(tm[1]) * 1000 + math.floor(tonumber(tm[2]) / 1000)
 local since = tonumber(ARGV[1])
@@ -127,12 +129,12 @@ return {epoch, last, last, 0}
 
 /// The directory read script (see [`DIRECTORY`]).
 pub(super) fn directory_script() -> redis::Script {
-    redis::Script::new(DIRECTORY)
+    redis::Script::new(&format!("{RUN}{DIRECTORY}"))
 }
 
 /// The clock script (see [`CLOCK`]).
 pub(super) fn clock_script() -> redis::Script {
-    redis::Script::new(CLOCK)
+    redis::Script::new(&format!("{RUN}{CLOCK}"))
 }
 
 /// The directory keys of a topic's publish, `P~dir` and `P~dir:<first level>`, and the first

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::{ErrorCode, ProtocolError, Since, parse_offset, start, truncate};
+use super::{ErrorCode, ProtocolError, Since, parse_offset, put_recovered, start, truncate};
 use crate::frame::OpCode;
 use crate::topic::Pattern;
 
@@ -88,13 +88,7 @@ pub fn wildcard_ack(
         b.put(b",\"time\":");
         b.put_u64(time);
     }
-    if let Some(r) = recovered {
-        b.put(if r {
-            b",\"recovered\":true"
-        } else {
-            b",\"recovered\":false"
-        });
-    }
+    put_recovered(&mut b, recovered);
     b.put(b"}");
     b.finish(OpCode::Text)
 }
