@@ -299,8 +299,13 @@ fi
 #     delivery with Redis's, and Redis's own cost of the publish script from INFO commandstats), then,
 #     with tcpdump, a shorter run on the same stack whose loopback capture scripts/hop-breakdown.py
 #     splits into the hop's parts (kept apart so that capturing cannot slow the measured run).
-#     hop-summary.json holds the medians and spread over the rounds. nchan is not measured: the load
-#     tool speaks only pubgate's protocol (docs/benchmarks.md, "Cross-node hop").
+#     hop-summary.json holds the medians and spread over the rounds. With perf (linux-perf), the
+#     capture run also records the scheduler, and each step is split into waking the process and
+#     the process's own work. Against nchan: see hopvs below.
+# CLOCK_REALTIME minus CLOCK_MONOTONIC in ns: puts tcpdump's timestamps on perf's clock (-k mono).
+clock_offset() {
+  python3 -c 'import time; print(time.clock_gettime_ns(time.CLOCK_REALTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC))'
+}
 if want hop && have_stack_tools hop; then
   HOP_ARGS=(fanout --subscribers "$SUBS" --topics 20 --delivery-rate 20000 --payload 256 --warmup 2 --publishers 8 --shared-broker)
   for round in 1 2 3; do
@@ -310,6 +315,9 @@ if want hop && have_stack_tools hop; then
     redis-cli -p "$REDIS_PORT" INFO commandstats > "$OUT/hop-$round.commandstats"
     if command -v tcpdump >/dev/null; then
       # The capture starts after the run's connect ramp and warm-up and stops by its own PID.
+      # With perf, the scheduler's events of the same seconds split each step into waking the
+      # process and its own work (hop-breakdown.py --sched); they slow this run, not the measured one.
+      SCHED_ARGS=()
       (
         sleep "$HOP_CAPTURE_DELAY"
         tcpdump -i lo -s 0 -U -w "$OUT/hop-$round.pcap" \
@@ -317,17 +325,31 @@ if want hop && have_stack_tools hop; then
         tpid=$!
         sleep 1
         ss -tnpH > "$OUT/hop-$round.ss"
-        sleep "$HOP_CAPTURE_SECS"
+        if command -v perf >/dev/null; then
+          clock_offset > "$OUT/hop-$round.clock"
+          perf record -q -e sched:sched_waking -e sched:sched_switch -a -k mono \
+            -o "$OUT/hop-$round.sched.data" -- sleep "$HOP_CAPTURE_SECS" 2>"$OUT/hop-$round.perf.err" \
+            || rm -f "$OUT/hop-$round.sched.data"
+        else
+          sleep "$HOP_CAPTURE_SECS"
+        fi
         kill -INT "$tpid" 2>/dev/null || true
         wait "$tpid" 2>/dev/null || true
       ) &
       capture_pid=$!
       run_multi "hop-capture-$round" "${HOP_ARGS[@]}" --duration "$((HOP_CAPTURE_SECS + 5))"
       wait "$capture_pid" 2>/dev/null || true
+      if [[ -s "$OUT/hop-$round.sched.data" ]] \
+        && perf script -i "$OUT/hop-$round.sched.data" --ns -F comm,pid,tid,cpu,time,event,trace \
+          > "$OUT/hop-$round.sched.txt" 2>/dev/null; then
+        SCHED_ARGS=(--sched "$OUT/hop-$round.sched.txt" --clock-offset "$(cat "$OUT/hop-$round.clock")"
+          --redis-pid "$REDIS_PID")
+      fi
       scripts/hop-breakdown.py "$OUT/hop-$round.pcap" --redis-port "$REDIS_PORT" \
         --node "$NODE1_PORT:$NODE1_PID" --node "$NODE2_PORT:$NODE2_PID" --ss "$OUT/hop-$round.ss" \
+        ${SCHED_ARGS[@]+"${SCHED_ARGS[@]}"} \
         --json "$OUT/hop-$round.breakdown.json" >/dev/null || echo "bench.sh: hop-$round breakdown failed" >&2
-      rm -f "$OUT/hop-$round.pcap"
+      rm -f "$OUT/hop-$round.pcap" "$OUT/hop-$round.sched.data" "$OUT/hop-$round.sched.txt"
     fi
     stack_stop
   done

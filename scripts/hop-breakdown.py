@@ -23,11 +23,26 @@ The parts, per message and node (A: the node that took the POST, B: the other):
 
 Redis's pushes go to connections whose local port is known only to the node; `ss` tells which
 (`--node PORT:PID` with `--ss FILE`, the output of `ss -tnpH` taken during the capture).
+
+With `--sched FILE --clock-offset NS --redis-pid PID`, each of the first three parts is split in two
+by the scheduler's own record of the same seconds (`perf record -e sched:sched_waking -e
+sched:sched_switch -a -k mono`, printed by `perf script --ns -F comm,pid,tid,cpu,time,event,trace`;
+NS is CLOCK_REALTIME minus CLOCK_MONOTONIC, which puts the capture on perf's clock):
+
+  <part>_wakeup   the packet reaching the process → one of its threads running (the kernel waking
+                  it, and the wait for a CPU: on a virtual machine, waking an idle vCPU)
+  <part>_work     that thread running → the next packet (the process's own work: reading, parsing,
+                  the script, the routing; system calls included)
+
+A step whose process already had a thread on a CPU when its packet came counts as all work, and is
+counted in `steps_already_running`; `wakeups_to_idle_cpu` counts the wake-ups that went to a CPU
+that was idle.
 Only the standard library is used: the capture is read as classic pcap (tcpdump -w) on `lo`
 (Linux cooked or Ethernet-style loopback headers, IPv4).
 """
 
 import argparse
+import bisect
 import json
 import re
 import statistics
@@ -91,6 +106,78 @@ def redis_conn_owners(ss_path, node_pids, redis_port):
     return owners
 
 
+SCHED_RE = re.compile(r"^\s*(.+?)\s+(\d+)/(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+sched:(\w+):\s+(.*)$")
+
+
+class Sched:
+    """The scheduler's events from `perf script`: who was woken when, and who ran where."""
+
+    def __init__(self, path):
+        self.pid_of = {}
+        self.wakings = []  # (ns, woken tid, target cpu)
+        self.switches = []  # (ns, cpu, prev tid, next tid)
+        for line in open(path, encoding="utf-8", errors="replace"):
+            m = SCHED_RE.match(line)
+            if not m:
+                continue
+            _comm, pid, tid, cpu, t, event, rest = m.groups()
+            self.pid_of[int(tid)] = int(pid)
+            ns = round(float(t) * 1e9)
+            if event == "sched_waking":
+                woken = re.search(r" pid=(\d+)", rest)
+                target = re.search(r"target_cpu=(\d+)", rest)
+                if woken and target:
+                    self.wakings.append((ns, int(woken.group(1)), int(target.group(1))))
+            elif event == "sched_switch":
+                prev = re.search(r"prev_pid=(\d+)", rest)
+                nxt = re.search(r"next_pid=(\d+)", rest)
+                if prev and nxt:
+                    self.switches.append((ns, int(cpu), int(prev.group(1)), int(nxt.group(1))))
+        self.wakings.sort()
+        self.switches.sort()
+        self.waking_t = [w[0] for w in self.wakings]
+        self.switch_t = [s[0] for s in self.switches]
+        # What each CPU ran from each switch on: (ns, next tid) per CPU.
+        self.on_cpu = {}
+        for ns, cpu, _prev, nxt in self.switches:
+            self.on_cpu.setdefault(cpu, ([], []))
+            self.on_cpu[cpu][0].append(ns)
+            self.on_cpu[cpu][1].append(nxt)
+
+    def covers(self, ns):
+        return bool(self.switch_t) and self.switch_t[0] < ns < self.switch_t[-1]
+
+    def running(self, cpu, ns):
+        """The thread on `cpu` at `ns` (0: idle), or None if unknown."""
+        times, tids = self.on_cpu.get(cpu, ([], []))
+        i = bisect.bisect_right(times, ns) - 1
+        return tids[i] if i >= 0 else None
+
+    def process_running(self, pid, ns):
+        return any(self.pid_of.get(self.running(cpu, ns)) == pid for cpu in self.on_cpu)
+
+    def step(self, pid, start, end):
+        """Splits start → end (a packet to `pid`, then the packet it sent) at the moment one of
+        pid's threads ran: (wake-up ns, work ns, woken onto an idle CPU), or (0, all, None) when
+        one was running already; None when the record does not tell."""
+        if self.process_running(pid, start):
+            return 0, end - start, None
+        i = bisect.bisect_left(self.waking_t, start - 2_000)
+        while i < len(self.wakings) and self.wakings[i][0] < end:
+            t, tid, target = self.wakings[i]
+            i += 1
+            if self.pid_of.get(tid) != pid:
+                continue
+            j = bisect.bisect_left(self.switch_t, t)
+            while j < len(self.switches) and self.switches[j][3] != tid:
+                j += 1
+            if j == len(self.switches) or self.switches[j][0] > end:
+                return None
+            ran = self.switches[j][0]
+            return ran - start, end - ran, self.running(target, t) == 0
+        return None
+
+
 def summary(values):
     """Median, 90th and 99th percentile of a list of µs values."""
     if not values:
@@ -112,7 +199,12 @@ def main():
     ap.add_argument("--node", action="append", required=True, help="PORT:PID of a node")
     ap.add_argument("--ss", help="`ss -tnpH` output taken during the capture")
     ap.add_argument("--json", help="write the summary here too")
+    ap.add_argument("--sched", help="`perf script` of sched_waking/sched_switch over the capture")
+    ap.add_argument("--clock-offset", type=int, default=0, help="CLOCK_REALTIME - CLOCK_MONOTONIC, ns")
+    ap.add_argument("--redis-pid", type=int, help="Redis's PID (for --sched)")
     a = ap.parse_args()
+    if a.sched and a.redis_pid is None:
+        ap.error("--sched needs --redis-pid")
     nodes = {}
     for n in a.node:
         port, pid = n.split(":")
@@ -141,6 +233,12 @@ def main():
                 m["last"][pid] = ts
 
     parts = {k: [] for k in ("http", "redis", "route", "fanout", "hop", "redis_a", "route_a", "fanout_a")}
+    sched = Sched(a.sched) if a.sched else None
+    if sched:
+        for k in ("http", "redis", "route"):
+            parts[k + "_wakeup"] = []
+            parts[k + "_work"] = []
+    counts = {"steps_already_running": 0, "wakeups_to_idle_cpu": 0, "wakeups": 0}
     complete = 0
     for m in msgs.values():
         if "post" not in m or "eval" not in m:
@@ -162,12 +260,29 @@ def main():
         parts["redis_a"].append(us(m["push"][a_pid] - m["eval"]))
         parts["route_a"].append(us(m["first"][a_pid] - m["push"][a_pid]))
         parts["fanout_a"].append(us(m["last"][a_pid] - m["first"][a_pid]))
+        if sched and sched.covers(t_post - a.clock_offset) and sched.covers(m["first"][b_pid] - a.clock_offset):
+            steps = (("http", a_pid, t_post, m["eval"]), ("redis", a.redis_pid, m["eval"], m["push"][b_pid]),
+                     ("route", b_pid, m["push"][b_pid], m["first"][b_pid]))
+            for name, pid, start, end in steps:
+                split = sched.step(pid, start - a.clock_offset, end - a.clock_offset)
+                if split is None:
+                    continue
+                wake, work, idle = split
+                parts[name + "_wakeup"].append(us(wake))
+                parts[name + "_work"].append(us(work))
+                if idle is None:
+                    counts["steps_already_running"] += 1
+                else:
+                    counts["wakeups"] += 1
+                    counts["wakeups_to_idle_cpu"] += int(idle)
     out = {
         "messages_seen": len(msgs),
         "messages_complete": complete,
         "redis_connections_mapped": len(owners),
         "parts": {k: summary(v) for k, v in parts.items()},
     }
+    if sched:
+        out["sched"] = counts
     text = json.dumps(out, indent=2)
     print(text)
     if a.json:

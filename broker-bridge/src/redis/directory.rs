@@ -23,7 +23,7 @@ use std::sync::Arc;
 use redis::Value;
 
 use super::Inner;
-use super::scripts::{as_bytes, as_u64, items, protocol};
+use super::scripts::{INFO_FIELD, as_bytes, as_u64, items, protocol};
 use crate::{BrokerError, Directory, EMPTY_EPOCH, Epoch, MAX_DIRECTORY_TOPICS, Position, Seek};
 
 /// First in the publish script, before the offset is taken (so a set Redis cannot write fails
@@ -37,9 +37,9 @@ if dir_window > 0 then
   local t = now_ms()
   local ts = string.format('%d', t)
   redis.call('ZADD', KEYS[5], ts, ARGV[9])
-  redis.call('PEXPIRE', KEYS[5], dir_window)
+  redis.call('PEXPIRE', KEYS[5], ARGV[8])
   redis.call('ZADD', KEYS[4], ts, ARGV[10])
-  redis.call('PEXPIRE', KEYS[4], dir_window)
+  redis.call('PEXPIRE', KEYS[4], ARGV[8])
   -- Members older than the window are dropped by one publish in 16 (by its ms): reads skip them
   -- anyway (they ask for scores within the window), so this only bounds the sets' size, and
   -- doing it every time cost a fifth of the script.
@@ -54,9 +54,8 @@ end
 /// What the directory belongs to, first in [`CLOCK`] and [`DIRECTORY`]: the server run (as in
 /// the epoch key) and its count of evicted keys.
 const RUN: &str = r#"
-local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
-  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
-  .. '/' .. (string.match(redis.call('INFO', 'stats'), 'evicted_keys:(%d+)') or '')
+local run = info_field('server', 'run_id:', '%x') .. info_field('replication', 'master_replid:', '%x')
+  .. '/' .. info_field('stats', 'evicted_keys:', '%d')
 "#;
 
 /// The clock of a wildcard ack: Redis `TIME` in ms, after making sure `P~dir~run` names this
@@ -129,12 +128,12 @@ return {epoch, last, last, 0}
 
 /// The directory read script (see [`DIRECTORY`]).
 pub(super) fn directory_script() -> redis::Script {
-    redis::Script::new(&format!("{RUN}{DIRECTORY}"))
+    redis::Script::new(&format!("{INFO_FIELD}{RUN}{DIRECTORY}"))
 }
 
 /// The clock script (see [`CLOCK`]).
 pub(super) fn clock_script() -> redis::Script {
-    redis::Script::new(&format!("{RUN}{CLOCK}"))
+    redis::Script::new(&format!("{INFO_FIELD}{RUN}{CLOCK}"))
 }
 
 /// The directory keys of a topic's publish, `P~dir` and `P~dir:<first level>`, and the first

@@ -28,13 +28,29 @@ use redis::{Script, Value};
 
 use crate::{BrokerError, EMPTY_EPOCH, Epoch, HistoryRead, Position, Replay};
 
-/// The part every script starts with. `WRITER` is replaced by `true` in the publish script: only a
-/// publish creates a topic that does not exist.
+/// A Lua helper for the scripts that read the server's identity: `info_field(section, name, class)`
+/// is the run of `class` characters after `name` in `INFO <section>` (`''` if none), the same as
+/// `string.match(INFO, name .. '(' .. class .. '+)')`. A plain `find` of `name` comes first, and the
+/// pattern starts there: searched from the start of INFO's text, the pattern cost as much as the
+/// rest of the lookup.
+pub(super) const INFO_FIELD: &str = r#"
+local function info_field(section, name, class)
+  local text = redis.call('INFO', section)
+  local at = string.find(text, name, 1, true)
+  return at and string.match(text, name .. '(' .. class .. '+)', at) or ''
+end
+"#;
+
+/// The part every script starts with (after [`INFO_FIELD`]). `WRITER` is replaced by `true` in the
+/// publish script: only a publish creates a topic that does not exist.
+///
+/// Numbers that Redis takes as arguments are passed as the strings they came in (`ARGV[2]`) or
+/// formatted with `%d`: Lua turns a number into a string with `%.14g`, the C library's floating-point
+/// printer, which cost a few percent of the publish script.
 const PREAMBLE: &str = r#"
 -- The server run and its replication history: a restart changes run_id; a promotion or a full
 -- resync from another master (a failback) changes master_replid, even within one run.
-local run = (string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '')
-  .. (string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or '')
+local run = info_field('server', 'run_id:', '%x') .. info_field('replication', 'master_replid:', '%x')
 local stored = redis.call('GET', KEYS[1])
 local last = redis.call('GET', KEYS[2])
 local epoch, owner, salt
@@ -63,12 +79,17 @@ else
 end
 local idle = tonumber(ARGV[2])
 if idle > 0 and not empty then
-  redis.call('PEXPIRE', KEYS[1], idle)
-  redis.call('PEXPIRE', KEYS[2], idle)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
 end
+-- Redis's clock in ms, read once per script: every part of one call stamps the same moment.
+local clock_ms
 local function now_ms()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if not clock_ms then
+    local t = redis.call('TIME')
+    clock_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return clock_ms
 end
 local function field(entry, name)
   local f = entry[2]
@@ -89,7 +110,8 @@ local size = tonumber(ARGV[5])
 local ttl = tonumber(ARGV[6])
 if size > 0 then
   local now = now_ms()
-  redis.call('XADD', KEYS[3], 'MAXLEN', size, string.format('%d-0', offset), 'd', ARGV[4], 't', now)
+  redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[5], string.format('%d-0', offset), 'd', ARGV[4], 't',
+    string.format('%d', now))
   if ttl > 0 then
     -- Drop entries older than the TTL from the head, a bounded number per publish. Only the
     -- oldest entry is read first: it is usually still fresh, and reading 64 entries on every
@@ -105,7 +127,7 @@ if size > 0 then
       end
       redis.call('XTRIM', KEYS[3], 'MINID', string.format('%d-0', expired + 1))
     end
-    redis.call('PEXPIRE', KEYS[3], ttl)
+    redis.call('PEXPIRE', KEYS[3], ARGV[6])
   end
 end
 local off = string.format('%d', offset)
@@ -207,7 +229,7 @@ impl Scripts {
     /// Prepares the scripts; `cluster` adds the wildcard watch check to the publish script.
     pub fn new(cluster: bool) -> Self {
         let preamble = |writer: bool| {
-            PREAMBLE
+            format!("{INFO_FIELD}{PREAMBLE}")
                 .replace("WRITER", if writer { "true" } else { "false" })
                 .replace("EMPTY", &format!("'{EMPTY_EPOCH}'"))
         };
