@@ -34,9 +34,10 @@ NS is CLOCK_REALTIME minus CLOCK_MONOTONIC, which puts the capture on perf's clo
   <part>_work     that thread running → the next packet (the process's own work: reading, parsing,
                   the script, the routing; system calls included)
 
-A step whose process already had a thread on a CPU when its packet came counts as all work, and is
-counted in `steps_already_running`; `wakeups_to_idle_cpu` counts the wake-ups that went to a CPU
-that was idle.
+A step whose process already had a thread on a CPU when its packet came counts as all work. Per
+step, `sched` counts the steps that woke a thread (`woken`), how many of those wake-ups went to a
+CPU that was idle (`woken_onto_idle_cpu`: on a virtual machine, an idle vCPU is halted and takes
+longest to wake), and the steps that found a thread running (`already_running`).
 Only the standard library is used: the capture is read as classic pcap (tcpdump -w) on `lo`
 (Linux cooked or Ethernet-style loopback headers, IPv4).
 """
@@ -238,7 +239,7 @@ def main():
         for k in ("http", "redis", "route"):
             parts[k + "_wakeup"] = []
             parts[k + "_work"] = []
-    counts = {"steps_already_running": 0, "wakeups_to_idle_cpu": 0, "wakeups": 0}
+    counts = {k: {"woken": 0, "woken_onto_idle_cpu": 0, "already_running": 0} for k in ("http", "redis", "route")}
     complete = 0
     for m in msgs.values():
         if "post" not in m or "eval" not in m:
@@ -271,10 +272,10 @@ def main():
                 parts[name + "_wakeup"].append(us(wake))
                 parts[name + "_work"].append(us(work))
                 if idle is None:
-                    counts["steps_already_running"] += 1
+                    counts[name]["already_running"] += 1
                 else:
-                    counts["wakeups"] += 1
-                    counts["wakeups_to_idle_cpu"] += int(idle)
+                    counts[name]["woken"] += 1
+                    counts[name]["woken_onto_idle_cpu"] += int(idle)
     out = {
         "messages_seen": len(msgs),
         "messages_complete": complete,
