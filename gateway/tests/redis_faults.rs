@@ -532,8 +532,43 @@ async fn the_first_history_read_after_a_redis_restart_works() {
 /// reused in the old epoch: `master_replid` changed, so the topic starts a new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_to_an_older_dataset_starts_a_new_epoch() {
+    failback_starts_a_new_epoch(None).await;
+}
+
+/// The same failback while a replica of A announces itself as `master_replid:0`: A's `INFO
+/// replication` lists its replicas (`slave0:ip=…`) before its own `master_replid:` line, so a
+/// lookup that takes the first `master_replid:` anywhere in the text reads the replica's made-up
+/// value, which never changes, and the failback reuses offsets silently (hostile review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_announcing_a_made_up_field_cannot_hide_a_failback() {
+    failback_starts_a_new_epoch(Some("master_replid:0")).await;
+}
+
+async fn failback_starts_a_new_epoch(rigged_announce_ip: Option<&str>) {
     let a = Redis::start();
     let b = Redis::start();
+    let _rigged = rigged_announce_ip.map(|ip| {
+        let port = a.port.to_string();
+        Redis::start_with(
+            None,
+            &[
+                "--replicaof",
+                "127.0.0.1",
+                &port,
+                "--replica-announce-ip",
+                ip,
+            ],
+        )
+    });
+    if let Some(ip) = rigged_announce_ip {
+        assert!(
+            eventually(Duration::from_secs(10), async || a
+                .cli(&["INFO", "replication"])
+                .contains(&format!("ip={ip},")))
+            .await,
+            "the rigged replica is listed"
+        );
+    }
     let node = redis_node(&a, &[]).await;
     let topic = "failback";
     let offset_key = format!("pubgate:{topic}:offset");
@@ -571,6 +606,16 @@ async fn a_failback_to_an_older_dataset_starts_a_new_epoch() {
         .await
     );
     a.cli(&["REPLICAOF", "NO", "ONE"]);
+    if let Some(ip) = rigged_announce_ip {
+        // The rigged replica, dropped by A's resync, is back and listed before A's own field.
+        assert!(
+            eventually(Duration::from_secs(20), async || a
+                .cli(&["INFO", "replication"])
+                .contains(&format!("ip={ip},")))
+            .await,
+            "the rigged replica is listed again"
+        );
+    }
     node.wait_ready(READY).await;
     let mut reply = Value::Null;
     assert!(

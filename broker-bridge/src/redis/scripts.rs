@@ -29,15 +29,16 @@ use redis::{Script, Value};
 use crate::{BrokerError, EMPTY_EPOCH, Epoch, HistoryRead, Position, Replay};
 
 /// A Lua helper for the scripts that read the server's identity: `info_field(section, name, class)`
-/// is the run of `class` characters after `name` in `INFO <section>` (`''` if none), the same as
-/// `string.match(INFO, name .. '(' .. class .. '+)')`. A plain `find` of `name` comes first, and the
-/// pattern starts there: searched from the start of INFO's text, the pattern cost as much as the
-/// rest of the lookup.
+/// is the run of `class` characters after the line that starts with `name` in `INFO <section>`
+/// (`''` if none). At the start of a line only: `INFO replication` lists a master's replicas
+/// (`slave0:ip=<announced ip>,…`) before its own `master_replid:`, and a replica can announce any
+/// text, `master_replid:0` included. A plain `find` rather than a pattern search from the start
+/// of the text, which cost as much as the rest of the lookup.
 pub(super) const INFO_FIELD: &str = r#"
 local function info_field(section, name, class)
   local text = redis.call('INFO', section)
-  local at = string.find(text, name, 1, true)
-  return at and string.match(text, name .. '(' .. class .. '+)', at) or ''
+  local at = string.find(text, '\n' .. name, 1, true)
+  return at and string.match(text, '^' .. class .. '+', at + 1 + #name) or ''
 end
 "#;
 

@@ -58,6 +58,16 @@ struct Fill {
 }
 
 impl Fill {
+    /// The lowest offset held back that comes after `from` in its epoch, if any.
+    fn first_held_after(&self, from: &Position) -> Option<u64> {
+        self.held
+            .iter()
+            .filter_map(|d| d.position.as_ref().map(|(p, _)| p))
+            .filter(|p| p.epoch == from.epoch && p.offset > from.offset)
+            .map(|p| p.offset)
+            .min()
+    }
+
     fn hold(&mut self, d: Decoded) {
         if self.held.len() >= MAX_HELD || self.held_bytes + d.data.len() > MAX_HELD_BYTES {
             self.raw_lost |= self.held.iter().any(|h| h.position.is_none()) || d.position.is_none();
@@ -352,7 +362,18 @@ impl Topics {
                 self.lost(&name, track, &start, from);
                 read_again = replay.position.offset > 0;
             } else {
-                self.lost(&name, track, &replay.position, from);
+                // Lost is only what comes before the first message held back: that one and the
+                // ones after it are here (with history off, a read never returns any).
+                let now = match track.fill.as_ref().and_then(|f| f.first_held_after(from)) {
+                    Some(first) if first <= replay.position.offset => Position {
+                        epoch: from.epoch.clone(),
+                        offset: first - 1,
+                    },
+                    _ => replay.position.clone(),
+                };
+                if now.offset > from.offset {
+                    self.lost(&name, track, &now, from);
+                }
             }
         }
         let Some(mut fill) = track.fill.take() else {
@@ -591,6 +612,61 @@ mod tests {
         );
         assert_eq!(t.on_wire("t", msg("e1", 21, "5a17")), Handled::Done);
         assert_eq!(*lock(&seen.0), ["gap e1:20", "e1:21 2"]);
+    }
+
+    #[test]
+    fn with_history_off_a_hole_loses_only_what_was_never_held() {
+        let (t, seen, _) = topics();
+        // 11 and 12 never came; 13 and 14 did. History (off) holds nothing.
+        assert_eq!(t.on_wire("t", msg("e1", 13, "5a17")), Handled::StartFill);
+        assert_eq!(t.on_wire("t", msg("e1", 14, "5a17")), Handled::Done);
+        let empty = Replay {
+            position: at("e1", 14),
+            complete: false,
+            messages: vec![],
+        };
+        assert!(t.fill_read("t", Some(&at("e1", 10)), empty, "5a17".into()));
+        assert_eq!(*lock(&seen.0), ["gap e1:12", "e1:13 2", "e1:14 2"]);
+    }
+
+    #[test]
+    fn a_held_duplicate_does_not_hide_the_hole_after_it() {
+        let (t, seen, _) = topics();
+        assert_eq!(t.on_wire("t", msg("e1", 13, "5a17")), Handled::StartFill);
+        // A duplicate from before the hole, held behind it (a reconnect's replay).
+        assert_eq!(t.on_wire("t", msg("e1", 9, "5a17")), Handled::Done);
+        let empty = Replay {
+            position: at("e1", 13),
+            complete: false,
+            messages: vec![],
+        };
+        assert!(t.fill_read("t", Some(&at("e1", 10)), empty, "5a17".into()));
+        assert_eq!(*lock(&seen.0), ["gap e1:12", "e1:13 2"]);
+    }
+
+    #[test]
+    fn with_history_off_a_new_epochs_first_messages_are_delivered() {
+        let (t, seen, _) = topics();
+        t.want("fresh");
+        // Subscribed while the topic did not exist; its first publishes start an epoch whose
+        // salt the node learns from a read that (history off) returns no message.
+        t.hint("fresh", &at(crate::EMPTY_EPOCH, 0), &Salt::from(""));
+        assert_eq!(t.on_wire("fresh", msg("e5", 1, "c0de")), Handled::StartFill);
+        assert_eq!(t.on_wire("fresh", msg("e5", 2, "c0de")), Handled::Done);
+        let empty = || Replay {
+            position: at("e5", 2),
+            complete: false,
+            messages: vec![],
+        };
+        let from = at(crate::EMPTY_EPOCH, 0);
+        assert!(!t.fill_read("fresh", Some(&from), empty(), "c0de".into()));
+        let FillFrom::After(Some(from)) = t.fill_from("fresh") else {
+            panic!("reads again from the new epoch's start");
+        };
+        assert!(t.fill_read("fresh", Some(&from), empty(), "c0de".into()));
+        assert_eq!(*lock(&seen.0), ["gap e5:0", "e5:1 2", "e5:2 2"]);
+        assert_eq!(t.on_wire("fresh", msg("e5", 3, "c0de")), Handled::Done);
+        assert_eq!(lock(&seen.0).len(), 4);
     }
 
     #[test]

@@ -84,6 +84,41 @@ fn bad_values_name_their_key() {
     assert!(load_toml("[log]\nlevel = \"info,gateway=debug\"").is_ok());
 }
 
+/// Redis counts TTLs in milliseconds: a shorter one would silently become 0 ("no TTL"), and a
+/// topic TTL past what `PEXPIRE` takes made every publish fail (hostile review).
+#[test]
+fn ttls_are_whole_milliseconds_redis_can_take() {
+    for (toml, key) in [
+        ("[history]\nttl = \"500us\"", "history.ttl"),
+        (
+            "[history]\ndirectory_window = \"999us\"",
+            "history.directory_window",
+        ),
+        (
+            "[broker]\ntopic_idle_ttl = \"500us\"",
+            "broker.topic_idle_ttl",
+        ),
+        (
+            "[broker]\ntopic_idle_ttl = \"300000000y\"",
+            "broker.topic_idle_ttl",
+        ),
+        (
+            "[[history.rules]]\npattern = \"a.>\"\nttl = \"1us\"",
+            "history.rules[0].ttl",
+        ),
+    ] {
+        let e = load_toml(toml).unwrap_err().to_string();
+        assert!(e.contains(key), "{toml}: {e}");
+    }
+    for toml in [
+        "[history]\nttl = \"1ms\"",
+        "[broker]\ntopic_idle_ttl = \"0s\"",
+        "[broker]\ntopic_idle_ttl = \"36500d\"",
+    ] {
+        assert!(load_toml(toml).is_ok(), "{toml}");
+    }
+}
+
 #[test]
 fn the_send_queue_must_hold_one_largest_message_frame() {
     // 65536 + 314 fits exactly; one byte less names both keys.

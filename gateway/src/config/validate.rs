@@ -224,6 +224,9 @@ impl Settings {
         if self.history.size > MAX_HISTORY {
             return invalid("history.size", "must be at most 1000000");
         }
+        if let Err(e) = check_idle_ttl(self.broker.topic_idle_ttl) {
+            return invalid("broker.topic_idle_ttl", e);
+        }
         if let Err(e) = check_ttl(self.history.directory_window) {
             return invalid("history.directory_window", e);
         }
@@ -254,12 +257,30 @@ impl Settings {
 /// The longest history TTL: Redis takes TTLs in milliseconds, and nothing needs more than a year.
 const MAX_HISTORY_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Checks a history TTL: more than zero, at most a year.
+/// Checks a history TTL: at least a millisecond (Redis's unit: less would become 0, "no TTL"), at
+/// most a year.
 pub(super) fn check_ttl(ttl: Duration) -> Result<(), &'static str> {
     if ttl.is_zero() {
         Err("must be greater than zero")
+    } else if ttl < Duration::from_millis(1) {
+        Err("must be at least 1ms (Redis counts in milliseconds)")
     } else if ttl > MAX_HISTORY_TTL {
         Err("must be at most 366d")
+    } else {
+        Ok(())
+    }
+}
+
+/// The longest `broker.topic_idle_ttl`: a century, far inside what Redis's `PEXPIRE` accepts (past
+/// it, every publish failed with "value is not an integer or out of range").
+const MAX_IDLE_TTL: Duration = Duration::from_secs(36_500 * 24 * 3600);
+
+/// Checks `broker.topic_idle_ttl`: 0 (the keys never expire) or 1ms to 36500d.
+fn check_idle_ttl(ttl: Duration) -> Result<(), &'static str> {
+    if !ttl.is_zero() && ttl < Duration::from_millis(1) {
+        Err("must be 0 (never forget) or at least 1ms (Redis counts in milliseconds)")
+    } else if ttl > MAX_IDLE_TTL {
+        Err("must be at most 36500d")
     } else {
         Ok(())
     }
