@@ -46,8 +46,8 @@ end
 /// publish script: only a publish creates a topic that does not exist.
 ///
 /// Numbers that Redis takes as arguments are passed as the strings they came in (`ARGV[2]`) or
-/// formatted with `%d`: Lua turns a number into a string with `%.14g`, the C library's floating-point
-/// printer, which cost a few percent of the publish script.
+/// formatted with `%d`: Redis turns a Lua number argument into a string with `%.17g`, the C
+/// library's floating-point printer, which cost a few percent of the publish script.
 const PREAMBLE: &str = r#"
 -- The server run and its replication history: a restart changes run_id; a promotion or a full
 -- resync from another master (a failback) changes master_replid, even within one run.
