@@ -544,21 +544,23 @@ async fn a_replica_announcing_a_made_up_field_cannot_hide_a_failback() {
     failback_starts_a_new_epoch(Some("master_replid:0")).await;
 }
 
+/// The same with a line break in the announced address, so the made-up field starts a line of its
+/// own (any client allowed `REPLCONF` can announce that much; hostile review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_announcing_a_made_up_line_cannot_hide_a_failback() {
+    failback_starts_a_new_epoch(Some("127.0.0.1\r\nmaster_replid:0")).await;
+}
+
 async fn failback_starts_a_new_epoch(rigged_announce_ip: Option<&str>) {
     let a = Redis::start();
     let b = Redis::start();
     let _rigged = rigged_announce_ip.map(|ip| {
         let port = a.port.to_string();
-        Redis::start_with(
-            None,
-            &[
-                "--replicaof",
-                "127.0.0.1",
-                &port,
-                "--replica-announce-ip",
-                ip,
-            ],
-        )
+        let rigged = Redis::start_with(None, &["--replicaof", "127.0.0.1", &port]);
+        rigged.cli(&["CONFIG", "SET", "replica-announce-ip", ip]);
+        // It reconnects, announcing itself anew.
+        a.cli(&["CLIENT", "KILL", "TYPE", "replica"]);
+        rigged
     });
     if let Some(ip) = rigged_announce_ip {
         assert!(

@@ -54,8 +54,9 @@ end
 /// What the directory belongs to, first in [`CLOCK`] and [`DIRECTORY`]: the server run (as in
 /// the epoch key) and its count of evicted keys.
 const RUN: &str = r#"
-local run = info_field('server', 'run_id:', '%x') .. info_field('replication', 'master_replid:', '%x')
-  .. '/' .. info_field('stats', 'evicted_keys:', '%d')
+local run = info_field('server', 'run_id:', '%x', false)
+  .. info_field('replication', 'master_replid:', '%x', true)
+  .. '/' .. info_field('stats', 'evicted_keys:', '%d', false)
 "#;
 
 /// The clock of a wildcard ack: Redis `TIME` in ms, after making sure `P~dir~run` names this

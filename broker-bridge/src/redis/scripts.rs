@@ -28,17 +28,25 @@ use redis::{Script, Value};
 
 use crate::{BrokerError, EMPTY_EPOCH, Epoch, HistoryRead, Position, Replay};
 
-/// A Lua helper for the scripts that read the server's identity: `info_field(section, name, class)`
-/// is the run of `class` characters after the line that starts with `name` in `INFO <section>`
-/// (`''` if none). At the start of a line only: `INFO replication` lists a master's replicas
-/// (`slave0:ip=<announced ip>,…`) before its own `master_replid:`, and a replica can announce any
-/// text, `master_replid:0` included. A plain `find` rather than a pattern search from the start
-/// of the text, which cost as much as the rest of the lookup.
+/// A Lua helper for the scripts that read the server's identity: `info_field(section, name, class,
+/// last)` is the run of `class` characters after a line that starts with `name` in `INFO <section>`
+/// (`''` if none): the first such line, or the last one when `last` is true. Where the field is
+/// matters: `INFO replication` lists a master's replicas (`slave0:ip=<announced ip>,…`) before its
+/// own `master_replid:`, and a replica can announce any text, `master_replid:0` and line breaks
+/// included (hostile review), so `master_replid` is the last such line; `run_id` comes before any
+/// field a client can set in `INFO server`, so it is the first. A plain `find` rather than a
+/// pattern search from the start of the text, which cost as much as the rest of the lookup.
 pub(super) const INFO_FIELD: &str = r#"
-local function info_field(section, name, class)
+local function info_field(section, name, class, last)
   local text = redis.call('INFO', section)
-  local at = string.find(text, '\n' .. name, 1, true)
-  return at and string.match(text, '^' .. class .. '+', at + 1 + #name) or ''
+  local key = '\n' .. name
+  local at = string.find(text, key, 1, true)
+  while last and at do
+    local later = string.find(text, key, at + 1, true)
+    if not later then break end
+    at = later
+  end
+  return at and string.match(text, '^' .. class .. '+', at + #key) or ''
 end
 "#;
 
@@ -51,7 +59,8 @@ end
 const PREAMBLE: &str = r#"
 -- The server run and its replication history: a restart changes run_id; a promotion or a full
 -- resync from another master (a failback) changes master_replid, even within one run.
-local run = info_field('server', 'run_id:', '%x') .. info_field('replication', 'master_replid:', '%x')
+local run = info_field('server', 'run_id:', '%x', false)
+  .. info_field('replication', 'master_replid:', '%x', true)
 local stored = redis.call('GET', KEYS[1])
 local last = redis.call('GET', KEYS[2])
 local epoch, owner, salt

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use super::link::lock;
 use super::scripts::Salt;
 use super::wire::{self, Decoded, Rejected};
-use crate::{BrokerObserver, Epoch, Message, MessageSink, Position, PrefixSet, Replay};
+use crate::{
+    BrokerObserver, EMPTY_EPOCH, Epoch, Message, MessageSink, Position, PrefixSet, Replay,
+};
 
 /// Messages a filling topic holds back at most before it gives up holding and reads them from
 /// history instead.
@@ -359,7 +361,13 @@ impl Topics {
                     epoch: replay.position.epoch.clone(),
                     offset: 0,
                 };
-                self.lost(&name, track, &start, from);
+                if from.epoch.as_str() == EMPTY_EPOCH && from.offset == 0 {
+                    // Subscribed before the topic existed: nothing came before its first epoch
+                    // (with history on, the read returns that epoch from its first message).
+                    track.last = Some(start);
+                } else {
+                    self.lost(&name, track, &start, from);
+                }
                 read_again = replay.position.offset > 0;
             } else {
                 // Lost is only what comes before the first message held back: that one and the
@@ -650,7 +658,7 @@ mod tests {
         t.want("fresh");
         // Subscribed while the topic did not exist; its first publishes start an epoch whose
         // salt the node learns from a read that (history off) returns no message.
-        t.hint("fresh", &at(crate::EMPTY_EPOCH, 0), &Salt::from(""));
+        t.hint("fresh", &at(EMPTY_EPOCH, 0), &Salt::from(""));
         assert_eq!(t.on_wire("fresh", msg("e5", 1, "c0de")), Handled::StartFill);
         assert_eq!(t.on_wire("fresh", msg("e5", 2, "c0de")), Handled::Done);
         let empty = || Replay {
@@ -658,15 +666,16 @@ mod tests {
             complete: false,
             messages: vec![],
         };
-        let from = at(crate::EMPTY_EPOCH, 0);
+        let from = at(EMPTY_EPOCH, 0);
         assert!(!t.fill_read("fresh", Some(&from), empty(), "c0de".into()));
         let FillFrom::After(Some(from)) = t.fill_from("fresh") else {
             panic!("reads again from the new epoch's start");
         };
         assert!(t.fill_read("fresh", Some(&from), empty(), "c0de".into()));
-        assert_eq!(*lock(&seen.0), ["gap e5:0", "e5:1 2", "e5:2 2"]);
+        // No gap either: nothing came before the topic's first epoch (protocol.md, gap frames).
+        assert_eq!(*lock(&seen.0), ["e5:1 2", "e5:2 2"]);
         assert_eq!(t.on_wire("fresh", msg("e5", 3, "c0de")), Handled::Done);
-        assert_eq!(lock(&seen.0).len(), 4);
+        assert_eq!(lock(&seen.0).len(), 3);
     }
 
     #[test]
