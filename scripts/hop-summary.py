@@ -7,7 +7,9 @@
 With --compare it reads the `hopvs` rounds instead (hopvs-<system>-<variant>-<round>.json, systems
 `pubgate` and `nchan`) and prints, per variant, each system's figures and for the ones where lower
 is better (p50, p99, CPU per delivery) which system is lower and whether the two spreads overlap:
-`pubgate lower, apart` means pubgate's worst round beat nchan's best. --markdown prints the same as
+`pubgate lower, apart` means pubgate's worst round beat nchan's best. It also gives, per figure,
+the difference pubgate - nchan of each round pair (round i of both ran back to back) as median
+[min-max] (`paired_difference`): entirely below 0 means pubgate was lower in every pair. --markdown prints the same as
 the table docs/benchmarks.md shows (median [min–max] per figure).
 
 Reads hop-<round>.json (pubgate-loadtest fanout), hop-<round>.commandstats (Redis INFO
@@ -67,7 +69,7 @@ def compare(out):
     result = {}
     for variant, systems in sorted(figs.items()):
         row = {name: {k: spread(v) for k, v in f.items()} for name, f in systems.items()}
-        verdict = {}
+        verdict, paired = {}, {}
         pg, nc = row.get("pubgate", {}), row.get("nchan", {})
         for k in LOWER_IS_BETTER:
             a, b = pg.get(k), nc.get(k)
@@ -81,8 +83,14 @@ def compare(out):
             if len(ra) == len(rb) and None not in ra and None not in rb:
                 wins = sum(1 for x, y in zip(ra, rb) if x < y)
                 text += f"; pubgate lower in {wins} of {len(ra)} rounds"
+                # The same difference per round pair: a slower machine moves both systems of a
+                # pair alike, so this spread is the one the interleaving was made for.
+                d = spread([x - y for x, y in zip(ra, rb)])
+                paired[k] = d
+                text += f"; pubgate - nchan per round {d['median']:g} [{d['min']:g} to {d['max']:g}]"
             verdict[k] = text
         row["verdict"] = verdict
+        row["paired_difference"] = paired
         result[variant] = row
     return result
 
