@@ -555,6 +555,15 @@ mod tests {
         }
     }
 
+    /// A history read that returned no message (history off, or trimmed) at `position`.
+    fn nothing_at(position: Position) -> Replay {
+        Replay {
+            position,
+            complete: false,
+            messages: vec![],
+        }
+    }
+
     fn msg(epoch: &str, offset: u64, salt: &str) -> Bytes {
         Bytes::from(wire::encode(epoch, offset, salt, b"{}"))
     }
@@ -628,11 +637,7 @@ mod tests {
         // 11 and 12 never came; 13 and 14 did. History (off) holds nothing.
         assert_eq!(t.on_wire("t", msg("e1", 13, "5a17")), Handled::StartFill);
         assert_eq!(t.on_wire("t", msg("e1", 14, "5a17")), Handled::Done);
-        let empty = Replay {
-            position: at("e1", 14),
-            complete: false,
-            messages: vec![],
-        };
+        let empty = nothing_at(at("e1", 14));
         assert!(t.fill_read("t", Some(&at("e1", 10)), empty, "5a17".into()));
         assert_eq!(*lock(&seen.0), ["gap e1:12", "e1:13 2", "e1:14 2"]);
     }
@@ -643,11 +648,7 @@ mod tests {
         assert_eq!(t.on_wire("t", msg("e1", 13, "5a17")), Handled::StartFill);
         // A duplicate from before the hole, held behind it (a reconnect's replay).
         assert_eq!(t.on_wire("t", msg("e1", 9, "5a17")), Handled::Done);
-        let empty = Replay {
-            position: at("e1", 13),
-            complete: false,
-            messages: vec![],
-        };
+        let empty = nothing_at(at("e1", 13));
         assert!(t.fill_read("t", Some(&at("e1", 10)), empty, "5a17".into()));
         assert_eq!(*lock(&seen.0), ["gap e1:12", "e1:13 2"]);
     }
@@ -661,11 +662,7 @@ mod tests {
         t.hint("fresh", &at(EMPTY_EPOCH, 0), &Salt::from(""));
         assert_eq!(t.on_wire("fresh", msg("e5", 1, "c0de")), Handled::StartFill);
         assert_eq!(t.on_wire("fresh", msg("e5", 2, "c0de")), Handled::Done);
-        let empty = || Replay {
-            position: at("e5", 2),
-            complete: false,
-            messages: vec![],
-        };
+        let empty = || nothing_at(at("e5", 2));
         let from = at(EMPTY_EPOCH, 0);
         assert!(!t.fill_read("fresh", Some(&from), empty(), "c0de".into()));
         let FillFrom::After(Some(from)) = t.fill_from("fresh") else {
@@ -684,11 +681,7 @@ mod tests {
         // Redis rolled back: a new epoch, whose salt the node does not know yet.
         assert_eq!(t.on_wire("t", msg("e2", 1, "beef")), Handled::StartFill);
         assert_eq!(t.on_wire("t", msg("ffff", 9, "0000")), Handled::Done);
-        let first = Replay {
-            position: at("e2", 1),
-            complete: false,
-            messages: vec![],
-        };
+        let first = nothing_at(at("e2", 1));
         assert!(!t.fill_read("t", Some(&at("e1", 10)), first, "beef".into()));
         assert_eq!(*lock(&seen.0), ["gap e2:0"]);
         let FillFrom::After(Some(from)) = t.fill_from("t") else {

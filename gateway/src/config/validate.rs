@@ -257,18 +257,12 @@ impl Settings {
 /// The longest history TTL: Redis takes TTLs in milliseconds, and nothing needs more than a year.
 const MAX_HISTORY_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
 
-/// Checks a history TTL: at least a millisecond (Redis's unit: less would become 0, "no TTL"), at
-/// most a year.
+/// Checks a history TTL: more than zero, at most a year.
 pub(super) fn check_ttl(ttl: Duration) -> Result<(), &'static str> {
     if ttl.is_zero() {
-        Err("must be greater than zero")
-    } else if ttl < Duration::from_millis(1) {
-        Err("must be at least 1ms (Redis counts in milliseconds)")
-    } else if ttl > MAX_HISTORY_TTL {
-        Err("must be at most 366d")
-    } else {
-        Ok(())
+        return Err("must be greater than zero");
     }
+    check_millis(ttl, MAX_HISTORY_TTL, "must be at most 366d")
 }
 
 /// The longest `broker.topic_idle_ttl`: a century, far inside what Redis's `PEXPIRE` accepts (past
@@ -277,10 +271,19 @@ const MAX_IDLE_TTL: Duration = Duration::from_secs(36_500 * 24 * 3600);
 
 /// Checks `broker.topic_idle_ttl`: 0 (the keys never expire) or 1ms to 36500d.
 fn check_idle_ttl(ttl: Duration) -> Result<(), &'static str> {
-    if !ttl.is_zero() && ttl < Duration::from_millis(1) {
-        Err("must be 0 (never forget) or at least 1ms (Redis counts in milliseconds)")
-    } else if ttl > MAX_IDLE_TTL {
-        Err("must be at most 36500d")
+    if ttl.is_zero() {
+        return Ok(());
+    }
+    check_millis(ttl, MAX_IDLE_TTL, "must be at most 36500d")
+}
+
+/// Checks a non-zero TTL that Redis keeps in milliseconds: less than one would become 0, "no
+/// TTL"; more than `max` is `too_long`.
+fn check_millis(ttl: Duration, max: Duration, too_long: &'static str) -> Result<(), &'static str> {
+    if ttl < Duration::from_millis(1) {
+        Err("must be at least 1ms (Redis counts in milliseconds)")
+    } else if ttl > max {
+        Err(too_long)
     } else {
         Ok(())
     }
