@@ -2,6 +2,9 @@
 //!
 //! - Redis loses a topic (`FLUSHALL`) under a live subscriber: the next message starts a new
 //!   epoch, and the subscriber gets `{"op":"gap",…}` for that epoch right before it.
+//! - Redis is flushed again and again, its subscription connections killed around it, with history
+//!   off: a wildcard subscriber gets the same frames of each topic as the topic's own subscriber,
+//!   gap frames included.
 //! - History is trimmed under a resume's replay (the client reads slowly while the topic moves
 //!   on): the client gets the replay as far as history held it, then a gap frame, then live
 //!   messages, on the memory broker and on Redis.
@@ -11,12 +14,14 @@
 mod common;
 mod redis_support;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{RawWs, op};
 use redis_support::faults::*;
 use redis_support::history::{WAIT, expect_silence, memory_node, publish, redis_node};
-use redis_support::{Node, Redis};
+use redis_support::{Node, Redis, Ws};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,6 +62,124 @@ async fn a_live_subscriber_is_told_of_a_new_epoch_with_a_gap_frame() {
     );
     expect_silence(&mut ws, "after the new epoch's first message").await;
     assert_eq!(metric(&node, "pubgate_gaps_signalled_total").await, 1.0);
+}
+
+/// Frames of `topic` (messages and gaps) a client receives until the message `{"end":true}` of
+/// each of `topics`, with message data and the epoch they name.
+async fn frames_until_the_end(ws: &mut Ws, topics: &[&str]) -> Vec<Value> {
+    let mut got = Vec::new();
+    let mut ended = 0;
+    while ended < topics.len() {
+        let f = ws.recv(WAIT).await.unwrap_or_else(|| {
+            panic!(
+                "the end markers of {topics:?} did not arrive; got {} frames, the last {:?}",
+                got.len(),
+                &got[got.len().saturating_sub(6)..]
+            )
+        });
+        if f["op"] == "message" && f["data"] == json!({"end": true}) {
+            ended += 1;
+        }
+        if f["op"] == "message" || f["op"] == "gap" {
+            got.push(f);
+        }
+    }
+    got
+}
+
+/// What the broker path does under repeated `FLUSHALL`s (each a new epoch per topic) and killed
+/// subscription connections, with history off (nothing fills a hole): the node's wildcard
+/// subscriber must learn each epoch change from a gap frame exactly where the topic's own
+/// subscriber does, since its messages name their epoch only at offset 1. (Before the fix, a
+/// message of the old epoch that arrived after the broker's "topic is empty" signal reached
+/// wildcard subscribers without the gap frame in front of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_flushes_a_wildcard_subscriber_gets_the_same_frames_as_the_topics_own() {
+    let redis = Redis::start();
+    let env = [
+        ("PUBGATE__HISTORY__SIZE", "0".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "65536".to_string()),
+    ];
+    let node = redis_node(&redis, &env).await;
+    let topics = ["wf.a", "wf.b"];
+    let mut own = Vec::new();
+    for t in topics {
+        let mut ws = node.ws().await;
+        assert_eq!(ws.subscribe(t).await["op"], "ack");
+        own.push(ws);
+    }
+    let mut wild = node.ws().await;
+    assert_eq!(wild.subscribe("wf.*").await["op"], "ack");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for k in 0..4u64 {
+        let (addr, stop) = (node.addr, stop.clone());
+        publishers.push(tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && sent < 3000 {
+                let topic = topics[(sent % 2) as usize];
+                let body = json!({"k": k, "i": sent}).to_string();
+                let (status, reply) =
+                    redis_support::http(addr, "POST", &format!("/v1/publish/{topic}"), &body).await;
+                assert_eq!(status, 200, "publish {k}/{sent}: {reply}");
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    // Flushes, half of them with the subscription connections killed just before or after.
+    for round in 0..16 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if round % 4 == 1 {
+            redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        }
+        redis.cli(&["FLUSHALL"]);
+        if round % 4 == 3 {
+            tokio::time::sleep(Duration::from_millis(round * 3)).await;
+            redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut published = 0;
+    for p in publishers {
+        published += p.await.expect("publisher");
+    }
+    assert!(published > 100, "only {published} publishes");
+    // The end markers go out once the node subscribes again (published while its subscription
+    // connection is down, with history off, they would be lost, and signalled with gap frames).
+    let back = redis_support::eventually(Duration::from_secs(10), async || {
+        topics
+            .iter()
+            .all(|t| numsub(&redis, &format!("pubgate:{t}")) == 1)
+            && redis.cli(&["PUBSUB", "NUMPAT"]).trim() == "1"
+    })
+    .await;
+    assert!(back, "the node did not subscribe again");
+    for t in topics {
+        publish(&node, t, r#"{"end":true}"#).await;
+    }
+    let wild_frames = frames_until_the_end(&mut wild, &topics).await;
+    let mut gaps = 0;
+    for (t, ws) in topics.iter().zip(own.iter_mut()) {
+        let own_frames = frames_until_the_end(ws, &[t]).await;
+        let wild_of_t: Vec<&Value> = wild_frames.iter().filter(|f| f["topic"] == *t).collect();
+        let own_of_t: Vec<&Value> = own_frames.iter().collect();
+        if own_of_t != wild_of_t {
+            let first = own_of_t.iter().zip(&wild_of_t).position(|(a, b)| a != b);
+            let at = first.unwrap_or(own_of_t.len().min(wild_of_t.len()));
+            panic!(
+                "{t}: the wildcard subscriber's frames differ from the topic subscriber's at \
+                 {at} ({} against {}):\n  own:  {:?}\n  wild: {:?}",
+                own_of_t.len(),
+                wild_of_t.len(),
+                &own_of_t[at.saturating_sub(3)..(at + 3).min(own_of_t.len())],
+                &wild_of_t[at.saturating_sub(3)..(at + 3).min(wild_of_t.len())],
+            );
+        }
+        gaps += own_of_t.iter().filter(|f| f["op"] == "gap").count();
+    }
+    assert!(gaps >= 2, "the flushes never showed as a gap frame: {gaps}");
 }
 
 /// 500 × 20 KB in history: more than the reader's send queue (1 MiB) and the kernel's socket

@@ -27,6 +27,8 @@ pub(super) struct Entry {
     pub(super) subs: Vec<Subscriber>,
     /// Its broker subscription.
     pub(super) link: Arc<Link>,
+    /// A pattern's: where its subscribers stand in each of its topics (empty for a topic).
+    pub(super) cursors: super::wildcard::TopicCursors,
     /// Counts the times the topic lost its last local subscriber; a cool-down acts only while its
     /// count is still the latest and nobody joined.
     idle_round: u64,
@@ -147,6 +149,7 @@ impl Registry {
                         subscribed: tokio::sync::Mutex::new(false),
                         prefix,
                     }),
+                    cursors: Default::default(),
                     idle_round: 0,
                 });
                 (name, entry)

@@ -16,7 +16,8 @@ use crate::protocol;
 use crate::send_queue::{CloseReason, Flushes, SendQueue};
 
 use super::Registry;
-use super::delivery::{Cursor, Held, Step, before};
+use super::delivery::{Held, Step, before};
+use super::wildcard::TopicCursors;
 
 /// What a pending wildcard subscriber holds back.
 #[derive(Default)]
@@ -107,17 +108,12 @@ impl Registry {
             queue.close(CloseReason::SLOW_CONSUMER);
             return;
         }
-        let mut cursors: HashMap<Arc<str>, Cursor> = sent
-            .iter()
-            .map(|(t, p)| (t.clone(), Cursor::at(p)))
-            .collect();
+        // Per topic, from where the replay left it, or from the first thing held.
+        let mut cursors = TopicCursors::at(&sent);
         if let Some(dropped) = held.dropped {
             for (topic, newest) in dropped {
                 let Some(newest) = newest else { continue };
-                let missed = cursors
-                    .get_mut(&topic)
-                    .is_none_or(|c| c.gap(&newest, false));
-                if missed {
+                if cursors.gap(&topic, &newest, false) {
                     self.push_gap(flushes, queue, protocol::gap(&topic, &newest));
                 }
             }
@@ -125,19 +121,16 @@ impl Registry {
         }
         for (topic, h) in held.held {
             if h.gap {
-                let tell = match (&h.position, cursors.get_mut(&topic)) {
-                    (Some(resume), Some(c)) => c.gap(resume, false),
-                    _ => true,
-                };
+                let tell = h
+                    .position
+                    .as_ref()
+                    .is_none_or(|resume| cursors.gap(&topic, resume, false));
                 if tell {
                     self.push_gap(flushes, queue, h.frame);
                 }
                 continue;
             }
-            let step = match cursors.get_mut(&topic) {
-                Some(c) => c.step(h.position.as_ref()),
-                None => Step::Deliver,
-            };
+            let step = cursors.step(&topic, h.position.as_ref());
             if step == Step::GapThenDeliver
                 && let Some(p) = &h.position
             {

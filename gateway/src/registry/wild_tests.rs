@@ -92,3 +92,123 @@ fn an_overflowing_held_list_ends_in_a_gap_frame_per_topic_that_lost_messages() {
     reg.activate_wildcard(&sub, None, HashMap::from([("s.a".into(), at(3))]));
     assert!(q.take().frames.is_empty());
 }
+
+fn in_epoch(topic: &str, epoch: &str, offset: Offset) -> Message {
+    Message {
+        topic: topic.into(),
+        position: Some(Position {
+            epoch: Epoch::new(epoch),
+            offset,
+        }),
+        data: Bytes::from(format!("{{\"n\":{offset}}}")),
+    }
+}
+
+fn gap_of(topic: &str, epoch: &str, offset: Offset) -> Value {
+    json!({"op":"gap","topic":topic,"epoch":epoch,"offset":offset})
+}
+
+/// A wildcard subscriber's and a topic subscriber's frames of `topic`, without the acks.
+fn frames_of(q: &crate::send_queue::SendQueue) -> Vec<Value> {
+    q.take()
+        .frames
+        .iter()
+        .map(json_of)
+        .filter(|v| v["op"] != "ack")
+        .collect()
+}
+
+#[test]
+fn a_wildcard_subscriber_learns_an_epoch_change_as_the_topics_own_subscriber_does() {
+    let reg = registry(100);
+    let (wild, own) = (queue(), queue());
+    let w = reg.join("s.*", 1, wild.clone());
+    reg.activate_wildcard(&w, Some(ack()), HashMap::new());
+    let o = reg.join("s.a", 2, own.clone());
+    assert_eq!(
+        reg.try_activate(
+            &o,
+            &Position {
+                epoch: Epoch::new("e"),
+                offset: 428
+            }
+        ),
+        super::Activation::Live
+    );
+    // What a Redis FLUSHALL during a lost subscription connection came to: the broker says the
+    // topic is empty ("0"), then a message of the old epoch published before the flush arrives,
+    // then the new epoch begins.
+    reg.deliver(in_epoch("s.a", "e", 429));
+    reg.gap(
+        "s.a",
+        &Position {
+            epoch: Epoch::new("0"),
+            offset: 0,
+        },
+    );
+    reg.deliver(in_epoch("s.a", "e", 434));
+    reg.deliver(in_epoch("s.a", "f", 3));
+    reg.deliver(in_epoch("s.a", "f", 4));
+    let want = [
+        json!({"op":"message","topic":"s.a","offset":429,"data":{"n":429}}),
+        gap_of("s.a", "0", 0),
+        gap_of("s.a", "e", 433),
+        json!({"op":"message","topic":"s.a","offset":434,"data":{"n":434}}),
+        gap_of("s.a", "f", 2),
+        json!({"op":"message","topic":"s.a","offset":3,"data":{"n":3}}),
+        json!({"op":"message","topic":"s.a","offset":4,"data":{"n":4}}),
+    ];
+    assert_eq!(frames_of(&own), want);
+    assert_eq!(frames_of(&wild), want);
+}
+
+#[test]
+fn a_new_epoch_from_its_first_message_needs_no_gap_frame_only_after_messages_of_another() {
+    let reg = registry(100);
+    let q = queue();
+    let w = reg.join("s.*", 1, q.clone());
+    reg.activate_wildcard(&w, None, HashMap::new());
+    // Each topic's first message, whatever its offset, starts that topic: the subscriber never
+    // had anything of it, and what came before was published before it subscribed.
+    reg.deliver(in_epoch("s.a", "e", 7));
+    reg.deliver(in_epoch("s.b", "e", 1));
+    // s.b's next epoch starts at its first message, yet s.b had messages of the old one.
+    reg.deliver(in_epoch("s.b", "f", 1));
+    // A duplicate is skipped.
+    reg.deliver(in_epoch("s.a", "e", 7));
+    reg.deliver(in_epoch("s.a", "e", 8));
+    assert_eq!(
+        frames_of(&q),
+        [
+            json!({"op":"message","topic":"s.a","offset":7,"data":{"n":7}}),
+            json!({"op":"message","topic":"s.b","epoch":"e","offset":1,"data":{"n":1}}),
+            gap_of("s.b", "f", 0),
+            json!({"op":"message","topic":"s.b","epoch":"f","offset":1,"data":{"n":1}}),
+            json!({"op":"message","topic":"s.a","offset":8,"data":{"n":8}}),
+        ]
+    );
+}
+
+#[test]
+fn held_messages_across_an_epoch_change_are_released_behind_a_gap_frame() {
+    let reg = registry(100);
+    let q = queue();
+    let sub = reg.join("s.*", 1, q.clone());
+    // Held while pending: s.a jumps from epoch e to f, s.b only has f.
+    reg.deliver(in_epoch("s.a", "e", 5));
+    reg.deliver(in_epoch("s.a", "f", 3));
+    reg.deliver(in_epoch("s.b", "f", 9));
+    // The replay sent nothing: each topic starts at its first held message.
+    reg.activate_wildcard(&sub, None, HashMap::new());
+    reg.deliver(in_epoch("s.a", "f", 4));
+    assert_eq!(
+        frames_of(&q),
+        [
+            json!({"op":"message","topic":"s.a","offset":5,"data":{"n":5}}),
+            gap_of("s.a", "f", 2),
+            json!({"op":"message","topic":"s.a","offset":3,"data":{"n":3}}),
+            json!({"op":"message","topic":"s.b","offset":9,"data":{"n":9}}),
+            json!({"op":"message","topic":"s.a","offset":4,"data":{"n":4}}),
+        ]
+    );
+}

@@ -7,11 +7,16 @@
 //! topic below it. The index here maps each prefix to its patterns, so a message looks up only the
 //! prefixes of its own topic (one lookup per level, none at all while no pattern is subscribed).
 //!
-//! A wildcard subscriber has no cursor: the broker hands each topic over in offset order, once, and
-//! the subscriber gets every message after its ack. Messages of its topics that arrive before the
-//! ack is queued (and during a resume's replay) are held back ([`super::wild_hold`]) and released
-//! after it, under the entry's lock, so nothing slips in between and nothing stamped after the
-//! ack's `time` is missed.
+//! A wildcard subscriber has no cursor of its own: the broker hands each topic over in offset
+//! order, once, and the subscriber gets every message after its ack. Messages of its topics that
+//! arrive before the ack is queued (and during a resume's replay) are held back
+//! ([`super::wild_hold`]) and released after it, under the entry's lock, so nothing slips in
+//! between and nothing stamped after the ack's `time` is missed.
+//!
+//! The pattern's entry keeps one [`TopicCursors`] for all its subscribers: across an epoch change
+//! (a Redis flush or rollback) the broker's order jumps, and as a wildcard's messages carry their
+//! epoch only at offset 1, the gap frame in front of such a message is how its subscribers learn
+//! the new epoch, as a topic's own subscribers do from their cursors.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,7 +30,7 @@ use crate::send_queue::{Flushes, SendQueue};
 use crate::topic::Pattern;
 
 use super::Registry;
-use super::delivery::{Held, How, SubState};
+use super::delivery::{Cursor, Held, How, Step, SubState, before};
 
 /// The patterns of one literal prefix: each entry's key and its parsed pattern.
 type PrefixPatterns = Vec<(Arc<str>, Pattern)>;
@@ -79,6 +84,48 @@ impl WildIndex {
     }
 }
 
+/// Where subscribers stand in each topic of a pattern: the last position sent (or signalled by a
+/// gap) per topic. A topic seen for the first time starts where its first message or gap is.
+#[derive(Default)]
+pub(super) struct TopicCursors(HashMap<Arc<str>, Cursor>);
+
+impl TopicCursors {
+    /// Cursors at the given positions (where a resume's replay left each topic).
+    pub(super) fn at(positions: &HashMap<Arc<str>, Position>) -> Self {
+        TopicCursors(
+            positions
+                .iter()
+                .map(|(t, p)| (t.clone(), Cursor::at(p)))
+                .collect(),
+        )
+    }
+
+    /// What to do with a message of `topic` at `position` (see [`Cursor::step`]).
+    pub(super) fn step(&mut self, topic: &Arc<str>, position: Option<&Position>) -> Step {
+        let Some(p) = position else {
+            return Step::Deliver;
+        };
+        match self.0.get_mut(&**topic) {
+            Some(cursor) => cursor.step(Some(p)),
+            None => {
+                self.0.insert(topic.clone(), Cursor::at(p));
+                Step::Deliver
+            }
+        }
+    }
+
+    /// Whether a gap signal of `topic` resuming at `resume` is news (see [`Cursor::gap`]).
+    pub(super) fn gap(&mut self, topic: &str, resume: &Position, live: bool) -> bool {
+        match self.0.get_mut(topic) {
+            Some(cursor) => cursor.gap(resume, live),
+            None => {
+                self.0.insert(topic.into(), Cursor::at(resume));
+                true
+            }
+        }
+    }
+}
+
 impl Registry {
     /// Whether the node may serve `pattern`: it does already, or it serves fewer than `max`
     /// patterns. Checked before joining, so concurrent subscribes may pass it by a few.
@@ -87,7 +134,8 @@ impl Registry {
     }
 
     /// Queues `frame` (`message`, encoded once for the node) to the live subscribers of every
-    /// pattern that matches its topic, and holds it for the pending ones. Returns how many got it.
+    /// pattern that matches its topic, after a gap frame where its epoch changed, and holds both
+    /// for the pending ones. Returns how many got the message.
     pub(super) fn deliver_wild(
         &self,
         flushes: &mut Flushes,
@@ -97,27 +145,59 @@ impl Registry {
     ) -> u64 {
         let mut delivered = 0;
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
+        let position = message.position.as_ref();
+        let mut gap_frame = None;
         for key in self.wild.matching(&message.topic) {
             let mut shard = self.shard(&key);
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
+            // Moved whether or not anyone subscribes now: a subscriber joining later holds what
+            // comes after this.
+            let step = entry.cursors.step(&message.topic, position);
+            let gap = match (&step, position) {
+                (Step::Skip, _) => continue,
+                (Step::GapThenDeliver, Some(p)) => Some((
+                    before(p),
+                    gap_frame
+                        .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)))
+                        .clone(),
+                )),
+                _ => None,
+            };
             for sub in &mut entry.subs {
                 match &mut sub.state {
                     SubState::Wild => {
+                        if let Some((_, gap)) = &gap {
+                            self.push_gap(flushes, &sub.queue, gap.clone());
+                        }
                         delivered +=
                             u64::from(how.push(self, flushes, &sub.queue, frame(&sub.queue)));
                     }
-                    SubState::WildPending(held) => held.hold(
-                        &message.topic,
-                        Held {
-                            position: message.position.clone(),
-                            frame: frame(&sub.queue),
-                            gap: false,
-                        },
-                        max_frames,
-                        max_bytes,
-                    ),
+                    SubState::WildPending(held) => {
+                        if let Some((resume, gap)) = &gap {
+                            held.hold(
+                                &message.topic,
+                                Held {
+                                    position: Some(resume.clone()),
+                                    frame: gap.clone(),
+                                    gap: true,
+                                },
+                                max_frames,
+                                max_bytes,
+                            );
+                        }
+                        held.hold(
+                            &message.topic,
+                            Held {
+                                position: message.position.clone(),
+                                frame: frame(&sub.queue),
+                                gap: false,
+                            },
+                            max_frames,
+                            max_bytes,
+                        );
+                    }
                     _ => {}
                 }
             }
@@ -125,7 +205,8 @@ impl Registry {
         delivered
     }
 
-    /// Queues a gap frame of `topic` to the live subscribers of the patterns that match it.
+    /// Queues a gap frame of `topic` to the live subscribers of the patterns that match it (and
+    /// holds it for the pending ones), unless they are past it.
     pub(super) fn gap_wild(&self, flushes: &mut Flushes, topic: &str, resume: &Position) {
         let mut frame = None;
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
@@ -135,6 +216,9 @@ impl Registry {
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
+            if !entry.cursors.gap(topic, resume, true) {
+                continue;
+            }
             for sub in &mut entry.subs {
                 let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
                 match &mut sub.state {
