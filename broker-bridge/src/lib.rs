@@ -107,11 +107,21 @@ pub trait MessageSink: Send + Sync + 'static {
     /// Takes one message for local fan-out.
     fn deliver(&self, message: Message);
 
-    /// Messages of `message_topic` published before `resume.offset + 1` in epoch `resume.epoch` may
-    /// never reach this node (history could not fill a gap, or the topic's stream was rolled back and
-    /// started a new epoch). Live delivery of the topic continues after `resume`. Called in order with
-    /// `deliver` for the same topic.
-    fn gap(&self, topic: &str, resume: &Position);
+    /// Messages of `topic` may never reach this node, as `lost` says: live delivery of the topic
+    /// continues after `resume`. Called in order with `deliver` for the same topic.
+    fn gap(&self, topic: &str, resume: &Position, lost: Lost);
+}
+
+/// What a gap signal ([`MessageSink::gap`]) reports lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// Messages of epoch `resume.epoch` published before `resume.offset + 1` (history could not
+    /// fill a hole, or the topic's stream was rolled back and started a new epoch). Whoever is at
+    /// `resume` already has everything it says.
+    Offsets,
+    /// Raw messages (published without an offset) after `resume`, the last offset delivered: even
+    /// a subscriber exactly at `resume` missed them.
+    Raw,
 }
 
 /// Hears what happens on a broker's connections, so the embedding node can export it (metrics, logs)

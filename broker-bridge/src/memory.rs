@@ -313,7 +313,7 @@ mod tests {
             self.0.lock().unwrap().push(message);
         }
 
-        fn gap(&self, _topic: &str, _resume: &Position) {
+        fn gap(&self, _topic: &str, _resume: &Position, _lost: crate::Lost) {
             unreachable!("the memory broker never loses messages");
         }
     }

@@ -182,6 +182,76 @@ async fn through_flushes_a_wildcard_subscriber_gets_the_same_frames_as_the_topic
     assert!(gaps >= 2, "the flushes never showed as a gap frame: {gaps}");
 }
 
+/// Redis restarts empty, and a client resumes before the node has seen its subscription connection
+/// come back: the ack says `recovered:false` at the empty topic, and when the node then finds the
+/// topic's sequence gone (and tells the subscriber that was there before), the resumed client gets
+/// no gap frame: it was told already, and lost nothing since its ack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resuming_across_a_redis_restart_gets_no_gap_frame_after_its_ack() {
+    let mut redis = Redis::start();
+    let node = redis_node(&redis, &[]).await;
+    let topic = "gap.restart";
+    let mut before = node.ws().await;
+    assert_eq!(before.subscribe(topic).await["op"], "ack");
+    for i in 1..=5 {
+        assert_eq!(publish(&node, topic, &json!({"n": i}).to_string()).await, i);
+    }
+    let first = before.next_message(WAIT).await.expect("message 1");
+    let epoch = first["epoch"]
+        .as_str()
+        .expect("message 1 names its epoch")
+        .to_string();
+    for _ in 2..=5 {
+        before.next_message(WAIT).await.expect("messages 2..=5");
+    }
+    redis.restart();
+    let mut resumed = node.ws().await;
+    // Its command connection may be coming back too: a refused resume is tried again.
+    let mut ack = Value::Null;
+    for _ in 0..100 {
+        resumed
+            .send(
+                json!({"op":"subscribe","topic":topic,"id":"r","since":{"epoch":epoch,"offset":5}}),
+            )
+            .await;
+        ack = resumed.recv(WAIT).await.expect("a reply to the resume");
+        if ack["code"] != "broker_unavailable" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(ack["op"], "ack", "{ack}");
+    assert_eq!(
+        (&ack["recovered"], &ack["epoch"], &ack["offset"]),
+        (&json!(false), &json!("0"), &json!(0)),
+        "{ack}"
+    );
+    // The subscriber that was there before is told once the node sees the topic lost.
+    let gap = before
+        .recv(WAIT)
+        .await
+        .expect("a gap frame for the old subscriber");
+    assert_eq!(
+        gap,
+        json!({"op":"gap","topic":topic,"epoch":"0","offset":0})
+    );
+    // The node's command connection may still be coming back ("no connection to Redis").
+    let published = redis_support::eventually(WAIT, async || {
+        node.publish(topic, r#"{"after":"restart"}"#).await.0 == 200
+    })
+    .await;
+    assert!(published, "no publish went through after the restart");
+    let next = resumed
+        .recv(WAIT)
+        .await
+        .expect("the new epoch's first message");
+    assert_eq!(
+        (&next["op"], &next["offset"], &next["data"]),
+        (&json!("message"), &json!(1), &json!({"after":"restart"})),
+        "nothing before it: {next}"
+    );
+}
+
 /// 500 × 20 KB in history: more than the reader's send queue (1 MiB) and the kernel's socket
 /// buffers (4 MiB) take, so the replay waits for it mid-way.
 const KEPT: u64 = 500;

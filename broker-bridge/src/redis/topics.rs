@@ -21,7 +21,7 @@ use super::link::lock;
 use super::scripts::Salt;
 use super::wire::{self, Decoded, Rejected};
 use crate::{
-    BrokerObserver, EMPTY_EPOCH, Epoch, Message, MessageSink, Position, PrefixSet, Replay,
+    BrokerObserver, EMPTY_EPOCH, Epoch, Lost, Message, MessageSink, Position, PrefixSet, Replay,
 };
 
 /// Messages a filling topic holds back at most before it gives up holding and reads them from
@@ -340,7 +340,7 @@ impl Topics {
                 bytes,
                 "a filled gap is too large to push; subscribers resume it from history"
             );
-            self.sink.gap(&name, &replay.position);
+            self.sink.gap(&name, &replay.position, Lost::Offsets);
             track.last = Some(replay.position.clone());
         } else if replay.complete {
             for m in replay.messages {
@@ -394,7 +394,7 @@ impl Topics {
                 .unwrap_or_else(|| replay.position.clone());
             tracing::warn!(topic = %name, "raw messages were dropped; subscribers are told of a gap");
             self.observer.gap(1);
-            self.sink.gap(&name, &at);
+            self.sink.gap(&name, &at, Lost::Raw);
             fill.raw_lost = false;
         }
         if fill.overflowed || fill.again || read_again {
@@ -427,7 +427,7 @@ impl Topics {
             "messages were lost (history cannot fill the gap); subscribers are told"
         );
         self.observer.gap(1);
-        self.sink.gap(name, now);
+        self.sink.gap(name, now, Lost::Offsets);
         track.last = Some(now.clone());
     }
 
@@ -524,8 +524,9 @@ mod tests {
             let p = m.position.map(|p| format!("{}:{}", p.epoch, p.offset));
             lock(&self.0).push(format!("{} {}", p.unwrap_or("raw".into()), m.data.len()));
         }
-        fn gap(&self, _topic: &str, resume: &Position) {
-            lock(&self.0).push(format!("gap {}:{}", resume.epoch, resume.offset));
+        fn gap(&self, _topic: &str, resume: &Position, lost: Lost) {
+            let raw = if lost == Lost::Raw { " raw" } else { "" };
+            lock(&self.0).push(format!("gap {}:{}{raw}", resume.epoch, resume.offset));
         }
     }
 
@@ -566,6 +567,30 @@ mod tests {
 
     fn msg(epoch: &str, offset: u64, salt: &str) -> Bytes {
         Bytes::from(wire::encode(epoch, offset, salt, b"{}"))
+    }
+
+    #[test]
+    fn raw_messages_dropped_are_signalled_as_raw_loss_after_the_last_delivered() {
+        let (t, seen, _) = topics();
+        assert_eq!(t.on_wire("t", msg("e1", 11, "5a17")), Handled::Done);
+        // A raw message was dropped (a reconnect, a full buffer): no history holds it.
+        assert!(t.fill_one("t", true));
+        assert!(t.fill_read(
+            "t",
+            Some(&at("e1", 11)),
+            nothing_at(at("e1", 11)),
+            "5a17".into()
+        ));
+        assert_eq!(*lock(&seen.0), ["e1:11 2", "gap e1:11 raw"]);
+        // Offsets lost are not raw loss.
+        assert!(t.fill_one("t", false));
+        assert!(t.fill_read(
+            "t",
+            Some(&at("e1", 11)),
+            nothing_at(at("e1", 13)),
+            "5a17".into()
+        ));
+        assert_eq!(lock(&seen.0)[2], "gap e1:13");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
+use broker_bridge::{Epoch, Lost, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 
 use crate::deflate::SharedFrame;
@@ -161,13 +161,13 @@ impl Cursor {
     }
 
     /// Takes a gap signal resuming at `resume`: true (and the cursor moves there) unless the
-    /// subscriber is past it already, in which case it missed nothing. A live subscriber exactly at
-    /// it (`live`) is told all the same: what was lost there is raw messages, which have no
-    /// offsets, published after its last one. A subscriber acknowledged at that position had not
-    /// subscribed yet when the loss happened.
-    pub(super) fn gap(&mut self, resume: &Position, live: bool) -> bool {
+    /// subscriber is past it already, in which case it missed nothing. A subscriber exactly at it
+    /// missed nothing either, unless `raw_after`: raw messages, which have no offsets, published
+    /// after its last one were lost (pass it only for a live subscriber: one acknowledged at that
+    /// position later had not subscribed yet when the loss happened).
+    pub(super) fn gap(&mut self, resume: &Position, raw_after: bool) -> bool {
         if resume.epoch == self.epoch
-            && (resume.offset < self.offset || !live && resume.offset == self.offset)
+            && (resume.offset < self.offset || !raw_after && resume.offset == self.offset)
         {
             return false;
         }
@@ -330,7 +330,7 @@ impl MessageSink for Registry {
             .observe(started.elapsed().as_secs_f64());
     }
 
-    fn gap(&self, topic: &str, resume: &Position) {
+    fn gap(&self, topic: &str, resume: &Position, lost: Lost) {
         let frame = protocol::gap(topic, resume);
         let mut flushes = Flushes::new();
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
@@ -339,7 +339,7 @@ impl MessageSink for Registry {
             for sub in &mut entry.subs {
                 match &mut sub.state {
                     SubState::Live(cursor) => {
-                        if cursor.gap(resume, true) {
+                        if cursor.gap(resume, lost == Lost::Raw) {
                             self.push_gap(&mut flushes, &sub.queue, frame.clone());
                         }
                     }
@@ -357,7 +357,7 @@ impl MessageSink for Registry {
             }
         }
         drop(shard);
-        self.gap_wild(&mut flushes, topic, resume);
+        self.gap_wild(&mut flushes, topic, resume, lost);
         flushes.spawn();
     }
 }

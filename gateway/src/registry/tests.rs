@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
+use broker_bridge::{Epoch, Lost, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
@@ -157,19 +157,39 @@ fn no_gap_frame_when_a_subscriber_at_offset_zero_sees_a_new_epoch_begin() {
 #[test]
 fn a_broker_gap_reaches_live_subscribers_once_and_moves_their_cursor() {
     let reg = registry(100);
-    let (behind, ahead) = (queue(), queue());
+    let (behind, ahead, there) = (queue(), queue(), queue());
     let b = reg.join(TOPIC, 1, behind.clone());
     let a = reg.join(TOPIC, 2, ahead.clone());
+    let t = reg.join(TOPIC, 3, there.clone());
     assert_eq!(reg.try_activate(&b, &at("e1", 5)), Activation::Live);
     // Subscribed after the hole: it missed nothing.
     assert_eq!(reg.try_activate(&a, &at("e1", 30)), Activation::Live);
-    reg.gap(TOPIC, &at("e1", 20));
+    // Acknowledged right at its end: it missed nothing either.
+    assert_eq!(reg.try_activate(&t, &at("e1", 20)), Activation::Live);
+    reg.gap(TOPIC, &at("e1", 20), Lost::Offsets);
     // A straggler from before the hole is not delivered after the gap frame.
     reg.deliver(message("e1", 19));
     reg.deliver(message("e1", 31));
     assert_eq!(taken(&behind), [gap("e1", 20), msg(31)]);
     assert_eq!(taken(&ahead), [msg(31)]);
+    assert_eq!(taken(&there), [msg(31)]);
     assert_eq!(reg.metrics.gaps_signalled.get(), 1);
+}
+
+#[test]
+fn a_lost_raw_message_is_news_even_to_a_live_subscriber_at_the_gaps_position() {
+    let reg = registry(100);
+    let (live, pending) = (queue(), queue());
+    let l = reg.join(TOPIC, 1, live.clone());
+    assert_eq!(reg.try_activate(&l, &at("e1", 20)), Activation::Live);
+    let p = reg.join(TOPIC, 2, pending.clone());
+    // Raw messages after offset 20 were lost: the live subscriber at 20 missed them; the pending
+    // one, acknowledged at 20 afterwards, had not subscribed yet.
+    reg.gap(TOPIC, &at("e1", 20), Lost::Raw);
+    assert_eq!(reg.try_activate(&p, &at("e1", 20)), Activation::Live);
+    reg.deliver(message("e1", 21));
+    assert_eq!(taken(&live), [gap("e1", 20), msg(21)]);
+    assert_eq!(taken(&pending), [msg(21)]);
 }
 
 #[test]
@@ -178,14 +198,14 @@ fn a_pending_subscriber_gets_the_broker_gap_in_order_with_its_held_messages() {
     let q = queue();
     let sub = reg.join(TOPIC, 1, q.clone());
     reg.deliver(message("e1", 6));
-    reg.gap(TOPIC, &at("e1", 9));
+    reg.gap(TOPIC, &at("e1", 9), Lost::Offsets);
     reg.deliver(message("e1", 10));
     assert_eq!(reg.try_activate(&sub, &at("e1", 5)), Activation::Live);
     assert_eq!(taken(&q), [msg(6), gap("e1", 9), msg(10)]);
     // Acknowledged past the hole already: no gap frame.
     let q2 = queue();
     let sub2 = reg.join(TOPIC, 2, q2.clone());
-    reg.gap(TOPIC, &at("e1", 12));
+    reg.gap(TOPIC, &at("e1", 12), Lost::Offsets);
     reg.deliver(message("e1", 13));
     assert_eq!(reg.try_activate(&sub2, &at("e1", 12)), Activation::Live);
     assert_eq!(taken(&q2), [msg(13)]);

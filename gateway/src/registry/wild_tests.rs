@@ -145,6 +145,7 @@ fn a_wildcard_subscriber_learns_an_epoch_change_as_the_topics_own_subscriber_doe
             epoch: Epoch::new("0"),
             offset: 0,
         },
+        broker_bridge::Lost::Offsets,
     );
     reg.deliver(in_epoch("s.a", "e", 434));
     reg.deliver(in_epoch("s.a", "f", 3));

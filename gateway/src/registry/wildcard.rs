@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use broker_bridge::{Message, Position, strict_prefixes};
+use broker_bridge::{Lost, Message, Position, strict_prefixes};
 use bytes::Bytes;
 
 use crate::protocol;
@@ -115,9 +115,9 @@ impl TopicCursors {
     }
 
     /// Whether a gap signal of `topic` resuming at `resume` is news (see [`Cursor::gap`]).
-    pub(super) fn gap(&mut self, topic: &str, resume: &Position, live: bool) -> bool {
+    pub(super) fn gap(&mut self, topic: &str, resume: &Position, raw_after: bool) -> bool {
         match self.0.get_mut(topic) {
-            Some(cursor) => cursor.gap(resume, live),
+            Some(cursor) => cursor.gap(resume, raw_after),
             None => {
                 self.0.insert(topic.into(), Cursor::at(resume));
                 true
@@ -207,7 +207,13 @@ impl Registry {
 
     /// Queues a gap frame of `topic` to the live subscribers of the patterns that match it (and
     /// holds it for the pending ones), unless they are past it.
-    pub(super) fn gap_wild(&self, flushes: &mut Flushes, topic: &str, resume: &Position) {
+    pub(super) fn gap_wild(
+        &self,
+        flushes: &mut Flushes,
+        topic: &str,
+        resume: &Position,
+        lost: Lost,
+    ) {
         let mut frame = None;
         let (max_frames, max_bytes) = (self.limits.max_held_frames, self.limits.max_held_bytes);
         let mut name: Option<Arc<str>> = None;
@@ -216,7 +222,7 @@ impl Registry {
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
-            if !entry.cursors.gap(topic, resume, true) {
+            if !entry.cursors.gap(topic, resume, lost == Lost::Raw) {
                 continue;
             }
             for sub in &mut entry.subs {
