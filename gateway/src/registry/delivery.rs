@@ -60,6 +60,26 @@ pub(super) struct Held {
     pub(super) gap: bool,
 }
 
+impl Held {
+    /// A message at `position` (`None`: a raw one).
+    pub(super) fn message(position: Option<Position>, frame: Bytes) -> Self {
+        Held {
+            position,
+            frame,
+            gap: false,
+        }
+    }
+
+    /// A gap signal resuming at `resume`.
+    pub(super) fn gap(resume: Position, frame: Bytes) -> Self {
+        Held {
+            position: Some(resume),
+            frame,
+            gap: true,
+        }
+    }
+}
+
 impl Pending {
     /// Holds `held` back, or drops the whole list when it would pass `max_frames` or `max_bytes`.
     fn hold(&mut self, held: Held, max_frames: usize, max_bytes: usize) {
@@ -344,11 +364,7 @@ impl MessageSink for Registry {
                         }
                     }
                     SubState::Pending(pending) => pending.hold(
-                        Held {
-                            position: Some(resume.clone()),
-                            frame: frame.clone(),
-                            gap: true,
-                        },
+                        Held::gap(resume.clone(), frame.clone()),
                         max_frames,
                         max_bytes,
                     ),
@@ -398,11 +414,7 @@ impl Registry {
                     }
                 }
                 SubState::Pending(pending) => pending.hold(
-                    Held {
-                        position: message.position.clone(),
-                        frame: frame(&sub.queue),
-                        gap: false,
-                    },
+                    Held::message(message.position.clone(), frame(&sub.queue)),
                     max_frames,
                     max_bytes,
                 ),

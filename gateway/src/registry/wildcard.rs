@@ -178,22 +178,14 @@ impl Registry {
                         if let Some((resume, gap)) = &gap {
                             held.hold(
                                 &message.topic,
-                                Held {
-                                    position: Some(resume.clone()),
-                                    frame: gap.clone(),
-                                    gap: true,
-                                },
+                                Held::gap(resume.clone(), gap.clone()),
                                 max_frames,
                                 max_bytes,
                             );
                         }
                         held.hold(
                             &message.topic,
-                            Held {
-                                position: message.position.clone(),
-                                frame: frame(&sub.queue),
-                                gap: false,
-                            },
+                            Held::message(message.position.clone(), frame(&sub.queue)),
                             max_frames,
                             max_bytes,
                         );
@@ -233,11 +225,7 @@ impl Registry {
                     }
                     SubState::WildPending(held) => held.hold(
                         name.get_or_insert_with(|| topic.into()),
-                        Held {
-                            position: Some(resume.clone()),
-                            frame: f.clone(),
-                            gap: true,
-                        },
+                        Held::gap(resume.clone(), f.clone()),
                         max_frames,
                         max_bytes,
                     ),
