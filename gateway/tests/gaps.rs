@@ -5,6 +5,8 @@
 //! - Redis is flushed again and again, its subscription connections killed around it, with history
 //!   off: a wildcard subscriber gets the same frames of each topic as the topic's own subscriber,
 //!   gap frames included.
+//! - Redis is flushed during a wildcard resume's replay: per topic, the resumed client never gets
+//!   a message of an epoch it was moved past, nor one message twice.
 //! - History is trimmed under a resume's replay (the client reads slowly while the topic moves
 //!   on): the client gets the replay as far as history held it, then a gap frame, then live
 //!   messages, on the memory broker and on Redis.
@@ -14,6 +16,7 @@
 mod common;
 mod redis_support;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -250,6 +253,165 @@ async fn a_client_resuming_across_a_redis_restart_gets_no_gap_frame_after_its_ac
         (&json!("message"), &json!(1), &json!({"after":"restart"})),
         "nothing before it: {next}"
     );
+}
+
+/// Walks one topic's frames as a client does (its place: epoch and offset), against what the
+/// publishes answered (`truth`: data id → epoch and offset). Returns what breaks the protocol: a
+/// message of an epoch the client was moved past, one received twice, one whose offset is not
+/// the one published, one of another epoch with no gap frame or epoch in front.
+fn walk(frames: &[Value], truth: &HashMap<u64, (String, u64)>, from: (&str, u64)) -> Vec<String> {
+    let mut problems = Vec::new();
+    let (mut epoch, mut offset) = (from.0.to_string(), from.1);
+    let mut left = HashSet::new();
+    let mut ids = HashSet::new();
+    for f in frames {
+        let (e, o) = if f["op"] == "gap" {
+            let e = f["epoch"].as_str().expect("gap epoch").to_string();
+            (e, f["offset"].as_u64().expect("gap offset"))
+        } else {
+            let Some(id) = f["data"]["id"].as_u64() else {
+                continue;
+            };
+            if !ids.insert(id) {
+                problems.push(format!("twice: {f}"));
+                continue;
+            }
+            let (e, o) = truth.get(&id).cloned().expect("a published message");
+            if f["offset"] != json!(o) {
+                problems.push(format!("published at {e}:{o}, arrived as {f}"));
+            }
+            let named = f["epoch"].as_str().is_some_and(|n| n == e) && o == 1;
+            if e != epoch && !named {
+                problems.push(format!("{e}:{o} with no gap frame after {epoch}:{offset}"));
+            } else if e == epoch && o != offset + 1 {
+                problems.push(format!("{e}:{o} after {epoch}:{offset}"));
+            }
+            (e, o)
+        };
+        if e != epoch {
+            if left.contains(&e) {
+                problems.push(format!("back to {e}:{o} after {epoch}:{offset}"));
+            }
+            left.insert(std::mem::replace(&mut epoch, e));
+        }
+        offset = o;
+    }
+    problems
+}
+
+/// A wildcard resume with a long replay (600 topics), and Redis flushed while it runs, as three
+/// topics are published to all along: on each of them the resumed client gets no message of the
+/// epoch before the flush after being told of the new one, and nothing twice. (Before the fix it
+/// got the old epoch's last messages after the new epoch's gap frame, then the new epoch's first
+/// messages a second time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_during_a_wildcard_resume_never_takes_a_topic_back_or_repeats_it() {
+    let redis = Redis::start();
+    let env = [
+        ("PUBGATE__LIMITS__SEND_QUEUE_FRAMES", "100000".to_string()),
+        ("PUBGATE__LIMITS__SEND_QUEUE_BYTES", "104857600".to_string()),
+    ];
+    let node = redis_node(&redis, &env).await;
+    let hot = ["q.h0", "q.h1", "q.h2"];
+    let truth = Arc::new(std::sync::Mutex::new(HashMap::new()));
+    let next_id = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let publish_hot = {
+        let (truth, next_id, addr) = (truth.clone(), next_id.clone(), node.addr);
+        move |topic: &'static str| {
+            let (truth, next_id) = (truth.clone(), next_id.clone());
+            async move {
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let body = json!({"id": id}).to_string();
+                let path = format!("/v1/publish/{topic}");
+                let (status, reply) = redis_support::http(addr, "POST", &path, &body).await;
+                assert_eq!(status, 200, "{reply}");
+                let reply: Value = serde_json::from_str(&reply).expect("publish reply");
+                let at = (
+                    reply["epoch"].as_str().expect("epoch").to_string(),
+                    reply["offset"].as_u64().expect("offset"),
+                );
+                truth.lock().expect("lock").insert(id, at);
+            }
+        }
+    };
+    let mut first = node.ws().await;
+    let ack = first.subscribe("q.>").await;
+    let time = ack["time"].as_u64().expect("time");
+    for t in hot {
+        for _ in 0..3 {
+            publish_hot(t).await;
+        }
+    }
+    let fill: Vec<Value> = (0..600)
+        .flat_map(|i| (0..2).map(move |k| json!({"topic": format!("q.f{i}"), "data": {"k": k}})))
+        .collect();
+    for chunk in fill.chunks(400) {
+        let body = json!({ "messages": chunk }).to_string();
+        let (status, reply) = redis_support::http(node.addr, "POST", "/v1/publish", &body).await;
+        assert_eq!(status, 200, "{reply}");
+    }
+    let before = truth.lock().expect("lock").clone();
+    first.close().await;
+    let mut listed = serde_json::Map::new();
+    let mut places = HashMap::new();
+    for (i, t) in hot.iter().enumerate() {
+        // Ids 3i..3i+2 went to hot[i], in order: its epoch, at offset 3.
+        let (e, o) = before.get(&(3 * i as u64 + 2)).cloned().expect("published");
+        assert_eq!(o, 3);
+        listed.insert(t.to_string(), json!({"epoch": e, "offset": 3}));
+        places.insert(*t, e);
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (stop, publish_hot) = (stop.clone(), publish_hot.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) && n < 2000 {
+                publish_hot(hot[(n % 3) as usize]).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                n += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut resumed = node.ws().await;
+    resumed
+        .send(
+            json!({"op":"subscribe","topic":"q.>","id":7,"since":{"time": time, "topics": listed}}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(40)).await;
+    redis.cli(&["FLUSHALL"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, Ordering::Relaxed);
+    publisher.await.expect("publisher");
+    let mut frames = Vec::new();
+    while let Some(f) = resumed.recv(Duration::from_millis(1000)).await {
+        frames.push(f);
+    }
+    let ack = frames
+        .iter()
+        .find(|f| f["id"] == 7)
+        .expect("the resume's ack");
+    assert_eq!(ack["op"], "ack", "{ack}");
+    let truth = truth.lock().expect("lock").clone();
+    let mut problems = Vec::new();
+    for t in hot {
+        let of_t: Vec<Value> = frames
+            .iter()
+            .filter(|f| f["topic"] == t && f["op"] != "ack")
+            .cloned()
+            .collect();
+        assert!(
+            of_t.iter().any(|f| f["op"] == "gap"),
+            "{t}: the flush was never told: {of_t:?}"
+        );
+        for p in walk(&of_t, &truth, (&places[t], 3)) {
+            problems.push(format!("{t}: {p}"));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 /// 500 × 20 KB in history: more than the reader's send queue (1 MiB) and the kernel's socket

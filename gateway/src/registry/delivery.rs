@@ -32,8 +32,8 @@ pub(super) enum SubState {
     /// Acknowledged (and replayed): messages after the cursor are delivered.
     Live(Cursor),
     /// A wildcard subscriber, acknowledged: every message of its topics is delivered (see
-    /// [`super::wildcard`]).
-    Wild,
+    /// [`super::wildcard`]), through its own cursor in the topics its resume got ahead in.
+    Wild(super::wild_ahead::Ahead),
     /// A wildcard subscriber not yet acknowledged (or replaying a resume): its topics' messages
     /// are held back ([`super::wild_hold`]).
     WildPending(super::wild_hold::WildHeld),
@@ -132,14 +132,14 @@ fn is_after(p: &Position, cursor: &Position) -> bool {
 }
 
 /// Where a live subscriber stands in its topic.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub(super) struct Cursor {
     epoch: Epoch,
     offset: Offset,
 }
 
 /// What to do with one message for one subscriber.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
     /// Already sent (or from before the subscription): skip it.
     Skip,
@@ -155,6 +155,11 @@ impl Cursor {
             epoch: position.epoch.clone(),
             offset: position.offset,
         }
+    }
+
+    /// The epoch it is in.
+    pub(super) fn epoch(&self) -> &Epoch {
+        &self.epoch
     }
 
     /// Decides about a message at `position` and moves the cursor past it when it is sent.
@@ -368,7 +373,7 @@ impl MessageSink for Registry {
                         max_frames,
                         max_bytes,
                     ),
-                    SubState::Wild | SubState::WildPending(_) => {}
+                    SubState::Wild(_) | SubState::WildPending(_) => {}
                 }
             }
         }
@@ -418,7 +423,7 @@ impl Registry {
                     max_frames,
                     max_bytes,
                 ),
-                SubState::Wild | SubState::WildPending(_) => {}
+                SubState::Wild(_) | SubState::WildPending(_) => {}
             }
         }
         delivered

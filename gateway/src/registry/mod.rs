@@ -20,6 +20,7 @@
 
 mod delivery;
 mod topic;
+mod wild_ahead;
 mod wild_hold;
 mod wildcard;
 

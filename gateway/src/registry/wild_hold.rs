@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use broker_bridge::{MAX_DIRECTORY_TOPICS, Position};
+use broker_bridge::{Epoch, MAX_DIRECTORY_TOPICS, Position};
 use bytes::Bytes;
 
 use crate::protocol;
 use crate::send_queue::{CloseReason, Flushes, SendQueue};
 
 use super::Registry;
-use super::delivery::{Held, Step, before};
+use super::delivery::{Held, Step, SubState, before};
+use super::wild_ahead::Ahead;
 use super::wildcard::TopicCursors;
 
 /// What a pending wildcard subscriber holds back.
@@ -83,33 +84,49 @@ impl Registry {
         sent: HashMap<Arc<str>, Position>,
     ) {
         let mut flushes = Flushes::new();
-        self.with_subscriber(sub, |s, reg| {
-            if let Some(ack) = ack {
-                reg.push(&mut flushes, &s.queue, ack);
-            }
-            let held = match std::mem::replace(&mut s.state, super::delivery::SubState::Wild) {
-                super::delivery::SubState::WildPending(held) => held,
-                _ => return,
+        {
+            let mut shard = self.shard(sub.topic());
+            let Some(entry) = shard.get_mut(&**sub.topic()) else {
+                return;
             };
-            reg.release_wild(&mut flushes, &s.queue, held, sent);
-        });
+            if !Arc::ptr_eq(&entry.link, sub.link()) {
+                return;
+            }
+            let Some(s) = entry.subs.iter_mut().find(|s| s.conn == sub.conn()) else {
+                return;
+            };
+            if let Some(ack) = ack {
+                self.push(&mut flushes, &s.queue, ack);
+            }
+            if !matches!(s.state, SubState::WildPending(_)) {
+                return;
+            }
+            let SubState::WildPending(held) =
+                std::mem::replace(&mut s.state, SubState::Wild(Ahead::default()))
+            else {
+                return;
+            };
+            let own = self.release_wild(&mut flushes, &s.queue, held, sent);
+            s.state = SubState::Wild(Ahead::of(own, &entry.cursors));
+        }
         flushes.run();
     }
 
+    /// Queues what a wildcard subscriber held, and returns where that left it in each topic.
     fn release_wild(
         &self,
         flushes: &mut Flushes,
         queue: &Arc<SendQueue>,
         held: WildHeld,
         sent: HashMap<Arc<str>, Position>,
-    ) {
+    ) -> TopicCursors {
+        // Per topic, from where the replay left it, or from the first thing held.
+        let mut cursors = TopicCursors::at(&sent);
         if held.lost {
             self.metrics.slow_consumer_disconnects.inc();
             queue.close(CloseReason::SLOW_CONSUMER);
-            return;
+            return cursors;
         }
-        // Per topic, from where the replay left it, or from the first thing held.
-        let mut cursors = TopicCursors::at(&sent);
         if let Some(dropped) = held.dropped {
             for (topic, newest) in dropped {
                 let Some(newest) = newest else { continue };
@@ -117,9 +134,15 @@ impl Registry {
                     self.push_gap(flushes, queue, protocol::gap(&topic, &newest));
                 }
             }
-            return;
+            return cursors;
         }
-        for (topic, h) in held.held {
+        let stale = stale_before_replay(&held.held, &sent);
+        for (i, (topic, h)) in held.held.into_iter().enumerate() {
+            if stale.get(&topic).is_some_and(|&(first, ref epoch)| {
+                i < first && h.position.as_ref().is_some_and(|p| p.epoch != *epoch)
+            }) {
+                continue;
+            }
             if h.gap {
                 let tell = h
                     .position
@@ -141,7 +164,29 @@ impl Registry {
                 self.namespaces.of(&topic).delivered.inc();
             }
         }
+        cursors
     }
+}
+
+/// Per topic the replay left in an epoch that a held item names too: the index of the first such
+/// item, and the epoch. Held items of that topic in other epochs before it were routed before the
+/// node saw the epoch the replay read: stale, and past for the subscriber. (When no held item names
+/// the replay's epoch, the held ones cannot be told apart from a later epoch's; they are released
+/// as usual, behind a gap frame.)
+fn stale_before_replay(
+    held: &[(Arc<str>, Held)],
+    sent: &HashMap<Arc<str>, Position>,
+) -> HashMap<Arc<str>, (usize, Epoch)> {
+    let mut first = HashMap::new();
+    for (i, (topic, h)) in held.iter().enumerate() {
+        let (Some(p), Some(end)) = (&h.position, sent.get(topic)) else {
+            continue;
+        };
+        if p.epoch == end.epoch && !first.contains_key(topic) {
+            first.insert(topic.clone(), (i, end.epoch.clone()));
+        }
+    }
+    first
 }
 
 impl Registry {

@@ -213,3 +213,82 @@ fn held_messages_across_an_epoch_change_are_released_behind_a_gap_frame() {
         ]
     );
 }
+
+fn m(topic: &str, offset: Offset) -> Value {
+    json!({"op":"message","topic":topic,"offset":offset,"data":{"n":offset}})
+}
+
+fn at_in(epoch: &str, offset: Offset) -> Position {
+    Position {
+        epoch: Epoch::new(epoch),
+        offset,
+    }
+}
+
+#[test]
+fn a_resume_whose_replay_read_a_new_epoch_gets_nothing_of_the_old_one_held_before_it() {
+    // Redis was flushed during the replay: the replay read epoch f (and sent s.a up to f:2), while
+    // the node was still routing what epoch e had before the flush.
+    let reg = registry(100);
+    let q = queue();
+    let sub = reg.join("s.*", 1, q.clone());
+    for o in [5, 6] {
+        reg.deliver(in_epoch("s.a", "e", o));
+    }
+    reg.gap("s.a", &at_in("f", 0), broker_bridge::Lost::Offsets);
+    for o in [1, 2, 3] {
+        reg.deliver(in_epoch("s.a", "f", o));
+    }
+    let sent = HashMap::from([("s.a".into(), at_in("f", 2))]);
+    reg.activate_wildcard(&sub, None, sent);
+    reg.deliver(in_epoch("s.a", "f", 4));
+    assert_eq!(frames_of(&q), [m("s.a", 3), m("s.a", 4)]);
+}
+
+#[test]
+fn a_resume_ahead_of_what_the_node_routed_gets_nothing_twice_and_the_others_everything() {
+    let reg = registry(100);
+    let (plain, resumed) = (queue(), queue());
+    let p = reg.join("s.*", 1, plain.clone());
+    reg.activate_wildcard(&p, None, HashMap::new());
+    reg.deliver(in_epoch("s.a", "e", 7));
+    // The replay read history up to e:9 (and, in a flush, f:2 of s.b) while the node had routed
+    // s.a up to e:7 and s.b's old epoch up to e:4.
+    reg.deliver(in_epoch("s.b", "e", 4));
+    let r = reg.join("s.*", 2, resumed.clone());
+    let sent = HashMap::from([("s.a".into(), at_in("e", 9)), ("s.b".into(), at_in("f", 2))]);
+    reg.activate_wildcard(&r, None, sent);
+    for (t, e, o) in [
+        ("s.a", "e", 8),
+        ("s.b", "e", 5),
+        ("s.a", "e", 9),
+        ("s.a", "e", 10),
+        ("s.b", "f", 1),
+        ("s.b", "f", 2),
+        ("s.b", "f", 3),
+        ("s.a", "e", 11),
+    ] {
+        reg.deliver(in_epoch(t, e, o));
+    }
+    assert_eq!(
+        frames_of(&resumed),
+        [m("s.a", 10), m("s.b", 3), m("s.a", 11)],
+        "after its replay: nothing twice, nothing of s.b's old epoch"
+    );
+    assert_eq!(
+        frames_of(&plain),
+        [
+            m("s.a", 7),
+            m("s.b", 4),
+            m("s.a", 8),
+            m("s.b", 5),
+            m("s.a", 9),
+            m("s.a", 10),
+            gap_of("s.b", "f", 0),
+            json!({"op":"message","topic":"s.b","epoch":"f","offset":1,"data":{"n":1}}),
+            m("s.b", 2),
+            m("s.b", 3),
+            m("s.a", 11),
+        ]
+    );
+}

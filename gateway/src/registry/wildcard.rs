@@ -114,6 +114,11 @@ impl TopicCursors {
         }
     }
 
+    /// The cursor of `topic`, if it was seen.
+    pub(super) fn get(&self, topic: &str) -> Option<&Cursor> {
+        self.0.get(topic)
+    }
+
     /// Whether a gap signal of `topic` resuming at `resume` is news (see [`Cursor::gap`]).
     pub(super) fn gap(&mut self, topic: &str, resume: &Position, raw_after: bool) -> bool {
         match self.0.get_mut(topic) {
@@ -123,6 +128,15 @@ impl TopicCursors {
                 true
             }
         }
+    }
+}
+
+impl IntoIterator for TopicCursors {
+    type Item = (Arc<str>, Cursor);
+    type IntoIter = std::collections::hash_map::IntoIter<Arc<str>, Cursor>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
     }
 }
 
@@ -155,30 +169,36 @@ impl Registry {
             // Moved whether or not anyone subscribes now: a subscriber joining later holds what
             // comes after this.
             let step = entry.cursors.step(&message.topic, position);
-            let gap = match (&step, position) {
-                (Step::Skip, _) => continue,
-                (Step::GapThenDeliver, Some(p)) => Some((
-                    before(p),
-                    gap_frame
-                        .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)))
-                        .clone(),
-                )),
-                _ => None,
+            if step == Step::Skip {
+                continue;
+            }
+            let at = entry.cursors.get(&message.topic);
+            let mut gap_before = |p: &Position| {
+                gap_frame
+                    .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)))
+                    .clone()
             };
             for sub in &mut entry.subs {
                 match &mut sub.state {
-                    SubState::Wild => {
-                        if let Some((_, gap)) = &gap {
-                            self.push_gap(flushes, &sub.queue, gap.clone());
+                    SubState::Wild(ahead) => {
+                        let step = ahead.step(&message.topic, position, at).unwrap_or(step);
+                        if step == Step::GapThenDeliver
+                            && let Some(p) = position
+                        {
+                            self.push_gap(flushes, &sub.queue, gap_before(p));
                         }
-                        delivered +=
-                            u64::from(how.push(self, flushes, &sub.queue, frame(&sub.queue)));
+                        if step != Step::Skip {
+                            delivered +=
+                                u64::from(how.push(self, flushes, &sub.queue, frame(&sub.queue)));
+                        }
                     }
                     SubState::WildPending(held) => {
-                        if let Some((resume, gap)) = &gap {
+                        if step == Step::GapThenDeliver
+                            && let Some(p) = position
+                        {
                             held.hold(
                                 &message.topic,
-                                Held::gap(resume.clone(), gap.clone()),
+                                Held::gap(before(p), gap_before(p)),
                                 max_frames,
                                 max_bytes,
                             );
@@ -214,14 +234,19 @@ impl Registry {
             let Some(entry) = shard.get_mut(&*key) else {
                 continue;
             };
-            if !entry.cursors.gap(topic, resume, lost == Lost::Raw) {
+            let raw_after = lost == Lost::Raw;
+            if !entry.cursors.gap(topic, resume, raw_after) {
                 continue;
             }
+            let at = entry.cursors.get(topic);
             for sub in &mut entry.subs {
                 let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
                 match &mut sub.state {
-                    SubState::Wild => {
-                        self.push_gap(flushes, &sub.queue, f.clone());
+                    SubState::Wild(ahead) => {
+                        let news = ahead.gap(topic, resume, raw_after, at);
+                        if news.unwrap_or(true) {
+                            self.push_gap(flushes, &sub.queue, f.clone());
+                        }
                     }
                     SubState::WildPending(held) => held.hold(
                         name.get_or_insert_with(|| topic.into()),
