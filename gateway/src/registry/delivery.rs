@@ -48,6 +48,9 @@ pub(super) struct Pending {
     /// Set when the held list overflowed and was dropped: the newest position dropped since (`None`
     /// if only raw messages were). Nothing is held while it is set.
     dropped: Option<Option<Position>>,
+    /// Raw messages were dropped with it. History never has them: the subscriber is told with a
+    /// gap frame at its position when it turns live.
+    raw_dropped: bool,
 }
 
 /// One thing a pending subscriber held back.
@@ -86,6 +89,8 @@ impl Pending {
         if let Some(newest) = &mut self.dropped {
             if held.position.is_some() {
                 *newest = held.position;
+            } else {
+                self.raw_dropped = true;
             }
             return;
         }
@@ -96,6 +101,8 @@ impl Pending {
         }
         // Rather than close a subscriber whose replay takes long, forget what it held and let it
         // read that from history before it turns live.
+        self.raw_dropped |=
+            held.position.is_none() || self.held.iter().any(|h| h.position.is_none());
         let newest = held
             .position
             .or_else(|| self.held.iter().rev().find_map(|h| h.position.clone()));
@@ -120,9 +127,9 @@ impl Pending {
             .filter(|n| is_after(n, resume))
     }
 
-    /// What it held, in order.
-    pub(super) fn into_held(self) -> Vec<Held> {
-        self.held
+    /// What it held, in order, and whether raw messages were dropped.
+    pub(super) fn into_held(self) -> (Vec<Held>, bool) {
+        (self.held, self.raw_dropped)
     }
 }
 
@@ -160,6 +167,14 @@ impl Cursor {
     /// The epoch it is in.
     pub(super) fn epoch(&self) -> &Epoch {
         &self.epoch
+    }
+
+    /// Where it stands.
+    pub(super) fn position(&self) -> Position {
+        Position {
+            epoch: self.epoch.clone(),
+            offset: self.offset,
+        }
     }
 
     /// Decides about a message at `position` and moves the cursor past it when it is sent.

@@ -155,8 +155,12 @@ impl Registry {
             if let Some(newest) = pending.behind(cursor) {
                 return Activation::Behind(newest);
             }
-            let held = std::mem::take(pending).into_held();
+            let (held, raw_dropped) = std::mem::take(pending).into_held();
             let mut live = Cursor::at(cursor);
+            if raw_dropped {
+                // Raw messages went with the overflowed held list, after what history gave it.
+                reg.push_gap(&mut flushes, &s.queue, protocol::gap(sub.topic(), cursor));
+            }
             reg.release(&mut flushes, sub.topic(), &s.queue, &mut live, held);
             s.state = SubState::Live(live);
             Activation::Live
@@ -177,7 +181,8 @@ impl Registry {
             };
             let pending = std::mem::take(pending);
             let resume = pending.dropped_after(resume).unwrap_or(resume).clone();
-            let held = pending.into_held();
+            // Raw messages it dropped, if any, are covered by the gap frame too.
+            let (held, _) = pending.into_held();
             let mut live = Cursor::at(&resume);
             reg.push_gap(&mut flushes, &s.queue, protocol::gap(sub.topic(), &resume));
             reg.release(&mut flushes, sub.topic(), &s.queue, &mut live, held);

@@ -322,3 +322,52 @@ fn dropping_the_guard_releases_the_subscriber_and_the_topic() {
     reg.deliver(message("e1", 2));
     assert!(taken(&qa).is_empty() && taken(&qb).len() == 1);
 }
+
+fn raw() -> Message {
+    Message {
+        topic: TOPIC.into(),
+        position: None,
+        data: Bytes::from_static(b"{\"raw\":1}"),
+    }
+}
+
+#[test]
+fn raw_messages_an_overflowing_held_list_dropped_end_in_a_gap_frame_at_the_subscribers_place() {
+    // Raw messages after the newest offset dropped: history gives the offsets back, not them.
+    let reg = registry(2);
+    let q = queue();
+    let sub = reg.join(TOPIC, 1, q.clone());
+    for m in [message("e1", 6), raw(), message("e1", 7), raw()] {
+        reg.deliver(m);
+    }
+    assert_eq!(
+        reg.try_activate(&sub, &at("e1", 5)),
+        Activation::Behind(at("e1", 7))
+    );
+    // The caller read history up to 7 and sent it.
+    assert_eq!(reg.try_activate(&sub, &at("e1", 7)), Activation::Live);
+    reg.deliver(message("e1", 8));
+    assert_eq!(taken(&q), [gap("e1", 7), msg(8)]);
+
+    // Only raw messages dropped: nothing to read, but still a gap frame.
+    let q = queue();
+    let sub = reg.join(TOPIC, 2, q.clone());
+    for _ in 0..3 {
+        reg.deliver(raw());
+    }
+    assert_eq!(reg.try_activate(&sub, &at("e1", 8)), Activation::Live);
+    assert_eq!(taken(&q), [gap("e1", 8)]);
+
+    // Nothing raw dropped: no gap frame.
+    let q = queue();
+    let sub = reg.join(TOPIC, 3, q.clone());
+    for o in 9..=11 {
+        reg.deliver(message("e1", o));
+    }
+    assert_eq!(
+        reg.try_activate(&sub, &at("e1", 8)),
+        Activation::Behind(at("e1", 11))
+    );
+    assert_eq!(reg.try_activate(&sub, &at("e1", 11)), Activation::Live);
+    assert!(taken(&q).is_empty());
+}

@@ -9,14 +9,14 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use broker_bridge::{Epoch, MAX_DIRECTORY_TOPICS, Position};
+use broker_bridge::{EMPTY_EPOCH, Epoch, MAX_DIRECTORY_TOPICS, Position};
 use bytes::Bytes;
 
 use crate::protocol;
 use crate::send_queue::{CloseReason, Flushes, SendQueue};
 
 use super::Registry;
-use super::delivery::{Held, Step, SubState, before};
+use super::delivery::{Cursor, Held, Step, SubState, before};
 use super::wild_ahead::Ahead;
 use super::wildcard::TopicCursors;
 
@@ -25,9 +25,9 @@ use super::wildcard::TopicCursors;
 pub(super) struct WildHeld {
     held: Vec<(Arc<str>, Held)>,
     bytes: usize,
-    /// Set once the held list overflowed: each topic whose messages were dropped since, with the
-    /// newest position dropped (`None` when only raw messages were).
-    dropped: Option<HashMap<Arc<str>, Option<Position>>>,
+    /// Set once the held list overflowed: each topic whose messages were dropped since, with what
+    /// was dropped.
+    dropped: Option<HashMap<Arc<str>, Dropped>>,
     /// More topics were dropped than [`MAX_DIRECTORY_TOPICS`]: the subscriber cannot be told which.
     lost: bool,
 }
@@ -64,11 +64,24 @@ impl WildHeld {
     }
 }
 
-/// Records that `topic` dropped something at `position` (keeping the newest position).
-fn note(dropped: &mut HashMap<Arc<str>, Option<Position>>, topic: Arc<str>, p: Option<Position>) {
-    let newest = dropped.entry(topic).or_insert(None);
-    if p.is_some() {
-        *newest = p;
+/// What an overflowed held list dropped of one topic.
+#[derive(Default)]
+struct Dropped {
+    /// The newest position dropped (`None` when only raw messages were).
+    newest: Option<Position>,
+    /// Raw messages were dropped after it (history never has them).
+    raw_after: bool,
+}
+
+/// Records that `topic` dropped something at `p` (`None`: a raw message).
+fn note(dropped: &mut HashMap<Arc<str>, Dropped>, topic: Arc<str>, p: Option<Position>) {
+    let d = dropped.entry(topic).or_default();
+    match p {
+        Some(p) => {
+            d.newest = Some(p);
+            d.raw_after = false;
+        }
+        None => d.raw_after = true,
     }
 }
 
@@ -106,7 +119,7 @@ impl Registry {
             else {
                 return;
             };
-            let own = self.release_wild(&mut flushes, &s.queue, held, sent);
+            let own = self.release_wild(&mut flushes, &s.queue, held, sent, &entry.cursors);
             s.state = SubState::Wild(Ahead::of(own, &entry.cursors));
         }
         flushes.run();
@@ -119,6 +132,7 @@ impl Registry {
         queue: &Arc<SendQueue>,
         held: WildHeld,
         sent: HashMap<Arc<str>, Position>,
+        entry: &TopicCursors,
     ) -> TopicCursors {
         // Per topic, from where the replay left it, or from the first thing held.
         let mut cursors = TopicCursors::at(&sent);
@@ -128,10 +142,27 @@ impl Registry {
             return cursors;
         }
         if let Some(dropped) = held.dropped {
-            for (topic, newest) in dropped {
-                let Some(newest) = newest else { continue };
-                if cursors.gap(&topic, &newest, false) {
-                    self.push_gap(flushes, queue, protocol::gap(&topic, &newest));
+            for (topic, d) in dropped {
+                let mut told = false;
+                if let Some(newest) = &d.newest
+                    && cursors.gap(&topic, newest, false)
+                {
+                    self.push_gap(flushes, queue, protocol::gap(&topic, newest));
+                    told = true;
+                }
+                if d.raw_after && !told {
+                    // Raw messages after the newest offset dropped (or of a topic that has none):
+                    // lost wherever the subscriber stands in the topic.
+                    let at = cursors
+                        .get(&topic)
+                        .or_else(|| entry.get(&topic))
+                        .map(Cursor::position)
+                        .unwrap_or_else(|| Position {
+                            epoch: Epoch::new(EMPTY_EPOCH),
+                            offset: 0,
+                        });
+                    cursors.gap(&topic, &at, true);
+                    self.push_gap(flushes, queue, protocol::gap(&topic, &at));
                 }
             }
             return cursors;

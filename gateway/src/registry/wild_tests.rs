@@ -292,3 +292,44 @@ fn a_resume_ahead_of_what_the_node_routed_gets_nothing_twice_and_the_others_ever
         ]
     );
 }
+
+fn raw_of(topic: &str) -> Message {
+    Message {
+        topic: topic.into(),
+        position: None,
+        data: Bytes::from_static(b"{\"raw\":1}"),
+    }
+}
+
+#[test]
+fn raw_messages_an_overflowing_wildcard_held_list_dropped_each_end_in_a_gap_frame() {
+    let reg = registry(2);
+    let q = queue();
+    let sub = reg.join("s.*", 1, q.clone());
+    // s.a: offsets then raw messages after them; s.r: raw messages only; s.b: raw, then offsets.
+    for m in [
+        in_epoch("s.a", "e", 1),
+        in_epoch("s.a", "e", 2),
+        raw_of("s.a"),
+        raw_of("s.r"),
+        raw_of("s.b"),
+        in_epoch("s.b", "e", 4),
+    ] {
+        reg.deliver(m);
+    }
+    // The replay reached s.d 5, and s.d dropped a raw message.
+    reg.deliver(raw_of("s.d"));
+    let sent = HashMap::from([("s.d".into(), at_in("e", 5))]);
+    reg.activate_wildcard(&sub, None, sent);
+    let mut got = frames_of(&q);
+    got.sort_by_key(|v| v["topic"].to_string());
+    assert_eq!(
+        got,
+        [
+            gap_of("s.a", "e", 2),
+            gap_of("s.b", "e", 4),
+            gap_of("s.d", "e", 5),
+            gap_of("s.r", "0", 0),
+        ]
+    );
+}
