@@ -131,7 +131,7 @@ impl Registry {
     fn with_subscriber<T>(
         &self,
         sub: &Subscription,
-        f: impl FnOnce(&mut topic::Subscriber, &Registry) -> T,
+        f: impl FnOnce(&mut topic::Subscriber, &wildcard::TopicCursors, &Registry) -> T,
     ) -> Option<T> {
         let mut shard = self.shard(sub.topic());
         let entry = shard.get_mut(&**sub.topic())?;
@@ -139,7 +139,7 @@ impl Registry {
             return None;
         }
         let s = entry.subs.iter_mut().find(|s| s.conn == sub.conn())?;
-        Some(f(s, self))
+        Some(f(s, &entry.cursors, self))
     }
 
     /// Turns a pending subscriber live once everything up to `cursor` was queued for it: queues what
@@ -148,7 +148,7 @@ impl Registry {
     /// stays pending and says up to where it must read history first.
     pub fn try_activate(&self, sub: &Subscription, cursor: &Position) -> Activation {
         let mut flushes = Flushes::new();
-        let done = self.with_subscriber(sub, |s, reg| {
+        let done = self.with_subscriber(sub, |s, _, reg| {
             let SubState::Pending(pending) = &mut s.state else {
                 return Activation::Live;
             };
@@ -175,7 +175,7 @@ impl Registry {
     /// it held back after that.
     pub fn activate_after_gap(&self, sub: &Subscription, resume: &Position) {
         let mut flushes = Flushes::new();
-        self.with_subscriber(sub, |s, reg| {
+        self.with_subscriber(sub, |s, _, reg| {
             let SubState::Pending(pending) = &mut s.state else {
                 return;
             };

@@ -323,12 +323,17 @@ fn dropping_the_guard_releases_the_subscriber_and_the_topic() {
     assert!(taken(&qa).is_empty() && taken(&qb).len() == 1);
 }
 
-fn raw() -> Message {
+/// A raw message of `topic` (published straight into the broker: no offset).
+pub(super) fn raw_of(topic: &str) -> Message {
     Message {
-        topic: TOPIC.into(),
+        topic: topic.into(),
         position: None,
         data: Bytes::from_static(b"{\"raw\":1}"),
     }
+}
+
+fn raw() -> Message {
+    raw_of(TOPIC)
 }
 
 #[test]

@@ -50,12 +50,12 @@ impl Ahead {
     }
 
     /// The subscriber's own step for a message of `topic` at `position`, or `None` when it
-    /// follows the entry's. `entry`: the entry's cursor of the topic, moved past the message.
+    /// follows the entry's. `entry`: the entry's cursors, moved past the message.
     pub(super) fn step(
         &mut self,
         topic: &str,
         position: Option<&Position>,
-        entry: Option<&Cursor>,
+        entry: &TopicCursors,
     ) -> Option<Step> {
         let p = position?;
         if self.0.is_empty() {
@@ -78,7 +78,7 @@ impl Ahead {
         topic: &str,
         resume: &Position,
         raw_after: bool,
-        entry: Option<&Cursor>,
+        entry: &TopicCursors,
     ) -> Option<bool> {
         if self.0.is_empty() {
             return None;
@@ -90,11 +90,11 @@ impl Ahead {
     }
 
     /// Forgets `topic` once the entry's cursor stands where the subscriber's does.
-    fn settle(&mut self, topic: &str, entry: Option<&Cursor>) {
+    fn settle(&mut self, topic: &str, entry: &TopicCursors) {
         if self
             .0
             .get(topic)
-            .is_some_and(|own| Some(&own.cursor) == entry)
+            .is_some_and(|own| Some(&own.cursor) == entry.get(topic))
         {
             self.0.remove(topic);
             if self.0.is_empty() {

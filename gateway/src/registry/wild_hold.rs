@@ -97,31 +97,17 @@ impl Registry {
         sent: HashMap<Arc<str>, Position>,
     ) {
         let mut flushes = Flushes::new();
-        {
-            let mut shard = self.shard(sub.topic());
-            let Some(entry) = shard.get_mut(&**sub.topic()) else {
-                return;
-            };
-            if !Arc::ptr_eq(&entry.link, sub.link()) {
-                return;
-            }
-            let Some(s) = entry.subs.iter_mut().find(|s| s.conn == sub.conn()) else {
-                return;
-            };
+        self.with_subscriber(sub, |s, cursors, reg| {
             if let Some(ack) = ack {
-                self.push(&mut flushes, &s.queue, ack);
+                reg.push(&mut flushes, &s.queue, ack);
             }
-            if !matches!(s.state, SubState::WildPending(_)) {
-                return;
-            }
-            let SubState::WildPending(held) =
-                std::mem::replace(&mut s.state, SubState::Wild(Ahead::default()))
-            else {
+            let SubState::WildPending(held) = &mut s.state else {
                 return;
             };
-            let own = self.release_wild(&mut flushes, &s.queue, held, sent, &entry.cursors);
-            s.state = SubState::Wild(Ahead::of(own, &entry.cursors));
-        }
+            let held = std::mem::take(held);
+            let own = reg.release_wild(&mut flushes, &s.queue, held, sent, cursors);
+            s.state = SubState::Wild(Ahead::of(own, cursors));
+        });
         flushes.run();
     }
 

@@ -7,7 +7,7 @@ use broker_bridge::{Epoch, Message, MessageSink, Offset, Position};
 use bytes::Bytes;
 use serde_json::{Value, json};
 
-use super::tests::{json_of, queue, registry};
+use super::tests::{json_of, queue, raw_of, registry};
 
 fn at(offset: Offset) -> Position {
     Position {
@@ -291,14 +291,6 @@ fn a_resume_ahead_of_what_the_node_routed_gets_nothing_twice_and_the_others_ever
             m("s.a", 11),
         ]
     );
-}
-
-fn raw_of(topic: &str) -> Message {
-    Message {
-        topic: topic.into(),
-        position: None,
-        data: Bytes::from_static(b"{\"raw\":1}"),
-    }
 }
 
 #[test]

@@ -172,7 +172,6 @@ impl Registry {
             if step == Step::Skip {
                 continue;
             }
-            let at = entry.cursors.get(&message.topic);
             let mut gap_before = |p: &Position| {
                 gap_frame
                     .get_or_insert_with(|| protocol::gap(&message.topic, &before(p)))
@@ -181,7 +180,9 @@ impl Registry {
             for sub in &mut entry.subs {
                 match &mut sub.state {
                     SubState::Wild(ahead) => {
-                        let step = ahead.step(&message.topic, position, at).unwrap_or(step);
+                        let step = ahead
+                            .step(&message.topic, position, &entry.cursors)
+                            .unwrap_or(step);
                         if step == Step::GapThenDeliver
                             && let Some(p) = position
                         {
@@ -238,12 +239,11 @@ impl Registry {
             if !entry.cursors.gap(topic, resume, raw_after) {
                 continue;
             }
-            let at = entry.cursors.get(topic);
             for sub in &mut entry.subs {
                 let f = frame.get_or_insert_with(|| protocol::gap(topic, resume));
                 match &mut sub.state {
                     SubState::Wild(ahead) => {
-                        let news = ahead.gap(topic, resume, raw_after, at);
+                        let news = ahead.gap(topic, resume, raw_after, &entry.cursors);
                         if news.unwrap_or(true) {
                             self.push_gap(flushes, &sub.queue, f.clone());
                         }
